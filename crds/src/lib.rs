@@ -1,0 +1,19 @@
+//! The `ConsensusCluster` API: group `consensus.dev`, version `v1alpha1`.
+//!
+//! The Rust types are the source of truth. `crdgen` renders them into the CRD under
+//! `manifests/crds/`, and `make test` fails when the two disagree.
+
+mod duration;
+mod spec;
+mod status;
+mod validate;
+
+pub use duration::{DurationError, parse_duration};
+pub use spec::*;
+pub use status::*;
+pub use validate::{SpecProblem, parse_schedule, validate_spec};
+
+/// Field manager the operator uses for server-side apply of the objects it owns.
+pub const FIELD_MANAGER: &str = "consensus-operator";
+/// Field manager for status patches, kept apart so spec and status ownership never collide.
+pub const STATUS_FIELD_MANAGER: &str = "consensus-operator-status";

@@ -1,0 +1,125 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types, per the Kubernetes API conventions (positive polarity except the
+/// two that name a problem, which are what alerts key on).
+pub mod condition {
+    /// A leader is known and a quorum of voters is healthy: reads and writes are served.
+    pub const AVAILABLE: &str = "Available";
+    /// The operator is moving the cluster towards its spec (creating, scaling, restoring).
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something is wrong but the cluster serves (a member down, an invalid spec refused).
+    pub const DEGRADED: &str = "Degraded";
+    /// Fewer than a quorum of voters are healthy: writes are not possible.
+    pub const QUORUM_LOST: &str = "QuorumLost";
+    /// Losing any single zone leaves a quorum of voters.
+    pub const ZONE_FAULT_TOLERANT: &str = "ZoneFaultTolerant";
+    /// The last scheduled backup succeeded.
+    pub const BACKUP_SUCCEEDED: &str = "BackupSucceeded";
+
+    pub const ALL: [&str; 6] =
+        [AVAILABLE, PROGRESSING, DEGRADED, QUORUM_LOST, ZONE_FAULT_TOLERANT, BACKUP_SUCCEEDED];
+}
+
+/// Observed state, written only by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsensusClusterStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One-word summary of the cluster's state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Members that exist (pods), for the scale subresource.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Members that are ready and part of the Raft configuration.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of member pods, for the scale subresource (`kubectl scale`, HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Raft members as the leader reports them, joined with what their pods say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    /// Name of the current leader.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Raft cluster id (hex), stable for the cluster's lifetime; changes only on restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// Available, Progressing, Degraded, QuorumLost, ZoneFaultTolerant, BackupSucceeded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The newest successful backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<BackupRecord>,
+    /// When the next scheduled backup is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_backup: Option<Time>,
+}
+
+/// Summary of the cluster's state, shown by `kubectl get cc`.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Resources created, members not yet up.
+    Pending,
+    /// Members up, first leader not yet elected.
+    Bootstrapping,
+    /// At the declared size with a leader.
+    Running,
+    /// A membership change is in flight.
+    Scaling,
+    /// Serving, but below the declared health (a member down, an invalid spec refused).
+    Degraded,
+    /// No quorum: writes impossible.
+    QuorumLost,
+    /// Being rebuilt from a backup.
+    Restoring,
+}
+
+/// One Raft member.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Member name (the pod name on Kubernetes).
+    pub name: String,
+    /// Raft member id in hex, as etcdctl prints it.
+    pub id: String,
+    /// Leader, Follower or Learner.
+    pub role: MemberRole,
+    /// Zone of the member's node, from the zone topology label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The member answers, its pod is ready and it knows the leader.
+    pub healthy: bool,
+    /// Highest Raft log index the member has applied to its key-value store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<u64>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberRole {
+    Leader,
+    Follower,
+    Learner,
+}
+
+/// A snapshot that was written and verified.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupRecord {
+    /// When the snapshot was taken.
+    pub time: Time,
+    /// Where it was written (`s3://bucket/key` or `pvc://claim/path`).
+    pub location: String,
+    /// Key-value store revision the snapshot holds.
+    pub revision: i64,
+    /// Size in bytes.
+    pub size_bytes: i64,
+    /// SHA-256 of the snapshot file, hex.
+    pub sha256: String,
+}

@@ -1,0 +1,194 @@
+//! The generated CRD as the API server sees it: its CEL rules evaluated with a real CEL
+//! implementation, its defaults applied the way the API server applies them, and the
+//! committed YAML checked against the Rust types.
+
+use cel_interpreter::{Context, Program, Value};
+use consensus_crds::{
+    ConsensusCluster, ConsensusClusterSpec, REPLICAS_RULE_MESSAGE, ZoneSpread, validate_spec,
+};
+use kube::CustomResourceExt;
+use serde_json::{Value as Json, json};
+
+const COMMITTED_CRD: &str = include_str!("../../manifests/crds/consensus.dev_consensusclusters.yaml");
+
+fn schema() -> Json {
+    let crd = serde_json::to_value(ConsensusCluster::crd()).expect("crd serializes");
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+/// The schema node at a path of property names below the root.
+fn node<'a>(schema: &'a Json, path: &[&str]) -> &'a Json {
+    path.iter().fold(schema, |at, name| &at["properties"][*name])
+}
+
+struct Rule {
+    rule: String,
+    message: String,
+}
+
+fn rules_at(schema: &Json, path: &[&str]) -> Vec<Rule> {
+    node(schema, path)["x-kubernetes-validations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no CEL rules at {path:?}"))
+        .iter()
+        .map(|r| Rule {
+            rule: r["rule"].as_str().expect("rule text").to_owned(),
+            message: r["message"].as_str().expect("rule message").to_owned(),
+        })
+        .collect()
+}
+
+/// JSON as the API server hands it to CEL: schema `integer`s are CEL `int` (signed),
+/// never `uint`.
+fn to_cel(value: &Json) -> Value {
+    match value {
+        Json::Null => Value::Null,
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().expect("finite number")),
+        },
+        Json::String(s) => Value::String(s.clone().into()),
+        Json::Array(items) => Value::List(items.iter().map(to_cel).collect::<Vec<_>>().into()),
+        Json::Object(fields) => {
+            let map: std::collections::HashMap<String, Value> =
+                fields.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+            Value::Map(map.into())
+        }
+    }
+}
+
+/// Evaluates every rule with `self` bound to `value`; the messages of the rules that fail.
+fn failures(rules: &[Rule], value: Json) -> Vec<String> {
+    rules
+        .iter()
+        .filter_map(|r| {
+            let program = Program::compile(&r.rule).expect("rule compiles");
+            let mut ctx = Context::default();
+            ctx.add_variable_from_value("self", to_cel(&value));
+            match program.execute(&ctx).expect("rule evaluates") {
+                Value::Bool(true) => None,
+                Value::Bool(false) => Some(r.message.clone()),
+                other => panic!("rule {} returned a non-boolean {other:?}", r.rule),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn replicas_rule_accepts_odd_counts_from_one_to_nine() {
+    let rules = rules_at(&schema(), &["spec", "replicas"]);
+    for n in [1, 3, 5, 7, 9] {
+        assert_eq!(failures(&rules, json!(n)), Vec::<String>::new(), "{n} must be accepted");
+    }
+}
+
+#[test]
+fn replicas_rule_rejects_even_zero_negative_and_large_counts_with_the_reason() {
+    let rules = rules_at(&schema(), &["spec", "replicas"]);
+    for n in [0, 2, 4, 6, 8, 10, 11, -1, -2, -3] {
+        assert_eq!(failures(&rules, json!(n)), vec![REPLICAS_RULE_MESSAGE.to_owned()], "{n} must be rejected");
+    }
+    assert!(REPLICAS_RULE_MESSAGE.contains("odd number between 1 and 9"));
+}
+
+#[test]
+fn backup_destination_rule_wants_exactly_one_destination() {
+    let rules = rules_at(&schema(), &["spec", "backup", "destination"]);
+    let s3 = json!({"bucket": "b", "credentialsSecret": {"name": "s"}});
+    let volume = json!({"claimName": "backups"});
+    assert!(failures(&rules, json!({ "s3": s3 })).is_empty());
+    assert!(failures(&rules, json!({ "volume": volume })).is_empty());
+    assert_eq!(failures(&rules, json!({})).len(), 1);
+    assert_eq!(failures(&rules, json!({ "s3": s3, "volume": volume })).len(), 1);
+}
+
+/// Structural defaulting as the API server does it: a missing property with a `default`
+/// gets that default, then defaulting continues inside objects and array items.
+fn apply_defaults(schema: &Json, value: &mut Json) {
+    match value {
+        Json::Object(fields) => {
+            if let Some(props) = schema["properties"].as_object() {
+                for (name, prop) in props {
+                    if !fields.contains_key(name)
+                        && let Some(default) = prop.get("default")
+                    {
+                        fields.insert(name.clone(), default.clone());
+                    }
+                    if let Some(child) = fields.get_mut(name) {
+                        apply_defaults(prop, child);
+                    }
+                }
+            }
+        }
+        Json::Array(items) => {
+            for item in items {
+                apply_defaults(&schema["items"], item);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn schema_defaults_match_the_rust_defaults() {
+    let schema = schema();
+    let mut object = json!({
+        "apiVersion": "consensus.dev/v1alpha1",
+        "kind": "ConsensusCluster",
+        "metadata": {"name": "demo"},
+        "spec": {"backup": {"schedule": "@daily", "destination": {"s3": {"bucket": "bkt", "credentialsSecret": {"name": "s3"}}}}}
+    });
+    apply_defaults(&schema, &mut object);
+    let spec = &object["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["storage"]["size"], "1Gi");
+    assert_eq!(spec["storage"]["reclaimPolicy"], "Retain");
+    assert_eq!(spec["placement"]["zoneTopologyKey"], "topology.kubernetes.io/zone");
+    assert_eq!(spec["placement"]["zoneSpread"], "Required");
+    assert_eq!(spec["recovery"]["autoRestore"], false);
+    assert_eq!(spec["recovery"]["quorumLossTimeout"], "10m");
+    assert_eq!(spec["backup"]["retention"]["maxCount"], 7);
+    assert_eq!(spec["backup"]["destination"]["s3"]["region"], "us-east-1");
+    assert_eq!(spec["backup"]["destination"]["s3"]["credentialsSecret"]["accessKeyIdKey"], "AWS_ACCESS_KEY_ID");
+
+    // What the API server stores and what serde fills in for an omitted field are the same.
+    let defaulted: ConsensusClusterSpec = serde_json::from_value(spec.clone()).expect("defaulted spec parses");
+    let minimal: ConsensusClusterSpec = serde_json::from_value(
+        json!({"backup": {"schedule": "@daily", "destination": {"s3": {"bucket": "bkt", "credentialsSecret": {"name": "s3"}}}}}),
+    )
+    .expect("minimal spec parses");
+    assert_eq!(defaulted, minimal);
+    assert_eq!(minimal.placement.zone_spread, ZoneSpread::Required);
+    assert!(validate_spec(&minimal).is_empty());
+}
+
+#[test]
+fn schema_has_scale_and_status_subresources_and_printer_columns() {
+    let crd = serde_json::to_value(ConsensusCluster::crd()).expect("crd serializes");
+    let version = &crd["spec"]["versions"][0];
+    assert_eq!(crd["spec"]["group"], "consensus.dev");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["cc"]));
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(version["name"], "v1alpha1");
+    assert_eq!(version["subresources"]["status"], json!({}));
+    assert_eq!(version["subresources"]["scale"]["specReplicasPath"], ".spec.replicas");
+    assert_eq!(version["subresources"]["scale"]["statusReplicasPath"], ".status.replicas");
+    assert_eq!(version["subresources"]["scale"]["labelSelectorPath"], ".status.selector");
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .map(|c| c["name"].as_str().expect("column name"))
+        .collect();
+    assert_eq!(columns, ["Replicas", "Ready", "Leader", "Phase", "Age"]);
+}
+
+#[test]
+fn committed_crd_matches_the_rust_types() {
+    let generated = serde_yaml::to_string(&ConsensusCluster::crd()).expect("crd renders");
+    assert!(
+        generated == COMMITTED_CRD,
+        "manifests/crds/consensus.dev_consensusclusters.yaml is stale: run `make crds` and commit the result"
+    );
+}
