@@ -4,11 +4,13 @@
 //! `manifests/crds/`, and `make test` fails when the two disagree.
 
 mod duration;
+mod reference;
 mod spec;
 mod status;
 mod validate;
 
 pub use duration::{DurationError, parse_duration};
+pub use reference::reference_markdown;
 pub use spec::*;
 pub use status::*;
 pub use validate::{SpecProblem, parse_schedule, validate_spec};

@@ -25,6 +25,8 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|
 pub const CRON_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$";
 
 /// A strongly consistent key-value store (Raft, etcd v3 API) run as a StatefulSet.
+// clippy reads two printer columns of the same type as a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[kube(
     group = "consensus.dev",
@@ -117,7 +119,11 @@ pub struct StorageSpec {
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        Self { size: default_storage_size(), storage_class_name: None, reclaim_policy: VolumeReclaimPolicy::default() }
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+            reclaim_policy: VolumeReclaimPolicy::default(),
+        }
     }
 }
 

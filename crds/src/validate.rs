@@ -18,11 +18,7 @@ pub struct SpecProblem {
 
 /// Parses a backup schedule the way the operator runs it: five fields, no seconds.
 pub fn parse_schedule(schedule: &str) -> Result<Cron, croner::errors::CronError> {
-    CronParser::builder()
-        .seconds(Seconds::Disallowed)
-        .year(Year::Disallowed)
-        .build()
-        .parse(schedule)
+    CronParser::builder().seconds(Seconds::Disallowed).year(Year::Disallowed).build().parse(schedule)
 }
 
 /// Every problem with `spec`; empty when the operator may act on it.

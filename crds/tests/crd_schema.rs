@@ -87,7 +87,11 @@ fn replicas_rule_accepts_odd_counts_from_one_to_nine() {
 fn replicas_rule_rejects_even_zero_negative_and_large_counts_with_the_reason() {
     let rules = rules_at(&schema(), &["spec", "replicas"]);
     for n in [0, 2, 4, 6, 8, 10, 11, -1, -2, -3] {
-        assert_eq!(failures(&rules, json!(n)), vec![REPLICAS_RULE_MESSAGE.to_owned()], "{n} must be rejected");
+        assert_eq!(
+            failures(&rules, json!(n)),
+            vec![REPLICAS_RULE_MESSAGE.to_owned()],
+            "{n} must be rejected"
+        );
     }
     assert!(REPLICAS_RULE_MESSAGE.contains("odd number between 1 and 9"));
 }
@@ -150,10 +154,14 @@ fn schema_defaults_match_the_rust_defaults() {
     assert_eq!(spec["recovery"]["quorumLossTimeout"], "10m");
     assert_eq!(spec["backup"]["retention"]["maxCount"], 7);
     assert_eq!(spec["backup"]["destination"]["s3"]["region"], "us-east-1");
-    assert_eq!(spec["backup"]["destination"]["s3"]["credentialsSecret"]["accessKeyIdKey"], "AWS_ACCESS_KEY_ID");
+    assert_eq!(
+        spec["backup"]["destination"]["s3"]["credentialsSecret"]["accessKeyIdKey"],
+        "AWS_ACCESS_KEY_ID"
+    );
 
     // What the API server stores and what serde fills in for an omitted field are the same.
-    let defaulted: ConsensusClusterSpec = serde_json::from_value(spec.clone()).expect("defaulted spec parses");
+    let defaulted: ConsensusClusterSpec =
+        serde_json::from_value(spec.clone()).expect("defaulted spec parses");
     let minimal: ConsensusClusterSpec = serde_json::from_value(
         json!({"backup": {"schedule": "@daily", "destination": {"s3": {"bucket": "bkt", "credentialsSecret": {"name": "s3"}}}}}),
     )
@@ -190,5 +198,83 @@ fn committed_crd_matches_the_rust_types() {
     assert!(
         generated == COMMITTED_CRD,
         "manifests/crds/consensus.dev_consensusclusters.yaml is stale: run `make crds` and commit the result"
+    );
+}
+
+/// Every CEL rule of the schema, evaluated wherever `value` has a field it applies to, as
+/// the API server does on create. Messages of the rules that fail, with their path.
+fn all_rule_failures(schema: &Json, value: &Json, path: &str) -> Vec<String> {
+    let mut failed = Vec::new();
+    if let Some(rules) = schema.get("x-kubernetes-validations").and_then(Json::as_array) {
+        let rules: Vec<Rule> = rules
+            .iter()
+            .map(|r| Rule {
+                rule: r["rule"].as_str().unwrap_or_default().to_owned(),
+                message: r["message"].as_str().unwrap_or_default().to_owned(),
+            })
+            .collect();
+        failed.extend(failures(&rules, value.clone()).into_iter().map(|m| format!("{path}: {m}")));
+    }
+    match value {
+        Json::Object(fields) => {
+            for (name, child) in fields {
+                if let Some(prop) = schema["properties"].get(name) {
+                    failed.extend(all_rule_failures(prop, child, &format!("{path}.{name}")));
+                }
+            }
+        }
+        Json::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                failed.extend(all_rule_failures(&schema["items"], item, &format!("{path}[{i}]")));
+            }
+        }
+        _ => {}
+    }
+    failed
+}
+
+#[test]
+fn every_sample_passes_the_cel_rules_and_the_operators_own_checks() {
+    let schema = schema();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/samples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("samples directory") {
+        let path = entry.expect("directory entry").path();
+        if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("sample readable");
+        let mut object: Json = serde_yaml::from_str(&text).expect("sample is YAML");
+        apply_defaults(&schema, &mut object);
+        assert_eq!(all_rule_failures(&schema, &object, ""), Vec::<String>::new(), "{}", path.display());
+        let cluster: ConsensusCluster =
+            serde_json::from_value(object).expect("sample parses as ConsensusCluster");
+        assert_eq!(validate_spec(&cluster.spec), vec![], "{}", path.display());
+        checked += 1;
+    }
+    assert_eq!(checked, 3, "expected the three documented samples");
+}
+
+#[test]
+fn cel_rules_reject_an_even_cluster_wherever_it_appears_in_an_object() {
+    let object = json!({"spec": {"replicas": 4}});
+    let failed = all_rule_failures(&schema(), &object, "");
+    assert_eq!(failed, vec![format!(".spec.replicas: {REPLICAS_RULE_MESSAGE}")]);
+}
+
+#[test]
+fn readme_reference_matches_the_types() {
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("README.md readable");
+    let start = "<!-- crd-reference:start -->\n";
+    let section = readme
+        .split_once(start)
+        .and_then(|(_, rest)| rest.split_once("<!-- crd-reference:end -->"))
+        .map(|(section, _)| section)
+        .expect("README has the crd-reference markers");
+    assert!(
+        section == consensus_crds::reference_markdown(&schema()),
+        "README.md's ConsensusCluster reference is stale: run `make crds` and commit the result"
     );
 }
