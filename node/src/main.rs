@@ -1,1 +1,230 @@
-fn main(){}
+//! `consensus-node`: run a member, or a development cluster of several on this machine.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use consensus_node::server::{ClusterState, MemberConfig, run};
+
+#[derive(Parser)]
+#[command(version, about = "A Raft key-value member speaking the etcd v3 API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one member (flags as etcd's, each also settable from the environment).
+    Run(Box<RunArgs>),
+    /// Start N members on loopback, print their endpoints, stop them all on Ctrl-C.
+    DevCluster(DevClusterArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct RunArgs {
+    #[arg(long, env = "ETCD_NAME", default_value = "default")]
+    name: String,
+    #[arg(long, env = "ETCD_DATA_DIR", default_value = "default.etcd")]
+    data_dir: PathBuf,
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_CLIENT_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    listen_client_urls: Vec<String>,
+    #[arg(
+        long,
+        env = "ETCD_ADVERTISE_CLIENT_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    advertise_client_urls: Vec<String>,
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_PEER_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2380"
+    )]
+    listen_peer_urls: Vec<String>,
+    #[arg(
+        long,
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2380"
+    )]
+    initial_advertise_peer_urls: Vec<String>,
+    /// `name=peer-url,...`; defaults to this member alone.
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER", value_delimiter = ',')]
+    initial_cluster: Vec<String>,
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_STATE", value_enum, default_value = "new")]
+    initial_cluster_state: ClusterState,
+    #[arg(long, env = "ETCD_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+    #[arg(
+        long,
+        env = "ETCD_LISTEN_METRICS_URLS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2381"
+    )]
+    listen_metrics_urls: Vec<String>,
+    /// Milliseconds between heartbeats.
+    #[arg(long, env = "ETCD_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Milliseconds without a leader before an election.
+    #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
+    election_timeout: u64,
+    /// Applied entries between automatic snapshots.
+    #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 10_000)]
+    snapshot_count: u64,
+    /// Entries kept behind a snapshot so slow followers catch up from the log.
+    #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
+    snapshot_catchup_entries: u64,
+}
+
+#[derive(clap::Args)]
+struct DevClusterArgs {
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    #[arg(long)]
+    base_dir: PathBuf,
+    /// First of 3 consecutive ports per member (client, peer, metrics).
+    #[arg(long, default_value_t = 23790)]
+    base_port: u16,
+}
+
+/// `http://host:port` to a socket address to bind.
+fn socket(url: &str) -> anyhow::Result<SocketAddr> {
+    let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url:?}"))?;
+    let host = uri.host().with_context(|| format!("URL {url:?} has no host"))?;
+    let port = uri.port_u16().with_context(|| format!("URL {url:?} has no port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip = if host == "localhost" {
+        "127.0.0.1".parse()?
+    } else {
+        host.parse().with_context(|| format!("URL {url:?}: host must be an IP address"))?
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn sockets(urls: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
+    urls.iter().map(|u| socket(u)).collect()
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<MemberConfig> {
+        if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
+            bail!("--election-timeout must be at least 5 times --heartbeat-interval (etcd's rule)");
+        }
+        let initial_cluster = if self.initial_cluster.is_empty() {
+            self.initial_advertise_peer_urls.iter().map(|u| (self.name.clone(), u.clone())).collect()
+        } else {
+            self.initial_cluster
+                .iter()
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(n, u)| (n.to_owned(), u.to_owned()))
+                        .with_context(|| format!("--initial-cluster entry {pair:?} is not name=peer-url"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?
+        };
+        Ok(MemberConfig {
+            listen_client: sockets(&self.listen_client_urls)?,
+            listen_peer: sockets(&self.listen_peer_urls)?,
+            listen_metrics: sockets(&self.listen_metrics_urls)?,
+            name: self.name,
+            data_dir: self.data_dir,
+            advertise_client_urls: self.advertise_client_urls,
+            advertise_peer_urls: self.initial_advertise_peer_urls,
+            initial_cluster,
+            initial_cluster_state: self.initial_cluster_state,
+            initial_cluster_token: self.initial_cluster_token,
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+            election_timeout: Duration::from_millis(self.election_timeout),
+            snapshot_count: self.snapshot_count,
+            snapshot_catchup_entries: self.snapshot_catchup_entries,
+        })
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn termination() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(term) => term,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn dev_cluster(args: DevClusterArgs) -> anyhow::Result<()> {
+    if args.members == 0 || args.members.is_multiple_of(2) {
+        bail!("--members must be odd (1, 3, 5...): an even count tolerates no more failures than one fewer");
+    }
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let ports = |i: usize| {
+        let base = args.base_port + (i as u16) * 3;
+        (base, base + 1, base + 2)
+    };
+    let initial_cluster: Vec<String> =
+        (0..args.members).map(|i| format!("m{i}={}", url(ports(i).1))).collect();
+    let exe = std::env::current_exe().context("locating consensus-node")?;
+    let mut children = Vec::new();
+    for i in 0..args.members {
+        let (client, peer, metrics) = ports(i);
+        let child = tokio::process::Command::new(&exe)
+            .arg("run")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(args.base_dir.join(format!("m{i}")))
+            .args(["--listen-client-urls", &url(client), "--advertise-client-urls", &url(client)])
+            .args(["--listen-peer-urls", &url(peer), "--initial-advertise-peer-urls", &url(peer)])
+            .args(["--listen-metrics-urls", &url(metrics)])
+            .args(["--initial-cluster", &initial_cluster.join(",")])
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a member")?;
+        children.push(child);
+    }
+    let endpoints: Vec<String> = (0..args.members).map(|i| url(ports(i).0)).collect();
+    println!("endpoints: {}", endpoints.join(","));
+    println!("try: etcdctl --endpoints={} put hello world", endpoints.join(","));
+    termination().await;
+    for child in &mut children {
+        if let Some(pid) = child.id() {
+            // SIGTERM first, so a leader hands over cleanly.
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+    for child in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        let _ = child.kill().await;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(args) => run(args.into_config()?, termination()).await,
+        Command::DevCluster(args) => dev_cluster(args).await,
+    }
+}

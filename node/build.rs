@@ -1,0 +1,17 @@
+//! Generates the gRPC code for the etcd v3 API and the peer transport from node/proto.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut protos = Vec::new();
+    for dir in ["proto/etcd", "proto/raft"] {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "proto") {
+                println!("cargo:rerun-if-changed={}", path.display());
+                protos.push(path);
+            }
+        }
+    }
+    protos.sort();
+    tonic_prost_build::configure().compile_protos(&protos, &[std::path::PathBuf::from("proto")])?;
+    Ok(())
+}

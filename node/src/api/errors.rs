@@ -1,0 +1,94 @@
+//! etcd's errors: the gRPC code and message etcd sends for each, so clients written for
+//! etcd (etcdctl, client libraries) recognise them and react as they do to etcd.
+
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Status};
+
+/// Errors decided by applying a command: identical on every member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    #[error("etcdserver: request is malformed: {0}")]
+    Malformed(String),
+}
+
+impl From<ApplyError> for Status {
+    fn from(e: ApplyError) -> Self {
+        let code = match e {
+            ApplyError::LeaseNotFound => Code::NotFound,
+            ApplyError::EmptyKey | ApplyError::KeyNotFound | ApplyError::Malformed(_) => {
+                Code::InvalidArgument
+            }
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Errors of serving a request, before or around the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ServerError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
+    #[error("etcdserver: member not found")]
+    MemberNotFound,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge,
+    #[error("etcdserver: {0}")]
+    Internal(String),
+}
+
+impl From<ServerError> for Status {
+    fn from(e: ServerError) -> Self {
+        use ServerError::*;
+        let code = match e {
+            NoLeader | LeaderChanged | Timeout | Stopped | NotSupportedForLearner => Code::Unavailable,
+            Compacted | FutureRevision => Code::OutOfRange,
+            MemberNotFound => Code::NotFound,
+            PeerUrlExists
+            | MemberNotLearner
+            | LearnerNotReady
+            | NotEnoughStartedMembers
+            | BadLeaderTransferee => Code::FailedPrecondition,
+            RequestTooLarge => Code::InvalidArgument,
+            Internal(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+impl From<crate::kv::KvError> for Status {
+    fn from(e: crate::kv::KvError) -> Self {
+        match e {
+            crate::kv::KvError::Compacted { .. } => ServerError::Compacted.into(),
+            crate::kv::KvError::FutureRevision => ServerError::FutureRevision.into(),
+            other => Status::internal(format!("etcdserver: {other}")),
+        }
+    }
+}

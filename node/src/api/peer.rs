@@ -1,0 +1,141 @@
+//! The peer transport, server side: hands openraft's messages from other members to the
+//! local Raft, and serves requests forwarded to this member as leader.
+
+use std::sync::Arc;
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::member::{ForwardRequest, Node};
+use crate::proto::raft::raft_peer_server::RaftPeer;
+use crate::proto::raft::{RaftMessage, SnapshotChunk};
+use crate::raft::network::{decode, encode};
+use crate::raft::state_machine::{RaftSnapshot, SnapshotFile, snapshot_file_name};
+use crate::raft::types::{SnapshotMeta, TypeConfig, Vote};
+
+pub struct PeerService {
+    node: Arc<Node>,
+    /// Where incoming snapshots are written before they are installed.
+    incoming_dir: std::path::PathBuf,
+}
+
+impl PeerService {
+    pub fn new(node: Arc<Node>, incoming_dir: std::path::PathBuf) -> Self {
+        Self { node, incoming_dir }
+    }
+}
+
+/// Refuses peer requests from members of another cluster: a member that kept the data of
+/// an old cluster, or was pointed at the wrong peers, must not join this one's Raft.
+pub fn check_cluster_id(cluster_id: u64) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |request: Request<()>| {
+        let theirs = request.metadata().get(crate::member::CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
+        match theirs {
+            Some(id) if u64::from_str_radix(id, 16).ok() != Some(cluster_id) => {
+                Err(Status::failed_precondition(format!(
+                    "request from a member of cluster {id}; this member belongs to cluster {cluster_id:x}"
+                )))
+            }
+            _ => Ok(request),
+        }
+    }
+}
+
+fn bad_request(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("malformed peer message: {e}"))
+}
+
+fn reply<T: serde::Serialize, E: std::fmt::Display>(
+    result: Result<T, E>,
+) -> Result<Response<RaftMessage>, Status> {
+    let result = result.map_err(|e| e.to_string());
+    let payload = encode(&result).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftMessage { payload }))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        // A malformed message ends the stream; the leader reconnects and resends.
+        let requests = request
+            .into_inner()
+            .map(|message| {
+                message.ok().and_then(|m| decode::<AppendEntriesRequest<TypeConfig>>(&m.payload).ok())
+            })
+            .take_while(|request| std::future::ready(request.is_some()))
+            .filter_map(std::future::ready);
+        let replies = self.node.raft.stream_append(requests).map(|result| {
+            let result = result.map_err(|e| e.to_string());
+            encode(&result)
+                .map(|payload| RaftMessage { payload })
+                .map_err(|e| Status::internal(e.to_string()))
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode(&request.into_inner().payload).map_err(bad_request)?;
+        reply(self.node.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<TypeConfig> = decode(&request.into_inner().payload).map_err(bad_request)?;
+        reply(self.node.raft.vote(rpc).await)
+    }
+
+    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<TypeConfig> = decode(&request.into_inner().payload).map_err(bad_request)?;
+        reply(self.node.raft.pre_vote(rpc).await)
+    }
+
+    async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: TransferLeaderRequest<TypeConfig> =
+            decode(&request.into_inner().payload).map_err(bad_request)?;
+        reply(self.node.raft.handle_transfer_leader(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks.next().await.ok_or_else(|| bad_request("empty snapshot stream"))??;
+        let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header).map_err(bad_request)?;
+        std::fs::create_dir_all(&self.incoming_dir)?;
+        let path = self.incoming_dir.join(format!("{}.incoming", snapshot_file_name(&meta)));
+        let mut data = first.data;
+        while let Some(chunk) = chunks.next().await {
+            data.extend_from_slice(&chunk?.data);
+        }
+        let write_path = path.clone();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&write_path)?;
+            file.write_all(&data)?;
+            file.sync_all()
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        let snapshot = RaftSnapshot { meta, snapshot: SnapshotFile { path } };
+        reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
+    }
+
+    async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let forwarded: ForwardRequest = decode(&request.into_inner().payload).map_err(bad_request)?;
+        let result = match forwarded {
+            ForwardRequest::Members => Ok(self.node.known_members()),
+            other => self.node.execute_as_leader(other).await,
+        };
+        let payload = encode(&result).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RaftMessage { payload }))
+    }
+}

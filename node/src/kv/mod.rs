@@ -1,0 +1,18 @@
+//! The MVCC key-value store with etcd's semantics, persisted in redb.
+//!
+//! Every change gets the next global revision; each key carries the revision that created
+//! it, the revision of its last change and its version (changes since creation). Reads see
+//! the latest state or, until compacted, any earlier revision.
+//!
+//! Tables:
+//! - `live`: key -> its current `KeyValue` (the hot path for reads at the head revision);
+//! - `history`: (key, revision) -> the `KeyValue` written at that revision, or a tombstone
+//!   (`version == 0`) where the key was deleted; serves reads at older revisions;
+//! - `meta`: the current and compacted revisions, and the Raft state the apply layer keeps
+//!   beside the data in the same transaction (applied log id, membership).
+
+mod apply;
+mod store;
+
+pub use apply::apply_command;
+pub use store::{KeySpan, KvError, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};

@@ -1,0 +1,456 @@
+use std::path::Path;
+
+use prost::Message;
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+
+use crate::proto::mvccpb::KeyValue;
+
+const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
+const HISTORY: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("history");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const META_REVISION: &str = "revision";
+const META_COMPACT_REVISION: &str = "compact_revision";
+
+/// etcd's errors for reads at revisions it cannot serve, with etcd's messages.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted { compact_revision: i64 },
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    #[error("key-value store: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("key-value store: corrupt record under key {key:?}: {reason}")]
+    Corrupt { key: Vec<u8>, reason: String },
+}
+
+fn storage<E: Into<redb::Error>>(err: E) -> KvError {
+    KvError::Storage(err.into())
+}
+
+/// The store. Cheap to share behind an `Arc`: redb serializes writers and lets readers
+/// run beside them on a consistent snapshot.
+pub struct MvccStore {
+    db: Database,
+}
+
+impl MvccStore {
+    pub fn open(path: &Path) -> Result<Self, KvError> {
+        let db = Database::create(path).map_err(storage)?;
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            txn.open_table(LIVE).map_err(storage)?;
+            txn.open_table(HISTORY).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            // etcd starts at revision 1 with an empty store; the first write is revision 2.
+            if meta.get(META_REVISION).map_err(storage)?.is_none() {
+                meta.insert(META_REVISION, 1i64.to_be_bytes().as_slice()).map_err(storage)?;
+                meta.insert(META_COMPACT_REVISION, 0i64.to_be_bytes().as_slice()).map_err(storage)?;
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(Self { db })
+    }
+
+    /// A consistent read-only view at the moment of the call.
+    pub fn read(&self) -> Result<ReadView, KvError> {
+        Ok(ReadView { txn: self.db.begin_read().map_err(storage)? })
+    }
+
+    /// A batch of writes applied atomically by `commit`. `durable` false leaves the fsync to
+    /// a later durable commit: the Raft log already holds every applied entry, so a crash
+    /// only means re-applying the tail of the log.
+    pub fn write(&self, durable: bool) -> Result<WriteBatch, KvError> {
+        let mut txn = self.db.begin_write().map_err(storage)?;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(storage)?;
+        }
+        let revision = read_i64(&txn.open_table(META).map_err(storage)?, META_REVISION)?;
+        Ok(WriteBatch { txn, revision, changed: false })
+    }
+}
+
+fn read_i64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<i64, KvError> {
+    let value = table.get(name).map_err(storage)?;
+    let bytes: [u8; 8] = value.as_ref().and_then(|v| v.value().try_into().ok()).ok_or_else(|| {
+        KvError::Corrupt { key: name.as_bytes().to_vec(), reason: "missing meta value".to_owned() }
+    })?;
+    Ok(i64::from_be_bytes(bytes))
+}
+
+fn decode(key: &[u8], bytes: &[u8]) -> Result<KeyValue, KvError> {
+    KeyValue::decode(bytes).map_err(|e| KvError::Corrupt { key: key.to_vec(), reason: e.to_string() })
+}
+
+/// Which keys a request covers, as etcd defines it: `range_end` empty means the single
+/// `key`; `range_end == [0]` means every key from `key` on; otherwise `[key, range_end)`.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpan<'a> {
+    pub key: &'a [u8],
+    pub range_end: &'a [u8],
+}
+
+impl KeySpan<'_> {
+    fn is_single(&self) -> bool {
+        self.range_end.is_empty()
+    }
+
+    fn contains(&self, candidate: &[u8]) -> bool {
+        if self.is_single() {
+            return candidate == self.key;
+        }
+        candidate >= self.key && (self.range_end == [0] || candidate < self.range_end)
+    }
+
+    fn upper(&self) -> Option<&[u8]> {
+        if self.range_end == [0] { None } else { Some(self.range_end) }
+    }
+}
+
+/// A range read as etcd's `RangeRequest` describes it (without sorting, which the API layer does).
+#[derive(Debug, Clone, Copy)]
+pub struct RangeRequestSpec<'a> {
+    pub span: KeySpan<'a>,
+    /// Read at this revision; 0 or less reads the latest.
+    pub revision: i64,
+    /// At most this many keys (0: no limit); `count` still counts them all.
+    pub limit: usize,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// All keys in the range, not only those returned.
+    pub count: i64,
+    pub more: bool,
+    /// The store's revision when the read was served (the response header's revision).
+    pub revision: i64,
+}
+
+/// A consistent snapshot of the store for reads.
+pub struct ReadView {
+    txn: ReadTransaction,
+}
+
+impl ReadView {
+    pub fn revision(&self) -> Result<i64, KvError> {
+        read_i64(&self.txn.open_table(META).map_err(storage)?, META_REVISION)
+    }
+
+    pub fn compact_revision(&self) -> Result<i64, KvError> {
+        read_i64(&self.txn.open_table(META).map_err(storage)?, META_COMPACT_REVISION)
+    }
+
+    pub fn range(&self, spec: &RangeRequestSpec<'_>) -> Result<RangeResult, KvError> {
+        let current = self.revision()?;
+        let compacted = self.compact_revision()?;
+        if spec.revision > current {
+            return Err(KvError::FutureRevision);
+        }
+        if spec.revision > 0 && spec.revision < compacted {
+            return Err(KvError::Compacted { compact_revision: compacted });
+        }
+        let mut result = RangeResult { revision: current, ..RangeResult::default() };
+        let mut keep = |kv: KeyValue| {
+            result.count += 1;
+            if spec.limit == 0 || result.kvs.len() < spec.limit {
+                result.kvs.push(kv);
+            } else {
+                result.more = true;
+            }
+        };
+        if spec.revision <= 0 || spec.revision == current {
+            let live = self.txn.open_table(LIVE).map_err(storage)?;
+            for_each_in_span(&live, spec.span, |key, bytes| {
+                keep(decode(key, bytes)?);
+                Ok(())
+            })?;
+        } else {
+            let history = self.txn.open_table(HISTORY).map_err(storage)?;
+            historical(&history, spec.span, spec.revision, &mut keep)?;
+        }
+        Ok(result)
+    }
+}
+
+fn for_each_in_span(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    span: KeySpan<'_>,
+    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>,
+) -> Result<(), KvError> {
+    if span.is_single() {
+        if let Some(v) = table.get(span.key).map_err(storage)? {
+            visit(span.key, v.value())?;
+        }
+        return Ok(());
+    }
+    let iter = match span.upper() {
+        Some(end) if end <= span.key => return Ok(()),
+        Some(end) => table.range(span.key..end).map_err(storage)?,
+        None => table.range(span.key..).map_err(storage)?,
+    };
+    for entry in iter {
+        let (k, v) = entry.map_err(storage)?;
+        visit(k.value(), v.value())?;
+    }
+    Ok(())
+}
+
+/// The newest version of each key in `span` at or before `revision`, skipping keys whose
+/// newest change by then was a deletion.
+fn historical(
+    history: &impl ReadableTable<(&'static [u8], i64), &'static [u8]>,
+    span: KeySpan<'_>,
+    revision: i64,
+    keep: &mut impl FnMut(KeyValue),
+) -> Result<(), KvError> {
+    let start: (&[u8], i64) = (span.key, i64::MIN);
+    let mut current: Option<(Vec<u8>, Option<KeyValue>)> = None;
+    let flush = |entry: Option<(Vec<u8>, Option<KeyValue>)>, keep: &mut dyn FnMut(KeyValue)| {
+        if let Some((_, Some(kv))) = entry
+            && kv.version > 0
+        {
+            keep(kv);
+        }
+    };
+    for entry in history.range(start..).map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        let (key, rev) = k.value();
+        if !span.contains(key) {
+            if span.is_single() || span.upper().is_some_and(|end| key >= end) {
+                break;
+            }
+            continue;
+        }
+        if current.as_ref().is_none_or(|(k, _)| k.as_slice() != key) {
+            flush(current.take(), keep);
+            current = Some((key.to_vec(), None));
+        }
+        if rev <= revision
+            && let Some((_, slot)) = current.as_mut()
+        {
+            *slot = Some(decode(key, v.value())?);
+        }
+    }
+    flush(current, keep);
+    Ok(())
+}
+
+/// Writes applied atomically; one Raft entry that changes anything is one revision.
+pub struct WriteBatch {
+    txn: WriteTransaction,
+    revision: i64,
+    changed: bool,
+}
+
+impl WriteBatch {
+    /// The revision the store is at, counting writes of this batch that are already done.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Starts the changes of one request: they all share the next revision.
+    pub fn next_revision(&mut self) -> i64 {
+        self.revision + 1
+    }
+
+    /// Puts `key` at `revision` (from `next_revision`) and returns the previous value.
+    pub fn put(
+        &mut self,
+        revision: i64,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<KeyValue>, KvError> {
+        let previous = self.write_put(revision, key, value, lease)?;
+        self.bump(revision);
+        Ok(previous)
+    }
+
+    fn write_put(
+        &self,
+        revision: i64,
+        key: &[u8],
+        value: &[u8],
+        lease: i64,
+    ) -> Result<Option<KeyValue>, KvError> {
+        let mut live = self.txn.open_table(LIVE).map_err(storage)?;
+        let previous = match live.get(key).map_err(storage)? {
+            Some(bytes) => Some(decode(key, bytes.value())?),
+            None => None,
+        };
+        let kv = KeyValue {
+            key: key.to_vec(),
+            create_revision: previous.as_ref().map_or(revision, |p| p.create_revision),
+            mod_revision: revision,
+            version: previous.as_ref().map_or(1, |p| p.version + 1),
+            value: value.to_vec(),
+            lease,
+        };
+        let encoded = kv.encode_to_vec();
+        live.insert(key, encoded.as_slice()).map_err(storage)?;
+        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
+        history.insert((key, revision), encoded.as_slice()).map_err(storage)?;
+        Ok(previous)
+    }
+
+    /// Deletes every key in `span` at `revision`; returns what was deleted.
+    pub fn delete_range(&mut self, revision: i64, span: KeySpan<'_>) -> Result<Vec<KeyValue>, KvError> {
+        let deleted = self.write_delete(revision, span)?;
+        if !deleted.is_empty() {
+            self.bump(revision);
+        }
+        Ok(deleted)
+    }
+
+    fn write_delete(&self, revision: i64, span: KeySpan<'_>) -> Result<Vec<KeyValue>, KvError> {
+        let mut live = self.txn.open_table(LIVE).map_err(storage)?;
+        let mut deleted = Vec::new();
+        for_each_in_span(&live, span, |key, bytes| {
+            deleted.push(decode(key, bytes)?);
+            Ok(())
+        })?;
+        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
+        for kv in &deleted {
+            live.remove(kv.key.as_slice()).map_err(storage)?;
+            let tombstone = KeyValue { key: kv.key.clone(), mod_revision: revision, ..KeyValue::default() };
+            history
+                .insert((kv.key.as_slice(), revision), tombstone.encode_to_vec().as_slice())
+                .map_err(storage)?;
+        }
+        Ok(deleted)
+    }
+
+    fn bump(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+        self.changed = true;
+    }
+
+    /// The live value of `key`, seeing this batch's own writes.
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
+        let live = self.txn.open_table(LIVE).map_err(storage)?;
+        let value = live.get(key).map_err(storage)?;
+        value.map(|v| decode(key, v.value())).transpose()
+    }
+
+    /// Stores `value` under `name` in the meta table, in the same transaction as the data.
+    pub fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<(), KvError> {
+        self.txn.open_table(META).map_err(storage)?.insert(name, value).map_err(storage)?;
+        Ok(())
+    }
+
+    pub fn commit(mut self) -> Result<(), KvError> {
+        if self.changed {
+            let revision = self.revision.to_be_bytes();
+            self.set_meta(META_REVISION, &revision)?;
+        }
+        self.txn.commit().map_err(storage)
+    }
+}
+
+/// Snapshot records: one per row of each table, framed as
+/// `[table: u8][key length: u32][key][value length: u32][value]`, little-endian.
+const TABLE_LIVE: u8 = 1;
+const TABLE_HISTORY: u8 = 2;
+const TABLE_META: u8 = 3;
+
+fn write_record(out: &mut impl std::io::Write, table: u8, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+    out.write_all(&[table])?;
+    out.write_all(&(key.len() as u32).to_le_bytes())?;
+    out.write_all(key)?;
+    out.write_all(&(value.len() as u32).to_le_bytes())?;
+    out.write_all(value)
+}
+
+fn read_chunk(input: &mut impl std::io::Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
+    input.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+impl ReadView {
+    /// A value stored with `WriteBatch::set_meta`, as of this view.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let meta = self.txn.open_table(META).map_err(storage)?;
+        Ok(meta.get(name).map_err(storage)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes the whole store as of this view, every revision not yet compacted, as
+    /// snapshot records.
+    pub fn dump(&self, out: &mut impl std::io::Write) -> Result<(), KvError> {
+        let io = |e: std::io::Error| KvError::Storage(redb::Error::Io(e));
+        let txn = &self.txn;
+        for row in txn.open_table(LIVE).map_err(storage)?.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            write_record(out, TABLE_LIVE, k.value(), v.value()).map_err(io)?;
+        }
+        for row in txn.open_table(HISTORY).map_err(storage)?.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let (key, revision) = k.value();
+            let mut composite = key.to_vec();
+            composite.extend_from_slice(&revision.to_be_bytes());
+            write_record(out, TABLE_HISTORY, &composite, v.value()).map_err(io)?;
+        }
+        for row in txn.open_table(META).map_err(storage)?.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            write_record(out, TABLE_META, k.value().as_bytes(), v.value()).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+impl MvccStore {
+    /// Makes every earlier non-durable commit durable.
+    pub fn sync(&self) -> Result<(), KvError> {
+        self.db.begin_write().map_err(storage)?.commit().map_err(storage)
+    }
+
+    /// Replaces the whole store with the records in `input`, atomically and durably: a
+    /// crash leaves either the old store or the new one.
+    pub fn restore(&self, input: &mut impl std::io::Read) -> Result<(), KvError> {
+        let malformed =
+            |what: &str| KvError::Corrupt { key: Vec::new(), reason: format!("snapshot: {what}") };
+        let txn = self.db.begin_write().map_err(storage)?;
+        txn.delete_table(LIVE).map_err(storage)?;
+        txn.delete_table(HISTORY).map_err(storage)?;
+        txn.delete_table(META).map_err(storage)?;
+        {
+            let mut live = txn.open_table(LIVE).map_err(storage)?;
+            let mut history = txn.open_table(HISTORY).map_err(storage)?;
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            loop {
+                let mut table = [0u8; 1];
+                match input.read_exact(&mut table) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(KvError::Storage(redb::Error::Io(e))),
+                }
+                let key = read_chunk(input).map_err(|_| malformed("truncated record"))?;
+                let value = read_chunk(input).map_err(|_| malformed("truncated record"))?;
+                match table[0] {
+                    TABLE_LIVE => {
+                        live.insert(key.as_slice(), value.as_slice()).map_err(storage)?;
+                    }
+                    TABLE_HISTORY => {
+                        let split = key.len().checked_sub(8).ok_or_else(|| malformed("short history key"))?;
+                        let (user_key, revision) = key.split_at(split);
+                        let revision =
+                            i64::from_be_bytes(revision.try_into().map_err(|_| malformed("revision"))?);
+                        history.insert((user_key, revision), value.as_slice()).map_err(storage)?;
+                    }
+                    TABLE_META => {
+                        let name = std::str::from_utf8(&key).map_err(|_| malformed("meta name"))?;
+                        meta.insert(name, value.as_slice()).map_err(storage)?;
+                    }
+                    _ => return Err(malformed("unknown table")),
+                }
+            }
+        }
+        txn.commit().map_err(storage)
+    }
+}

@@ -1,0 +1,12 @@
+//! `consensus-node`: a Raft member (openraft) with a durable write-ahead log, an MVCC
+//! key-value store with etcd's semantics, and etcd's v3 gRPC API.
+
+pub mod api;
+pub mod health;
+pub mod kv;
+pub mod member;
+pub mod metrics;
+pub mod proto;
+pub mod raft;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,437 @@
+//! A running member: its identity, its Raft instance and store, and the requests only the
+//! leader can serve (writes, read indexes, membership changes), forwarded to the leader
+//! over the peer port when this member is not it.
+
+use openraft::Instant as _;
+use openraft::async_runtime::WatchReceiver;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use openraft::ReadPolicy;
+use openraft::errors::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tonic::transport::Channel;
+
+use crate::api::errors::ServerError;
+use crate::kv::MvccStore;
+use crate::metrics::Metrics;
+use crate::proto::etcdserverpb::ResponseHeader;
+use crate::proto::raft::RaftMessage;
+use crate::proto::raft::raft_peer_client::RaftPeerClient;
+use crate::raft::network::{decode, encode, peer_channel, tag_cluster};
+use crate::raft::types::{Applied, Command, Member, Raft};
+
+/// How long a forwarded request may take before the client gets `request timed out`.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// A learner may be promoted once it is this close to the leader's log.
+pub const LEARNER_CATCH_UP_ENTRIES: u64 = 1000;
+
+/// Who this member is, written once into the data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub name: String,
+    pub member_id: u64,
+    pub cluster_id: u64,
+}
+
+impl Identity {
+    pub fn load(dir: &Path) -> std::io::Result<Option<Self>> {
+        match std::fs::read(dir.join("identity.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let file = crate::storage::hard_state::HardStateFile::new(dir.join("identity.json.state"));
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        // identity.json stays readable by people; the checksummed copy guards it.
+        file.save(&json)?;
+        std::fs::write(dir.join("identity.json"), &json)?;
+        crate::storage::hard_state::sync_dir(dir)
+    }
+}
+
+fn hash_u64(parts: &[&[u8]]) -> u64 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    // Zero means "no member" in etcd's API.
+    u64::from_be_bytes(first).max(1)
+}
+
+/// A member's id, as etcd derives it: from its peer URLs and the cluster token, so every
+/// member of a new cluster computes the same ids from `--initial-cluster`.
+pub fn member_id_for(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    hash_u64(&[urls.join(",").as_bytes(), token.as_bytes()])
+}
+
+/// The cluster id of a new cluster: from its members' ids and the token.
+pub fn cluster_id_for(member_ids: &[u64], token: &str) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort_unstable();
+    let joined: Vec<u8> = ids.iter().flat_map(|id| id.to_be_bytes()).collect();
+    hash_u64(&[&joined, token.as_bytes()])
+}
+
+/// What a member asks of the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    Write(Command),
+    /// The leader's commit index once it has confirmed it is still the leader.
+    ReadIndex,
+    AddMember {
+        peer_urls: Vec<String>,
+        learner: bool,
+    },
+    PromoteMember(u64),
+    RemoveMember(u64),
+    UpdateMember {
+        id: u64,
+        peer_urls: Vec<String>,
+    },
+    PublishClientUrls {
+        id: u64,
+        name: String,
+        client_urls: Vec<String>,
+    },
+    TransferLeader(u64),
+    /// The cluster id and members as this member knows them; any member answers, leader or
+    /// not (a member started with `--initial-cluster-state existing` asks for its id).
+    Members,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardResponse {
+    Applied(Applied),
+    ReadIndex(u64),
+    MemberId(u64),
+    Done,
+    Members { cluster_id: u64, members: Vec<(u64, Member)> },
+}
+
+/// Asks `peer` for the cluster id and the members it knows.
+pub async fn ask_members(peer: &Member) -> Result<(u64, Vec<(u64, Member)>), ServerError> {
+    let channel = peer_channel(peer).map_err(|e| ServerError::Internal(e.to_string()))?;
+    match call_forward(RaftPeerClient::new(channel), None, &ForwardRequest::Members).await? {
+        ForwardResponse::Members { cluster_id, members } => Ok((cluster_id, members)),
+        other => Err(ServerError::Internal(format!("unexpected answer to a member list: {other:?}"))),
+    }
+}
+
+/// gRPC metadata key carrying the sender's cluster id on every peer request.
+pub const CLUSTER_ID_HEADER: &str = "x-consensus-cluster-id";
+
+async fn call_forward(
+    mut client: RaftPeerClient<Channel>,
+    cluster_id: Option<u64>,
+    request: &ForwardRequest,
+) -> Result<ForwardResponse, ServerError> {
+    let payload = encode(request).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let mut call = tonic::Request::new(RaftMessage { payload });
+    call.set_timeout(FORWARD_TIMEOUT);
+    if let Some(id) = cluster_id {
+        tag_cluster(&mut call, id);
+    }
+    let reply = client.forward(call).await.map_err(|status| match status.code() {
+        tonic::Code::DeadlineExceeded => ServerError::Timeout,
+        _ => ServerError::LeaderChanged,
+    })?;
+    decode::<Result<ForwardResponse, ServerError>>(&reply.into_inner().payload)
+        .map_err(|e| ServerError::Internal(e.to_string()))?
+}
+
+/// One Raft member as the Cluster API reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberInfo {
+    pub id: u64,
+    pub member: Member,
+    pub is_learner: bool,
+}
+
+pub struct Node {
+    pub identity: Identity,
+    pub raft: Raft,
+    pub store: Arc<MvccStore>,
+    pub metrics: Metrics,
+    pub db_path: PathBuf,
+    leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
+}
+
+fn raft_write_error<E: std::fmt::Display>(e: RaftError<crate::raft::types::TypeConfig, E>) -> ServerError {
+    match e {
+        RaftError::Fatal(_) => ServerError::Stopped,
+        RaftError::APIError(e) => ServerError::Internal(e.to_string()),
+    }
+}
+
+impl Node {
+    pub fn new(
+        identity: Identity,
+        raft: Raft,
+        store: Arc<MvccStore>,
+        metrics: Metrics,
+        db_path: PathBuf,
+    ) -> Self {
+        Self { identity, raft, store, metrics, db_path, leader_clients: Mutex::new(HashMap::new()) }
+    }
+
+    /// The header etcd puts on every response.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        ResponseHeader {
+            cluster_id: self.identity.cluster_id,
+            member_id: self.identity.member_id,
+            revision,
+            raft_term: metrics.current_term,
+        }
+    }
+
+    pub fn current_leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, member)| MemberInfo {
+                id: *id,
+                member: member.clone(),
+                is_learner: learners.contains(id),
+            })
+            .collect()
+    }
+
+    /// Proposes `command` and returns its outcome once applied, wherever the leader is.
+    pub async fn write(&self, command: Command) -> Result<Applied, ServerError> {
+        self.metrics.proposal_started();
+        let result = match self.on_leader(ForwardRequest::Write(command)).await {
+            Ok(ForwardResponse::Applied(applied)) => Ok(applied),
+            Ok(other) => Err(ServerError::Internal(format!("unexpected answer to a write: {other:?}"))),
+            Err(e) => Err(e),
+        };
+        self.metrics.proposal_finished(result.is_err());
+        result
+    }
+
+    /// Returns once this member has applied everything committed before the call: a read
+    /// served after it is linearizable (ReadIndex, through the leader).
+    pub async fn read_barrier(&self) -> Result<(), ServerError> {
+        let index = match self.on_leader(ForwardRequest::ReadIndex).await? {
+            ForwardResponse::ReadIndex(index) => index,
+            other => {
+                return Err(ServerError::Internal(format!("unexpected answer to a read index: {other:?}")));
+            }
+        };
+        self.raft
+            .wait(Some(FORWARD_TIMEOUT))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+            .map(|_| ())
+            .map_err(|_| ServerError::Timeout)
+    }
+
+    /// Runs `request` here when this member leads, otherwise on the leader.
+    pub async fn on_leader(&self, request: ForwardRequest) -> Result<ForwardResponse, ServerError> {
+        let leader = self.current_leader().ok_or(ServerError::NoLeader)?;
+        if leader == self.identity.member_id {
+            return self.execute_as_leader(request).await;
+        }
+        self.forward(leader, &request).await
+    }
+
+    async fn forward(&self, leader: u64, request: &ForwardRequest) -> Result<ForwardResponse, ServerError> {
+        call_forward(self.leader_client(leader)?, Some(self.identity.cluster_id), request).await
+    }
+
+    /// The cluster id and members, as this member knows them.
+    pub fn known_members(&self) -> ForwardResponse {
+        ForwardResponse::Members {
+            cluster_id: self.identity.cluster_id,
+            members: self.members().into_iter().map(|m| (m.id, m.member)).collect(),
+        }
+    }
+
+    fn leader_client(&self, leader: u64) -> Result<RaftPeerClient<Channel>, ServerError> {
+        let mut clients = self.leader_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&leader) {
+            return Ok(client.clone());
+        }
+        let member = self.members().into_iter().find(|m| m.id == leader).ok_or(ServerError::NoLeader)?.member;
+        let client =
+            RaftPeerClient::new(peer_channel(&member).map_err(|e| ServerError::Internal(e.to_string()))?);
+        clients.insert(leader, client.clone());
+        Ok(client)
+    }
+
+    /// Serves a request that needs the leader; fails with `LeaderChanged` when this member
+    /// is not (or no longer) it, and the caller retries against the new leader.
+    pub async fn execute_as_leader(&self, request: ForwardRequest) -> Result<ForwardResponse, ServerError> {
+        let not_leader = |e: &ClientWriteError<_>| matches!(e, ClientWriteError::ForwardToLeader(_));
+        match request {
+            ForwardRequest::Write(command) => match self.raft.client_write(command).await {
+                Ok(response) => Ok(ForwardResponse::Applied(response.data)),
+                Err(RaftError::APIError(e)) if not_leader(&e) => Err(ServerError::LeaderChanged),
+                Err(e) => Err(raft_write_error(e)),
+            },
+            ForwardRequest::ReadIndex => {
+                let read =
+                    self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| match e {
+                        RaftError::Fatal(_) => ServerError::Stopped,
+                        RaftError::APIError(_) => ServerError::LeaderChanged,
+                    })?;
+                Ok(ForwardResponse::ReadIndex(read.index()))
+            }
+            ForwardRequest::AddMember { peer_urls, learner } => self.add_member(peer_urls, learner).await,
+            ForwardRequest::PromoteMember(id) => self.promote(id).await,
+            ForwardRequest::RemoveMember(id) => self.remove(id).await,
+            ForwardRequest::UpdateMember { id, peer_urls } => {
+                let mut member = self.member(id)?.member;
+                member.peer_urls = peer_urls;
+                self.change(ChangeMembers::SetNodes(BTreeMap::from([(id, member)]))).await
+            }
+            ForwardRequest::PublishClientUrls { id, name, client_urls } => {
+                let mut member = self.member(id)?.member;
+                member.name = name;
+                member.client_urls = client_urls;
+                self.change(ChangeMembers::SetNodes(BTreeMap::from([(id, member)]))).await
+            }
+            ForwardRequest::TransferLeader(to) => {
+                let target = self.member(to)?;
+                if target.is_learner {
+                    return Err(ServerError::BadLeaderTransferee);
+                }
+                self.raft.trigger().transfer_leader(to).await.map_err(|_| ServerError::Stopped)?;
+                Ok(ForwardResponse::Done)
+            }
+            ForwardRequest::Members => Ok(self.known_members()),
+        }
+    }
+
+    fn member(&self, id: u64) -> Result<MemberInfo, ServerError> {
+        self.members().into_iter().find(|m| m.id == id).ok_or(ServerError::MemberNotFound)
+    }
+
+    async fn change(&self, change: ChangeMembers<u64, Member>) -> Result<ForwardResponse, ServerError> {
+        match self.raft.change_membership(change, true).await {
+            Ok(_) => Ok(ForwardResponse::Done),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::LeaderChanged),
+            Err(e) => Err(raft_write_error(e)),
+        }
+    }
+
+    async fn add_member(
+        &self,
+        peer_urls: Vec<String>,
+        learner: bool,
+    ) -> Result<ForwardResponse, ServerError> {
+        let members = self.members();
+        if members.iter().any(|m| m.member.peer_urls.iter().any(|u| peer_urls.contains(u))) {
+            return Err(ServerError::PeerUrlExists);
+        }
+        let id = member_id_for(&peer_urls, &format!("{:x}", self.identity.cluster_id));
+        let member = Member { name: String::new(), peer_urls, client_urls: Vec::new() };
+        if !learner {
+            // etcd's strict reconfiguration check: the voters that are up must still form
+            // a quorum of the larger voter set, or the cluster stops until the new one starts.
+            let voters = members.iter().filter(|m| !m.is_learner).count();
+            let started = self.healthy_voters();
+            if started < voters.div_ceil(2) + 1 {
+                return Err(ServerError::NotEnoughStartedMembers);
+            }
+        }
+        match self.raft.add_learner(id, member, false).await {
+            Ok(_) => {}
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                return Err(ServerError::LeaderChanged);
+            }
+            Err(e) => return Err(raft_write_error(e)),
+        }
+        if !learner {
+            self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await?;
+        }
+        Ok(ForwardResponse::MemberId(id))
+    }
+
+    /// Voters the leader has heard from recently (their replication is progressing).
+    fn healthy_voters(&self) -> usize {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
+        let replicating = metrics
+            .heartbeat
+            .as_ref()
+            .map(|beats| {
+                beats
+                    .iter()
+                    .filter(|(id, last)| {
+                        **id != self.identity.member_id
+                            && voters.contains(id)
+                            && last.is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        replicating + usize::from(voters.contains(&self.identity.member_id))
+    }
+
+    async fn promote(&self, id: u64) -> Result<ForwardResponse, ServerError> {
+        let target = self.member(id)?;
+        if !target.is_learner {
+            return Err(ServerError::MemberNotLearner);
+        }
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let leader_last = metrics.last_log_index.unwrap_or(0);
+        let matched = metrics
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id).cloned().flatten())
+            .map_or(0, |log_id| log_id.index);
+        if leader_last.saturating_sub(matched) > LEARNER_CATCH_UP_ENTRIES || matched == 0 {
+            return Err(ServerError::LearnerNotReady);
+        }
+        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+    }
+
+    async fn remove(&self, id: u64) -> Result<ForwardResponse, ServerError> {
+        let target = self.member(id)?;
+        if !target.is_learner {
+            let voters = self.members().iter().filter(|m| !m.is_learner).count();
+            let healthy = self.healthy_voters() - usize::from(self.healthy_voter(id));
+            if voters <= 1 || healthy < (voters - 1) / 2 + 1 {
+                return Err(ServerError::NotEnoughStartedMembers);
+            }
+            self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
+        }
+        let _ = self.change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
+        Ok(ForwardResponse::Done)
+    }
+
+    fn healthy_voter(&self, id: u64) -> bool {
+        if id == self.identity.member_id {
+            return true;
+        }
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        metrics
+            .heartbeat
+            .as_ref()
+            .and_then(|beats| beats.get(&id).cloned().flatten())
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+    }
+}

@@ -1,0 +1,241 @@
+//! Prometheus metrics under etcd's names, types and buckets, so etcd's dashboards and
+//! alerts work against our members unchanged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::storage::wal::WalMetrics;
+
+type Labels = Vec<(String, String)>;
+
+struct Inner {
+    registry: Registry,
+    has_leader: Gauge,
+    is_leader: Gauge,
+    is_learner: Gauge,
+    leader_changes: Counter,
+    proposals_committed: Gauge,
+    proposals_applied: Gauge,
+    proposals_pending: Gauge,
+    proposals_failed: Counter,
+    wal_fsync: Histogram,
+    wal_write_bytes: Gauge,
+    backend_commit: Histogram,
+    backend_snapshot: Histogram,
+    peer_round_trip: Family<Labels, Histogram>,
+    db_total_size: Gauge,
+}
+
+/// Cheap to clone; every clone updates the same registry.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+fn peer_round_trip_histogram() -> Histogram {
+    // etcd: prometheus.ExponentialBuckets(0.0001, 2, 16)
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl Metrics {
+    pub fn new(member_id: u64, version: &str) -> Self {
+        let mut registry = Registry::default();
+        let has_leader = Gauge::default();
+        let is_leader = Gauge::default();
+        let is_learner = Gauge::default();
+        let leader_changes = Counter::default();
+        let proposals_committed = Gauge::default();
+        let proposals_applied = Gauge::default();
+        let proposals_pending = Gauge::default();
+        let proposals_failed = Counter::default();
+        // etcd: prometheus.ExponentialBuckets(0.001, 2, 14) for WAL fsync and backend commit,
+        // (0.01, 2, 17) for backend snapshots.
+        let wal_fsync = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let wal_write_bytes = Gauge::default();
+        let backend_commit = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let backend_snapshot = Histogram::new(exponential_buckets(0.01, 2.0, 17));
+        let peer_round_trip =
+            Family::<Labels, Histogram>::new_with_constructor(peer_round_trip_histogram as fn() -> _);
+        let db_total_size = Gauge::default();
+        let server_id = Family::<Labels, Gauge>::default();
+        server_id.get_or_create(&vec![("server_id".into(), format!("{member_id:x}"))]).set(1);
+        let server_version = Family::<Labels, Gauge>::default();
+        server_version.get_or_create(&vec![("server_version".into(), version.into())]).set(1);
+
+        let r = &mut registry;
+        r.register(
+            "etcd_server_has_leader",
+            "Whether or not a leader exists. 1 is existence, 0 is not.",
+            has_leader.clone(),
+        );
+        r.register(
+            "etcd_server_is_leader",
+            "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+            is_leader.clone(),
+        );
+        r.register(
+            "etcd_server_is_learner",
+            "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            is_learner.clone(),
+        );
+        // prometheus-client appends `_total` to counters.
+        r.register(
+            "etcd_server_leader_changes_seen",
+            "The number of leader changes seen.",
+            leader_changes.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_committed_total",
+            "The total number of consensus proposals committed.",
+            proposals_committed.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_applied_total",
+            "The total number of consensus proposals applied.",
+            proposals_applied.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_pending",
+            "The current number of pending proposals to commit.",
+            proposals_pending.clone(),
+        );
+        r.register(
+            "etcd_server_proposals_failed",
+            "The total number of failed proposals seen.",
+            proposals_failed.clone(),
+        );
+        r.register(
+            "etcd_disk_wal_fsync_duration_seconds",
+            "The latency distributions of fsync called by WAL.",
+            wal_fsync.clone(),
+        );
+        r.register(
+            "etcd_disk_wal_write_bytes_total",
+            "Total number of bytes written in WAL.",
+            wal_write_bytes.clone(),
+        );
+        r.register(
+            "etcd_disk_backend_commit_duration_seconds",
+            "The latency distributions of commit called by backend.",
+            backend_commit.clone(),
+        );
+        r.register(
+            "etcd_disk_backend_snapshot_duration_seconds",
+            "The latency distribution of backend snapshots.",
+            backend_snapshot.clone(),
+        );
+        r.register(
+            "etcd_network_peer_round_trip_time_seconds",
+            "Round-Trip-Time histogram between peers",
+            peer_round_trip.clone(),
+        );
+        r.register(
+            "etcd_mvcc_db_total_size_in_bytes",
+            "Total size of the underlying database physically allocated in bytes.",
+            db_total_size.clone(),
+        );
+        r.register(
+            "etcd_server_id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+            server_id,
+        );
+        r.register(
+            "etcd_server_version",
+            "Which version is running. 1 for 'server_version' label with current version.",
+            server_version,
+        );
+
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                has_leader,
+                is_leader,
+                is_learner,
+                leader_changes,
+                proposals_committed,
+                proposals_applied,
+                proposals_pending,
+                proposals_failed,
+                wal_fsync,
+                wal_write_bytes,
+                backend_commit,
+                backend_snapshot,
+                peer_round_trip,
+                db_total_size,
+            }),
+        }
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// Updates the leadership gauges; counts a change when the known leader differs.
+    pub fn observe_leadership(
+        &self,
+        previous_leader: Option<u64>,
+        leader: Option<u64>,
+        is_leader: bool,
+        is_learner: bool,
+    ) {
+        self.inner.has_leader.set(i64::from(leader.is_some()));
+        self.inner.is_leader.set(i64::from(is_leader));
+        self.inner.is_learner.set(i64::from(is_learner));
+        if leader.is_some() && leader != previous_leader {
+            self.inner.leader_changes.inc();
+        }
+    }
+
+    pub fn observe_progress(&self, committed: u64, applied: u64) {
+        self.inner.proposals_committed.set(committed as i64);
+        self.inner.proposals_applied.set(applied as i64);
+    }
+
+    pub fn proposal_started(&self) {
+        self.inner.proposals_pending.inc();
+    }
+
+    pub fn proposal_finished(&self, failed: bool) {
+        self.inner.proposals_pending.dec();
+        if failed {
+            self.inner.proposals_failed.inc();
+        }
+    }
+
+    pub fn backend_commit(&self, took: Duration) {
+        self.inner.backend_commit.observe(took.as_secs_f64());
+    }
+
+    pub fn backend_snapshot(&self, took: Duration) {
+        self.inner.backend_snapshot.observe(took.as_secs_f64());
+    }
+
+    pub fn peer_round_trip(&self, to: &str, took: Duration) {
+        self.inner.peer_round_trip.get_or_create(&vec![("To".into(), to.into())]).observe(took.as_secs_f64());
+    }
+
+    pub fn db_size(&self, bytes: u64) {
+        self.inner.db_total_size.set(bytes as i64);
+    }
+}
+
+impl WalMetrics for Metrics {
+    fn fsync(&self, took: Duration) {
+        self.inner.wal_fsync.observe(took.as_secs_f64());
+    }
+
+    fn wrote(&self, bytes: u64) {
+        self.inner.wal_write_bytes.inc_by(bytes as i64);
+    }
+}

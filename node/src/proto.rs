@@ -1,0 +1,15 @@
+//! Generated gRPC code: the etcd v3 client API and our peer transport.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+pub mod mvccpb {
+    tonic::include_proto!("mvccpb");
+}
+
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+pub mod raft {
+    tonic::include_proto!("consensus.raft.v1");
+}

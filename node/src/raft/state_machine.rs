@@ -1,0 +1,312 @@
+//! openraft's state machine over the MVCC store, and snapshots as files.
+//!
+//! Applies commit without fsync: the Raft log already holds every applied entry durably,
+//! so after a crash the member re-applies the log tail from the applied index the store
+//! last made durable. Building a snapshot makes the store durable first, because the log
+//! before a snapshot may be purged.
+//!
+//! A snapshot file is `MAGIC`, the postcard-encoded `SnapshotMeta` (length-prefixed), the
+//! store's records, and a SHA-256 of everything before it.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, TryStreamExt};
+use openraft::EntryPayload;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::type_config::alias::SnapshotOf;
+use sha2::{Digest, Sha256};
+
+use super::types::{Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::kv::{KvError, MvccStore, apply_command};
+use crate::metrics::Metrics;
+use crate::storage::hard_state::sync_dir;
+
+const MAGIC: &[u8; 8] = b"CNSNAP01";
+const META_APPLIED: &str = "raft_applied";
+const META_MEMBERSHIP: &str = "raft_membership";
+
+pub type RaftSnapshot = SnapshotOf<TypeConfig, SnapshotFile>;
+
+/// A snapshot on disk: what openraft hands between the state machine and the network.
+#[derive(Debug, Clone)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+fn io_err(e: KvError) -> io::Error {
+    io::Error::other(e)
+}
+
+fn invalid(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.to_string())
+}
+
+pub struct StateMachine {
+    store: Arc<MvccStore>,
+    snapshot_dir: PathBuf,
+    metrics: Metrics,
+}
+
+impl StateMachine {
+    pub fn new(store: Arc<MvccStore>, snapshot_dir: PathBuf, metrics: Metrics) -> io::Result<Self> {
+        fs::create_dir_all(&snapshot_dir)?;
+        Ok(Self { store, snapshot_dir, metrics })
+    }
+
+    fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        let view = self.store.read().map_err(io_err)?;
+        let applied = match view.meta(META_APPLIED).map_err(io_err)? {
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
+            None => None,
+        };
+        let membership = match view.meta(META_MEMBERSHIP).map_err(io_err)? {
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
+            None => StoredMembership::default(),
+        };
+        Ok((applied, membership))
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        self.read_applied()
+    }
+
+    async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
+    {
+        let entries: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
+        let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        // One write transaction for the whole batch; answers go out only after it commits,
+        // so a client that got an answer reads what it wrote.
+        let answers = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
+            let mut batch = store.write(false).map_err(io_err)?;
+            let mut answers = Vec::with_capacity(entries.len());
+            let mut last = None;
+            for (entry, responder) in entries {
+                let applied = match &entry.payload {
+                    EntryPayload::Blank => Applied::Nothing,
+                    EntryPayload::Normal(command) => apply_command(&mut batch, command).map_err(io_err)?,
+                    EntryPayload::Membership(membership) => {
+                        let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
+                        batch
+                            .set_meta(META_MEMBERSHIP, &postcard::to_stdvec(&stored).map_err(invalid)?)
+                            .map_err(io_err)?;
+                        Applied::Nothing
+                    }
+                };
+                last = Some(entry.log_id);
+                answers.push((responder, applied));
+            }
+            batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
+            let started = Instant::now();
+            batch.commit().map_err(io_err)?;
+            metrics.backend_commit(started.elapsed());
+            Ok(answers)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        for (responder, applied) in answers {
+            if let Some(responder) = responder {
+                responder.send(applied);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            store: self.store.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> Result<(), io::Error> {
+        let store = self.store.clone();
+        let dir = self.snapshot_dir.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let (file_meta, mut records) = open_snapshot(&snapshot.path)?;
+            if file_meta.last_log_id != meta.last_log_id {
+                return Err(invalid("snapshot file does not match the snapshot being installed"));
+            }
+            store.restore(&mut records).map_err(io_err)?;
+            keep_as_current(&dir, &snapshot.path, &meta)?;
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<RaftSnapshot>, io::Error> {
+        let Some(path) = newest_snapshot(&self.snapshot_dir)? else { return Ok(None) };
+        let (meta, _) = open_snapshot(&path)?;
+        Ok(Some(RaftSnapshot { meta, snapshot: SnapshotFile { path } }))
+    }
+}
+
+pub struct SnapshotBuilder {
+    store: Arc<MvccStore>,
+    snapshot_dir: PathBuf,
+    metrics: Metrics,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> Result<RaftSnapshot, io::Error> {
+        let store = self.store.clone();
+        let dir = self.snapshot_dir.clone();
+        let started = Instant::now();
+        let snapshot =
+            tokio::task::spawn_blocking(move || build(&store, &dir)).await.map_err(io::Error::other)?;
+        self.metrics.backend_snapshot(started.elapsed());
+        snapshot
+    }
+}
+
+fn build(store: &MvccStore, dir: &Path) -> io::Result<RaftSnapshot> {
+    let view = store.read().map_err(io_err)?;
+    let last_log_id: Option<LogId> = match view.meta(META_APPLIED).map_err(io_err)? {
+        Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
+        None => None,
+    };
+    let last_membership: StoredMembership = match view.meta(META_MEMBERSHIP).map_err(io_err)? {
+        Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
+        None => StoredMembership::default(),
+    };
+    let meta = SnapshotMeta { last_log_id, last_membership };
+    let tmp = dir.join(format!("{}.tmp", snapshot_file_name(&meta)));
+    {
+        let mut out = HashingWriter::new(BufWriter::new(File::create(&tmp)?));
+        out.write_all(MAGIC)?;
+        let header = postcard::to_stdvec(&meta).map_err(invalid)?;
+        out.write_all(&(header.len() as u32).to_le_bytes())?;
+        out.write_all(&header)?;
+        view.dump(&mut out).map_err(io_err)?;
+        let (mut file, digest) = out.finish();
+        file.write_all(&digest)?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    }
+    // Everything the snapshot holds must be durable in the store before the log behind it
+    // may be purged.
+    store.sync().map_err(io_err)?;
+    let path = keep_as_current(dir, &tmp, &meta)?;
+    Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path } })
+}
+
+/// Moves `file` into place as the newest snapshot and removes older ones.
+fn keep_as_current(dir: &Path, file: &Path, meta: &SnapshotMeta) -> io::Result<PathBuf> {
+    let path = dir.join(snapshot_file_name(meta));
+    if file != path {
+        fs::rename(file, &path)?;
+    }
+    sync_dir(dir)?;
+    for entry in fs::read_dir(dir)? {
+        let other = entry?.path();
+        if other != path && other.extension().is_some_and(|e| e == "snap") {
+            fs::remove_file(other)?;
+        }
+    }
+    Ok(path)
+}
+
+/// Snapshot files sort by the log index they cover.
+pub fn snapshot_file_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(id) => format!("{:020}-{}.snap", id.index, id.leader_id.term),
+        None => "00000000000000000000-0.snap".to_owned(),
+    }
+}
+
+fn newest_snapshot(dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut newest = None;
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "snap") && newest.as_ref().is_none_or(|n| &path > n) {
+            newest = Some(path);
+        }
+    }
+    Ok(newest)
+}
+
+/// Verifies a snapshot file's checksum and returns its metadata and a reader positioned at
+/// its records (excluding the checksum).
+pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>)> {
+    let bytes_len = fs::metadata(path)?.len();
+    let body_len =
+        bytes_len.checked_sub(32).ok_or_else(|| invalid(format!("{}: too short", path.display())))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut BufReader::new(File::open(path)?).take(body_len), &mut HashWriter(&mut hasher))?;
+    let mut stored = [0u8; 32];
+    let mut file = File::open(path)?;
+    io::Seek::seek(&mut file, io::SeekFrom::Start(body_len))?;
+    file.read_exact(&mut stored)?;
+    if hasher.finalize().as_slice() != stored {
+        return Err(invalid(format!("{}: checksum mismatch, the snapshot is damaged", path.display())));
+    }
+    let mut reader = BufReader::new(File::open(path)?).take(body_len);
+    let mut magic = [0u8; 8];
+    reader.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(invalid(format!("{}: not a consensus-node snapshot", path.display())));
+    }
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len)?;
+    let mut header = vec![0u8; u32::from_le_bytes(len) as usize];
+    reader.read_exact(&mut header)?;
+    let meta = postcard::from_bytes(&header).map_err(invalid)?;
+    Ok((meta, reader))
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes through to `inner` while hashing what passes.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self { inner, hasher: Sha256::new() }
+    }
+    fn finish(self) -> (W, [u8; 32]) {
+        (self.inner, self.hasher.finalize().into())
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}

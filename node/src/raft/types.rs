@@ -1,0 +1,61 @@
+//! The Raft type configuration: what a log entry carries and who the members are.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A member as the cluster knows it: etcd's Member without the id (openraft keys members by id).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.name, self.peer_urls.join(","))
+    }
+}
+
+/// One replicated change, as the etcd request that asked for it (protobuf-encoded), so the
+/// log holds exactly what clients sent and the apply layer decodes it once, deterministically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Put(Vec<u8>),
+    DeleteRange(Vec<u8>),
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Put(b) => write!(f, "put({} bytes)", b.len()),
+            Command::DeleteRange(b) => write!(f, "delete_range({} bytes)", b.len()),
+        }
+    }
+}
+
+/// The outcome of applying one command: the protobuf-encoded etcd response, or the etcd
+/// error the request gets (a failed request still consumed a log index, deterministically).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    Response(Vec<u8>),
+    Error(crate::api::errors::ApplyError),
+    /// Entries that carry no client request (blank, membership) answer nothing.
+    Nothing,
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = Applied,
+        NodeId = u64,
+        Node = Member,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, super::state_machine::StateMachine>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;

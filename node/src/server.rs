@@ -1,0 +1,376 @@
+//! Starting and stopping a member: storage, Raft, the three listeners, background duties.
+
+use openraft::async_runtime::WatchReceiver;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use openraft::{Config, SnapshotPolicy};
+use tokio::sync::watch;
+use tonic::transport::Server;
+
+use crate::api::cluster::ClusterService;
+use crate::api::kv::KvService;
+use crate::api::maintenance::{MaintenanceService, VERSION};
+use crate::api::peer::{PeerService, check_cluster_id};
+use crate::health;
+use crate::kv::MvccStore;
+use crate::member::{ForwardRequest, Identity, Node, cluster_id_for, member_id_for};
+use crate::metrics::Metrics;
+use crate::proto::etcdserverpb::cluster_server::ClusterServer;
+use crate::proto::etcdserverpb::kv_server::KvServer;
+use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::proto::raft::raft_peer_server::RaftPeerServer;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::PeerNetwork;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::types::{Member, Raft};
+use crate::storage::wal::WalOptions;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+/// Everything a member needs to start, as etcd's flags describe it.
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client: Vec<SocketAddr>,
+    pub advertise_client_urls: Vec<String>,
+    pub listen_peer: Vec<SocketAddr>,
+    pub advertise_peer_urls: Vec<String>,
+    /// `name=peer-url` pairs of the cluster's initial members.
+    pub initial_cluster: Vec<(String, String)>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
+    pub listen_metrics: Vec<SocketAddr>,
+    pub heartbeat_interval: Duration,
+    pub election_timeout: Duration,
+    /// Entries applied between automatic snapshots (etcd's `--snapshot-count`).
+    pub snapshot_count: u64,
+    /// Entries kept in the log behind a snapshot for slow followers.
+    pub snapshot_catchup_entries: u64,
+}
+
+fn initial_members(config: &MemberConfig) -> BTreeMap<u64, Member> {
+    let mut by_name: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (name, url) in &config.initial_cluster {
+        by_name.entry(name).or_default().push(url.clone());
+    }
+    by_name
+        .into_iter()
+        .map(|(name, peer_urls)| {
+            let id = member_id_for(&peer_urls, &config.initial_cluster_token);
+            (id, Member { name: name.to_owned(), peer_urls, client_urls: Vec::new() })
+        })
+        .collect()
+}
+
+/// Works out who this member is: from its data directory when it has one (refusing data
+/// of another cluster), from `--initial-cluster` for a new cluster, or from the running
+/// cluster for a member added with MemberAdd.
+async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyhow::Result<(Identity, bool)> {
+    let members = initial_members(config);
+    let ids: Vec<u64> = members.keys().copied().collect();
+    let new_cluster_id = cluster_id_for(&ids, &config.initial_cluster_token);
+    if let Some(identity) = Identity::load(dir)? {
+        if identity.name != config.name {
+            bail!(
+                "data directory {} belongs to member {:?}, not {:?}",
+                dir.display(),
+                identity.name,
+                config.name
+            );
+        }
+        // As etcd does, a member with data ignores the bootstrap flags: the membership may
+        // have changed since. It never bootstraps again, and peers of another cluster are
+        // refused on the peer port (cluster id check).
+        if config.initial_cluster_state == ClusterState::New && identity.cluster_id != new_cluster_id {
+            tracing::warn!(
+                "data directory belongs to cluster {:x}; --initial-cluster describes {:x}; using the data directory",
+                identity.cluster_id,
+                new_cluster_id
+            );
+        }
+        return Ok((identity, false));
+    }
+    match config.initial_cluster_state {
+        ClusterState::New => {
+            let member_id = member_id_for(&config.advertise_peer_urls, &config.initial_cluster_token);
+            if !members.contains_key(&member_id) {
+                bail!(
+                    "--initial-advertise-peer-urls {:?} of {:?} do not appear in --initial-cluster",
+                    config.advertise_peer_urls,
+                    config.name
+                );
+            }
+            let identity = Identity { name: config.name.clone(), member_id, cluster_id: new_cluster_id };
+            identity.save(dir)?;
+            Ok((identity, true))
+        }
+        ClusterState::Existing => {
+            let identity = join_existing(config).await?;
+            identity.save(dir)?;
+            Ok((identity, false))
+        }
+    }
+}
+
+/// Asks the members in `--initial-cluster` which id the cluster gave this member's peer
+/// URL (MemberAdd), polling until one of them answers.
+async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for (name, url) in &config.initial_cluster {
+            if config.advertise_peer_urls.contains(url) {
+                continue;
+            }
+            let peer = Member { name: name.clone(), peer_urls: vec![url.clone()], client_urls: Vec::new() };
+            if let Ok((cluster_id, members)) = crate::member::ask_members(&peer).await
+                && let Some((member_id, _)) = members
+                    .iter()
+                    .find(|(_, m)| m.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
+            {
+                return Ok(Identity { name: config.name.clone(), member_id: *member_id, cluster_id });
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "no member of --initial-cluster knows peer URLs {:?}: add this member first (etcdctl member add)",
+                config.advertise_peer_urls
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs a member until `shutdown` resolves, then hands leadership over and stops.
+pub async fn run(
+    config: MemberConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let dir = config.data_dir.join("member");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (identity, bootstrap) = resolve_identity(&config, &dir).await?;
+    tracing::info!(name = %identity.name, member = %format!("{:x}", identity.member_id), cluster = %format!("{:x}", identity.cluster_id), "starting member");
+
+    let metrics = Metrics::new(identity.member_id, VERSION);
+    let log_store = LogStore::open(
+        &dir.join("raft"),
+        WalOptions { metrics: Some(Arc::new(metrics.clone())), ..WalOptions::default() },
+    )
+    .with_context(|| format!("opening the Raft log in {}", dir.display()))?;
+    let db_path = dir.join("kv.redb");
+    let store =
+        Arc::new(MvccStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
+    let state_machine = StateMachine::new(store.clone(), dir.join("snap"), metrics.clone())?;
+
+    let election_ms = config.election_timeout.as_millis() as u64;
+    let raft_config = Config {
+        cluster_name: format!("{:x}", identity.cluster_id),
+        heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
+        election_timeout_min: election_ms,
+        election_timeout_max: election_ms * 2,
+        enable_pre_vote: Some(true),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
+        max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
+        install_snapshot_timeout: 10_000,
+        ..Config::default()
+    }
+    .validate()
+    .context("Raft configuration")?;
+    let raft = Raft::new(
+        identity.member_id,
+        Arc::new(raft_config),
+        PeerNetwork::new(metrics.clone(), identity.cluster_id),
+        log_store,
+        state_machine,
+    )
+    .await
+    .context("starting Raft")?;
+    if bootstrap && !raft.is_initialized().await.context("reading Raft state")? {
+        raft.initialize(initial_members(&config)).await.context("bootstrapping the cluster")?;
+    }
+    let node = Arc::new(Node::new(identity, raft, store, metrics, db_path));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in &config.listen_peer {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for peers on {addr}"))?;
+        let service = tonic::service::interceptor::InterceptedService::new(
+            RaftPeerServer::new(PeerService::new(node.clone(), dir.join("snap-incoming")))
+                .max_decoding_message_size(64 << 20),
+            check_cluster_id(node.identity.cluster_id),
+        );
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move {
+            Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop)
+                .await
+                .context("peer server")
+        });
+    }
+    for addr in &config.listen_client {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for clients on {addr}"))?;
+        let stop = stopped(stop_rx.clone());
+        let (kv, cluster, maintenance) = (
+            KvService::new(node.clone()),
+            ClusterService::new(node.clone()),
+            MaintenanceService::new(node.clone()),
+        );
+        tasks.spawn(async move {
+            Server::builder()
+                .add_service(KvServer::new(kv))
+                .add_service(ClusterServer::new(cluster))
+                .add_service(MaintenanceServer::new(maintenance))
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop)
+                .await
+                .context("client server")
+        });
+    }
+    for addr in &config.listen_metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        tasks.spawn(health::serve(listener, node.clone(), stopped(stop_rx.clone())));
+    }
+    tasks.spawn(watch_leadership(node.clone(), stopped(stop_rx.clone())));
+    tasks.spawn(publish_client_urls(
+        node.clone(),
+        config.name.clone(),
+        config.advertise_client_urls.clone(),
+        stopped(stop_rx.clone()),
+    ));
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(result) = tasks.join_next() => {
+                // Duties may finish; a listener that fails stops the member rather than
+                // leave half of it running.
+                result.context("member task panicked")??;
+            }
+        }
+    }
+    tracing::info!("stopping");
+    hand_over_leadership(&node).await;
+    let _ = stop_tx.send(true);
+    while let Some(result) = tasks.join_next().await {
+        if let Ok(Err(e)) = result {
+            tracing::warn!("while stopping: {e:#}");
+        }
+    }
+    node.raft.shutdown().await.context("stopping Raft")?;
+    node.store.sync().context("flushing the key-value store")?;
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// A leader that stops on purpose hands leadership to the most up-to-date voter first, so
+/// the cluster does not wait out an election timeout.
+async fn hand_over_leadership(node: &Node) {
+    let metrics = node.raft.metrics().borrow_watched().clone();
+    if metrics.current_leader != Some(node.identity.member_id) {
+        return;
+    }
+    let voters: Vec<u64> = metrics
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|id| *id != node.identity.member_id)
+        .collect();
+    let best = metrics.replication.as_ref().and_then(|r| {
+        voters.iter().max_by_key(|id| r.get(id).cloned().flatten().map_or(0, |l| l.index)).copied()
+    });
+    let Some(target) = best else { return };
+    if node.execute_as_leader(ForwardRequest::TransferLeader(target)).await.is_err() {
+        return;
+    }
+    let mut watch = node.raft.metrics();
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while watch.borrow_watched().current_leader == Some(node.identity.member_id) {
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    tracing::info!(to = %format!("{target:x}"), "handed leadership over before stopping");
+}
+
+/// Keeps the leadership and progress metrics in step with Raft's own.
+async fn watch_leadership(
+    node: Arc<Node>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut watch = node.raft.metrics();
+    let mut previous = None;
+    tokio::pin!(stop);
+    loop {
+        let m = watch.borrow_watched().clone();
+        let is_learner =
+            m.membership_config.membership().learner_ids().any(|id| id == node.identity.member_id);
+        node.metrics.observe_leadership(
+            previous,
+            m.current_leader,
+            m.current_leader == Some(node.identity.member_id),
+            is_learner,
+        );
+        node.metrics.observe_progress(
+            m.local_committed.map_or(0, |c| c.index),
+            m.last_applied.map_or(0, |a| a.index),
+        );
+        node.metrics.db_size(std::fs::metadata(&node.db_path).map(|md| md.len()).unwrap_or(0));
+        previous = m.current_leader;
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            changed = watch.changed() => if changed.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// Members learn each other's client URLs through the log: each member publishes its own
+/// once a leader is known, as etcd members publish their attributes.
+async fn publish_client_urls(
+    node: Arc<Node>,
+    name: String,
+    client_urls: Vec<String>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    loop {
+        let published = node.members().iter().any(|m| {
+            m.id == node.identity.member_id && m.member.client_urls == client_urls && m.member.name == name
+        });
+        if published {
+            return Ok(());
+        }
+        let request = ForwardRequest::PublishClientUrls {
+            id: node.identity.member_id,
+            name: name.clone(),
+            client_urls: client_urls.clone(),
+        };
+        if let Err(e) = node.on_leader(request).await {
+            tracing::debug!("publishing client URLs: {e}");
+        }
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}

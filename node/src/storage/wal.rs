@@ -1,0 +1,438 @@
+//! The Raft log's write-ahead log: segment files of checksummed records in one directory.
+//!
+//! A record is `[body length: u32 LE][CRC-32 of body: u32 LE][body]`, the body one of
+//! - `1, index: u64 LE, payload`: a log entry (appending index `i` replaces entries >= `i`);
+//! - `2, from: u64 LE`: entries >= `from` are removed;
+//! - `3, upto: u64 LE`: entries <= `upto` are covered by a snapshot and removed.
+//!
+//! A dedicated writer thread owns the active segment and commits in groups: it takes every
+//! request queued while it was busy, writes them all, calls `fdatasync` once, and only then
+//! tells each caller its records are stored. Segments are named by the first entry index
+//! they hold and rotate past `segment_bytes`.
+//!
+//! On open, a record cut short at the end of the last segment (a write the crash
+//! interrupted, never acknowledged) is truncated away. Any other damaged record stops the
+//! member with an error naming file and offset: silently dropping it could drop writes
+//! that were acknowledged.
+//!
+//! Entries are also kept in memory for reads; snapshots bound how many (the log is purged
+//! behind each one), so this costs about `snapshot_count` entries of memory.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const KIND_ENTRY: u8 = 1;
+const KIND_TRUNCATE: u8 = 2;
+const KIND_PURGE: u8 = 3;
+const FRAME_HEADER: usize = 8;
+/// Larger than any entry we write; a length beyond it is damage, not data.
+const MAX_RECORD: u32 = 256 << 20;
+
+/// Where the WAL reports fsync latency and bytes written (etcd's WAL metrics).
+pub trait WalMetrics: Send + Sync {
+    fn fsync(&self, took: Duration);
+    fn wrote(&self, bytes: u64);
+}
+
+#[derive(Clone)]
+pub struct WalOptions {
+    pub segment_bytes: u64,
+    pub metrics: Option<Arc<dyn WalMetrics>>,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        Self { segment_bytes: 64 << 20, metrics: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("write-ahead log {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "write-ahead log {file} is corrupt at offset {offset}: {reason}. Acknowledged writes may be in or after \
+         this record, so the member will not start: restore its data directory from a backup or replace the member"
+    )]
+    Corrupt { file: PathBuf, offset: u64, reason: String },
+    #[error("write-ahead log {file}: entry {found} follows entry {previous}; entries are missing")]
+    Gap { file: PathBuf, previous: u64, found: u64 },
+    #[error("write-ahead log is closed")]
+    Closed,
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
+    move |source| WalError::Io { path: path.to_owned(), source }
+}
+
+pub type Durable = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+enum Request {
+    Records(Vec<u8>, Option<u64>, Durable),
+}
+
+struct Segment {
+    first_index: u64,
+    path: PathBuf,
+}
+
+struct State {
+    entries: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// Closed segments, oldest first (the writer owns the active one).
+    closed: Vec<Segment>,
+}
+
+pub struct Wal {
+    state: Arc<Mutex<State>>,
+    sender: Option<Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+fn segment_name(first_index: u64) -> String {
+    format!("{first_index:020}.wal")
+}
+
+fn frame(kind: u8, index: u64, payload: &[u8], out: &mut Vec<u8>) {
+    let body_len = 1 + 8 + payload.len();
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&[kind]);
+    hasher.update(&index.to_le_bytes());
+    hasher.update(payload);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&hasher.finalize().to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// What replaying one record does to the in-memory entries.
+fn replay(entries: &mut BTreeMap<u64, Arc<Vec<u8>>>, kind: u8, index: u64, payload: &[u8]) {
+    match kind {
+        KIND_ENTRY => {
+            entries.split_off(&index);
+            entries.insert(index, Arc::new(payload.to_vec()));
+        }
+        KIND_TRUNCATE => {
+            entries.split_off(&index);
+        }
+        _ => {
+            *entries = entries.split_off(&index.saturating_add(1));
+        }
+    }
+}
+
+struct Recovered {
+    state: State,
+    active: Segment,
+    active_len: u64,
+}
+
+fn recover(dir: &Path) -> Result<Recovered, WalError> {
+    fs::create_dir_all(dir).map_err(io_at(dir))?;
+    let mut segments: Vec<Segment> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_at(dir))? {
+        let path = entry.map_err(io_at(dir))?.path();
+        let first_index = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".wal"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(first_index) = first_index {
+            segments.push(Segment { first_index, path });
+        }
+    }
+    segments.sort_by_key(|s| s.first_index);
+    if segments.is_empty() {
+        let path = dir.join(segment_name(0));
+        File::create(&path).map_err(io_at(&path))?.sync_all().map_err(io_at(&path))?;
+        crate::storage::hard_state::sync_dir(dir).map_err(io_at(dir))?;
+        segments.push(Segment { first_index: 0, path });
+    }
+    let mut entries = BTreeMap::new();
+    let last = segments.len() - 1;
+    let mut active_len = 0;
+    for (i, segment) in segments.iter().enumerate() {
+        let mut bytes = Vec::new();
+        File::open(&segment.path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .map_err(io_at(&segment.path))?;
+        let mut offset = 0usize;
+        while offset < bytes.len() {
+            match parse_frame(&bytes[offset..]) {
+                Ok((kind, index, payload, len)) => {
+                    if kind == KIND_ENTRY
+                        && let Some((&previous, _)) = entries.last_key_value()
+                        && index > previous + 1
+                    {
+                        return Err(WalError::Gap { file: segment.path.clone(), previous, found: index });
+                    }
+                    replay(&mut entries, kind, index, payload);
+                    offset += len;
+                }
+                Err(FrameError::Incomplete) if i == last => {
+                    tracing::warn!(
+                        file = %segment.path.display(),
+                        offset,
+                        "write-ahead log ends in an incomplete record (a write cut short by a crash, never acknowledged); truncating it"
+                    );
+                    let file =
+                        OpenOptions::new().write(true).open(&segment.path).map_err(io_at(&segment.path))?;
+                    file.set_len(offset as u64).map_err(io_at(&segment.path))?;
+                    file.sync_all().map_err(io_at(&segment.path))?;
+                    bytes.truncate(offset);
+                    break;
+                }
+                Err(e) => {
+                    return Err(WalError::Corrupt {
+                        file: segment.path.clone(),
+                        offset: offset as u64,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        if i == last {
+            active_len = bytes.len() as u64;
+        }
+    }
+    let active = segments.pop().ok_or(WalError::Closed)?;
+    Ok(Recovered { state: State { entries, closed: segments }, active, active_len })
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FrameError {
+    #[error("record extends past the end of the file")]
+    Incomplete,
+    #[error("record length {0} is impossible")]
+    BadLength(u32),
+    #[error("checksum mismatch")]
+    Checksum,
+    #[error("unknown record kind {0}")]
+    UnknownKind(u8),
+}
+
+/// Parses the frame at the start of `bytes`: (kind, index, payload, frame length).
+///
+/// A frame whose header or body runs past the end of the file is `Incomplete`: the tail
+/// of an interrupted write. A complete frame that fails its checksum is damage, wherever
+/// it is, because a write the WAL acknowledged was written whole and fsynced.
+fn parse_frame(bytes: &[u8]) -> Result<(u8, u64, &[u8], usize), FrameError> {
+    if bytes.len() < FRAME_HEADER {
+        return Err(FrameError::Incomplete);
+    }
+    let body_len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if !(9..=MAX_RECORD).contains(&body_len) {
+        return Err(FrameError::BadLength(body_len));
+    }
+    let end = FRAME_HEADER + body_len as usize;
+    if bytes.len() < end {
+        return Err(FrameError::Incomplete);
+    }
+    let body = &bytes[FRAME_HEADER..end];
+    if crc32fast::hash(body) != crc {
+        return Err(FrameError::Checksum);
+    }
+    let kind = body[0];
+    if !matches!(kind, KIND_ENTRY | KIND_TRUNCATE | KIND_PURGE) {
+        return Err(FrameError::UnknownKind(kind));
+    }
+    let mut index = [0u8; 8];
+    index.copy_from_slice(&body[1..9]);
+    Ok((kind, u64::from_le_bytes(index), &body[9..], end))
+}
+
+impl Wal {
+    /// Opens the WAL in `dir`, recovering it as described in the module documentation.
+    pub fn open(dir: &Path, options: WalOptions) -> Result<Wal, WalError> {
+        let Recovered { state, active, active_len } = recover(dir)?;
+        let file = OpenOptions::new().append(true).open(&active.path).map_err(io_at(&active.path))?;
+        let state = Arc::new(Mutex::new(state));
+        let (sender, receiver) = mpsc::channel();
+        let writer =
+            Writer { dir: dir.to_owned(), state: state.clone(), active, file, len: active_len, options };
+        let handle = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(io_at(dir))?;
+        Ok(Wal { state, sender: Some(sender), writer: Some(handle) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit(&self, records: Vec<u8>, first_entry: Option<u64>, on_durable: Durable) {
+        let request = Request::Records(records, first_entry, on_durable);
+        if let Some(sender) = &self.sender
+            && let Err(mpsc::SendError(Request::Records(_, _, on_durable))) = sender.send(request)
+        {
+            on_durable(Err(io::Error::other(WalError::Closed)));
+        }
+    }
+
+    /// Appends entries (consecutive indexes); `on_durable` runs once they are fsynced.
+    /// They are readable at once, as openraft expects of submitted entries.
+    pub fn append(&self, entries: Vec<(u64, Vec<u8>)>, on_durable: Durable) {
+        let mut records = Vec::with_capacity(entries.iter().map(|(_, p)| p.len() + 17).sum());
+        let first = entries.first().map(|(i, _)| *i);
+        {
+            let mut state = self.lock();
+            for (index, payload) in &entries {
+                frame(KIND_ENTRY, *index, payload, &mut records);
+            }
+            for (index, payload) in entries {
+                replay(&mut state.entries, KIND_ENTRY, index, &[]);
+                state.entries.insert(index, Arc::new(payload));
+            }
+        }
+        self.submit(records, first, on_durable);
+    }
+
+    /// Removes entries >= `from`; `on_durable` runs once that is fsynced.
+    pub fn truncate_from(&self, from: u64, on_durable: Durable) {
+        let mut record = Vec::new();
+        frame(KIND_TRUNCATE, from, &[], &mut record);
+        replay(&mut self.lock().entries, KIND_TRUNCATE, from, &[]);
+        self.submit(record, None, on_durable);
+    }
+
+    /// Forgets entries <= `upto` (a snapshot covers them) and deletes the closed segments
+    /// that hold nothing newer. The marker record is made durable with the next batch.
+    pub fn purge_to(&self, upto: u64) -> Result<(), WalError> {
+        let mut record = Vec::new();
+        frame(KIND_PURGE, upto, &[], &mut record);
+        let doomed: Vec<PathBuf> = {
+            let mut state = self.lock();
+            replay(&mut state.entries, KIND_PURGE, upto, &[]);
+            // A closed segment may go when the next segment starts at or below upto + 1.
+            let mut keep_from = 0;
+            for i in 0..state.closed.len() {
+                let next_first = state.closed.get(i + 1).map(|s| s.first_index);
+                match next_first {
+                    Some(next) if next <= upto.saturating_add(1) => keep_from = i + 1,
+                    _ => break,
+                }
+            }
+            state.closed.drain(..keep_from).map(|s| s.path).collect()
+        };
+        self.submit(record, None, Box::new(|_| {}));
+        for path in doomed {
+            fs::remove_file(&path).map_err(io_at(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Entries with index in `[start, end)`.
+    pub fn read_range(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        Ok(self.lock().entries.range(start..end).map(|(i, p)| (*i, p.as_ref().clone())).collect())
+    }
+
+    pub fn first_index(&self) -> Option<u64> {
+        self.lock().entries.keys().next().copied()
+    }
+
+    pub fn last_index(&self) -> Option<u64> {
+        self.lock().entries.keys().next_back().copied()
+    }
+
+    /// Waits until everything submitted so far is durable.
+    pub fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.submit(Vec::new(), None, Box::new(move |r| drop(tx.send(r))));
+        rx.recv().map_err(|_| io::Error::other(WalError::Closed))?
+    }
+
+    /// Appends and waits until the entries are durable.
+    pub fn append_blocking(&self, entries: Vec<(u64, Vec<u8>)>) -> io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.append(entries, Box::new(move |r| drop(tx.send(r))));
+        rx.recv().map_err(|_| io::Error::other(WalError::Closed))?
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish what is queued and stop.
+        self.sender.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    state: Arc<Mutex<State>>,
+    active: Segment,
+    file: File,
+    len: u64,
+    options: WalOptions,
+}
+
+impl Writer {
+    fn run(mut self, requests: Receiver<Request>) {
+        while let Ok(first) = requests.recv() {
+            let mut batch = vec![first];
+            batch.extend(requests.try_iter());
+            let result = self.write_batch(&mut batch);
+            for Request::Records(_, _, on_durable) in batch {
+                on_durable(match &result {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                });
+            }
+        }
+    }
+
+    fn write_batch(&mut self, batch: &mut [Request]) -> io::Result<()> {
+        let mut written = 0u64;
+        for Request::Records(records, first_entry, _) in batch.iter_mut() {
+            if records.is_empty() {
+                continue;
+            }
+            if let Some(first) = *first_entry
+                && self.len >= self.options.segment_bytes
+            {
+                self.rotate(first)?;
+            }
+            self.file.write_all(records)?;
+            self.len += records.len() as u64;
+            written += records.len() as u64;
+        }
+        if written == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.file.sync_data()?;
+        if let Some(metrics) = &self.options.metrics {
+            metrics.fsync(started.elapsed());
+            metrics.wrote(written);
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment (it is already durable up to here) and starts a new one.
+    fn rotate(&mut self, first_index: u64) -> io::Result<()> {
+        self.file.sync_data()?;
+        let path = self.dir.join(segment_name(first_index));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        file.sync_all()?;
+        crate::storage::hard_state::sync_dir(&self.dir)?;
+        let closed = std::mem::replace(&mut self.active, Segment { first_index, path });
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).closed.push(closed);
+        self.file = file;
+        self.len = 0;
+        let _ = self.file.seek(SeekFrom::End(0));
+        Ok(())
+    }
+}
