@@ -146,6 +146,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             store.restore(&mut records).map_err(io_err)?;
             keep_as_current(&dir, &snapshot.path, &meta)?;
+            tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
             Ok(())
         })
         .await

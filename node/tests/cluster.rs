@@ -1,0 +1,97 @@
+//! Three and one real members on loopback: election, replication, failover, catching up
+//! from the log and through a snapshot, restarts.
+
+mod support;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_elect_a_leader_and_every_member_reads_an_acknowledged_write() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    // A write sent to a follower is forwarded to the leader.
+    let revision = eventually("a write through a follower", || async {
+        put(&cluster.members[follower], "greeting", "hello").await.ok()
+    })
+    .await;
+    assert!(revision >= 2, "first write revision {revision}");
+    for member in &cluster.members {
+        let value = get(member, "greeting", false).await.expect("linearizable read");
+        assert_eq!(value.as_deref(), Some(b"hello".as_slice()), "member {}", member.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_the_old_leader_catches_up_from_the_log() {
+    let mut cluster = TestCluster::start(3);
+    let first_leader = cluster.leader().await;
+    eventually("first write", || async { put(&cluster.members[first_leader], "before", "1").await.ok() })
+        .await;
+
+    cluster.members[first_leader].kill9();
+    let second_leader = cluster.leader().await;
+    assert_ne!(second_leader, first_leader);
+    eventually("a write after failover", || async {
+        put(&cluster.members[second_leader], "after", "2").await.ok()
+    })
+    .await;
+
+    cluster.members[first_leader].restart();
+    let restarted = &cluster.members[first_leader];
+    eventually("the restarted member to catch up", || async {
+        (get(restarted, "after", true).await.ok()?.as_deref() == Some(b"2".as_slice())).then_some(())
+    })
+    .await;
+    assert_eq!(get(restarted, "before", true).await.expect("read").as_deref(), Some(b"1".as_slice()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_missed_compacted_entries_catches_up_through_a_snapshot() {
+    let mut cluster =
+        TestCluster::start_with(3, Options { snapshot_count: 50, snapshot_catchup_entries: 10 });
+    let leader = cluster.leader().await;
+    let lagging = (leader + 1) % 3;
+    cluster.members[lagging].kill9();
+    for i in 0..300 {
+        eventually("a write while a member is down", || async {
+            put(&cluster.members[leader], &format!("bulk/{i:04}"), "x").await.ok()
+        })
+        .await;
+    }
+    cluster.members[lagging].restart();
+    let member = &cluster.members[lagging];
+    eventually("the lagging member to hold all 300 keys", || async {
+        (keys_with_prefix(member, "bulk/").await.ok()?.len() == 300).then_some(())
+    })
+    .await;
+    assert!(
+        member.log_text().contains("installed a snapshot from the leader"),
+        "caught up without a snapshot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_member_cluster_serves_and_keeps_its_data_across_restarts() {
+    let mut cluster = TestCluster::start(1);
+    cluster.leader().await;
+    eventually("a write", || async { put(&cluster.members[0], "solo", "v1").await.ok() }).await;
+    cluster.members[0].kill9();
+    cluster.members[0].restart();
+    cluster.leader().await;
+    let value =
+        eventually("a read after restart", || async { get(&cluster.members[0], "solo", false).await.ok() })
+            .await;
+    assert_eq!(value.as_deref(), Some(b"v1".as_slice()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_leader_hands_leadership_over_before_exiting() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    let status = cluster.members[leader].terminate();
+    assert!(status.success(), "leader exited with {status}");
+    assert!(cluster.members[leader].log_text().contains("handed leadership over"), "no handover logged");
+    let next = cluster.leader().await;
+    assert_ne!(next, leader);
+}
