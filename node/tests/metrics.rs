@@ -1,0 +1,83 @@
+//! The metrics port: etcd's metric names, types and values, and etcd's health answer.
+
+mod support;
+
+use support::*;
+
+/// The value of an unlabelled sample `name` in an OpenMetrics exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+const METRICS: [(&str, &str); 16] = [
+    ("etcd_server_has_leader", "gauge"),
+    ("etcd_server_is_leader", "gauge"),
+    ("etcd_server_leader_changes_seen", "counter"),
+    ("etcd_server_is_learner", "gauge"),
+    ("etcd_server_proposals_committed_total", "gauge"),
+    ("etcd_server_proposals_applied_total", "gauge"),
+    ("etcd_server_proposals_pending", "gauge"),
+    ("etcd_server_proposals_failed", "counter"),
+    ("etcd_disk_wal_fsync_duration_seconds", "histogram"),
+    ("etcd_disk_wal_write_bytes_total", "gauge"),
+    ("etcd_disk_backend_commit_duration_seconds", "histogram"),
+    ("etcd_disk_backend_snapshot_duration_seconds", "histogram"),
+    ("etcd_network_peer_round_trip_time_seconds", "histogram"),
+    ("etcd_mvcc_db_total_size_in_bytes", "gauge"),
+    ("etcd_server_id", "gauge"),
+    ("etcd_server_version", "gauge"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_expose_etcds_metrics_and_health() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    for member in &cluster.members {
+        let text = eventually("has_leader 1 on every member", || async {
+            let text = metrics_text(member).await?;
+            (sample(&text, "etcd_server_has_leader") == Some(1.0)).then_some(text)
+        })
+        .await;
+        for (name, kind) in METRICS {
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}\n")),
+                "{} lacks {name} ({kind})",
+                member.name
+            );
+        }
+        // Counters carry OpenMetrics' `_total` suffix on their samples.
+        assert!(text.contains("etcd_server_leader_changes_seen_total "), "{text}");
+        let health =
+            http_get(&format!("{}/health", member.metrics_url())).await.expect("/health answers 200");
+        assert_eq!(health, r#"{"health":"true","reason":""}"#);
+        assert!(http_get(&format!("{}/readyz", member.metrics_url())).await.is_some());
+        assert!(http_get(&format!("{}/livez", member.metrics_url())).await.is_some());
+    }
+    let is_leader: Vec<f64> = {
+        let mut values = Vec::new();
+        for member in &cluster.members {
+            let text = metrics_text(member).await.expect("metrics");
+            values.push(sample(&text, "etcd_server_is_leader").expect("is_leader"));
+        }
+        values
+    };
+    assert_eq!(is_leader.iter().sum::<f64>(), 1.0);
+    assert_eq!(is_leader[leader], 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fsync_histogram_counts_real_fsyncs() {
+    let cluster = TestCluster::start(1);
+    cluster.leader().await;
+    let member = &cluster.members[0];
+    let count = |text: &str| sample(text, "etcd_disk_wal_fsync_duration_seconds_count").expect("fsync count");
+    let before = count(&metrics_text(member).await.expect("metrics"));
+    for i in 0..20 {
+        eventually("a write", || async { put(member, &format!("k{i}"), "v").await.ok() }).await;
+    }
+    let text = metrics_text(member).await.expect("metrics");
+    // One client at a time: every acknowledged write waited for its own fsync.
+    assert!(count(&text) >= before + 20.0, "fsyncs {before} -> {}", count(&text));
+    assert!(sample(&text, "etcd_disk_wal_write_bytes_total").expect("bytes") > 0.0);
+    assert!(sample(&text, "etcd_server_proposals_applied_total").expect("applied") >= 20.0);
+}
