@@ -1,6 +1,7 @@
 //! The Raft log's write-ahead log: segment files of checksummed records in one directory.
 //!
-//! A record is `[body length: u32 LE][CRC-32 of body: u32 LE][body]`, the body one of
+//! A record is `[body length: u32 LE][its complement: u32 LE][CRC-32 of body: u32 LE][body]`,
+//! the body one of
 //! - `1, index: u64 LE, payload`: a log entry (appending index `i` replaces entries >= `i`);
 //! - `2, from: u64 LE`: entries >= `from` are removed;
 //! - `3, upto: u64 LE`: entries <= `upto` are covered by a snapshot and removed.
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 const KIND_ENTRY: u8 = 1;
 const KIND_TRUNCATE: u8 = 2;
 const KIND_PURGE: u8 = 3;
-const FRAME_HEADER: usize = 8;
+const FRAME_HEADER: usize = 12;
 /// Larger than any entry we write; a length beyond it is damage, not data.
 const MAX_RECORD: u32 = 256 << 20;
 
@@ -109,6 +110,7 @@ fn frame(kind: u8, index: u64, payload: &[u8], out: &mut Vec<u8>) {
     hasher.update(&index.to_le_bytes());
     hasher.update(payload);
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&(!(body_len as u32)).to_le_bytes());
     out.extend_from_slice(&hasher.finalize().to_le_bytes());
     out.push(kind);
     out.extend_from_slice(&index.to_le_bytes());
@@ -228,14 +230,16 @@ enum FrameError {
 ///
 /// A frame whose header or body runs past the end of the file is `Incomplete`: the tail
 /// of an interrupted write. A complete frame that fails its checksum is damage, wherever
-/// it is, because a write the WAL acknowledged was written whole and fsynced.
+/// it is, because a write the WAL acknowledged was written whole and fsynced. The length
+/// is stored twice (plain and complemented) so a damaged length is seen as damage rather
+/// than mistaken for a record cut short, which would truncate acknowledged records after it.
 fn parse_frame(bytes: &[u8]) -> Result<(u8, u64, &[u8], usize), FrameError> {
     if bytes.len() < FRAME_HEADER {
         return Err(FrameError::Incomplete);
     }
-    let body_len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-    if !(9..=MAX_RECORD).contains(&body_len) {
+    let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    let (body_len, check, crc) = (word(0), word(4), word(8));
+    if body_len != !check || !(9..=MAX_RECORD).contains(&body_len) {
         return Err(FrameError::BadLength(body_len));
     }
     let end = FRAME_HEADER + body_len as usize;
@@ -589,6 +593,26 @@ mod tests {
         );
         // Nothing was truncated: the damaged file is left for an operator to inspect.
         assert_eq!(fs::read(&segment).expect("read"), bytes);
+    }
+
+    #[test]
+    fn a_damaged_length_in_the_last_segment_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let wal = Wal::open(dir.path(), WalOptions::default()).expect("open");
+            append_range(&wal, 1..21);
+        }
+        let segment = segments(dir.path()).pop().expect("a segment");
+        let offset = offset_of(&segment, 5);
+        let mut bytes = fs::read(&segment).expect("read");
+        // A length that now points past the end of the file.
+        bytes[offset as usize + 2] ^= 0x40;
+        fs::write(&segment, &bytes).expect("write");
+        assert!(matches!(
+            Wal::open(dir.path(), WalOptions::default()),
+            Err(WalError::Corrupt { offset: at, .. }) if at == offset
+        ));
+        assert_eq!(fs::read(&segment).expect("read"), bytes, "nothing truncated");
     }
 
     #[test]
