@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use openraft::ReadPolicy;
 use openraft::errors::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -163,6 +162,8 @@ pub struct MemberInfo {
     pub is_learner: bool,
 }
 
+type ReadIndexReply = tokio::sync::oneshot::Sender<Result<u64, ServerError>>;
+
 pub struct Node {
     pub identity: Identity,
     pub raft: Raft,
@@ -170,6 +171,45 @@ pub struct Node {
     pub metrics: Metrics,
     pub db_path: PathBuf,
     leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
+    read_index_requests: tokio::sync::mpsc::UnboundedSender<ReadIndexReply>,
+}
+
+/// Serves read index requests in rounds: every request queued while a round was in flight
+/// joins the next one, so each is answered by a round that started after it arrived (which
+/// keeps reads linearizable) and concurrent reads share one heartbeat round.
+async fn serve_read_indexes(raft: Raft, mut requests: tokio::sync::mpsc::UnboundedReceiver<ReadIndexReply>) {
+    while let Some(first) = requests.recv().await {
+        let mut waiting = vec![first];
+        while let Ok(next) = requests.try_recv() {
+            waiting.push(next);
+        }
+        let result = confirm_read_index(&raft).await;
+        for reply in waiting {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+/// ReadIndex (Raft thesis 6.4): note the commit index when the round starts, confirm that
+/// this member still leads, and return that index; a read may be served once the member
+/// that received it has applied up to it.
+///
+/// Leadership is confirmed by committing a blank entry, which needs a quorum to accept this
+/// leader after the reads arrived. (openraft's heartbeat-based ReadIndex resolves on its next
+/// periodic tick on this version, tens of milliseconds.) Returning the commit index from the
+/// start rather than the blank's own index lets followers answer at once: they already know
+/// that index is committed, while they learn the blank's commit only with the next message.
+/// A leader that has not yet committed an entry of its own term does not know the true
+/// commit index, so the blank's index is used then.
+async fn confirm_read_index(raft: &Raft) -> Result<u64, ServerError> {
+    let metrics = raft.metrics().borrow_watched().clone();
+    let known_commit =
+        metrics.cluster_committed.filter(|c| c.leader_id.term == metrics.current_term).map(|c| c.index);
+    match raft.write_blank().await {
+        Ok(blank) => Ok(known_commit.unwrap_or(blank.log_id.index)),
+        Err(RaftError::APIError(_)) => Err(ServerError::LeaderChanged),
+        Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
+    }
 }
 
 fn raft_write_error<E: std::fmt::Display>(e: RaftError<crate::raft::types::TypeConfig, E>) -> ServerError {
@@ -180,6 +220,7 @@ fn raft_write_error<E: std::fmt::Display>(e: RaftError<crate::raft::types::TypeC
 }
 
 impl Node {
+    /// Must be called inside a Tokio runtime: it starts the read index rounds.
     pub fn new(
         identity: Identity,
         raft: Raft,
@@ -187,7 +228,17 @@ impl Node {
         metrics: Metrics,
         db_path: PathBuf,
     ) -> Self {
-        Self { identity, raft, store, metrics, db_path, leader_clients: Mutex::new(HashMap::new()) }
+        let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(serve_read_indexes(raft.clone(), receiver));
+        Self {
+            identity,
+            raft,
+            store,
+            metrics,
+            db_path,
+            leader_clients: Mutex::new(HashMap::new()),
+            read_index_requests,
+        }
     }
 
     /// The header etcd puts on every response.
@@ -292,12 +343,9 @@ impl Node {
                 Err(e) => Err(raft_write_error(e)),
             },
             ForwardRequest::ReadIndex => {
-                let read =
-                    self.raft.ensure_linearizable(ReadPolicy::ReadIndex).await.map_err(|e| match e {
-                        RaftError::Fatal(_) => ServerError::Stopped,
-                        RaftError::APIError(_) => ServerError::LeaderChanged,
-                    })?;
-                Ok(ForwardResponse::ReadIndex(read.index()))
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                self.read_index_requests.send(reply).map_err(|_| ServerError::Stopped)?;
+                Ok(ForwardResponse::ReadIndex(answer.await.map_err(|_| ServerError::Stopped)??))
             }
             ForwardRequest::AddMember { peer_urls, learner } => self.add_member(peer_urls, learner).await,
             ForwardRequest::PromoteMember(id) => self.promote(id).await,
