@@ -61,15 +61,19 @@ test: deps lint crds-check
 	$(CARGO) test --workspace --locked
 	$(PYTHON) -m pytest -q tests/manifests
 
+# A 3-member cluster on loopback (client ports 23790, 23793, 23796); Ctrl-C stops it.
+# The operator's local platform (consensus-operator local) will take this over.
 run:
-	@echo "make run needs the local platform (issue: operator, consensus-operator local); not built yet." >&2
-	@exit 1
+	$(CARGO) build --release --locked -p consensus-node
+	rm -rf .state/dev-cluster
+	./target/release/consensus-node dev-cluster --members 3 --base-dir .state/dev-cluster
 
 # Scenario tests against the cluster kubectl points at (kind works: kind create cluster).
 e2e:
 	@kubectl config current-context >/dev/null 2>&1 || { echo "kubectl has no current cluster: run 'kind create cluster' or set KUBECONFIG"; exit 1; }
 	$(CARGO) test --locked -p consensus-e2e -- --ignored --test-threads=1
 
-bench:
-	@echo "make bench needs the consensus node (issue: Raft node); not built yet." >&2
-	@exit 1
+# Ours and etcd (Debian etcd-server), 3 members each, side by side on this machine.
+bench: apt-deps
+	$(CARGO) build --release --locked -p consensus-node -p consensus-e2e
+	./target/release/bench

@@ -6,6 +6,7 @@ use openraft::Instant as _;
 use openraft::async_runtime::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -177,13 +178,17 @@ pub struct Node {
 /// Serves read index requests in rounds: every request queued while a round was in flight
 /// joins the next one, so each is answered by a round that started after it arrived (which
 /// keeps reads linearizable) and concurrent reads share one heartbeat round.
-async fn serve_read_indexes(raft: Raft, mut requests: tokio::sync::mpsc::UnboundedReceiver<ReadIndexReply>) {
+async fn serve_read_indexes(
+    raft: Raft,
+    last_data_index: Arc<AtomicU64>,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<ReadIndexReply>,
+) {
     while let Some(first) = requests.recv().await {
         let mut waiting = vec![first];
         while let Ok(next) = requests.try_recv() {
             waiting.push(next);
         }
-        let result = confirm_read_index(&raft).await;
+        let result = confirm_read_index(&raft, &last_data_index).await;
         for reply in waiting {
             let _ = reply.send(result.clone());
         }
@@ -191,22 +196,31 @@ async fn serve_read_indexes(raft: Raft, mut requests: tokio::sync::mpsc::Unbound
 }
 
 /// ReadIndex (Raft thesis 6.4): note the commit index when the round starts, confirm that
-/// this member still leads, and return that index; a read may be served once the member
+/// this member still leads, and return an index a read may be served at once the member
 /// that received it has applied up to it.
 ///
 /// Leadership is confirmed by committing a blank entry, which needs a quorum to accept this
 /// leader after the reads arrived. (openraft's heartbeat-based ReadIndex resolves on its next
-/// periodic tick on this version, tens of milliseconds.) Returning the commit index from the
-/// start rather than the blank's own index lets followers answer at once: they already know
-/// that index is committed, while they learn the blank's commit only with the next message.
-/// A leader that has not yet committed an entry of its own term does not know the true
-/// commit index, so the blank's index is used then.
-async fn confirm_read_index(raft: &Raft) -> Result<u64, ServerError> {
+/// periodic tick on this version, tens of milliseconds.)
+///
+/// The index returned is that of the last entry that changed data or membership, when the
+/// leader has applied everything it knows committed: the blank entries of earlier rounds
+/// change nothing a read can see, and followers learn of their commit only with the next
+/// message from the leader, so waiting for them would cost a heartbeat interval per read.
+/// Every write acknowledged before the round started is at or below that index.
+async fn confirm_read_index(raft: &Raft, last_data_index: &AtomicU64) -> Result<u64, ServerError> {
     let metrics = raft.metrics().borrow_watched().clone();
     let known_commit =
         metrics.cluster_committed.filter(|c| c.leader_id.term == metrics.current_term).map(|c| c.index);
+    let applied = metrics.last_applied.map_or(0, |a| a.index);
+    let data = last_data_index.load(Ordering::SeqCst);
     match raft.write_blank().await {
-        Ok(blank) => Ok(known_commit.unwrap_or(blank.log_id.index)),
+        Ok(blank) => Ok(match known_commit {
+            Some(commit) if applied >= commit => data.min(commit),
+            Some(commit) => commit,
+            // Not yet committed an entry of its own term: the blank's commit covers all.
+            None => blank.log_id.index,
+        }),
         Err(RaftError::APIError(_)) => Err(ServerError::LeaderChanged),
         Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
     }
@@ -227,9 +241,10 @@ impl Node {
         store: Arc<MvccStore>,
         metrics: Metrics,
         db_path: PathBuf,
+        last_data_index: Arc<AtomicU64>,
     ) -> Self {
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(serve_read_indexes(raft.clone(), receiver));
+        tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
         Self {
             identity,
             raft,

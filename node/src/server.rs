@@ -169,7 +169,9 @@ pub async fn run(
     let db_path = dir.join("kv.redb");
     let store =
         Arc::new(MvccStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
-    let state_machine = StateMachine::new(store.clone(), dir.join("snap"), metrics.clone())?;
+    let last_data_index = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let state_machine =
+        StateMachine::new(store.clone(), dir.join("snap"), metrics.clone(), last_data_index.clone())?;
 
     let election_ms = config.election_timeout.as_millis() as u64;
     let raft_config = Config {
@@ -197,7 +199,7 @@ pub async fn run(
     if bootstrap && !raft.is_initialized().await.context("reading Raft state")? {
         raft.initialize(initial_members(&config)).await.context("bootstrapping the cluster")?;
     }
-    let node = Arc::new(Node::new(identity, raft, store, metrics, db_path));
+    let node = Arc::new(Node::new(identity, raft, store, metrics, db_path, last_data_index));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -214,7 +216,7 @@ pub async fn run(
         tasks.spawn(async move {
             Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop)
+                .serve_with_incoming_shutdown(incoming(listener), stop)
                 .await
                 .context("peer server")
         });
@@ -234,7 +236,7 @@ pub async fn run(
                 .add_service(KvServer::new(kv))
                 .add_service(ClusterServer::new(cluster))
                 .add_service(MaintenanceServer::new(maintenance))
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop)
+                .serve_with_incoming_shutdown(incoming(listener), stop)
                 .await
                 .context("client server")
         });
@@ -275,6 +277,12 @@ pub async fn run(
     node.raft.shutdown().await.context("stopping Raft")?;
     node.store.sync().context("flushing the key-value store")?;
     Ok(())
+}
+
+/// Accepted connections with Nagle's algorithm off: gRPC answers are small frames written
+/// separately, and Nagle would hold the later ones until the peer's delayed ACK (~40 ms).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

@@ -12,6 +12,7 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{Stream, TryStreamExt};
@@ -49,12 +50,24 @@ pub struct StateMachine {
     store: Arc<MvccStore>,
     snapshot_dir: PathBuf,
     metrics: Metrics,
+    last_data_index: Arc<AtomicU64>,
 }
 
 impl StateMachine {
-    pub fn new(store: Arc<MvccStore>, snapshot_dir: PathBuf, metrics: Metrics) -> io::Result<Self> {
+    /// `last_data_index` is kept at the index of the last applied entry that changed data
+    /// or membership (blank entries change neither); reads use it (see `member`).
+    pub fn new(
+        store: Arc<MvccStore>,
+        snapshot_dir: PathBuf,
+        metrics: Metrics,
+        last_data_index: Arc<AtomicU64>,
+    ) -> io::Result<Self> {
         fs::create_dir_all(&snapshot_dir)?;
-        Ok(Self { store, snapshot_dir, metrics })
+        let state_machine = Self { store, snapshot_dir, metrics, last_data_index };
+        // Until it applies more, everything applied so far may have changed data.
+        let applied = state_machine.read_applied()?.0.map_or(0, |id| id.index);
+        state_machine.last_data_index.store(applied, Ordering::SeqCst);
+        Ok(state_machine)
     }
 
     fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
@@ -86,13 +99,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let entries: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let store = self.store.clone();
         let metrics = self.metrics.clone();
+        let last_data_index = self.last_data_index.clone();
         // One write transaction for the whole batch; answers go out only after it commits,
         // so a client that got an answer reads what it wrote.
         let answers = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
             let mut batch = store.write(false).map_err(io_err)?;
             let mut answers = Vec::with_capacity(entries.len());
             let mut last = None;
+            let mut data_index = None;
             for (entry, responder) in entries {
+                if !matches!(entry.payload, EntryPayload::Blank) {
+                    data_index = Some(entry.log_id.index);
+                }
                 let applied = match &entry.payload {
                     EntryPayload::Blank => Applied::Nothing,
                     EntryPayload::Normal(command) => apply_command(&mut batch, command).map_err(io_err)?,
@@ -111,6 +129,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let started = Instant::now();
             batch.commit().map_err(io_err)?;
             metrics.backend_commit(started.elapsed());
+            if let Some(index) = data_index {
+                last_data_index.store(index, Ordering::SeqCst);
+            }
             Ok(answers)
         })
         .await
@@ -139,6 +160,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
+        let last_data_index = self.last_data_index.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             let (file_meta, mut records) = open_snapshot(&snapshot.path)?;
             if file_meta.last_log_id != meta.last_log_id {
@@ -147,6 +169,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             store.restore(&mut records).map_err(io_err)?;
             keep_as_current(&dir, &snapshot.path, &meta)?;
             tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
+            last_data_index.store(meta.last_log_id.map_or(0, |id| id.index), Ordering::SeqCst);
             Ok(())
         })
         .await
