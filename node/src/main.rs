@@ -83,6 +83,9 @@ struct RunArgs {
     /// Entries kept behind a snapshot so slow followers catch up from the log.
     #[arg(long, env = "ETCD_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = 5_000)]
     snapshot_catchup_entries: u64,
+    /// WAL bytes written since the last snapshot that trigger another.
+    #[arg(long, env = "ETCD_SNAPSHOT_BYTES", default_value_t = 64 << 20)]
+    snapshot_bytes: u64,
 }
 
 #[derive(clap::Args)]
@@ -146,6 +149,7 @@ impl RunArgs {
             election_timeout: Duration::from_millis(self.election_timeout),
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
+            snapshot_bytes: self.snapshot_bytes,
         })
     }
 }

@@ -225,6 +225,11 @@ impl Metrics {
         self.inner.peer_round_trip.get_or_create(&vec![("To".into(), to.into())]).observe(took.as_secs_f64());
     }
 
+    /// Bytes written to the WAL since start (`etcd_disk_wal_write_bytes_total`).
+    pub fn wal_bytes_written(&self) -> u64 {
+        self.inner.wal_write_bytes.get().max(0) as u64
+    }
+
     pub fn db_size(&self, bytes: u64) {
         self.inner.db_total_size.set(bytes as i64);
     }

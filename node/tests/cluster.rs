@@ -48,8 +48,10 @@ async fn killing_the_leader_elects_another_and_the_old_leader_catches_up_from_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_missed_compacted_entries_catches_up_through_a_snapshot() {
-    let mut cluster =
-        TestCluster::start_with(3, Options { snapshot_count: 50, snapshot_catchup_entries: 10 });
+    let mut cluster = TestCluster::start_with(
+        3,
+        Options { snapshot_count: 50, snapshot_catchup_entries: 10, ..Options::default() },
+    );
     let leader = cluster.leader().await;
     let lagging = (leader + 1) % 3;
     cluster.members[lagging].kill9();
@@ -94,4 +96,50 @@ async fn sigterm_on_the_leader_hands_leadership_over_before_exiting() {
     assert!(cluster.members[leader].log_text().contains("handed leadership over"), "no handover logged");
     let next = cluster.leader().await;
     assert_ne!(next, leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_taken_when_the_log_grows_past_the_byte_threshold() {
+    let cluster = TestCluster::start_with(
+        1,
+        Options { snapshot_count: 1_000_000, snapshot_bytes: 32 * 1024, ..Options::default() },
+    );
+    cluster.leader().await;
+    let value = "v".repeat(1024);
+    for i in 0..64 {
+        eventually("a write", || async { put(&cluster.members[0], &format!("big/{i}"), &value).await.ok() })
+            .await;
+    }
+    let snap_dir = cluster.members[0].data_dir.join("member/snap");
+    eventually("a snapshot file after 64 KiB of writes", || async {
+        std::fs::read_dir(&snap_dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .any(|e| e.path().extension().is_some_and(|x| x == "snap"))
+            .then_some(())
+    })
+    .await;
+    assert!(cluster.members[0].log_text().contains("WAL grew past --snapshot-bytes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_refuses_its_raft_messages() {
+    let a = TestCluster::start(1);
+    let b = TestCluster::start(1);
+    a.leader().await;
+    b.leader().await;
+    eventually("a write to A", || async { put(&a.members[0], "owner", "A").await.ok() }).await;
+    eventually("a write to B", || async { put(&b.members[0], "owner", "B").await.ok() }).await;
+    // B is told, wrongly, that A's member is a new learner of B.
+    let added = b.etcdctl(
+        &b.endpoints(),
+        &["member", "add", "intruder", "--learner", &format!("--peer-urls={}", a.members[0].peer_url())],
+    );
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    eventually("B's leader to be refused for the cluster id", || async {
+        b.members[0].log_text().contains("this member belongs to cluster").then_some(())
+    })
+    .await;
+    // A's data is A's, and A still serves it.
+    assert_eq!(get(&a.members[0], "owner", false).await.expect("read").as_deref(), Some(b"A".as_slice()));
 }

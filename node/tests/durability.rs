@@ -26,8 +26,10 @@ async fn no_acknowledged_write_is_lost_when_members_are_killed() {
     let seed = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_cafe_u64);
     println!("CHAOS_SEED={seed}");
     let mut rng = XorShift(seed);
-    let mut cluster =
-        TestCluster::start_with(3, Options { snapshot_count: 200, snapshot_catchup_entries: 50 });
+    let mut cluster = TestCluster::start_with(
+        3,
+        Options { snapshot_count: 200, snapshot_catchup_entries: 50, ..Options::default() },
+    );
     let endpoints: Vec<String> = cluster.members.iter().map(|m| m.client_url()).collect();
     cluster.leader().await;
 

@@ -43,11 +43,12 @@ where
 pub struct Options {
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
+    pub snapshot_bytes: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { snapshot_count: 10_000, snapshot_catchup_entries: 5_000 }
+        Self { snapshot_count: 10_000, snapshot_catchup_entries: 5_000, snapshot_bytes: 64 << 20 }
     }
 }
 
@@ -193,6 +194,8 @@ fn member_args(m: &TestMember, initial_cluster: &str, state: &str, options: &Opt
         options.snapshot_count.to_string(),
         "--snapshot-catchup-entries".into(),
         options.snapshot_catchup_entries.to_string(),
+        "--snapshot-bytes".into(),
+        options.snapshot_bytes.to_string(),
     ]
 }
 
