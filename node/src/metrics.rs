@@ -221,8 +221,19 @@ impl Metrics {
         self.inner.backend_snapshot.observe(took.as_secs_f64());
     }
 
-    pub fn peer_round_trip(&self, to: &str, took: Duration) {
-        self.inner.peer_round_trip.get_or_create(&vec![("To".into(), to.into())]).observe(took.as_secs_f64());
+    /// Labelled, as etcd's, by the peer's member id in hex.
+    pub fn peer_round_trip(&self, to: u64, took: Duration) {
+        self.peer_histogram(to).observe(took.as_secs_f64());
+    }
+
+    /// Exposes an (empty) round-trip histogram for `peer`, so every member shows the
+    /// metric from the start, leader or not.
+    pub fn add_peer(&self, peer: u64) {
+        self.peer_histogram(peer);
+    }
+
+    fn peer_histogram(&self, peer: u64) -> Histogram {
+        self.inner.peer_round_trip.get_or_create(&vec![("To".into(), format!("{peer:x}"))]).clone()
     }
 
     /// Bytes written to the WAL since start (`etcd_disk_wal_write_bytes_total`).

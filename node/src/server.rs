@@ -380,6 +380,11 @@ async fn watch_leadership(
             m.last_applied.map_or(0, |a| a.index),
         );
         node.metrics.db_size(std::fs::metadata(&node.db_path).map(|md| md.len()).unwrap_or(0));
+        for (peer, _) in
+            m.membership_config.membership().nodes().filter(|(id, _)| **id != node.identity.member_id)
+        {
+            node.metrics.add_peer(*peer);
+        }
         previous = m.current_leader;
         tokio::select! {
             () = &mut stop => return Ok(()),

@@ -71,8 +71,9 @@ pub fn tag_cluster<T>(request: &mut tonic::Request<T>, cluster_id: u64) {
 impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, _target: u64, node: &Member) -> Self::Network {
+    async fn new_client(&mut self, target: u64, node: &Member) -> Self::Network {
         PeerClient {
+            target,
             target_name: node.name.clone(),
             client: peer_channel(node).map(RaftPeerClient::new).map_err(|e| e.to_string()),
             metrics: self.metrics.clone(),
@@ -82,6 +83,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 }
 
 pub struct PeerClient {
+    target: u64,
     target_name: String,
     /// A bad peer URL is reported on every call rather than panicking at construction.
     client: Result<RaftPeerClient<Channel>, String>,
@@ -133,7 +135,7 @@ impl PeerClient {
         tag_cluster(&mut request, self.cluster_id);
         let started = Instant::now();
         let reply = send(self.client()?, request).await.map_err(status_error)?;
-        self.metrics.peer_round_trip(&self.target_name, started.elapsed());
+        self.metrics.peer_round_trip(self.target, started.elapsed());
         let result: Result<Resp, E> = decode(&reply.into_inner().payload).map_err(network)?;
         result.map_err(network)
     }
