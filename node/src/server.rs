@@ -367,6 +367,12 @@ async fn watch_leadership(
     tokio::pin!(stop);
     loop {
         let m = watch.borrow_watched().clone();
+        // Peers first, so no scrape sees a leader but not the peer metrics.
+        for (peer, _) in
+            m.membership_config.membership().nodes().filter(|(id, _)| **id != node.identity.member_id)
+        {
+            node.metrics.add_peer(*peer);
+        }
         let is_learner =
             m.membership_config.membership().learner_ids().any(|id| id == node.identity.member_id);
         node.metrics.observe_leadership(
@@ -380,11 +386,6 @@ async fn watch_leadership(
             m.last_applied.map_or(0, |a| a.index),
         );
         node.metrics.db_size(std::fs::metadata(&node.db_path).map(|md| md.len()).unwrap_or(0));
-        for (peer, _) in
-            m.membership_config.membership().nodes().filter(|(id, _)| **id != node.identity.member_id)
-        {
-            node.metrics.add_peer(*peer);
-        }
         previous = m.current_leader;
         tokio::select! {
             () = &mut stop => return Ok(()),
