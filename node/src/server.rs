@@ -12,6 +12,7 @@ use openraft::{Config, SnapshotPolicy};
 use tokio::sync::watch;
 use tonic::transport::Server;
 
+use crate::api::authority::AuthorityFix;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::maintenance::{MaintenanceService, VERSION};
@@ -241,7 +242,7 @@ pub async fn run(
                 .add_service(KvServer::new(kv))
                 .add_service(ClusterServer::new(cluster))
                 .add_service(MaintenanceServer::new(maintenance))
-                .serve_with_incoming_shutdown(incoming(listener), stop)
+                .serve_with_incoming_shutdown(client_incoming(listener), stop)
                 .await
                 .context("client server")
         });
@@ -289,6 +290,15 @@ pub async fn run(
 /// separately, and Nagle would hold the later ones until the peer's delayed ACK (~40 ms).
 fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Client connections, with etcd Go clients' URL-shaped `:authority` accepted (see
+/// `api::authority`).
+fn client_incoming(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<AuthorityFix<tokio::net::TcpStream>>> {
+    use futures::StreamExt;
+    incoming(listener).map(|stream| stream.map(AuthorityFix::new))
 }
 
 async fn stopped(mut rx: watch::Receiver<bool>) {

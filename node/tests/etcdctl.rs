@@ -50,12 +50,13 @@ async fn etcdctl_reports_members_status_and_health() {
     })
     .await;
     assert_eq!(list.lines().count(), 3, "{list}");
-    // `--cluster` makes etcdctl 3.4 dial the advertised `http://` URLs with the scheme left
-    // in the HTTP/2 :authority, which the Rust HTTP/2 server rejects; the same endpoints
-    // given without the scheme work (tracked for the etcd API issue).
-    let status = ok(cluster.etcdctl(&endpoints, &["endpoint", "status", "-w", "table"]));
+    // `--cluster` dials the advertised `http://` URLs, sending them as HTTP/2 :authority.
+    let status = ok(cluster.etcdctl(&endpoints, &["endpoint", "status", "--cluster", "-w", "table"]));
     assert_eq!(status.matches("true").count(), 1, "exactly one leader: {status}");
-    let health = cluster.etcdctl(&endpoints, &["endpoint", "health"]);
+    for member in &cluster.members {
+        assert!(status.contains(&member.client_url()), "{status}");
+    }
+    let health = cluster.etcdctl(&endpoints, &["endpoint", "health", "--cluster"]);
     let text = format!("{}{}", stdout(&health), String::from_utf8_lossy(&health.stderr));
     assert!(health.status.success(), "{text}");
     assert_eq!(text.matches("is healthy").count(), 3, "{text}");

@@ -1,0 +1,355 @@
+//! Accepts the HTTP/2 `:authority` etcd's Go clients send when they dial a URL directly.
+//!
+//! etcdctl 3.4 dials `http://host:port` endpoints (`endpoint status --cluster`, `endpoint
+//! health`, `move-leader` with advertised URLs) as gRPC target `passthrough:///http://host:port`,
+//! and grpc-go then sends `:authority: http://host:port`. Go's HTTP/2 server takes it; the
+//! Rust one (h2) rejects the stream as malformed. This wraps the client-port connection and
+//! rewrites such an authority to `host:port` before h2 reads it.
+//!
+//! Rewriting one header block changes HPACK's shared compression state, so every header
+//! block from the client is decoded and re-encoded (with our own encoder, whose state the
+//! server's decoder then mirrors); all other frames, and everything the server writes, pass
+//! through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use loona_hpack::{Decoder, Encoder};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// The smallest SETTINGS_MAX_FRAME_SIZE a peer may have; re-encoded blocks are split to fit.
+const MAX_FRAME: usize = 16_384;
+
+fn malformed(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("HTTP/2 from client: {what}"))
+}
+
+/// A header block being collected across HEADERS and CONTINUATION frames.
+struct PendingBlock {
+    stream_id: [u8; 4],
+    end_stream: bool,
+    priority: Option<[u8; 5]>,
+    block: Vec<u8>,
+}
+
+/// The client-to-server byte stream, frame by frame.
+pub struct FrameRewriter {
+    preface_left: usize,
+    pending: Option<PendingBlock>,
+    decoder: Decoder<'static>,
+    encoder: Encoder<'static>,
+}
+
+impl Default for FrameRewriter {
+    fn default() -> Self {
+        Self { preface_left: PREFACE_LEN, pending: None, decoder: Decoder::new(), encoder: Encoder::new() }
+    }
+}
+
+/// `http://host:port` (or `https://`, with or without a trailing slash) to `host:port`.
+pub fn normalize_authority(value: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (_, rest) = text.split_once("://")?;
+    Some(rest.trim_end_matches('/').as_bytes().to_vec())
+}
+
+impl FrameRewriter {
+    /// Moves every complete unit (preface bytes, whole frames) from `input` to `output`,
+    /// rewritten; leaves an incomplete frame in `input` for the next call.
+    pub fn process(&mut self, input: &mut Vec<u8>, output: &mut Vec<u8>) -> io::Result<()> {
+        let mut at = 0;
+        if self.preface_left > 0 {
+            let n = self.preface_left.min(input.len());
+            output.extend_from_slice(&input[..n]);
+            self.preface_left -= n;
+            at = n;
+        }
+        while self.preface_left == 0 && input.len() - at >= FRAME_HEADER {
+            let header = &input[at..at + FRAME_HEADER];
+            let len = (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
+            if input.len() - at < FRAME_HEADER + len {
+                break;
+            }
+            let (kind, flags) = (header[3], header[4]);
+            let stream_id = [header[5], header[6], header[7], header[8]];
+            let payload = &input[at + FRAME_HEADER..at + FRAME_HEADER + len];
+            match kind {
+                HEADERS => self.headers(flags, stream_id, payload, output)?,
+                CONTINUATION => {
+                    let pending =
+                        self.pending.as_mut().ok_or_else(|| malformed("CONTINUATION without HEADERS"))?;
+                    pending.block.extend_from_slice(payload);
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block(output)?;
+                    }
+                }
+                _ => output.extend_from_slice(&input[at..at + FRAME_HEADER + len]),
+            }
+            at += FRAME_HEADER + len;
+        }
+        input.drain(..at);
+        Ok(())
+    }
+
+    fn headers(
+        &mut self,
+        flags: u8,
+        stream_id: [u8; 4],
+        payload: &[u8],
+        output: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let mut body = payload;
+        let mut pad = 0;
+        if flags & PADDED != 0 {
+            pad = usize::from(*body.first().ok_or_else(|| malformed("empty padded HEADERS"))?);
+            body = &body[1..];
+        }
+        let mut priority = None;
+        if flags & PRIORITY != 0 {
+            let fields: [u8; 5] =
+                body.get(..5).and_then(|p| p.try_into().ok()).ok_or_else(|| malformed("short HEADERS"))?;
+            priority = Some(fields);
+            body = &body[5..];
+        }
+        let block =
+            body.get(..body.len().checked_sub(pad).ok_or_else(|| malformed("padding"))?).unwrap_or_default();
+        self.pending = Some(PendingBlock {
+            stream_id,
+            end_stream: flags & END_STREAM != 0,
+            priority,
+            block: block.to_vec(),
+        });
+        if flags & END_HEADERS != 0 {
+            self.finish_block(output)?;
+        }
+        Ok(())
+    }
+
+    fn finish_block(&mut self, output: &mut Vec<u8>) -> io::Result<()> {
+        let Some(pending) = self.pending.take() else { return Ok(()) };
+        let mut headers =
+            self.decoder.decode(&pending.block).map_err(|e| malformed(&format!("HPACK: {e:?}")))?;
+        for (name, value) in &mut headers {
+            if name.as_slice() == b":authority"
+                && let Some(normalized) = normalize_authority(value)
+            {
+                *value = normalized;
+            }
+        }
+        let mut block = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut first = Vec::new();
+        if let Some(priority) = pending.priority {
+            first.extend_from_slice(&priority);
+        }
+        let room = MAX_FRAME - first.len();
+        let rest = block.split_off(block.len().min(room));
+        first.extend_from_slice(&block);
+        let mut flags = if pending.end_stream { END_STREAM } else { 0 };
+        if pending.priority.is_some() {
+            flags |= PRIORITY;
+        }
+        let chunks: Vec<&[u8]> = rest.chunks(MAX_FRAME).collect();
+        if chunks.is_empty() {
+            flags |= END_HEADERS;
+        }
+        write_frame(output, HEADERS, flags, pending.stream_id, &first);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = if i + 1 == chunks.len() { END_HEADERS } else { 0 };
+            write_frame(output, CONTINUATION, last, pending.stream_id, chunk);
+        }
+        Ok(())
+    }
+}
+
+fn write_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream_id: [u8; 4], payload: &[u8]) {
+    let len = payload.len();
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+    out.extend_from_slice(&stream_id);
+    out.extend_from_slice(payload);
+}
+
+/// A client connection whose inbound HTTP/2 goes through `FrameRewriter`.
+pub struct AuthorityFix<S> {
+    inner: S,
+    rewriter: FrameRewriter,
+    raw: Vec<u8>,
+    ready: Vec<u8>,
+    ready_at: usize,
+}
+
+impl<S> AuthorityFix<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, rewriter: FrameRewriter::default(), raw: Vec::new(), ready: Vec::new(), ready_at: 0 }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready_at < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.ready_at);
+                buf.put_slice(&this.ready[this.ready_at..this.ready_at + n]);
+                this.ready_at += n;
+                if this.ready_at == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    this.raw.extend_from_slice(read.filled());
+                    this.rewriter.process(&mut this.raw, &mut this.ready)?;
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for AuthorityFix<tokio::net::TcpStream> {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers_frame(
+        encoder: &mut Encoder<'_>,
+        stream: u8,
+        headers: &[(&[u8], &[u8])],
+        flags: u8,
+    ) -> Vec<u8> {
+        let block = encoder.encode(headers.iter().copied());
+        let mut frame = Vec::new();
+        write_frame(&mut frame, HEADERS, flags | END_HEADERS, [0, 0, 0, stream], &block);
+        frame
+    }
+
+    /// Splits `bytes` back into frames and decodes each header block.
+    fn decoded_blocks(bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut decoder = Decoder::new();
+        let mut at = PREFACE_LEN;
+        let mut blocks = Vec::new();
+        while at < bytes.len() {
+            let len = (usize::from(bytes[at]) << 16)
+                | (usize::from(bytes[at + 1]) << 8)
+                | usize::from(bytes[at + 2]);
+            if bytes[at + 3] == HEADERS {
+                blocks.push(
+                    decoder.decode(&bytes[at + FRAME_HEADER..at + FRAME_HEADER + len]).expect("decodes"),
+                );
+            }
+            at += FRAME_HEADER + len;
+        }
+        blocks
+    }
+
+    #[test]
+    fn a_url_authority_becomes_host_and_port_and_other_frames_pass_through() {
+        let mut client = Encoder::new();
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        stream.extend(headers_frame(
+            &mut client,
+            1,
+            &[
+                (b":method", b"POST"),
+                (b":authority", b"http://127.0.0.1:2379"),
+                (b":path", b"/etcdserverpb.KV/Range"),
+            ],
+            0,
+        ));
+        let mut data = Vec::new();
+        write_frame(&mut data, 0x0, END_STREAM, [0, 0, 0, 1], b"grpc-body");
+        stream.extend(&data);
+        // The same authority again: the client's encoder now sends it from its dynamic table.
+        stream.extend(headers_frame(
+            &mut client,
+            3,
+            &[(b":authority", b"http://127.0.0.1:2379")],
+            END_STREAM,
+        ));
+
+        let mut rewriter = FrameRewriter::default();
+        let mut output = Vec::new();
+        // Byte by byte: frames split across reads are reassembled.
+        let mut input = Vec::new();
+        for byte in stream {
+            input.push(byte);
+            rewriter.process(&mut input, &mut output).expect("valid HTTP/2");
+        }
+        assert!(input.is_empty());
+        assert!(output.starts_with(b"PRI * HTTP/2.0"));
+        let windows = output.windows(data.len()).any(|w| w == data.as_slice());
+        assert!(windows, "the DATA frame passes through unchanged");
+        let blocks = decoded_blocks(&output);
+        assert_eq!(blocks.len(), 2);
+        for block in &blocks {
+            let authority = block.iter().find(|(n, _)| n == b":authority").map(|(_, v)| v.clone());
+            assert_eq!(authority.as_deref(), Some(b"127.0.0.1:2379".as_slice()));
+        }
+        assert_eq!(blocks[0][2], (b":path".to_vec(), b"/etcdserverpb.KV/Range".to_vec()));
+    }
+
+    #[test]
+    fn plain_authorities_are_left_alone() {
+        assert_eq!(normalize_authority(b"127.0.0.1:2379"), None);
+        assert_eq!(
+            normalize_authority(b"https://etcd-0.etcd:2379/").as_deref(),
+            Some(b"etcd-0.etcd:2379".as_slice())
+        );
+    }
+}
