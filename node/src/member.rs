@@ -39,23 +39,23 @@ pub struct Identity {
 }
 
 impl Identity {
+    fn file(dir: &Path) -> crate::storage::hard_state::HardStateFile {
+        crate::storage::hard_state::HardStateFile::new(dir.join("identity.json"))
+    }
+
     pub fn load(dir: &Path) -> std::io::Result<Option<Self>> {
-        match std::fs::read(dir.join("identity.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
+        match Self::file(dir).load()? {
+            Some(json) => serde_json::from_slice(&json)
                 .map(Some)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+            None => Ok(None),
         }
     }
 
+    /// JSON (readable with `head -c -4`) followed by its checksum, replaced atomically.
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let file = crate::storage::hard_state::HardStateFile::new(dir.join("identity.json.state"));
         let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        // identity.json stays readable by people; the checksummed copy guards it.
-        file.save(&json)?;
-        std::fs::write(dir.join("identity.json"), &json)?;
-        crate::storage::hard_state::sync_dir(dir)
+        Self::file(dir).save(&json)
     }
 }
 
@@ -409,7 +409,10 @@ impl Node {
         if members.iter().any(|m| m.member.peer_urls.iter().any(|u| peer_urls.contains(u))) {
             return Err(ServerError::PeerUrlExists);
         }
-        let id = member_id_for(&peer_urls, &format!("{:x}", self.identity.cluster_id));
+        // The log index makes the id new even for peer URLs a removed member once had, so a
+        // replacement never inherits the identity (and Raft state) of its predecessor.
+        let last_index = self.raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
+        let id = member_id_for(&peer_urls, &format!("{:x}/{last_index}", self.identity.cluster_id));
         let member = Member { name: String::new(), peer_urls, client_urls: Vec::new() };
         if !learner {
             // etcd's strict reconfiguration check: the voters that are up must still form

@@ -157,6 +157,10 @@ fn channel(url: &str) -> Channel {
 impl Drop for TestMember {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test shows what each member said.
+        if std::thread::panicking() {
+            eprintln!("---- log of {} ----\n{}", self.name, self.log_text());
+        }
     }
 }
 
