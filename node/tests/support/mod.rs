@@ -16,11 +16,25 @@ use tonic::transport::Channel;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Ports below the kernel's ephemeral range (32768 and up on Linux), so no outgoing
+/// connection of another test can take a port between our choosing it and a member binding
+/// it. Each test process walks the range from its own offset; a port is used only if it
+/// can be bound now.
+const PORT_RANGE: std::ops::Range<u16> = 20_000..32_000;
+
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    for _ in 0..span {
+        let step = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = PORT_RANGE.start + (offset.wrapping_add(step) % span);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORT_RANGE:?}");
 }
 
 /// Polls `probe` until it returns `Some`, failing the test with `what` at the deadline.
@@ -164,9 +178,10 @@ impl Drop for TestMember {
     }
 }
 
+/// Fields drop in order: members (killed, logs shown on failure) before their directory.
 pub struct TestCluster {
-    pub dir: tempfile::TempDir,
     pub members: Vec<TestMember>,
+    pub dir: tempfile::TempDir,
 }
 
 fn member_args(m: &TestMember, initial_cluster: &str, state: &str, options: &Options) -> Vec<String> {
