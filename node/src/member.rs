@@ -256,14 +256,21 @@ impl Node {
         }
     }
 
+    /// The header etcd puts on every response, at the store's current revision.
+    pub fn current_header(&self) -> Result<ResponseHeader, crate::kv::KvError> {
+        Ok(self.header(self.store.read()?.revision()?))
+    }
+
     /// The header etcd puts on every response.
     pub fn header(&self, revision: i64) -> ResponseHeader {
-        let metrics = self.raft.metrics().borrow_watched().clone();
+        // Only the term is needed: copying it out avoids cloning all of Raft's metrics on
+        // every response.
+        let raft_term = self.raft.metrics().borrow_watched().current_term;
         ResponseHeader {
             cluster_id: self.identity.cluster_id,
             member_id: self.identity.member_id,
             revision,
-            raft_term: metrics.current_term,
+            raft_term,
         }
     }
 
@@ -438,23 +445,9 @@ impl Node {
 
     /// Voters the leader has heard from recently (their replication is progressing).
     fn healthy_voters(&self) -> usize {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let voters: BTreeSet<u64> = metrics.membership_config.membership().voter_ids().collect();
-        let replicating = metrics
-            .heartbeat
-            .as_ref()
-            .map(|beats| {
-                beats
-                    .iter()
-                    .filter(|(id, last)| {
-                        **id != self.identity.member_id
-                            && voters.contains(id)
-                            && last.is_some_and(|t| t.elapsed() < Duration::from_secs(5))
-                    })
-                    .count()
-            })
-            .unwrap_or(0);
-        replicating + usize::from(voters.contains(&self.identity.member_id))
+        let voters: Vec<u64> =
+            self.raft.metrics().borrow_watched().membership_config.membership().voter_ids().collect();
+        voters.into_iter().filter(|id| self.healthy_voter(*id)).count()
     }
 
     async fn promote(&self, id: u64) -> Result<ForwardResponse, ServerError> {

@@ -36,11 +36,6 @@ impl ClusterService {
             .collect()
     }
 
-    fn header(&self) -> Option<crate::proto::etcdserverpb::ResponseHeader> {
-        let revision = self.node.store.read().and_then(|v| v.revision()).unwrap_or(0);
-        Some(self.node.header(revision))
-    }
-
     /// Waits until this member's view of the membership includes the change just made.
     async fn settle(&self) -> Result<(), Status> {
         self.node.read_barrier().await.map_err(Status::from)
@@ -89,7 +84,7 @@ impl Cluster for ClusterService {
             is_learner: request.is_learner,
         };
         Ok(Response::new(MemberAddResponse {
-            header: self.header(),
+            header: Some(self.node.current_header()?),
             member: Some(member),
             members: self.members(),
         }))
@@ -101,7 +96,10 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         self.node.on_leader(ForwardRequest::RemoveMember(request.into_inner().id)).await?;
         self.settle().await?;
-        Ok(Response::new(MemberRemoveResponse { header: self.header(), members: self.members() }))
+        Ok(Response::new(MemberRemoveResponse {
+            header: Some(self.node.current_header()?),
+            members: self.members(),
+        }))
     }
 
     async fn member_update(
@@ -114,7 +112,10 @@ impl Cluster for ClusterService {
             .on_leader(ForwardRequest::UpdateMember { id: request.id, peer_urls: request.peer_ur_ls })
             .await?;
         self.settle().await?;
-        Ok(Response::new(MemberUpdateResponse { header: self.header(), members: self.members() }))
+        Ok(Response::new(MemberUpdateResponse {
+            header: Some(self.node.current_header()?),
+            members: self.members(),
+        }))
     }
 
     async fn member_list(
@@ -124,7 +125,10 @@ impl Cluster for ClusterService {
         if request.into_inner().linearizable {
             self.settle().await?;
         }
-        Ok(Response::new(MemberListResponse { header: self.header(), members: self.members() }))
+        Ok(Response::new(MemberListResponse {
+            header: Some(self.node.current_header()?),
+            members: self.members(),
+        }))
     }
 
     async fn member_promote(
@@ -133,6 +137,9 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         self.node.on_leader(ForwardRequest::PromoteMember(request.into_inner().id)).await?;
         self.settle().await?;
-        Ok(Response::new(MemberPromoteResponse { header: self.header(), members: self.members() }))
+        Ok(Response::new(MemberPromoteResponse {
+            header: Some(self.node.current_header()?),
+            members: self.members(),
+        }))
     }
 }

@@ -38,18 +38,16 @@ impl Maintenance for MaintenanceService {
 
     async fn alarm(&self, _request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         // No alarm is ever raised by this member yet, so the list is truthfully empty.
-        let revision = self.node.store.read()?.revision()?;
-        Ok(Response::new(AlarmResponse { header: Some(self.node.header(revision)), alarms: Vec::new() }))
+        Ok(Response::new(AlarmResponse { header: Some(self.node.current_header()?), alarms: Vec::new() }))
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let metrics = self.node.raft.metrics().borrow_watched().clone();
-        let revision = self.node.store.read()?.revision()?;
         let db_size = std::fs::metadata(&self.node.db_path).map(|m| m.len() as i64).unwrap_or(0);
         let is_learner =
             metrics.membership_config.membership().learner_ids().any(|id| id == self.node.identity.member_id);
         Ok(Response::new(StatusResponse {
-            header: Some(self.node.header(revision)),
+            header: Some(self.node.current_header()?),
             version: VERSION.to_owned(),
             db_size,
             leader: metrics.current_leader.unwrap_or(0),
@@ -103,7 +101,6 @@ impl Maintenance for MaintenanceService {
                 ));
             }
         }
-        let revision = self.node.store.read()?.revision()?;
-        Ok(Response::new(MoveLeaderResponse { header: Some(self.node.header(revision)) }))
+        Ok(Response::new(MoveLeaderResponse { header: Some(self.node.current_header()?) }))
     }
 }
