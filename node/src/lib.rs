@@ -4,6 +4,7 @@
 pub mod api;
 pub mod health;
 pub mod kv;
+pub mod lease;
 pub mod member;
 pub mod metrics;
 pub mod proto;

@@ -110,6 +110,10 @@ pub enum ForwardRequest {
         client_urls: Vec<String>,
     },
     TransferLeader(u64),
+    /// Renews a lease; the leader answers its granted TTL, or 0 when it does not exist.
+    LeaseKeepAlive(i64),
+    /// A lease's remaining and granted TTL and its keys, as the leader knows them.
+    LeaseTimeToLive(i64),
     /// The cluster id and members as this member knows them; any member answers, leader or
     /// not (a member started with `--initial-cluster-state existing` asks for its id).
     Members,
@@ -121,7 +125,20 @@ pub enum ForwardResponse {
     ReadIndex(u64),
     MemberId(u64),
     Done,
-    Members { cluster_id: u64, members: Vec<(u64, Member)> },
+    Members {
+        cluster_id: u64,
+        members: Vec<(u64, Member)>,
+    },
+    LeaseTtl(i64),
+    /// `None` when the lease does not exist.
+    LeaseTimeToLive(Option<LeaseStatus>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseStatus {
+    pub remaining: i64,
+    pub granted: i64,
+    pub keys: Vec<Vec<u8>>,
 }
 
 /// Asks `peer` for the cluster id and the members it knows.
@@ -171,6 +188,7 @@ pub struct Node {
     pub store: Arc<MvccStore>,
     pub metrics: Metrics,
     pub db_path: PathBuf,
+    pub leases: crate::lease::LeaseClock,
     leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
     read_index_requests: tokio::sync::mpsc::UnboundedSender<ReadIndexReply>,
 }
@@ -226,6 +244,10 @@ async fn confirm_read_index(raft: &Raft, last_data_index: &AtomicU64) -> Result<
     }
 }
 
+fn internal(e: impl std::fmt::Display) -> ServerError {
+    ServerError::Internal(e.to_string())
+}
+
 fn raft_write_error<E: std::fmt::Display>(e: RaftError<crate::raft::types::TypeConfig, E>) -> ServerError {
     match e {
         RaftError::Fatal(_) => ServerError::Stopped,
@@ -242,6 +264,7 @@ impl Node {
         metrics: Metrics,
         db_path: PathBuf,
         last_data_index: Arc<AtomicU64>,
+        leases: crate::lease::LeaseClock,
     ) -> Self {
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
@@ -251,6 +274,7 @@ impl Node {
             store,
             metrics,
             db_path,
+            leases,
             leader_clients: Mutex::new(HashMap::new()),
             read_index_requests,
         }
@@ -272,6 +296,13 @@ impl Node {
             revision,
             raft_term,
         }
+    }
+
+    /// The term this member leads in, if it is the leader.
+    pub fn leading_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        (metrics.current_leader == Some(self.identity.member_id)).then_some(metrics.current_term)
     }
 
     pub fn current_leader(&self) -> Option<u64> {
@@ -392,7 +423,28 @@ impl Node {
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::Members => Ok(self.known_members()),
+            ForwardRequest::LeaseKeepAlive(id) => {
+                let term = self.leading_term().ok_or(ServerError::LeaderChanged)?;
+                let ttl = self.granted_ttl(id)?;
+                if let Some(ttl) = ttl {
+                    self.leases.renew(term, id, ttl, tokio::time::Instant::now());
+                }
+                Ok(ForwardResponse::LeaseTtl(ttl.unwrap_or(0)))
+            }
+            ForwardRequest::LeaseTimeToLive(id) => {
+                let term = self.leading_term().ok_or(ServerError::LeaderChanged)?;
+                let Some(granted) = self.granted_ttl(id)? else {
+                    return Ok(ForwardResponse::LeaseTimeToLive(None));
+                };
+                let keys = self.store.read().and_then(|view| view.lease_keys(id)).map_err(internal)?;
+                let remaining = self.leases.remaining(term, id, granted, tokio::time::Instant::now());
+                Ok(ForwardResponse::LeaseTimeToLive(Some(LeaseStatus { remaining, granted, keys })))
+            }
         }
+    }
+
+    fn granted_ttl(&self, id: i64) -> Result<Option<i64>, ServerError> {
+        self.store.read().and_then(|view| view.lease_ttl(id)).map_err(internal)
     }
 
     fn member(&self, id: u64) -> Result<MemberInfo, ServerError> {

@@ -205,7 +205,15 @@ pub async fn run(
     if bootstrap && !raft.is_initialized().await.context("reading Raft state")? {
         raft.initialize(initial_members(&config)).await.context("bootstrapping the cluster")?;
     }
-    let node = Arc::new(Node::new(identity, raft, store, metrics, db_path, last_data_index));
+    let node = Arc::new(Node::new(
+        identity,
+        raft,
+        store,
+        metrics,
+        db_path,
+        last_data_index,
+        crate::lease::LeaseClock::new(config.election_timeout),
+    ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -232,6 +240,7 @@ pub async fn run(
             .await
             .with_context(|| format!("listening for clients on {addr}"))?;
         let stop = stopped(stop_rx.clone());
+        let lease = crate::api::lease::LeaseService::new(node.clone());
         let (kv, cluster, maintenance) = (
             KvService::new(node.clone()),
             ClusterService::new(node.clone()),
@@ -241,6 +250,7 @@ pub async fn run(
             Server::builder()
                 .add_service(KvServer::new(kv))
                 .add_service(ClusterServer::new(cluster))
+                .add_service(crate::proto::etcdserverpb::lease_server::LeaseServer::new(lease))
                 .add_service(MaintenanceServer::new(maintenance))
                 .serve_with_incoming_shutdown(client_incoming(listener), stop)
                 .await
@@ -254,6 +264,7 @@ pub async fn run(
         tasks.spawn(health::serve(listener, node.clone(), stopped(stop_rx.clone())));
     }
     tasks.spawn(watch_leadership(node.clone(), stopped(stop_rx.clone())));
+    tasks.spawn(crate::lease::expire_leases(node.clone(), stopped(stop_rx.clone())));
     tasks.spawn(snapshot_by_size(node.clone(), config.snapshot_bytes, stopped(stop_rx.clone())));
     tasks.spawn(publish_client_urls(
         node.clone(),

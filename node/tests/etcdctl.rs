@@ -4,16 +4,6 @@ mod support;
 
 use support::*;
 
-fn ok(output: std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "etcdctl failed: {}{}",
-        stdout(&output),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(&output)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_puts_and_gets() {
     let cluster = TestCluster::start(3);

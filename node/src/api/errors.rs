@@ -13,6 +13,12 @@ pub enum ApplyError {
     KeyNotFound,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision,
     #[error("etcdserver: request is malformed: {0}")]
     Malformed(String),
 }
@@ -21,6 +27,8 @@ impl From<ApplyError> for Status {
     fn from(e: ApplyError) -> Self {
         let code = match e {
             ApplyError::LeaseNotFound => Code::NotFound,
+            ApplyError::LeaseExists => Code::FailedPrecondition,
+            ApplyError::Compacted | ApplyError::FutureRevision => Code::OutOfRange,
             ApplyError::EmptyKey | ApplyError::KeyNotFound | ApplyError::Malformed(_) => {
                 Code::InvalidArgument
             }
@@ -60,6 +68,14 @@ pub enum ServerError {
     NotSupportedForLearner,
     #[error("etcdserver: request is too large")]
     RequestTooLarge,
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyTxnOps,
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
     #[error("etcdserver: {0}")]
     Internal(String),
 }
@@ -76,7 +92,9 @@ impl From<ServerError> for Status {
             | LearnerNotReady
             | NotEnoughStartedMembers
             | BadLeaderTransferee => Code::FailedPrecondition,
-            RequestTooLarge => Code::InvalidArgument,
+            RequestTooLarge | TooManyTxnOps | DuplicateKey | LeaseTtlTooLarge | InvalidSortOption => {
+                Code::InvalidArgument
+            }
             Internal(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -7,16 +7,17 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::errors::ServerError;
-use crate::kv::{KeySpan, RangeRequestSpec};
+use std::collections::BTreeSet;
+
 use crate::member::Node;
+use crate::proto::etcdserverpb::RequestOp;
 use crate::proto::etcdserverpb::kv_server::Kv;
-use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
+use crate::proto::etcdserverpb::request_op::Request as Op;
 use crate::proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
     RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
-use crate::proto::mvccpb::KeyValue;
-use crate::raft::types::{Applied, Command};
+use crate::raft::types::Command;
 
 /// etcd's default limit on a request (`--max-request-bytes`, 1.5 MiB).
 pub const MAX_REQUEST_BYTES: usize = 1536 * 1024;
@@ -29,22 +30,6 @@ impl KvService {
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
     }
-
-    /// Proposes a write and decodes the etcd response the apply layer produced.
-    async fn propose<T: Message + Default>(&self, command: Command) -> Result<T, Status> {
-        match self.node.write(command).await? {
-            Applied::Response(bytes) => {
-                T::decode(bytes.as_slice()).map_err(|e| Status::internal(format!("etcdserver: {e}")))
-            }
-            Applied::Error(e) => Err(e.into()),
-            Applied::Nothing => Err(Status::internal("etcdserver: write produced no response")),
-        }
-    }
-
-    fn finish_header(&self, header: &mut Option<crate::proto::etcdserverpb::ResponseHeader>) {
-        let revision = header.as_ref().map_or(0, |h| h.revision);
-        *header = Some(self.node.header(revision));
-    }
 }
 
 fn check_size(encoded_len: usize) -> Result<(), Status> {
@@ -54,78 +39,87 @@ fn check_size(encoded_len: usize) -> Result<(), Status> {
     Ok(())
 }
 
-/// Sorts as etcd does: by the target field, then by key for ties; DESCEND reverses.
-fn sort(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
-    if order == SortOrder::None && target == SortTarget::Key {
-        return;
+/// etcd's default limit on the operations of one Txn branch (`--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// The keys a branch puts and the ranges it deletes.
+#[derive(Default)]
+struct BranchWrites {
+    puts: BTreeSet<Vec<u8>>,
+    deletes: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// etcd's checks of a Txn before it is proposed: branch sizes, sort options, and no key
+/// written twice in one branch (two puts, or a put inside a range the branch deletes).
+fn check_txn(request: &TxnRequest) -> Result<(), ServerError> {
+    for branch in [&request.success, &request.failure] {
+        let writes = branch_writes(branch)?;
+        for key in &writes.puts {
+            if writes.deletes.iter().any(|(k, end)| covers(k, end, key)) {
+                return Err(ServerError::DuplicateKey);
+            }
+        }
     }
-    kvs.sort_by(|a, b| {
-        let by_target = match target {
-            SortTarget::Key => a.key.cmp(&b.key),
-            SortTarget::Version => a.version.cmp(&b.version),
-            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
-            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
-            SortTarget::Value => a.value.cmp(&b.value),
-        };
-        by_target.then_with(|| a.key.cmp(&b.key))
-    });
-    if order == SortOrder::Descend {
-        kvs.reverse();
+    Ok(())
+}
+
+fn branch_writes(ops: &[RequestOp]) -> Result<BranchWrites, ServerError> {
+    if ops.len() > MAX_TXN_OPS {
+        return Err(ServerError::TooManyTxnOps);
+    }
+    let mut writes = BranchWrites::default();
+    for op in ops {
+        match &op.request {
+            Some(Op::RequestRange(r)) if !crate::kv::valid_sort(r) => {
+                return Err(ServerError::InvalidSortOption);
+            }
+            Some(Op::RequestPut(r)) => {
+                if !writes.puts.insert(r.key.clone()) {
+                    return Err(ServerError::DuplicateKey);
+                }
+            }
+            Some(Op::RequestDeleteRange(r)) => writes.deletes.push((r.key.clone(), r.range_end.clone())),
+            Some(Op::RequestTxn(inner)) => {
+                check_txn(inner)?;
+                // Only one of the nested branches runs, but each must be disjoint from ours.
+                for branch in [&inner.success, &inner.failure] {
+                    let nested = branch_writes(branch)?;
+                    if nested.puts.iter().any(|k| writes.puts.contains(k)) {
+                        return Err(ServerError::DuplicateKey);
+                    }
+                    writes.puts.extend(nested.puts);
+                    writes.deletes.extend(nested.deletes);
+                }
+            }
+            Some(Op::RequestRange(_)) | None => {}
+        }
+    }
+    Ok(writes)
+}
+
+/// Whether the range `[key, range_end)` (etcd's encoding) holds `candidate`.
+fn covers(key: &[u8], range_end: &[u8], candidate: &[u8]) -> bool {
+    match range_end {
+        [] => key == candidate,
+        [0] => candidate >= key,
+        end => candidate >= key && candidate < end,
     }
 }
 
-/// Serves a range from the store, after the read barrier the request asks for.
+/// Serves a range from the store (the caller has passed the read barrier it asks for).
 pub fn range(node: &Node, request: &RangeRequest) -> Result<RangeResponse, Status> {
-    let order = SortOrder::try_from(request.sort_order)
-        .map_err(|_| Status::invalid_argument("etcdserver: invalid sort option"))?;
-    let target = SortTarget::try_from(request.sort_target)
-        .map_err(|_| Status::invalid_argument("etcdserver: invalid sort option"))?;
-    let filtered = request.min_mod_revision > 0
-        || request.max_mod_revision > 0
-        || request.min_create_revision > 0
-        || request.max_create_revision > 0;
-    // Sorting and filtering need every key before the limit applies.
-    let limit =
-        if filtered || order != SortOrder::None && target != SortTarget::Key || order == SortOrder::Descend {
-            0
-        } else {
-            usize::try_from(request.limit.max(0)).unwrap_or(usize::MAX)
-        };
-    let view = node.store.read()?;
-    let spec = RangeRequestSpec {
-        span: KeySpan { key: &request.key, range_end: &request.range_end },
-        revision: request.revision,
-        limit,
-    };
-    let mut result = view.range(&spec)?;
-    if filtered {
-        result.kvs.retain(|kv| {
-            (request.min_mod_revision == 0 || kv.mod_revision >= request.min_mod_revision)
-                && (request.max_mod_revision == 0 || kv.mod_revision <= request.max_mod_revision)
-                && (request.min_create_revision == 0 || kv.create_revision >= request.min_create_revision)
-                && (request.max_create_revision == 0 || kv.create_revision <= request.max_create_revision)
-        });
-        result.count = result.kvs.len() as i64;
+    if !crate::kv::valid_sort(request) {
+        return Err(Status::invalid_argument("etcdserver: invalid sort option"));
     }
-    sort(&mut result.kvs, order, target);
-    if request.limit > 0 && result.kvs.len() > request.limit as usize {
-        result.kvs.truncate(request.limit as usize);
-        result.more = true;
-    }
-    if request.keys_only {
-        for kv in &mut result.kvs {
-            kv.value.clear();
-        }
-    }
-    if request.count_only {
-        result.kvs.clear();
-    }
-    Ok(RangeResponse {
-        header: Some(node.header(result.revision)),
-        kvs: result.kvs,
-        more: result.more,
-        count: result.count,
-    })
+    let mut response = crate::kv::range(&node.store.read()?, request)?;
+    finish_header(node, &mut response.header);
+    Ok(response)
+}
+
+/// Adds the member's identity to a header that carries the revision.
+fn finish_header(node: &Node, header: &mut Option<crate::proto::etcdserverpb::ResponseHeader>) {
+    let revision = header.as_ref().map_or(0, |h| h.revision);
+    *header = Some(node.header(revision));
 }
 
 #[tonic::async_trait]
@@ -150,8 +144,9 @@ impl Kv for KvService {
         if request.ignore_lease && request.lease != 0 {
             return Err(Status::invalid_argument("etcdserver: lease is provided"));
         }
-        let mut response: PutResponse = self.propose(Command::Put(request.encode_to_vec())).await?;
-        self.finish_header(&mut response.header);
+        let mut response: PutResponse =
+            super::propose(&self.node, Command::Put(request.encode_to_vec())).await?;
+        finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 
@@ -165,19 +160,31 @@ impl Kv for KvService {
             return Err(super::errors::ApplyError::EmptyKey.into());
         }
         let mut response: DeleteRangeResponse =
-            self.propose(Command::DeleteRange(request.encode_to_vec())).await?;
-        self.finish_header(&mut response.header);
+            super::propose(&self.node, Command::DeleteRange(request.encode_to_vec())).await?;
+        finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 
-    async fn txn(&self, _request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: Txn is not served by this member yet"))
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let request = request.into_inner();
+        check_size(request.encoded_len())?;
+        check_txn(&request)?;
+        // Every Txn goes through the log, read-only ones too: simpler than a second,
+        // read-index path, at the cost of a log entry per read-only Txn.
+        let mut response: TxnResponse =
+            super::propose(&self.node, Command::Txn(request.encode_to_vec())).await?;
+        finish_header(&self.node, &mut response.header);
+        Ok(Response::new(response))
     }
 
     async fn compact(
         &self,
-        _request: Request<CompactionRequest>,
+        request: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
-        Err(Status::unimplemented("etcdserver: Compact is not served by this member yet"))
+        let request = request.into_inner();
+        let mut response: CompactionResponse =
+            super::propose(&self.node, Command::Compact(request.encode_to_vec())).await?;
+        finish_header(&self.node, &mut response.header);
+        Ok(Response::new(response))
     }
 }

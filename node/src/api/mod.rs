@@ -4,5 +4,23 @@ pub mod authority;
 pub mod cluster;
 pub mod errors;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod peer;
+
+use prost::Message;
+use tonic::Status;
+
+use crate::member::Node;
+use crate::raft::types::{Applied, Command};
+
+/// Proposes a write and decodes the etcd response the apply layer produced.
+pub async fn propose<T: Message + Default>(node: &Node, command: Command) -> Result<T, Status> {
+    match node.write(command).await? {
+        Applied::Response(bytes) => {
+            T::decode(bytes.as_slice()).map_err(|e| Status::internal(format!("etcdserver: {e}")))
+        }
+        Applied::Error(e) => Err(e.into()),
+        Applied::Nothing => Err(Status::internal("etcdserver: write produced no response")),
+    }
+}

@@ -8,11 +8,14 @@
 //! - `live`: key -> its current `KeyValue` (the hot path for reads at the head revision);
 //! - `history`: (key, revision) -> the `KeyValue` written at that revision, or a tombstone
 //!   (`version == 0`) where the key was deleted; serves reads at older revisions;
+//! - `leases`: lease id -> granted TTL; `lease_keys`: (lease id, key) for attached keys;
 //! - `meta`: the current and compacted revisions, and the Raft state the apply layer keeps
 //!   beside the data in the same transaction (applied log id, membership).
 
 mod apply;
+mod range;
 mod store;
 
 pub use apply::apply_command;
+pub use range::{RangeSource, range, valid_sort};
 pub use store::{KeySpan, KvError, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};

@@ -10,6 +10,10 @@ use crate::proto::mvccpb::KeyValue;
 const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
 const HISTORY: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// lease id -> granted TTL in seconds.
+const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
+/// (lease id, key) for every live key attached to a lease, so revoking finds its keys.
+const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> = TableDefinition::new("lease_keys");
 
 const META_REVISION: &str = "revision";
 const META_COMPACT_REVISION: &str = "compact_revision";
@@ -44,6 +48,8 @@ impl MvccStore {
         {
             txn.open_table(LIVE).map_err(storage)?;
             txn.open_table(HISTORY).map_err(storage)?;
+            txn.open_table(LEASES).map_err(storage)?;
+            txn.open_table(LEASE_KEYS).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             // etcd starts at revision 1 with an empty store; the first write is revision 2.
             if meta.get(META_REVISION).map_err(storage)?.is_none() {
@@ -145,35 +151,67 @@ impl ReadView {
     }
 
     pub fn range(&self, spec: &RangeRequestSpec<'_>) -> Result<RangeResult, KvError> {
-        let current = self.revision()?;
-        let compacted = self.compact_revision()?;
-        if spec.revision > current {
-            return Err(KvError::FutureRevision);
-        }
-        if spec.revision > 0 && spec.revision < compacted {
-            return Err(KvError::Compacted { compact_revision: compacted });
-        }
-        let mut result = RangeResult { revision: current, ..RangeResult::default() };
-        let mut keep = |kv: KeyValue| {
-            result.count += 1;
-            if spec.limit == 0 || result.kvs.len() < spec.limit {
-                result.kvs.push(kv);
-            } else {
-                result.more = true;
-            }
-        };
-        if spec.revision <= 0 || spec.revision == current {
-            let live = self.txn.open_table(LIVE).map_err(storage)?;
-            for_each_in_span(&live, spec.span, |key, bytes| {
-                keep(decode(key, bytes)?);
-                Ok(())
-            })?;
-        } else {
-            let history = self.txn.open_table(HISTORY).map_err(storage)?;
-            historical(&history, spec.span, spec.revision, &mut keep)?;
-        }
-        Ok(result)
+        let live = self.txn.open_table(LIVE).map_err(storage)?;
+        let history = self.txn.open_table(HISTORY).map_err(storage)?;
+        range_in(&live, &history, self.revision()?, self.compact_revision()?, spec)
     }
+}
+
+/// A range over the tables of a read or a write transaction (a Txn's reads see its own
+/// earlier writes, as etcd's do).
+fn range_in(
+    live: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    history: &impl ReadableTable<(&'static [u8], i64), &'static [u8]>,
+    current: i64,
+    compacted: i64,
+    spec: &RangeRequestSpec<'_>,
+) -> Result<RangeResult, KvError> {
+    check_revision(spec.revision, current, compacted)?;
+    let mut result = RangeResult { revision: current, ..RangeResult::default() };
+    let mut keep = |kv: KeyValue| {
+        result.count += 1;
+        if spec.limit == 0 || result.kvs.len() < spec.limit {
+            result.kvs.push(kv);
+        } else {
+            result.more = true;
+        }
+    };
+    if spec.revision <= 0 || spec.revision == current {
+        for_each_in_span(live, spec.span, |key, bytes| {
+            keep(decode(key, bytes)?);
+            Ok(())
+        })?;
+    } else {
+        historical(history, spec.span, spec.revision, &mut keep)?;
+    }
+    Ok(result)
+}
+
+/// Whether a read at `revision` (0 or less: the latest) can be served.
+pub fn check_revision(revision: i64, current: i64, compacted: i64) -> Result<(), KvError> {
+    if revision > current {
+        return Err(KvError::FutureRevision);
+    }
+    if revision > 0 && revision < compacted {
+        return Err(KvError::Compacted { compact_revision: compacted });
+    }
+    Ok(())
+}
+
+fn lease_keys_of(
+    table: &impl ReadableTable<(i64, &'static [u8]), ()>,
+    id: i64,
+) -> Result<Vec<Vec<u8>>, KvError> {
+    let mut keys = Vec::new();
+    for row in table.range((id, [].as_slice())..).map_err(storage)? {
+        let (k, _) = row.map_err(storage)?;
+        let (lease, key) = k.value();
+        if lease != id {
+            break;
+        }
+        keys.push(key.to_vec());
+    }
+    Ok(keys)
 }
 
 fn for_each_in_span(
@@ -292,6 +330,13 @@ impl WriteBatch {
         };
         let encoded = kv.encode_to_vec();
         live.insert(key, encoded.as_slice()).map_err(storage)?;
+        let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
+        if let Some(old) = previous.as_ref().map(|p| p.lease).filter(|&l| l != 0 && l != lease) {
+            lease_keys.remove((old, key)).map_err(storage)?;
+        }
+        if lease != 0 {
+            lease_keys.insert((lease, key), ()).map_err(storage)?;
+        }
         let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
         history.insert((key, revision), encoded.as_slice()).map_err(storage)?;
         Ok(previous)
@@ -314,8 +359,12 @@ impl WriteBatch {
             Ok(())
         })?;
         let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
+        let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
         for kv in &deleted {
             live.remove(kv.key.as_slice()).map_err(storage)?;
+            if kv.lease != 0 {
+                lease_keys.remove((kv.lease, kv.key.as_slice())).map_err(storage)?;
+            }
             let tombstone = KeyValue { key: kv.key.clone(), mod_revision: revision, ..KeyValue::default() };
             history
                 .insert((kv.key.as_slice(), revision), tombstone.encode_to_vec().as_slice())
@@ -334,6 +383,76 @@ impl WriteBatch {
         let live = self.txn.open_table(LIVE).map_err(storage)?;
         let value = live.get(key).map_err(storage)?;
         value.map(|v| decode(key, v.value())).transpose()
+    }
+
+    /// A range as this batch sees it, its own earlier writes included.
+    pub fn range(&self, spec: &RangeRequestSpec<'_>) -> Result<RangeResult, KvError> {
+        let live = self.txn.open_table(LIVE).map_err(storage)?;
+        let history = self.txn.open_table(HISTORY).map_err(storage)?;
+        range_in(&live, &history, self.revision, self.compact_revision()?, spec)
+    }
+
+    pub fn compact_revision(&self) -> Result<i64, KvError> {
+        read_i64(&self.txn.open_table(META).map_err(storage)?, META_COMPACT_REVISION)
+    }
+
+    /// Forgets the history before `revision`: of each key's versions at or before it, only
+    /// the newest stays (reads at `revision` still need it), and not even that when it is a
+    /// deletion older than `revision`. Does not change the store's revision.
+    pub fn compact(&mut self, revision: i64) -> Result<(), KvError> {
+        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
+        let mut doomed: Vec<(Vec<u8>, i64)> = Vec::new();
+        // The newest version at or before `revision` of the key being scanned.
+        let mut newest: Option<(Vec<u8>, i64, bool)> = None;
+        let finish = |newest: Option<(Vec<u8>, i64, bool)>, doomed: &mut Vec<(Vec<u8>, i64)>| {
+            if let Some((key, rev, deletion)) = newest
+                && deletion
+                && rev < revision
+            {
+                doomed.push((key, rev));
+            }
+        };
+        for row in history.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let (key, rev) = k.value();
+            if rev > revision {
+                continue;
+            }
+            let deletion = decode(key, v.value())?.version == 0;
+            match newest.take() {
+                Some((previous, previous_rev, _)) if previous == key => doomed.push((previous, previous_rev)),
+                other => finish(other, &mut doomed),
+            }
+            newest = Some((key.to_vec(), rev, deletion));
+        }
+        finish(newest, &mut doomed);
+        for (key, rev) in &doomed {
+            history.remove((key.as_slice(), *rev)).map_err(storage)?;
+        }
+        drop(history);
+        self.set_meta(META_COMPACT_REVISION, &revision.to_be_bytes())
+    }
+
+    /// The TTL a lease was granted with, if it exists.
+    pub fn lease_ttl(&self, id: i64) -> Result<Option<i64>, KvError> {
+        let leases = self.txn.open_table(LEASES).map_err(storage)?;
+        Ok(leases.get(id).map_err(storage)?.map(|v| v.value()))
+    }
+
+    pub fn grant_lease(&mut self, id: i64, ttl: i64) -> Result<(), KvError> {
+        self.txn.open_table(LEASES).map_err(storage)?.insert(id, ttl).map_err(storage)?;
+        Ok(())
+    }
+
+    /// Forgets a lease and returns the keys attached to it (the caller deletes them).
+    pub fn remove_lease(&mut self, id: i64) -> Result<Vec<Vec<u8>>, KvError> {
+        self.txn.open_table(LEASES).map_err(storage)?.remove(id).map_err(storage)?;
+        let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
+        let keys = lease_keys_of(&lease_keys, id)?;
+        for key in &keys {
+            lease_keys.remove((id, key.as_slice())).map_err(storage)?;
+        }
+        Ok(keys)
     }
 
     /// Stores `value` under `name` in the meta table, in the same transaction as the data.
@@ -356,6 +475,8 @@ impl WriteBatch {
 const TABLE_LIVE: u8 = 1;
 const TABLE_HISTORY: u8 = 2;
 const TABLE_META: u8 = 3;
+const TABLE_LEASES: u8 = 4;
+const TABLE_LEASE_KEYS: u8 = 5;
 
 fn write_record(out: &mut impl std::io::Write, table: u8, key: &[u8], value: &[u8]) -> std::io::Result<()> {
     out.write_all(&[table])?;
@@ -380,6 +501,26 @@ impl ReadView {
         Ok(meta.get(name).map_err(storage)?.map(|v| v.value().to_vec()))
     }
 
+    /// Every lease with its granted TTL.
+    pub fn leases(&self) -> Result<Vec<(i64, i64)>, KvError> {
+        let leases = self.txn.open_table(LEASES).map_err(storage)?;
+        let mut all = Vec::new();
+        for row in leases.iter().map_err(storage)? {
+            let (id, ttl) = row.map_err(storage)?;
+            all.push((id.value(), ttl.value()));
+        }
+        Ok(all)
+    }
+
+    pub fn lease_ttl(&self, id: i64) -> Result<Option<i64>, KvError> {
+        let leases = self.txn.open_table(LEASES).map_err(storage)?;
+        Ok(leases.get(id).map_err(storage)?.map(|v| v.value()))
+    }
+
+    pub fn lease_keys(&self, id: i64) -> Result<Vec<Vec<u8>>, KvError> {
+        lease_keys_of(&self.txn.open_table(LEASE_KEYS).map_err(storage)?, id)
+    }
+
     /// Writes the whole store as of this view, every revision not yet compacted, as
     /// snapshot records.
     pub fn dump(&self, out: &mut impl std::io::Write) -> Result<(), KvError> {
@@ -400,6 +541,18 @@ impl ReadView {
             let (k, v) = row.map_err(storage)?;
             write_record(out, TABLE_META, k.value().as_bytes(), v.value()).map_err(io)?;
         }
+        for row in txn.open_table(LEASES).map_err(storage)?.iter().map_err(storage)? {
+            let (id, ttl) = row.map_err(storage)?;
+            write_record(out, TABLE_LEASES, &id.value().to_be_bytes(), &ttl.value().to_be_bytes())
+                .map_err(io)?;
+        }
+        for row in txn.open_table(LEASE_KEYS).map_err(storage)?.iter().map_err(storage)? {
+            let (k, _) = row.map_err(storage)?;
+            let (id, key) = k.value();
+            let mut composite = id.to_be_bytes().to_vec();
+            composite.extend_from_slice(key);
+            write_record(out, TABLE_LEASE_KEYS, &composite, &[]).map_err(io)?;
+        }
         Ok(())
     }
 }
@@ -419,10 +572,19 @@ impl MvccStore {
         txn.delete_table(LIVE).map_err(storage)?;
         txn.delete_table(HISTORY).map_err(storage)?;
         txn.delete_table(META).map_err(storage)?;
+        txn.delete_table(LEASES).map_err(storage)?;
+        txn.delete_table(LEASE_KEYS).map_err(storage)?;
         {
             let mut live = txn.open_table(LIVE).map_err(storage)?;
             let mut history = txn.open_table(HISTORY).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
+            let mut leases = txn.open_table(LEASES).map_err(storage)?;
+            let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(storage)?;
+            let lease_id = |bytes: &[u8]| -> Result<i64, KvError> {
+                Ok(i64::from_be_bytes(
+                    bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| malformed("lease id"))?,
+                ))
+            };
             loop {
                 let mut table = [0u8; 1];
                 match input.read_exact(&mut table) {
@@ -446,6 +608,12 @@ impl MvccStore {
                     TABLE_META => {
                         let name = std::str::from_utf8(&key).map_err(|_| malformed("meta name"))?;
                         meta.insert(name, value.as_slice()).map_err(storage)?;
+                    }
+                    TABLE_LEASES => {
+                        leases.insert(lease_id(&key)?, lease_id(&value)?).map_err(storage)?;
+                    }
+                    TABLE_LEASE_KEYS => {
+                        lease_keys.insert((lease_id(&key)?, &key[8..]), ()).map_err(storage)?;
                     }
                     _ => return Err(malformed("unknown table")),
                 }

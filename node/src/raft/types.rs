@@ -24,14 +24,25 @@ impl fmt::Display for Member {
 pub enum Command {
     Put(Vec<u8>),
     DeleteRange(Vec<u8>),
+    Txn(Vec<u8>),
+    Compact(Vec<u8>),
+    /// A grant whose id and TTL the proposing member has already decided.
+    LeaseGrant(Vec<u8>),
+    /// A revoke, asked by a client or decided by the leader when the lease expired.
+    LeaseRevoke(Vec<u8>),
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Command::Put(b) => write!(f, "put({} bytes)", b.len()),
-            Command::DeleteRange(b) => write!(f, "delete_range({} bytes)", b.len()),
-        }
+        let (name, bytes) = match self {
+            Command::Put(b) => ("put", b),
+            Command::DeleteRange(b) => ("delete_range", b),
+            Command::Txn(b) => ("txn", b),
+            Command::Compact(b) => ("compact", b),
+            Command::LeaseGrant(b) => ("lease_grant", b),
+            Command::LeaseRevoke(b) => ("lease_revoke", b),
+        };
+        write!(f, "{name}({} bytes)", bytes.len())
     }
 }
 

@@ -314,6 +314,23 @@ pub fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("etcdctl runs")
 }
 
+/// etcdctl's output, after checking that it succeeded.
+pub fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "etcdctl failed: {}{}",
+        stdout(&output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout(&output)
+}
+
+/// etcdctl's error output, after checking that it failed.
+pub fn failed(output: Output) -> String {
+    assert!(!output.status.success(), "etcdctl should have failed: {}", stdout(&output));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
