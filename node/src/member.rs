@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use crate::api::errors::ServerError;
 use crate::kv::MvccStore;
+use crate::kv::watch::WatchHub;
 use crate::metrics::Metrics;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::raft::RaftMessage;
@@ -171,6 +172,8 @@ pub struct Node {
     pub store: Arc<MvccStore>,
     pub metrics: Metrics,
     pub db_path: PathBuf,
+    /// Committed events, for the watch streams this member serves.
+    pub watch_hub: WatchHub,
     leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
     read_index_requests: tokio::sync::mpsc::UnboundedSender<ReadIndexReply>,
 }
@@ -242,6 +245,7 @@ impl Node {
         metrics: Metrics,
         db_path: PathBuf,
         last_data_index: Arc<AtomicU64>,
+        watch_hub: WatchHub,
     ) -> Self {
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
@@ -251,6 +255,7 @@ impl Node {
             store,
             metrics,
             db_path,
+            watch_hub,
             leader_clients: Mutex::new(HashMap::new()),
             read_index_requests,
         }

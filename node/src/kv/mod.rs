@@ -13,6 +13,7 @@
 
 mod apply;
 mod store;
+pub mod watch;
 
 pub use apply::apply_command;
 pub use store::{KeySpan, KvError, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
