@@ -282,7 +282,7 @@ impl Session {
                 Notice::Replaced => self.resynchronise().await,
             },
             Err(RecvError::Lagged(missed)) => {
-                tracing::debug!(missed, "a watch stream fell behind; re-reading from history");
+                tracing::info!(missed, "a watch stream fell behind; re-reading from history");
                 self.resynchronise().await
             }
             // The member is stopping.
