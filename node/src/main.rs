@@ -86,6 +86,33 @@ struct RunArgs {
     /// WAL bytes written since the last snapshot that trigger another.
     #[arg(long, env = "ETCD_SNAPSHOT_BYTES", default_value_t = 64 << 20)]
     snapshot_bytes: u64,
+    /// Period of the progress notifications of watchers that ask for them (`500ms`, `10s`,
+    /// `10m`, `1h`).
+    #[arg(
+        long,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL",
+        default_value = "10m",
+        value_parser = duration
+    )]
+    experimental_watch_progress_notify_interval: Duration,
+}
+
+/// A Go-style duration with one unit, as etcd's duration flags are usually written.
+fn duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 10s"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number * 60),
+        "h" => Duration::from_secs(number * 3600),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m or h")),
+    };
+    if duration.is_zero() {
+        return Err("the duration must be positive".to_owned());
+    }
+    Ok(duration)
 }
 
 #[derive(clap::Args)]
@@ -150,6 +177,7 @@ impl RunArgs {
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             snapshot_bytes: self.snapshot_bytes,
+            watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
         })
     }
 }

@@ -18,6 +18,7 @@ use tonic::transport::Channel;
 
 use crate::api::errors::ServerError;
 use crate::kv::MvccStore;
+use crate::kv::watch::WatchHub;
 use crate::metrics::Metrics;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::raft::RaftMessage;
@@ -189,6 +190,8 @@ pub struct Node {
     pub metrics: Metrics,
     pub db_path: PathBuf,
     pub leases: crate::lease::LeaseClock,
+    /// Committed events, for the watch streams this member serves.
+    pub watch_hub: WatchHub,
     leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
     read_index_requests: tokio::sync::mpsc::UnboundedSender<ReadIndexReply>,
 }
@@ -265,6 +268,7 @@ impl Node {
         db_path: PathBuf,
         last_data_index: Arc<AtomicU64>,
         leases: crate::lease::LeaseClock,
+        watch_hub: WatchHub,
     ) -> Self {
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
@@ -275,6 +279,7 @@ impl Node {
             metrics,
             db_path,
             leases,
+            watch_hub,
             leader_clients: Mutex::new(HashMap::new()),
             read_index_requests,
         }

@@ -17,13 +17,16 @@ use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::maintenance::{MaintenanceService, VERSION};
 use crate::api::peer::{PeerService, check_cluster_id};
+use crate::api::watch::WatchService;
 use crate::health;
 use crate::kv::MvccStore;
+use crate::kv::watch::WatchHub;
 use crate::member::{ForwardRequest, Identity, Node, cluster_id_for, member_id_for};
 use crate::metrics::Metrics;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
 use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::raft::raft_peer_server::RaftPeerServer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerNetwork;
@@ -59,6 +62,8 @@ pub struct MemberConfig {
     pub snapshot_catchup_entries: u64,
     /// WAL bytes written since the last snapshot that trigger another one.
     pub snapshot_bytes: u64,
+    /// How often watchers that asked for progress notifications get one.
+    pub watch_progress_notify_interval: Duration,
 }
 
 fn initial_members(config: &MemberConfig) -> BTreeMap<u64, Member> {
@@ -173,8 +178,14 @@ pub async fn run(
     let store =
         Arc::new(MvccStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
     let last_data_index = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let state_machine =
-        StateMachine::new(store.clone(), dir.join("snap"), metrics.clone(), last_data_index.clone())?;
+    let watch_hub = WatchHub::new();
+    let state_machine = StateMachine::new(
+        store.clone(),
+        dir.join("snap"),
+        metrics.clone(),
+        last_data_index.clone(),
+        watch_hub.clone(),
+    )?;
 
     let election_ms = config.election_timeout.as_millis() as u64;
     let raft_config = Config {
@@ -213,6 +224,7 @@ pub async fn run(
         db_path,
         last_data_index,
         crate::lease::LeaseClock::new(config.election_timeout),
+        watch_hub,
     ));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -241,10 +253,11 @@ pub async fn run(
             .with_context(|| format!("listening for clients on {addr}"))?;
         let stop = stopped(stop_rx.clone());
         let lease = crate::api::lease::LeaseService::new(node.clone());
-        let (kv, cluster, maintenance) = (
+        let (kv, cluster, maintenance, watch) = (
             KvService::new(node.clone()),
             ClusterService::new(node.clone()),
             MaintenanceService::new(node.clone()),
+            WatchService::new(node.clone(), config.watch_progress_notify_interval),
         );
         tasks.spawn(async move {
             Server::builder()
@@ -252,6 +265,7 @@ pub async fn run(
                 .add_service(ClusterServer::new(cluster))
                 .add_service(crate::proto::etcdserverpb::lease_server::LeaseServer::new(lease))
                 .add_service(MaintenanceServer::new(maintenance))
+                .add_service(WatchServer::new(watch))
                 .serve_with_incoming_shutdown(client_incoming(listener), stop)
                 .await
                 .context("client server")

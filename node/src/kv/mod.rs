@@ -15,6 +15,7 @@
 mod apply;
 mod range;
 mod store;
+pub mod watch;
 
 pub use apply::apply_command;
 pub use range::{RangeSource, range, valid_sort};

@@ -5,10 +5,11 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 
-use crate::proto::mvccpb::KeyValue;
+use crate::proto::mvccpb::event::EventType;
+use crate::proto::mvccpb::{Event, KeyValue};
 
 const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
-const HISTORY: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("history");
+pub(super) const HISTORY: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// lease id -> granted TTL in seconds.
 const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
@@ -31,7 +32,7 @@ pub enum KvError {
     Corrupt { key: Vec<u8>, reason: String },
 }
 
-fn storage<E: Into<redb::Error>>(err: E) -> KvError {
+pub(super) fn storage<E: Into<redb::Error>>(err: E) -> KvError {
     KvError::Storage(err.into())
 }
 
@@ -75,7 +76,7 @@ impl MvccStore {
             txn.set_durability(Durability::None).map_err(storage)?;
         }
         let revision = read_i64(&txn.open_table(META).map_err(storage)?, META_REVISION)?;
-        Ok(WriteBatch { txn, revision, changed: false })
+        Ok(WriteBatch { txn, revision, changed: false, events: Vec::new() })
     }
 }
 
@@ -87,7 +88,7 @@ fn read_i64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str)
     Ok(i64::from_be_bytes(bytes))
 }
 
-fn decode(key: &[u8], bytes: &[u8]) -> Result<KeyValue, KvError> {
+pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<KeyValue, KvError> {
     KeyValue::decode(bytes).map_err(|e| KvError::Corrupt { key: key.to_vec(), reason: e.to_string() })
 }
 
@@ -100,18 +101,18 @@ pub struct KeySpan<'a> {
 }
 
 impl KeySpan<'_> {
-    fn is_single(&self) -> bool {
+    pub(super) fn is_single(&self) -> bool {
         self.range_end.is_empty()
     }
 
-    fn contains(&self, candidate: &[u8]) -> bool {
+    pub fn contains(&self, candidate: &[u8]) -> bool {
         if self.is_single() {
             return candidate == self.key;
         }
         candidate >= self.key && (self.range_end == [0] || candidate < self.range_end)
     }
 
-    fn upper(&self) -> Option<&[u8]> {
+    pub(super) fn upper(&self) -> Option<&[u8]> {
         if self.range_end == [0] { None } else { Some(self.range_end) }
     }
 }
@@ -138,7 +139,7 @@ pub struct RangeResult {
 
 /// A consistent snapshot of the store for reads.
 pub struct ReadView {
-    txn: ReadTransaction,
+    pub(super) txn: ReadTransaction,
 }
 
 impl ReadView {
@@ -282,6 +283,8 @@ pub struct WriteBatch {
     txn: WriteTransaction,
     revision: i64,
     changed: bool,
+    /// What watchers are told once the batch commits, in the order the writes were made.
+    events: Vec<Event>,
 }
 
 impl WriteBatch {
@@ -309,7 +312,7 @@ impl WriteBatch {
     }
 
     fn write_put(
-        &self,
+        &mut self,
         revision: i64,
         key: &[u8],
         value: &[u8],
@@ -339,6 +342,7 @@ impl WriteBatch {
         }
         let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
         history.insert((key, revision), encoded.as_slice()).map_err(storage)?;
+        self.events.push(Event { r#type: EventType::Put.into(), kv: Some(kv), prev_kv: previous.clone() });
         Ok(previous)
     }
 
@@ -351,7 +355,7 @@ impl WriteBatch {
         Ok(deleted)
     }
 
-    fn write_delete(&self, revision: i64, span: KeySpan<'_>) -> Result<Vec<KeyValue>, KvError> {
+    fn write_delete(&mut self, revision: i64, span: KeySpan<'_>) -> Result<Vec<KeyValue>, KvError> {
         let mut live = self.txn.open_table(LIVE).map_err(storage)?;
         let mut deleted = Vec::new();
         for_each_in_span(&live, span, |key, bytes| {
@@ -369,6 +373,11 @@ impl WriteBatch {
             history
                 .insert((kv.key.as_slice(), revision), tombstone.encode_to_vec().as_slice())
                 .map_err(storage)?;
+            self.events.push(Event {
+                r#type: EventType::Delete.into(),
+                kv: Some(tombstone),
+                prev_kv: Some(kv.clone()),
+            });
         }
         Ok(deleted)
     }
@@ -461,12 +470,14 @@ impl WriteBatch {
         Ok(())
     }
 
-    pub fn commit(mut self) -> Result<(), KvError> {
+    /// Commits and hands back the batch's events for watchers.
+    pub fn commit(mut self) -> Result<Vec<Event>, KvError> {
         if self.changed {
             let revision = self.revision.to_be_bytes();
             self.set_meta(META_REVISION, &revision)?;
         }
-        self.txn.commit().map_err(storage)
+        self.txn.commit().map_err(storage)?;
+        Ok(self.events)
     }
 }
 

@@ -22,6 +22,7 @@ use openraft::type_config::alias::SnapshotOf;
 use sha2::{Digest, Sha256};
 
 use super::types::{Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::kv::watch::WatchHub;
 use crate::kv::{KvError, MvccStore, apply_command};
 use crate::metrics::Metrics;
 use crate::storage::hard_state::sync_dir;
@@ -51,6 +52,7 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     metrics: Metrics,
     last_data_index: Arc<AtomicU64>,
+    watch_hub: WatchHub,
 }
 
 impl StateMachine {
@@ -61,9 +63,10 @@ impl StateMachine {
         snapshot_dir: PathBuf,
         metrics: Metrics,
         last_data_index: Arc<AtomicU64>,
+        watch_hub: WatchHub,
     ) -> io::Result<Self> {
         fs::create_dir_all(&snapshot_dir)?;
-        let state_machine = Self { store, snapshot_dir, metrics, last_data_index };
+        let state_machine = Self { store, snapshot_dir, metrics, last_data_index, watch_hub };
         // Until it applies more, everything applied so far may have changed data.
         let applied = state_machine.read_applied()?.0.map_or(0, |id| id.index);
         state_machine.last_data_index.store(applied, Ordering::SeqCst);
@@ -100,6 +103,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let last_data_index = self.last_data_index.clone();
+        let watch_hub = self.watch_hub.clone();
         // One write transaction for the whole batch; answers go out only after it commits,
         // so a client that got an answer reads what it wrote.
         let answers = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
@@ -127,8 +131,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
             let started = Instant::now();
-            batch.commit().map_err(io_err)?;
+            let events = batch.commit().map_err(io_err)?;
             metrics.backend_commit(started.elapsed());
+            // Published in commit order: openraft applies one batch at a time.
+            watch_hub.committed(events);
             if let Some(index) = data_index {
                 last_data_index.store(index, Ordering::SeqCst);
             }
@@ -161,12 +167,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
         let last_data_index = self.last_data_index.clone();
+        let watch_hub = self.watch_hub.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             let (file_meta, mut records) = open_snapshot(&snapshot.path)?;
             if file_meta.last_log_id != meta.last_log_id {
                 return Err(invalid("snapshot file does not match the snapshot being installed"));
             }
             store.restore(&mut records).map_err(io_err)?;
+            watch_hub.replaced();
             keep_as_current(&dir, &snapshot.path, &meta)?;
             tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
             last_data_index.store(meta.last_log_id.map_or(0, |id| id.index), Ordering::SeqCst);
