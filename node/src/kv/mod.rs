@@ -15,4 +15,4 @@ mod apply;
 mod store;
 
 pub use apply::apply_command;
-pub use store::{KeySpan, KvError, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
+pub use store::{KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
