@@ -9,5 +9,6 @@ pub mod member;
 pub mod metrics;
 pub mod proto;
 pub mod raft;
+pub mod restore;
 pub mod server;
 pub mod storage;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use consensus_node::restore::RestoreConfig;
 use consensus_node::server::{ClusterState, MemberConfig, run};
 
 #[derive(Parser)]
@@ -21,6 +22,43 @@ enum Command {
     Run(Box<RunArgs>),
     /// Start N members on loopback, print their endpoints, stop them all on Ctrl-C.
     DevCluster(DevClusterArgs),
+    /// Build a member's data directory from a snapshot, as the first state of a NEW cluster.
+    #[command(long_about = RESTORE_HELP)]
+    Restore(RestoreArgs),
+}
+
+const RESTORE_HELP: &str = "\
+Build a member's data directory from a snapshot file (`etcdctl snapshot save`, or the
+Maintenance.Snapshot stream saved as is), as the first state of a NEW cluster: a new
+cluster id, new member ids, every key and revision of the snapshot.
+
+Restore EVERY member of the new cluster from the SAME snapshot file with the SAME
+--initial-cluster and --initial-cluster-token (each with its own --name, --data-dir and
+--initial-advertise-peer-urls), then start each with `consensus-node run` and the same
+flags. Members restored from different files or flags disagree about the cluster and
+refuse each other. Use a new --initial-cluster-token, so the new cluster is never mistaken
+for the old one.
+
+The snapshot's checksum is verified first: a damaged file is refused and nothing is
+created. The data directory must be absent or empty.";
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    /// The snapshot file to restore.
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// The new member's data directory; must not exist or be empty.
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// `name=peer-url,...`: every member of the new cluster (defaults to this member alone).
+    #[arg(long, value_delimiter = ',')]
+    initial_cluster: Vec<String>,
+    #[arg(long, default_value = "etcd-cluster")]
+    initial_cluster_token: String,
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2380")]
+    initial_advertise_peer_urls: Vec<String>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -144,23 +182,57 @@ fn sockets(urls: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     urls.iter().map(|u| socket(u)).collect()
 }
 
+/// `--initial-cluster` as `(name, peer-url)` pairs; empty means this member alone.
+fn parse_initial_cluster(
+    pairs: &[String],
+    name: &str,
+    advertise_peer_urls: &[String],
+) -> anyhow::Result<Vec<(String, String)>> {
+    if pairs.is_empty() {
+        return Ok(advertise_peer_urls.iter().map(|u| (name.to_owned(), u.clone())).collect());
+    }
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(n, u)| (n.to_owned(), u.to_owned()))
+                .with_context(|| format!("--initial-cluster entry {pair:?} is not name=peer-url"))
+        })
+        .collect()
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let config = RestoreConfig {
+        initial_cluster: parse_initial_cluster(
+            &args.initial_cluster,
+            &args.name,
+            &args.initial_advertise_peer_urls,
+        )?,
+        snapshot: args.snapshot,
+        data_dir: args.data_dir,
+        name: args.name,
+        initial_cluster_token: args.initial_cluster_token,
+        advertise_peer_urls: args.initial_advertise_peer_urls,
+    };
+    let restored = consensus_node::restore::restore(&config)?;
+    println!(
+        "restored {} at revision {} into {}: member {:x} of new cluster {:x}",
+        config.snapshot.display(),
+        restored.revision,
+        config.data_dir.display(),
+        restored.member_id,
+        restored.cluster_id
+    );
+    Ok(())
+}
+
 impl RunArgs {
     fn into_config(self) -> anyhow::Result<MemberConfig> {
         if self.heartbeat_interval == 0 || self.election_timeout < 5 * self.heartbeat_interval {
             bail!("--election-timeout must be at least 5 times --heartbeat-interval (etcd's rule)");
         }
-        let initial_cluster = if self.initial_cluster.is_empty() {
-            self.initial_advertise_peer_urls.iter().map(|u| (self.name.clone(), u.clone())).collect()
-        } else {
-            self.initial_cluster
-                .iter()
-                .map(|pair| {
-                    pair.split_once('=')
-                        .map(|(n, u)| (n.to_owned(), u.to_owned()))
-                        .with_context(|| format!("--initial-cluster entry {pair:?} is not name=peer-url"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?
-        };
+        let initial_cluster =
+            parse_initial_cluster(&self.initial_cluster, &self.name, &self.initial_advertise_peer_urls)?;
         Ok(MemberConfig {
             listen_client: sockets(&self.listen_client_urls)?,
             listen_peer: sockets(&self.listen_peer_urls)?,
@@ -258,5 +330,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args.into_config()?, termination()).await,
         Command::DevCluster(args) => dev_cluster(args).await,
+        Command::Restore(args) => restore(args),
     }
 }

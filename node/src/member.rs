@@ -258,18 +258,23 @@ fn raft_write_error<E: std::fmt::Display>(e: RaftError<crate::raft::types::TypeC
     }
 }
 
+/// What a member is made of, assembled by `server::run`.
+pub struct NodeParts {
+    pub identity: Identity,
+    pub raft: Raft,
+    pub store: Arc<MvccStore>,
+    pub metrics: Metrics,
+    pub db_path: PathBuf,
+    /// Kept by the state machine: see `StateMachine::new`.
+    pub last_data_index: Arc<AtomicU64>,
+    pub leases: crate::lease::LeaseClock,
+    pub watch_hub: WatchHub,
+}
+
 impl Node {
     /// Must be called inside a Tokio runtime: it starts the read index rounds.
-    pub fn new(
-        identity: Identity,
-        raft: Raft,
-        store: Arc<MvccStore>,
-        metrics: Metrics,
-        db_path: PathBuf,
-        last_data_index: Arc<AtomicU64>,
-        leases: crate::lease::LeaseClock,
-        watch_hub: WatchHub,
-    ) -> Self {
+    pub fn new(parts: NodeParts) -> Self {
+        let NodeParts { identity, raft, store, metrics, db_path, last_data_index, leases, watch_hub } = parts;
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
         Self {

@@ -21,7 +21,7 @@ use crate::api::watch::WatchService;
 use crate::health;
 use crate::kv::MvccStore;
 use crate::kv::watch::WatchHub;
-use crate::member::{ForwardRequest, Identity, Node, cluster_id_for, member_id_for};
+use crate::member::{ForwardRequest, Identity, Node, NodeParts, cluster_id_for, member_id_for};
 use crate::metrics::Metrics;
 use crate::proto::etcdserverpb::cluster_server::ClusterServer;
 use crate::proto::etcdserverpb::kv_server::KvServer;
@@ -66,25 +66,63 @@ pub struct MemberConfig {
     pub watch_progress_notify_interval: Duration,
 }
 
-fn initial_members(config: &MemberConfig) -> BTreeMap<u64, Member> {
+/// Where a member keeps what under `--data-dir`: `run` and `restore` must agree.
+pub(crate) struct Layout {
+    pub member: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: &std::path::Path) -> Self {
+        Self { member: data_dir.join("member") }
+    }
+    pub fn raft_log(&self) -> PathBuf {
+        self.member.join("raft")
+    }
+    pub fn store(&self) -> PathBuf {
+        self.member.join("kv.redb")
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.member.join("snap")
+    }
+}
+
+/// The members `--initial-cluster` (`name=peer-url` pairs) describes, by the ids every
+/// member derives from it and the token.
+pub(crate) fn initial_members(initial_cluster: &[(String, String)], token: &str) -> BTreeMap<u64, Member> {
     let mut by_name: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (name, url) in &config.initial_cluster {
+    for (name, url) in initial_cluster {
         by_name.entry(name).or_default().push(url.clone());
     }
     by_name
         .into_iter()
         .map(|(name, peer_urls)| {
-            let id = member_id_for(&peer_urls, &config.initial_cluster_token);
+            let id = member_id_for(&peer_urls, token);
             (id, Member { name: name.to_owned(), peer_urls, client_urls: Vec::new() })
         })
         .collect()
+}
+
+/// This member's id as `--initial-cluster` knows it, or an error naming the mismatch.
+pub(crate) fn own_initial_id(
+    members: &BTreeMap<u64, Member>,
+    name: &str,
+    advertise_peer_urls: &[String],
+    token: &str,
+) -> anyhow::Result<u64> {
+    let member_id = member_id_for(advertise_peer_urls, token);
+    if !members.contains_key(&member_id) {
+        bail!(
+            "--initial-advertise-peer-urls {advertise_peer_urls:?} of {name:?} do not appear in --initial-cluster"
+        );
+    }
+    Ok(member_id)
 }
 
 /// Works out who this member is: from its data directory when it has one (refusing data
 /// of another cluster), from `--initial-cluster` for a new cluster, or from the running
 /// cluster for a member added with MemberAdd.
 async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyhow::Result<(Identity, bool)> {
-    let members = initial_members(config);
+    let members = initial_members(&config.initial_cluster, &config.initial_cluster_token);
     let ids: Vec<u64> = members.keys().copied().collect();
     let new_cluster_id = cluster_id_for(&ids, &config.initial_cluster_token);
     if let Some(identity) = Identity::load(dir)? {
@@ -110,14 +148,12 @@ async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyho
     }
     match config.initial_cluster_state {
         ClusterState::New => {
-            let member_id = member_id_for(&config.advertise_peer_urls, &config.initial_cluster_token);
-            if !members.contains_key(&member_id) {
-                bail!(
-                    "--initial-advertise-peer-urls {:?} of {:?} do not appear in --initial-cluster",
-                    config.advertise_peer_urls,
-                    config.name
-                );
-            }
+            let member_id = own_initial_id(
+                &members,
+                &config.name,
+                &config.advertise_peer_urls,
+                &config.initial_cluster_token,
+            )?;
             let identity = Identity { name: config.name.clone(), member_id, cluster_id: new_cluster_id };
             identity.save(dir)?;
             Ok((identity, true))
@@ -163,25 +199,26 @@ pub async fn run(
     config: MemberConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let dir = config.data_dir.join("member");
+    let layout = Layout::new(&config.data_dir);
+    let dir = layout.member.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let (identity, bootstrap) = resolve_identity(&config, &dir).await?;
     tracing::info!(name = %identity.name, member = %format!("{:x}", identity.member_id), cluster = %format!("{:x}", identity.cluster_id), "starting member");
 
     let metrics = Metrics::new(identity.member_id, VERSION);
     let log_store = LogStore::open(
-        &dir.join("raft"),
+        &layout.raft_log(),
         WalOptions { metrics: Some(Arc::new(metrics.clone())), ..WalOptions::default() },
     )
     .with_context(|| format!("opening the Raft log in {}", dir.display()))?;
-    let db_path = dir.join("kv.redb");
+    let db_path = layout.store();
     let store =
         Arc::new(MvccStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
     let last_data_index = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watch_hub = WatchHub::new();
     let state_machine = StateMachine::new(
         store.clone(),
-        dir.join("snap"),
+        layout.snapshots(),
         metrics.clone(),
         last_data_index.clone(),
         watch_hub.clone(),
@@ -214,18 +251,20 @@ pub async fn run(
     .await
     .context("starting Raft")?;
     if bootstrap && !raft.is_initialized().await.context("reading Raft state")? {
-        raft.initialize(initial_members(&config)).await.context("bootstrapping the cluster")?;
+        raft.initialize(initial_members(&config.initial_cluster, &config.initial_cluster_token))
+            .await
+            .context("bootstrapping the cluster")?;
     }
-    let node = Arc::new(Node::new(
+    let node = Arc::new(Node::new(NodeParts {
         identity,
         raft,
         store,
         metrics,
         db_path,
         last_data_index,
-        crate::lease::LeaseClock::new(config.election_timeout),
+        leases: crate::lease::LeaseClock::new(config.election_timeout),
         watch_hub,
-    ));
+    }));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();

@@ -106,6 +106,7 @@ impl From<crate::kv::KvError> for Status {
         match e {
             crate::kv::KvError::Compacted { .. } => ServerError::Compacted.into(),
             crate::kv::KvError::FutureRevision => ServerError::FutureRevision.into(),
+            crate::kv::KvError::Busy => ServerError::Timeout.into(),
             other => Status::internal(format!("etcdserver: {other}")),
         }
     }

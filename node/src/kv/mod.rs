@@ -19,4 +19,4 @@ pub mod watch;
 
 pub use apply::apply_command;
 pub use range::{RangeSource, range, valid_sort};
-pub use store::{KeySpan, KvError, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
+pub use store::{KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};

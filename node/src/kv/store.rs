@@ -1,4 +1,6 @@
 use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use redb::{
@@ -30,6 +32,9 @@ pub enum KvError {
     Storage(#[from] redb::Error),
     #[error("key-value store: corrupt record under key {key:?}: {reason}")]
     Corrupt { key: Vec<u8>, reason: String },
+    /// Transactions stayed open for as long as defragmentation was willing to wait.
+    #[error("key-value store: busy, transactions stayed open")]
+    Busy,
 }
 
 pub(super) fn storage<E: Into<redb::Error>>(err: E) -> KvError {
@@ -38,9 +43,16 @@ pub(super) fn storage<E: Into<redb::Error>>(err: E) -> KvError {
 
 /// The store. Cheap to share behind an `Arc`: redb serializes writers and lets readers
 /// run beside them on a consistent snapshot.
+///
+/// The lock exists for `defragment` only: redb compacts through `&mut Database`. Starting a
+/// transaction takes the lock shared for that moment alone (transactions do not borrow the
+/// database), so transactions never wait on each other through it.
 pub struct MvccStore {
-    db: Database,
+    db: RwLock<Database>,
 }
+
+/// How long `defragment` keeps retrying while transactions are open.
+const DEFRAGMENT_PATIENCE: Duration = Duration::from_secs(10);
 
 impl MvccStore {
     pub fn open(path: &Path) -> Result<Self, KvError> {
@@ -59,19 +71,24 @@ impl MvccStore {
             }
         }
         txn.commit().map_err(storage)?;
-        Ok(Self { db })
+        Ok(Self { db: RwLock::new(db) })
+    }
+
+    fn db(&self) -> RwLockReadGuard<'_, Database> {
+        // A panic elsewhere while holding the lock leaves the database itself intact.
+        self.db.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A consistent read-only view at the moment of the call.
     pub fn read(&self) -> Result<ReadView, KvError> {
-        Ok(ReadView { txn: self.db.begin_read().map_err(storage)? })
+        Ok(ReadView { txn: self.db().begin_read().map_err(storage)? })
     }
 
     /// A batch of writes applied atomically by `commit`. `durable` false leaves the fsync to
     /// a later durable commit: the Raft log already holds every applied entry, so a crash
     /// only means re-applying the tail of the log.
     pub fn write(&self, durable: bool) -> Result<WriteBatch, KvError> {
-        let mut txn = self.db.begin_write().map_err(storage)?;
+        let mut txn = self.db().begin_write().map_err(storage)?;
         if !durable {
             txn.set_durability(Durability::None).map_err(storage)?;
         }
@@ -482,7 +499,10 @@ impl WriteBatch {
 }
 
 /// Snapshot records: one per row of each table, framed as
-/// `[table: u8][key length: u32][key][value length: u32][value]`, little-endian.
+/// `[table: u8][key length: u32][key][value length: u32][value]`, little-endian, then one
+/// `END_OF_RECORDS` byte, so that a file may carry padding after the records. (Records
+/// written before the marker existed end at the end of the input instead.)
+const END_OF_RECORDS: u8 = 0;
 const TABLE_LIVE: u8 = 1;
 const TABLE_HISTORY: u8 = 2;
 const TABLE_META: u8 = 3;
@@ -564,14 +584,110 @@ impl ReadView {
             composite.extend_from_slice(key);
             write_record(out, TABLE_LEASE_KEYS, &composite, &[]).map_err(io)?;
         }
+        out.write_all(&[END_OF_RECORDS]).map_err(io)
+    }
+}
+
+/// What `ReadView::hash_kv` reports, as etcd's HashKV response carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvHash {
+    pub hash: u32,
+    /// The revision the hash covers.
+    pub revision: i64,
+    pub compact_revision: i64,
+}
+
+/// Feeds what is written into a CRC-32.
+struct Crc32Writer(crc32fast::Hasher);
+
+impl std::io::Write for Crc32Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+impl ReadView {
+    /// A CRC-32 of every version of every key (tombstones included) up to `revision` (0 or
+    /// less: the view's revision). It covers only what every member holds identically for
+    /// the same log: the MVCC key space, none of the Raft bookkeeping beside it, so members
+    /// at the same revision agree.
+    pub fn hash_kv(&self, revision: i64) -> Result<KvHash, KvError> {
+        let current = self.revision()?;
+        let compact_revision = self.compact_revision()?;
+        let revision = if revision <= 0 { current } else { revision };
+        if revision > current {
+            return Err(KvError::FutureRevision);
+        }
+        if revision < compact_revision {
+            return Err(KvError::Compacted { compact_revision });
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        // Rows come in (key, revision) order, the same on every member. Lengths frame each
+        // part so that different rows can never hash as the same byte sequence.
+        for row in self.txn.open_table(HISTORY).map_err(storage)?.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let (key, rev) = k.value();
+            if rev > revision {
+                continue;
+            }
+            hasher.update(&(key.len() as u32).to_le_bytes());
+            hasher.update(key);
+            hasher.update(&rev.to_le_bytes());
+            hasher.update(&(v.value().len() as u32).to_le_bytes());
+            hasher.update(v.value());
+        }
+        Ok(KvHash { hash: hasher.finalize(), revision, compact_revision })
+    }
+
+    /// A CRC-32 of the whole store as of this view: every table, Raft bookkeeping included,
+    /// as the records a snapshot holds.
+    pub fn hash_all(&self) -> Result<u32, KvError> {
+        let mut out = Crc32Writer(crc32fast::Hasher::new());
+        self.dump(&mut out)?;
+        Ok(out.0.finalize())
     }
 }
 
 impl MvccStore {
     /// Makes every earlier non-durable commit durable.
     pub fn sync(&self) -> Result<(), KvError> {
-        self.db.begin_write().map_err(storage)?.commit().map_err(storage)
+        self.db().begin_write().map_err(storage)?.commit().map_err(storage)
+    }
+
+    /// Bytes of the database file that hold data (allocated pages); the rest is free space
+    /// `defragment` can give back. Waits for a running write transaction, as redb reports
+    /// page statistics only from inside one.
+    pub fn size_in_use(&self) -> Result<u64, KvError> {
+        let txn = self.db().begin_write().map_err(storage)?;
+        let stats = txn.stats().map_err(storage)?;
+        txn.abort().map_err(storage)?;
+        Ok(stats.allocated_pages() * stats.page_size() as u64)
+    }
+
+    /// Rewrites the database file compactly and shrinks it. New transactions wait while it
+    /// runs; it waits for open ones to end (retrying, as redb refuses to compact under an
+    /// open transaction) and gives up with `KvError::Busy` after `DEFRAGMENT_PATIENCE`.
+    pub fn defragment(&self) -> Result<(), KvError> {
+        let deadline = Instant::now() + DEFRAGMENT_PATIENCE;
+        loop {
+            {
+                let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+                match db.compact() {
+                    Ok(_) => return Ok(()),
+                    Err(redb::CompactionError::TransactionInProgress) => {}
+                    Err(e) => return Err(storage(e)),
+                }
+            }
+            // The lock is released here, so the transactions being waited for can finish.
+            if Instant::now() >= deadline {
+                return Err(KvError::Busy);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Replaces the whole store with the records in `input`, atomically and durably: a
@@ -579,7 +695,7 @@ impl MvccStore {
     pub fn restore(&self, input: &mut impl std::io::Read) -> Result<(), KvError> {
         let malformed =
             |what: &str| KvError::Corrupt { key: Vec::new(), reason: format!("snapshot: {what}") };
-        let txn = self.db.begin_write().map_err(storage)?;
+        let txn = self.db().begin_write().map_err(storage)?;
         txn.delete_table(LIVE).map_err(storage)?;
         txn.delete_table(HISTORY).map_err(storage)?;
         txn.delete_table(META).map_err(storage)?;
@@ -602,6 +718,9 @@ impl MvccStore {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
                     Err(e) => return Err(KvError::Storage(redb::Error::Io(e))),
+                }
+                if table[0] == END_OF_RECORDS {
+                    break;
                 }
                 let key = read_chunk(input).map_err(|_| malformed("truncated record"))?;
                 let value = read_chunk(input).map_err(|_| malformed("truncated record"))?;
@@ -631,5 +750,72 @@ impl MvccStore {
             }
         }
         txn.commit().map_err(storage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(store: &MvccStore, key: &str, value: &str) {
+        let mut batch = store.write(false).expect("write");
+        let revision = batch.next_revision();
+        batch.put(revision, key.as_bytes(), value.as_bytes(), 0).expect("put");
+        batch.commit().expect("commit");
+    }
+
+    #[test]
+    fn hash_kv_depends_only_on_the_key_space_up_to_the_revision() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = MvccStore::open(&dir.path().join("a")).expect("open");
+        let b = MvccStore::open(&dir.path().join("b")).expect("open");
+        for store in [&a, &b] {
+            put(store, "x", "1");
+            put(store, "y", "2");
+        }
+        // Raft bookkeeping beside the data differs between members; HashKV must not see it.
+        let mut batch = a.write(true).expect("write");
+        batch.set_meta("raft_applied", b"differs").expect("meta");
+        batch.commit().expect("commit");
+        put(&b, "z", "3");
+        let (va, vb) = (a.read().expect("read"), b.read().expect("read"));
+        let at3 = va.hash_kv(3).expect("hash");
+        assert_eq!(at3, KvHash { revision: 3, ..vb.hash_kv(3).expect("hash") });
+        assert_eq!(va.hash_kv(0).expect("hash"), at3);
+        assert_ne!(vb.hash_kv(0).expect("hash").hash, at3.hash);
+        assert!(matches!(va.hash_kv(4), Err(KvError::FutureRevision)));
+        assert_ne!(va.hash_all().expect("hash"), vb.hash_all().expect("hash"));
+    }
+
+    #[test]
+    fn defragment_waits_for_open_transactions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(MvccStore::open(&dir.path().join("db")).expect("open"));
+        for i in 0..200 {
+            put(&store, &format!("k{i}"), &"v".repeat(1000));
+        }
+        let view = store.read().expect("read");
+        let defragmenting = {
+            let store = store.clone();
+            std::thread::spawn(move || store.defragment())
+        };
+        // Defragmentation cannot finish while the view is open; once it closes, it does.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!defragmenting.is_finished());
+        assert_eq!(
+            view.range(&RangeRequestSpec {
+                span: KeySpan { key: b"k1", range_end: &[] },
+                revision: 0,
+                limit: 0
+            })
+            .expect("range")
+            .count,
+            1
+        );
+        drop(view);
+        defragmenting.join().expect("thread").expect("defragment");
+        let view = store.read().expect("read");
+        assert_eq!(view.revision().expect("revision"), 201);
+        assert!(store.size_in_use().expect("in use") > 200 * 1000);
     }
 }

@@ -42,12 +42,32 @@ fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     postcard::to_stdvec(value).map_err(invalid_data)
 }
 
+fn hard_state_file(dir: &Path) -> HardStateFile {
+    HardStateFile::new(dir.join("hardstate"))
+}
+
 impl LogStore {
+    /// Creates the log of a member restored from a snapshot: no entries, no vote, and
+    /// everything up to `last_purged` counted as purged (the snapshot covers it), so the
+    /// leader sends a member that lacks it the snapshot, never the log before it. Refuses
+    /// to overwrite a log that exists.
+    pub fn create_after_snapshot(dir: &Path, last_purged: LogId) -> io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let file = hard_state_file(dir);
+        if file.load()?.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} already holds a Raft log", dir.display()),
+            ));
+        }
+        file.save(&encode(&HardState { vote: None, last_purged: Some(last_purged) })?)
+    }
+
     /// Opens (or creates) the log in `dir`, recovering the WAL (see `Wal::open`).
     pub fn open(dir: &Path, options: WalOptions) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let wal = Wal::open(&dir.join("wal"), options).map_err(io::Error::other)?;
-        let hard_state_file = HardStateFile::new(dir.join("hardstate"));
+        let hard_state_file = hard_state_file(dir);
         let hard_state = match hard_state_file.load()? {
             Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid_data)?,
             None => HardState::default(),

@@ -6,7 +6,11 @@
 //! before a snapshot may be purged.
 //!
 //! A snapshot file is `MAGIC`, the postcard-encoded `SnapshotMeta` (length-prefixed), the
-//! store's records, and a SHA-256 of everything before it.
+//! store's records, zeros up to a multiple of 512 bytes, and a SHA-256 of everything before
+//! it. The padding is for etcd's clients: etcdctl (3.4.23 and later) refuses a saved
+//! snapshot unless its length is 32 more than a multiple of 512, which etcd's page-sized
+//! database plus checksum always is. Files of the first version (`MAGIC_V1`) have no
+//! padding and are still read.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -21,13 +25,16 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::SnapshotOf;
 use sha2::{Digest, Sha256};
 
-use super::types::{Applied, LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use super::types::{Applied, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::kv::watch::WatchHub;
-use crate::kv::{KvError, MvccStore, apply_command};
+use crate::kv::{KvError, MvccStore, ReadView, apply_command};
 use crate::metrics::Metrics;
 use crate::storage::hard_state::sync_dir;
 
-const MAGIC: &[u8; 8] = b"CNSNAP01";
+const MAGIC: &[u8; 8] = b"CNSNAP02";
+const MAGIC_V1: &[u8; 8] = b"CNSNAP01";
+/// The part of a snapshot file before its checksum is a multiple of this many bytes.
+const SNAPSHOT_ALIGN: u64 = 512;
 const META_APPLIED: &str = "raft_applied";
 const META_MEMBERSHIP: &str = "raft_membership";
 
@@ -74,17 +81,22 @@ impl StateMachine {
     }
 
     fn read_applied(&self) -> io::Result<(Option<LogId>, StoredMembership)> {
-        let view = self.store.read().map_err(io_err)?;
-        let applied = match view.meta(META_APPLIED).map_err(io_err)? {
-            Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
-            None => None,
-        };
-        let membership = match view.meta(META_MEMBERSHIP).map_err(io_err)? {
-            Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
+        let meta = raft_meta(&self.store.read().map_err(io_err)?)?;
+        Ok((meta.last_log_id, meta.last_membership))
     }
+}
+
+/// The Raft state the store holds as of `view`: the last applied log id and the membership.
+fn raft_meta(view: &ReadView) -> io::Result<SnapshotMeta> {
+    let last_log_id = match view.meta(META_APPLIED).map_err(io_err)? {
+        Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
+        None => None,
+    };
+    let last_membership = match view.meta(META_MEMBERSHIP).map_err(io_err)? {
+        Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
+        None => StoredMembership::default(),
+    };
+    Ok(SnapshotMeta { last_log_id, last_membership })
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -213,32 +225,80 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
 fn build(store: &MvccStore, dir: &Path) -> io::Result<RaftSnapshot> {
     let view = store.read().map_err(io_err)?;
-    let last_log_id: Option<LogId> = match view.meta(META_APPLIED).map_err(io_err)? {
-        Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
-        None => None,
-    };
-    let last_membership: StoredMembership = match view.meta(META_MEMBERSHIP).map_err(io_err)? {
-        Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid)?,
-        None => StoredMembership::default(),
-    };
-    let meta = SnapshotMeta { last_log_id, last_membership };
+    let meta = raft_meta(&view)?;
     let tmp = dir.join(format!("{}.tmp", snapshot_file_name(&meta)));
-    {
-        let mut out = HashingWriter::new(BufWriter::new(File::create(&tmp)?));
-        out.write_all(MAGIC)?;
-        let header = postcard::to_stdvec(&meta).map_err(invalid)?;
-        out.write_all(&(header.len() as u32).to_le_bytes())?;
-        out.write_all(&header)?;
-        view.dump(&mut out).map_err(io_err)?;
-        let (mut file, digest) = out.finish();
-        file.write_all(&digest)?;
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    }
+    let file = write_snapshot(&view, &meta, BufWriter::new(File::create(&tmp)?))?;
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    drop(view);
     // Everything the snapshot holds must be durable in the store before the log behind it
     // may be purged.
     store.sync().map_err(io_err)?;
     let path = keep_as_current(dir, &tmp, &meta)?;
     Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path } })
+}
+
+/// Writes `view` in the snapshot file format (see the module comment) to `out`; `meta`
+/// must be `raft_meta(view)`. The one writer of the format, for Raft's snapshots and for
+/// the Maintenance API's.
+fn write_snapshot<W: Write>(view: &ReadView, meta: &SnapshotMeta, out: W) -> io::Result<W> {
+    let mut out = HashingWriter::new(out);
+    out.write_all(MAGIC)?;
+    let header = postcard::to_stdvec(meta).map_err(invalid)?;
+    out.write_all(&(header.len() as u32).to_le_bytes())?;
+    out.write_all(&header)?;
+    view.dump(&mut out).map_err(io_err)?;
+    let padding = (SNAPSHOT_ALIGN - out.written % SNAPSHOT_ALIGN) % SNAPSHOT_ALIGN;
+    io::copy(&mut io::repeat(0).take(padding), &mut out)?;
+    let (mut out, digest) = out.finish();
+    out.write_all(&digest)?;
+    out.flush()?;
+    Ok(out)
+}
+
+/// Length of the SHA-256 trailer that ends every snapshot file.
+pub const SNAPSHOT_CHECKSUM_LEN: u64 = 32;
+
+/// A point-in-time snapshot for a client (etcd's Maintenance.Snapshot): the store as of one
+/// read transaction, in the snapshot file format, in a file of `dir` that is unlinked as
+/// soon as it is created, so it takes no room once the returned handle is dropped and no
+/// crash leaves it behind. Returns the snapshot's store revision, its length and the file,
+/// positioned at its start.
+pub fn snapshot_for_client(store: &MvccStore, dir: &Path) -> io::Result<(i64, u64, File)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let view = store.read().map_err(io_err)?;
+    let revision = view.revision().map_err(io_err)?;
+    let meta = raft_meta(&view)?;
+    let path = dir.join(format!("client-{}.snap-tmp", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let file = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    fs::remove_file(&path)?;
+    let mut file =
+        write_snapshot(&view, &meta, BufWriter::new(file))?.into_inner().map_err(|e| e.into_error())?;
+    let len = io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+    io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
+    Ok((revision, len, file))
+}
+
+/// Fills a fresh, empty store from a snapshot file (its checksum verified) as the first
+/// state of a new cluster: the snapshot's keys and revisions, applied up to `log_id`, with
+/// `members` as the voters as of that log id; and writes the matching Raft snapshot into
+/// `snapshot_dir`, so that a member joining later can be sent it (the log before `log_id`
+/// never exists).
+pub fn seed_new_cluster(
+    store: &MvccStore,
+    snapshot: &Path,
+    log_id: LogId,
+    members: Membership,
+    snapshot_dir: &Path,
+) -> io::Result<RaftSnapshot> {
+    let (_, mut records) = open_snapshot(snapshot)?;
+    store.restore(&mut records).map_err(io_err)?;
+    let mut batch = store.write(true).map_err(io_err)?;
+    let membership = StoredMembership::new(Some(log_id), members);
+    batch.set_meta(META_APPLIED, &postcard::to_stdvec(&Some(log_id)).map_err(invalid)?).map_err(io_err)?;
+    batch.set_meta(META_MEMBERSHIP, &postcard::to_stdvec(&membership).map_err(invalid)?).map_err(io_err)?;
+    batch.commit().map_err(io_err)?;
+    fs::create_dir_all(snapshot_dir)?;
+    build(store, snapshot_dir)
 }
 
 /// Moves `file` into place as the newest snapshot and removes older ones.
@@ -280,8 +340,9 @@ fn newest_snapshot(dir: &Path) -> io::Result<Option<PathBuf>> {
 /// its records (excluding the checksum).
 pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>)> {
     let bytes_len = fs::metadata(path)?.len();
-    let body_len =
-        bytes_len.checked_sub(32).ok_or_else(|| invalid(format!("{}: too short", path.display())))?;
+    let body_len = bytes_len
+        .checked_sub(SNAPSHOT_CHECKSUM_LEN)
+        .ok_or_else(|| invalid(format!("{}: too short", path.display())))?;
     let mut hasher = Sha256::new();
     io::copy(&mut BufReader::new(File::open(path)?).take(body_len), &mut HashWriter(&mut hasher))?;
     let mut stored = [0u8; 32];
@@ -294,7 +355,7 @@ pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>
     let mut reader = BufReader::new(File::open(path)?).take(body_len);
     let mut magic = [0u8; 8];
     reader.read_exact(&mut magic)?;
-    if &magic != MAGIC {
+    if &magic != MAGIC && &magic != MAGIC_V1 {
         return Err(invalid(format!("{}: not a consensus-node snapshot", path.display())));
     }
     let mut len = [0u8; 4];
@@ -317,15 +378,16 @@ impl Write for HashWriter<'_> {
     }
 }
 
-/// Writes through to `inner` while hashing what passes.
+/// Writes through to `inner` while hashing and counting what passes.
 struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
+    written: u64,
 }
 
 impl<W: Write> HashingWriter<W> {
     fn new(inner: W) -> Self {
-        Self { inner, hasher: Sha256::new() }
+        Self { inner, hasher: Sha256::new(), written: 0 }
     }
     fn finish(self) -> (W, [u8; 32]) {
         (self.inner, self.hasher.finalize().into())
@@ -336,6 +398,7 @@ impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
+        self.written += n as u64;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -260,6 +260,26 @@ impl TestCluster {
         self.members.len() - 1
     }
 
+    /// Members of a new cluster with `token`, on new ports, with their flags ready but not
+    /// started: the test prepares their data directories first (`consensus-node restore`).
+    pub fn prepare_with_token(size: usize, token: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut members: Vec<TestMember> =
+            (0..size).map(|i| new_member(dir.path(), &format!("m{i}"))).collect();
+        let initial_cluster =
+            members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect::<Vec<_>>().join(",");
+        for m in &mut members {
+            m.args = member_args(m, &initial_cluster, "new", &Options::default());
+            m.args.extend(["--initial-cluster-token".to_owned(), token.to_owned()]);
+        }
+        Self { dir, members }
+    }
+
+    /// `--initial-cluster` for this cluster's members.
+    pub fn initial_cluster(&self) -> String {
+        self.members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect::<Vec<_>>().join(",")
+    }
+
     pub fn start_member(&mut self, index: usize) {
         self.members[index].spawn();
     }
@@ -293,6 +313,16 @@ impl TestCluster {
     pub fn etcdctl(&self, endpoints: &str, args: &[&str]) -> Output {
         etcdctl(endpoints, args, None)
     }
+}
+
+/// Runs the `consensus-node` binary with `args` to completion (e.g. `restore`).
+pub fn consensus_node(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_consensus-node"))
+        .args(args)
+        .env("RUST_LOG", "info,openraft=warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("consensus-node runs")
 }
 
 /// Runs Debian's etcdctl (API v3) against `endpoints`.
