@@ -133,6 +133,10 @@ struct RunArgs {
         value_parser = duration
     )]
     experimental_watch_progress_notify_interval: Duration,
+    /// The store's size limit in bytes; past it writes are refused (NOSPACE alarm) while
+    /// reads and deletes go on. 0 means etcd's default, 2 GiB.
+    #[arg(long, env = "ETCD_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    quota_backend_bytes: u64,
 }
 
 /// A Go-style duration with one unit, as etcd's duration flags are usually written.
@@ -250,6 +254,10 @@ impl RunArgs {
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             snapshot_bytes: self.snapshot_bytes,
             watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
+            quota_backend_bytes: match self.quota_backend_bytes {
+                0 => consensus_node::api::quota::DEFAULT_QUOTA_BYTES,
+                bytes => bytes,
+            },
         })
     }
 }

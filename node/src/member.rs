@@ -192,6 +192,7 @@ pub struct Node {
     pub leases: crate::lease::LeaseClock,
     /// Committed events, for the watch streams this member serves.
     pub watch_hub: WatchHub,
+    pub quota_bytes: u64,
     leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
     read_index_requests: tokio::sync::mpsc::UnboundedSender<ReadIndexReply>,
 }
@@ -269,12 +270,24 @@ pub struct NodeParts {
     pub last_data_index: Arc<AtomicU64>,
     pub leases: crate::lease::LeaseClock,
     pub watch_hub: WatchHub,
+    /// `--quota-backend-bytes`: see `api::quota`.
+    pub quota_bytes: u64,
 }
 
 impl Node {
     /// Must be called inside a Tokio runtime: it starts the read index rounds.
     pub fn new(parts: NodeParts) -> Self {
-        let NodeParts { identity, raft, store, metrics, db_path, last_data_index, leases, watch_hub } = parts;
+        let NodeParts {
+            identity,
+            raft,
+            store,
+            metrics,
+            db_path,
+            last_data_index,
+            leases,
+            watch_hub,
+            quota_bytes,
+        } = parts;
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
         Self {
@@ -285,6 +298,7 @@ impl Node {
             db_path,
             leases,
             watch_hub,
+            quota_bytes,
             leader_clients: Mutex::new(HashMap::new()),
             read_index_requests,
         }

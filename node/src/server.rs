@@ -64,6 +64,8 @@ pub struct MemberConfig {
     pub snapshot_bytes: u64,
     /// How often watchers that asked for progress notifications get one.
     pub watch_progress_notify_interval: Duration,
+    /// The store's size limit (etcd's `--quota-backend-bytes`).
+    pub quota_backend_bytes: u64,
 }
 
 /// Where a member keeps what under `--data-dir`: `run` and `restore` must agree.
@@ -264,6 +266,7 @@ pub async fn run(
         last_data_index,
         leases: crate::lease::LeaseClock::new(config.election_timeout),
         watch_hub,
+        quota_bytes: config.quota_backend_bytes,
     }));
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -19,6 +19,8 @@ pub enum ApplyError {
     Compacted,
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision,
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
     #[error("etcdserver: request is malformed: {0}")]
     Malformed(String),
 }
@@ -29,6 +31,7 @@ impl From<ApplyError> for Status {
             ApplyError::LeaseNotFound => Code::NotFound,
             ApplyError::LeaseExists => Code::FailedPrecondition,
             ApplyError::Compacted | ApplyError::FutureRevision => Code::OutOfRange,
+            ApplyError::NoSpace => Code::ResourceExhausted,
             ApplyError::EmptyKey | ApplyError::KeyNotFound | ApplyError::Malformed(_) => {
                 Code::InvalidArgument
             }

@@ -144,6 +144,7 @@ impl Kv for KvService {
         if request.ignore_lease && request.lease != 0 {
             return Err(Status::invalid_argument("etcdserver: lease is provided"));
         }
+        super::quota::check(&self.node, super::quota::put_cost(&request)).await?;
         let mut response: PutResponse =
             super::propose(&self.node, Command::Put(request.encode_to_vec())).await?;
         finish_header(&self.node, &mut response.header);
@@ -169,6 +170,9 @@ impl Kv for KvService {
         let request = request.into_inner();
         check_size(request.encoded_len())?;
         check_txn(&request)?;
+        if crate::kv::txn_puts(&request) {
+            super::quota::check(&self.node, super::quota::txn_cost(&request)).await?;
+        }
         // Every Txn goes through the log, read-only ones too: simpler than a second,
         // read-index path, at the cost of a log entry per read-only Txn.
         let mut response: TxnResponse =

@@ -68,6 +68,7 @@ impl Lease for LeaseService {
         request: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
         let request = request.into_inner();
+        super::quota::check(&self.node, super::quota::LEASE_COST).await?;
         let grant = LeaseGrantRequest {
             ttl: granted_ttl(request.ttl, self.node.leases.min_ttl)?,
             id: if request.id == 0 { new_lease_id() } else { request.id },

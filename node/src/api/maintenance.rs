@@ -9,7 +9,11 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
+use prost::Message;
+
 use crate::member::{ForwardRequest, Node};
+use crate::proto::etcdserverpb::AlarmType;
+use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::maintenance_server::Maintenance;
 use crate::proto::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse,
@@ -17,6 +21,7 @@ use crate::proto::etcdserverpb::{
     SnapshotResponse, StatusRequest, StatusResponse,
 };
 use crate::raft::state_machine::{SNAPSHOT_CHECKSUM_LEN, snapshot_for_client};
+use crate::raft::types::Command;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -88,9 +93,27 @@ fn send_snapshot(
 impl Maintenance for MaintenanceService {
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
-    async fn alarm(&self, _request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        // No alarm is ever raised by this member yet, so the list is truthfully empty.
-        Ok(Response::new(AlarmResponse { header: Some(self.node.current_header()?), alarms: Vec::new() }))
+    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let request = request.into_inner();
+        match AlarmAction::try_from(request.action) {
+            Ok(AlarmAction::Get) => {
+                self.node.read_barrier().await?;
+                let view = self.node.store.read()?;
+                let alarms = crate::kv::alarms_of(&view)?
+                    .into_iter()
+                    .filter(|a| request.member_id == 0 || a.member_id == request.member_id)
+                    .filter(|a| request.alarm == AlarmType::None as i32 || a.alarm == request.alarm)
+                    .collect();
+                Ok(Response::new(AlarmResponse { header: Some(self.node.header(view.revision()?)), alarms }))
+            }
+            Ok(AlarmAction::Activate | AlarmAction::Deactivate) => {
+                let mut response: AlarmResponse =
+                    super::propose(&self.node, Command::Alarm(request.encode_to_vec())).await?;
+                response.header = Some(self.node.current_header()?);
+                Ok(Response::new(response))
+            }
+            Err(_) => Err(Status::invalid_argument("etcdserver: unknown alarm action")),
+        }
     }
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -108,7 +131,13 @@ impl Maintenance for MaintenanceService {
             raft_index: metrics.last_log_index.unwrap_or(0),
             raft_term: metrics.current_term,
             raft_applied_index: metrics.last_applied.map_or(0, |id| id.index),
-            errors: Vec::new(),
+            errors: crate::kv::alarms_of(&self.node.store.read()?)?
+                .iter()
+                .map(|a| {
+                    let kind = AlarmType::try_from(a.alarm).map_or("UNKNOWN", |t| t.as_str_name());
+                    format!("memberID:{} alarm:{kind} ", a.member_id)
+                })
+                .collect(),
             // The file may have grown since it was measured; never report more in use than
             // the size reported beside it.
             db_size_in_use: db_size_in_use.min(db_size),

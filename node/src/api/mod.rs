@@ -7,6 +7,7 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod peer;
+pub mod quota;
 pub mod watch;
 
 use prost::Message;

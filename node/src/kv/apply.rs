@@ -9,13 +9,14 @@ use prost::Message;
 use super::range::{RangeSource, range};
 use super::store::{KeySpan, KvError, RangeRequestSpec, WriteBatch, check_revision};
 use crate::api::errors::ApplyError;
+use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::proto::etcdserverpb::request_op::Request;
 use crate::proto::etcdserverpb::response_op::Response;
 use crate::proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
-    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    AlarmMember, AlarmRequest, AlarmResponse, AlarmType, CompactionRequest, CompactionResponse, Compare,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, PutRequest, PutResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::proto::mvccpb::KeyValue;
 use crate::raft::types::{Applied, Command};
@@ -65,6 +66,7 @@ pub fn apply_command(batch: &mut WriteBatch, command: &Command) -> Result<Applie
         Command::LeaseRevoke(bytes) => {
             decoded(bytes).and_then(|r| lease_revoke(batch, &r)).map(|r| r.encode_to_vec())
         }
+        Command::Alarm(bytes) => decoded(bytes).and_then(|r| alarm(batch, &r)).map(|r| r.encode_to_vec()),
     };
     match outcome {
         Ok(response) => Ok(Applied::Response(response)),
@@ -106,6 +108,7 @@ fn write_put(batch: &mut WriteBatch, revision: i64, request: &PutRequest) -> Out
 }
 
 fn put(batch: &mut WriteBatch, request: &PutRequest) -> Outcome<PutResponse> {
+    refuse_when_out_of_space(batch)?;
     check_put(batch, request)?;
     let revision = batch.next_revision();
     write_put(batch, revision, request)
@@ -244,6 +247,9 @@ fn run_decided(batch: &mut WriteBatch, revision: i64, decided: &Decided<'_>) -> 
 }
 
 fn txn(batch: &mut WriteBatch, request: &TxnRequest) -> Outcome<TxnResponse> {
+    if txn_puts(request) {
+        refuse_when_out_of_space(batch)?;
+    }
     let decided = decide(batch, request)?;
     check_decided(batch, &decided)?;
     // Every write of the Txn shares one revision.
@@ -265,6 +271,7 @@ fn compact(batch: &mut WriteBatch, request: &CompactionRequest) -> Outcome<Compa
 }
 
 fn lease_grant(batch: &mut WriteBatch, request: &LeaseGrantRequest) -> Outcome<LeaseGrantResponse> {
+    refuse_when_out_of_space(batch)?;
     // The proposing member chose the id and the TTL; applying only records them.
     if request.id <= 0 {
         return Err(ApplyError::Malformed("lease id must be positive".to_owned()).into());
@@ -292,4 +299,284 @@ fn lease_revoke(batch: &mut WriteBatch, request: &LeaseRevokeRequest) -> Outcome
         batch.delete_range(revision, KeySpan { key: &key, range_end: &[] })?;
     }
     Ok(LeaseRevokeResponse { header: header(batch.revision()) })
+}
+
+/// Whether a Txn puts anything, in any branch at any depth (etcd refuses such a Txn while
+/// the space alarm is raised, whichever branch would run).
+pub fn txn_puts(request: &TxnRequest) -> bool {
+    request.success.iter().chain(&request.failure).any(|op| match &op.request {
+        Some(Request::RequestPut(_)) => true,
+        Some(Request::RequestTxn(inner)) => txn_puts(inner),
+        _ => false,
+    })
+}
+
+const META_ALARMS: &str = "alarms";
+
+/// The raised alarms, as of `meta` (a read view's or a batch's meta table).
+pub fn active_alarms(meta: Option<Vec<u8>>) -> Result<Vec<AlarmMember>, KvError> {
+    let Some(bytes) = meta else { return Ok(Vec::new()) };
+    AlarmResponse::decode(bytes.as_slice())
+        .map(|list| list.alarms)
+        .map_err(|e| KvError::Corrupt { key: META_ALARMS.as_bytes().to_vec(), reason: e.to_string() })
+}
+
+pub fn alarms_of(view: &super::ReadView) -> Result<Vec<AlarmMember>, KvError> {
+    active_alarms(view.meta(META_ALARMS)?)
+}
+
+/// While any member's space alarm is raised, writes that add data are refused on every
+/// member alike (deletes and compaction still run, to free space).
+fn refuse_when_out_of_space(batch: &WriteBatch) -> Outcome<()> {
+    let alarms = active_alarms(batch.meta(META_ALARMS)?)?;
+    if alarms.iter().any(|a| a.alarm == AlarmType::Nospace as i32) {
+        return Err(ApplyError::NoSpace.into());
+    }
+    Ok(())
+}
+
+/// Raises or clears an alarm; answers with the alarm it changed (none if nothing changed).
+fn alarm(batch: &mut WriteBatch, request: &AlarmRequest) -> Outcome<AlarmResponse> {
+    let mut alarms = active_alarms(batch.meta(META_ALARMS)?)?;
+    let this = AlarmMember { member_id: request.member_id, alarm: request.alarm };
+    let present = alarms.contains(&this);
+    let changed = match AlarmAction::try_from(request.action) {
+        Ok(AlarmAction::Activate) if !present && request.alarm != AlarmType::None as i32 => {
+            alarms.push(this.clone());
+            true
+        }
+        Ok(AlarmAction::Deactivate) if present => {
+            alarms.retain(|a| a != &this);
+            true
+        }
+        Ok(_) => false,
+        Err(_) => return Err(ApplyError::Malformed("unknown alarm action".to_owned()).into()),
+    };
+    if changed {
+        let list = AlarmResponse { header: None, alarms };
+        batch.set_meta(META_ALARMS, &list.encode_to_vec())?;
+    }
+    Ok(AlarmResponse {
+        header: header(batch.revision()),
+        alarms: if changed { vec![this] } else { Vec::new() },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::MvccStore;
+    use crate::proto::etcdserverpb::{RangeRequest, RequestOp, TxnRequest};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: MvccStore,
+    }
+
+    fn store() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MvccStore::open(&dir.path().join("kv.redb")).expect("open");
+        Fixture { _dir: dir, store }
+    }
+
+    fn apply(store: &MvccStore, command: Command) -> Applied {
+        let mut batch = store.write(false).expect("write");
+        let applied = apply_command(&mut batch, &command).expect("storage");
+        batch.commit().expect("commit");
+        applied
+    }
+
+    fn put_request(key: &str, value: &str, lease: i64) -> PutRequest {
+        PutRequest { key: key.into(), value: value.into(), lease, ..Default::default() }
+    }
+
+    fn put(store: &MvccStore, key: &str, value: &str) -> PutResponse {
+        match apply(store, Command::Put(put_request(key, value, 0).encode_to_vec())) {
+            Applied::Response(bytes) => PutResponse::decode(bytes.as_slice()).expect("decode"),
+            other => panic!("put refused: {other:?}"),
+        }
+    }
+
+    fn txn(store: &MvccStore, request: TxnRequest) -> Result<TxnResponse, ApplyError> {
+        match apply(store, Command::Txn(request.encode_to_vec())) {
+            Applied::Response(bytes) => Ok(TxnResponse::decode(bytes.as_slice()).expect("decode")),
+            Applied::Error(e) => Err(e),
+            Applied::Nothing => panic!("no answer"),
+        }
+    }
+
+    fn op(request: Request) -> RequestOp {
+        RequestOp { request: Some(request) }
+    }
+
+    fn compare(key: &str, target: CompareTarget, result: CompareResult, constant: TargetUnion) -> Compare {
+        Compare {
+            key: key.into(),
+            target: target as i32,
+            result: result as i32,
+            target_union: Some(constant),
+            range_end: Vec::new(),
+        }
+    }
+
+    fn value_of(store: &MvccStore, key: &str) -> Option<Vec<u8>> {
+        store
+            .read()
+            .expect("read")
+            .range(&RangeRequestSpec {
+                span: KeySpan { key: key.as_bytes(), range_end: &[] },
+                revision: 0,
+                limit: 0,
+            })
+            .expect("range")
+            .kvs
+            .pop()
+            .map(|kv| kv.value)
+    }
+
+    #[test]
+    fn a_missing_key_has_version_zero_and_no_value() {
+        let f = store();
+        let absent = compare("k", CompareTarget::Version, CompareResult::Equal, TargetUnion::Version(0));
+        let response =
+            txn(&f.store, TxnRequest { compare: vec![absent], ..Default::default() }).expect("txn");
+        assert!(response.succeeded);
+        let empty_value =
+            compare("k", CompareTarget::Value, CompareResult::Equal, TargetUnion::Value(vec![]));
+        let response =
+            txn(&f.store, TxnRequest { compare: vec![empty_value], ..Default::default() }).expect("txn");
+        assert!(!response.succeeded, "a value compare on a missing key never holds");
+    }
+
+    #[test]
+    fn reads_in_a_txn_see_its_earlier_writes_and_all_writes_share_a_revision() {
+        let f = store();
+        let before = put(&f.store, "other", "x").header.expect("header").revision;
+        let request = TxnRequest {
+            success: vec![
+                op(Request::RequestPut(put_request("a", "1", 0))),
+                op(Request::RequestPut(put_request("b", "2", 0))),
+                op(Request::RequestRange(RangeRequest { key: "a".into(), ..Default::default() })),
+            ],
+            ..Default::default()
+        };
+        let response = txn(&f.store, request).expect("txn");
+        assert_eq!(response.header.expect("header").revision, before + 1);
+        let Some(Response::ResponseRange(range)) = &response.responses[2].response else { panic!("range") };
+        assert_eq!(range.kvs[0].value, b"1");
+        assert_eq!(range.kvs[0].mod_revision, before + 1);
+    }
+
+    #[test]
+    fn a_refused_txn_writes_nothing() {
+        let f = store();
+        let request = TxnRequest {
+            success: vec![
+                op(Request::RequestPut(put_request("a", "1", 0))),
+                op(Request::RequestPut(put_request("b", "2", 77))),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(txn(&f.store, request), Err(ApplyError::LeaseNotFound));
+        assert_eq!(value_of(&f.store, "a"), None);
+    }
+
+    #[test]
+    fn nested_txns_choose_their_branch_on_the_state_before_the_outer_txn() {
+        let f = store();
+        let absent = compare("a", CompareTarget::Version, CompareResult::Equal, TargetUnion::Version(0));
+        let inner = TxnRequest {
+            compare: vec![absent],
+            success: vec![op(Request::RequestPut(put_request("inner", "saw-a-absent", 0)))],
+            failure: vec![op(Request::RequestPut(put_request("inner", "saw-a-present", 0)))],
+        };
+        let outer = TxnRequest {
+            success: vec![op(Request::RequestPut(put_request("a", "1", 0))), op(Request::RequestTxn(inner))],
+            ..Default::default()
+        };
+        txn(&f.store, outer).expect("txn");
+        assert_eq!(value_of(&f.store, "inner").as_deref(), Some(b"saw-a-absent".as_slice()));
+    }
+
+    #[test]
+    fn compaction_keeps_what_reads_at_the_compacted_revision_need() {
+        let f = store();
+        let r1 = put(&f.store, "k", "v1").header.expect("h").revision;
+        let r2 = put(&f.store, "k", "v2").header.expect("h").revision;
+        put(&f.store, "gone", "x");
+        apply(
+            &f.store,
+            Command::DeleteRange(
+                DeleteRangeRequest { key: "gone".into(), ..Default::default() }.encode_to_vec(),
+            ),
+        );
+        let r3 = put(&f.store, "k", "v3").header.expect("h").revision;
+        let compact_to =
+            |revision| Command::Compact(CompactionRequest { revision, physical: true }.encode_to_vec());
+        assert!(matches!(apply(&f.store, compact_to(r3)), Applied::Response(_)));
+        let view = f.store.read().expect("read");
+        let at = |revision| {
+            view.range(&RangeRequestSpec { span: KeySpan { key: b"k", range_end: &[] }, revision, limit: 0 })
+        };
+        assert!(matches!(at(r1), Err(KvError::Compacted { .. })));
+        assert!(matches!(at(r2), Err(KvError::Compacted { .. })));
+        assert_eq!(at(r3).expect("read at the compacted revision").kvs[0].value, b"v3");
+        assert_eq!(apply(&f.store, compact_to(r3)), Applied::Error(ApplyError::Compacted));
+        assert_eq!(apply(&f.store, compact_to(r3 + 10)), Applied::Error(ApplyError::FutureRevision));
+    }
+
+    #[test]
+    fn revoking_a_lease_deletes_its_keys_at_one_revision() {
+        let f = store();
+        let grant = LeaseGrantRequest { id: 5, ttl: 10 };
+        assert!(matches!(apply(&f.store, Command::LeaseGrant(grant.encode_to_vec())), Applied::Response(_)));
+        assert_eq!(
+            apply(&f.store, Command::LeaseGrant(grant.encode_to_vec())),
+            Applied::Error(ApplyError::LeaseExists)
+        );
+        apply(&f.store, Command::Put(put_request("a", "1", 5).encode_to_vec()));
+        apply(&f.store, Command::Put(put_request("b", "2", 5).encode_to_vec()));
+        // Re-put without the lease: detached, so it outlives the lease.
+        apply(&f.store, Command::Put(put_request("b", "3", 0).encode_to_vec()));
+        let before = f.store.read().expect("read").revision().expect("revision");
+        apply(&f.store, Command::LeaseRevoke(LeaseRevokeRequest { id: 5 }.encode_to_vec()));
+        assert_eq!(f.store.read().expect("read").revision().expect("revision"), before + 1);
+        assert_eq!(value_of(&f.store, "a"), None);
+        assert_eq!(value_of(&f.store, "b").as_deref(), Some(b"3".as_slice()));
+        assert_eq!(
+            apply(&f.store, Command::LeaseRevoke(LeaseRevokeRequest { id: 5 }.encode_to_vec())),
+            Applied::Error(ApplyError::LeaseNotFound)
+        );
+    }
+
+    #[test]
+    fn the_space_alarm_refuses_writes_that_add_data_but_not_deletes() {
+        let f = store();
+        put(&f.store, "a", "1");
+        let alarm = |action: AlarmAction| {
+            Command::Alarm(
+                AlarmRequest { action: action as i32, member_id: 9, alarm: AlarmType::Nospace as i32 }
+                    .encode_to_vec(),
+            )
+        };
+        apply(&f.store, alarm(AlarmAction::Activate));
+        assert_eq!(
+            apply(&f.store, Command::Put(put_request("b", "2", 0).encode_to_vec())),
+            Applied::Error(ApplyError::NoSpace)
+        );
+        assert_eq!(
+            apply(&f.store, Command::LeaseGrant(LeaseGrantRequest { id: 1, ttl: 5 }.encode_to_vec())),
+            Applied::Error(ApplyError::NoSpace)
+        );
+        let delete = DeleteRangeRequest { key: "a".into(), ..Default::default() };
+        assert!(matches!(
+            apply(&f.store, Command::DeleteRange(delete.encode_to_vec())),
+            Applied::Response(_)
+        ));
+        apply(&f.store, alarm(AlarmAction::Deactivate));
+        assert!(matches!(
+            apply(&f.store, Command::Put(put_request("b", "2", 0).encode_to_vec())),
+            Applied::Response(_)
+        ));
+    }
 }

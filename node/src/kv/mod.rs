@@ -17,6 +17,6 @@ mod range;
 mod store;
 pub mod watch;
 
-pub use apply::apply_command;
+pub use apply::{alarms_of, apply_command, txn_puts};
 pub use range::{RangeSource, range, valid_sort};
 pub use store::{KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};

@@ -481,6 +481,12 @@ impl WriteBatch {
         Ok(keys)
     }
 
+    /// A value stored with `set_meta`, seeing this batch's own writes.
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let meta = self.txn.open_table(META).map_err(storage)?;
+        Ok(meta.get(name).map_err(storage)?.map(|v| v.value().to_vec()))
+    }
+
     /// Stores `value` under `name` in the meta table, in the same transaction as the data.
     pub fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<(), KvError> {
         self.txn.open_table(META).map_err(storage)?.insert(name, value).map_err(storage)?;

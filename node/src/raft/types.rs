@@ -30,6 +30,8 @@ pub enum Command {
     LeaseGrant(Vec<u8>),
     /// A revoke, asked by a client or decided by the leader when the lease expired.
     LeaseRevoke(Vec<u8>),
+    /// Raises or clears an alarm (etcd's AlarmRequest), so every member refuses alike.
+    Alarm(Vec<u8>),
 }
 
 impl fmt::Display for Command {
@@ -41,6 +43,7 @@ impl fmt::Display for Command {
             Command::Compact(b) => ("compact", b),
             Command::LeaseGrant(b) => ("lease_grant", b),
             Command::LeaseRevoke(b) => ("lease_revoke", b),
+            Command::Alarm(b) => ("alarm", b),
         };
         write!(f, "{name}({} bytes)", bytes.len())
     }

@@ -58,11 +58,18 @@ pub struct Options {
     pub snapshot_count: u64,
     pub snapshot_catchup_entries: u64,
     pub snapshot_bytes: u64,
+    /// `--quota-backend-bytes`; 0 for the default.
+    pub quota_backend_bytes: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { snapshot_count: 10_000, snapshot_catchup_entries: 5_000, snapshot_bytes: 64 << 20 }
+        Self {
+            snapshot_count: 10_000,
+            snapshot_catchup_entries: 5_000,
+            snapshot_bytes: 64 << 20,
+            quota_backend_bytes: 0,
+        }
     }
 }
 
@@ -215,6 +222,8 @@ fn member_args(m: &TestMember, initial_cluster: &str, state: &str, options: &Opt
         options.snapshot_catchup_entries.to_string(),
         "--snapshot-bytes".into(),
         options.snapshot_bytes.to_string(),
+        "--quota-backend-bytes".into(),
+        options.quota_backend_bytes.to_string(),
     ]
 }
 
