@@ -342,7 +342,7 @@ fn alarm(batch: &mut WriteBatch, request: &AlarmRequest) -> Outcome<AlarmRespons
     let present = alarms.contains(&this);
     let changed = match AlarmAction::try_from(request.action) {
         Ok(AlarmAction::Activate) if !present && request.alarm != AlarmType::None as i32 => {
-            alarms.push(this.clone());
+            alarms.push(this);
             true
         }
         Ok(AlarmAction::Deactivate) if present => {
