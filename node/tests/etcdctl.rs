@@ -2,6 +2,7 @@
 
 mod support;
 
+use consensus_node::proto::etcdserverpb::RangeRequest;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -20,6 +21,27 @@ async fn etcdctl_puts_and_gets() {
             .expect("json");
     assert_eq!(json["count"], 2);
     assert_eq!(json["kvs"][0]["version"], 1);
+    let first_revision = json["kvs"][0]["mod_revision"].as_i64().expect("revision");
+    ok(cluster.etcdctl(&endpoints, &["put", "/app/a", "1b"]));
+    let old = ok(cluster.etcdctl(&endpoints, &["get", "/app/a", &format!("--rev={first_revision}")]));
+    assert_eq!(old.lines().nth(1), Some("1"), "{old}");
+    let limited = ok(cluster.etcdctl(&endpoints, &["get", "/app/", "--prefix", "--limit=1", "--keys-only"]));
+    assert_eq!(limited.split_whitespace().collect::<Vec<_>>(), ["/app/a"]);
+    // etcdctl 3.4 has no --count-only; etcd's API does.
+    let counted = cluster.members[0]
+        .kv()
+        .await
+        .range(RangeRequest {
+            key: "/app/".into(),
+            range_end: "/app0".into(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .expect("count-only range")
+        .into_inner();
+    assert_eq!((counted.count, counted.kvs.len()), (2, 0));
+    assert_eq!(ok(cluster.etcdctl(&endpoints, &["del", "/app/", "--prefix"])).trim(), "2");
     // Each member answers for itself.
     for member in &cluster.members {
         assert_eq!(
@@ -112,6 +134,17 @@ async fn wrong_input_gets_etcds_errors() {
     assert!(String::from_utf8_lossy(&promote.stderr).contains("member not found"), "{:?}", promote);
     let lease = cluster.etcdctl(&endpoint, &["put", "k", "v", "--lease=1234"]);
     assert!(String::from_utf8_lossy(&lease.stderr).contains("requested lease not found"), "{:?}", lease);
+    let oversized = "v".repeat(1600 * 1024);
+    let too_large = failed(etcdctl(&endpoint, &["put", "big"], Some(&oversized)));
+    assert!(too_large.contains("etcdserver: request is too large"), "{too_large}");
+    let bad_sort = cluster.members[0]
+        .kv()
+        .await
+        .range(RangeRequest { key: "k".into(), sort_target: 42, ..Default::default() })
+        .await
+        .expect_err("an unknown sort target is refused");
+    assert_eq!(bad_sort.code(), tonic::Code::InvalidArgument);
+    assert_eq!(bad_sort.message(), "etcdserver: invalid sort option");
     let future = cluster.etcdctl(&endpoint, &["get", "k", "--rev=1000"]);
     assert!(
         String::from_utf8_lossy(&future.stderr).contains("required revision is a future revision"),
