@@ -12,16 +12,6 @@ use consensus_node::proto::etcdserverpb::{
 use sha2::{Digest, Sha256};
 use support::*;
 
-fn ok(output: std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "command failed: {}{}",
-        stdout(&output),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(&output)
-}
-
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }

@@ -17,16 +17,6 @@ use support::*;
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
-fn ok(output: std::process::Output) -> String {
-    assert!(
-        output.status.success(),
-        "etcdctl failed: {}{}",
-        stdout(&output),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout(&output)
-}
-
 /// A running `etcdctl watch`, its output lines collected as they come; killed when dropped.
 struct EtcdctlWatch {
     child: Child,

@@ -246,25 +246,30 @@ impl TestCluster {
     }
 
     pub fn start_with(size: usize, options: Options) -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let mut members: Vec<TestMember> =
-            (0..size).map(|i| new_member(dir.path(), &format!("m{i}"))).collect();
-        let initial_cluster =
-            members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect::<Vec<_>>().join(",");
-        for m in &mut members {
-            m.args = member_args(m, &initial_cluster, "new", &options);
+        let mut cluster = Self::prepare(size, &options);
+        for m in &mut cluster.members {
             m.spawn();
         }
-        Self { dir, members }
+        cluster
+    }
+
+    /// Members of a new cluster, on new ports, with their flags ready but not started.
+    fn prepare(size: usize, options: &Options) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let members = (0..size).map(|i| new_member(dir.path(), &format!("m{i}"))).collect();
+        let mut cluster = Self { dir, members };
+        let initial_cluster = cluster.initial_cluster();
+        for m in &mut cluster.members {
+            m.args = member_args(m, &initial_cluster, "new", options);
+        }
+        cluster
     }
 
     /// A member that joins with `--initial-cluster-state existing` (after `member add`).
     pub fn prepare_joiner(&mut self, name: &str) -> usize {
         let mut m = new_member(self.dir.path(), name);
-        let mut pairs: Vec<String> =
-            self.members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect();
-        pairs.push(format!("{}={}", m.name, m.peer_url()));
-        m.args = member_args(&m, &pairs.join(","), "existing", &Options::default());
+        let initial_cluster = format!("{},{}={}", self.initial_cluster(), m.name, m.peer_url());
+        m.args = member_args(&m, &initial_cluster, "existing", &Options::default());
         self.members.push(m);
         self.members.len() - 1
     }
@@ -272,16 +277,11 @@ impl TestCluster {
     /// Members of a new cluster with `token`, on new ports, with their flags ready but not
     /// started: the test prepares their data directories first (`consensus-node restore`).
     pub fn prepare_with_token(size: usize, token: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let mut members: Vec<TestMember> =
-            (0..size).map(|i| new_member(dir.path(), &format!("m{i}"))).collect();
-        let initial_cluster =
-            members.iter().map(|m| format!("{}={}", m.name, m.peer_url())).collect::<Vec<_>>().join(",");
-        for m in &mut members {
-            m.args = member_args(m, &initial_cluster, "new", &Options::default());
+        let mut cluster = Self::prepare(size, &Options::default());
+        for m in &mut cluster.members {
             m.args.extend(["--initial-cluster-token".to_owned(), token.to_owned()]);
         }
-        Self { dir, members }
+        cluster
     }
 
     /// `--initial-cluster` for this cluster's members.
@@ -353,11 +353,11 @@ pub fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("etcdctl runs")
 }
 
-/// etcdctl's output, after checking that it succeeded.
+/// A command's output (etcdctl, consensus-node), after checking that it succeeded.
 pub fn ok(output: Output) -> String {
     assert!(
         output.status.success(),
-        "etcdctl failed: {}{}",
+        "command failed: {}{}",
         stdout(&output),
         String::from_utf8_lossy(&output.stderr)
     );
