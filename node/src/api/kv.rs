@@ -81,14 +81,15 @@ fn branch_writes(ops: &[RequestOp]) -> Result<BranchWrites, ServerError> {
             Some(Op::RequestDeleteRange(r)) => writes.deletes.push((r.key.clone(), r.range_end.clone())),
             Some(Op::RequestTxn(inner)) => {
                 check_txn(inner)?;
-                // Only one of the nested branches runs, but each must be disjoint from ours.
-                for branch in [&inner.success, &inner.failure] {
-                    let nested = branch_writes(branch)?;
-                    if nested.puts.iter().any(|k| writes.puts.contains(k)) {
-                        return Err(ServerError::DuplicateKey);
-                    }
-                    writes.puts.extend(nested.puts);
-                    writes.deletes.extend(nested.deletes);
+                // Only one of the nested branches runs, so they may write the same keys as
+                // each other, but each must be disjoint from ours.
+                let nested = [branch_writes(&inner.success)?, branch_writes(&inner.failure)?];
+                if nested.iter().any(|n| n.puts.iter().any(|k| writes.puts.contains(k))) {
+                    return Err(ServerError::DuplicateKey);
+                }
+                for n in nested {
+                    writes.puts.extend(n.puts);
+                    writes.deletes.extend(n.deletes);
                 }
             }
             Some(Op::RequestRange(_)) | None => {}

@@ -23,7 +23,7 @@ const HUB_CAPACITY: usize = 256;
 /// What the state machine tells watchers.
 #[derive(Debug)]
 pub enum Notice {
-    /// The events of one commit in the order they were made; `revision` is the store's
+    /// The events of one commit, by revision and then key; `revision` is the store's
     /// revision after it.
     Committed { revision: i64, events: Vec<Event> },
     /// A snapshot replaced the store: what a watcher has seen may not follow from the
@@ -52,12 +52,16 @@ impl WatchHub {
         self.sender.subscribe()
     }
 
-    /// Publishes a committed batch's events (from `WriteBatch::commit`), in commit order.
-    pub fn committed(&self, events: Vec<Event>) {
+    /// Publishes a committed batch's events (from `WriteBatch::commit`), in revision order
+    /// and by key within a revision: history keeps no order inside a revision, and a watcher
+    /// that replays history must see the same order as one that saw the events live.
+    pub fn committed(&self, mut events: Vec<Event>) {
         // Without subscribers nothing would read the batch; skip building it.
         if events.is_empty() || self.sender.receiver_count() == 0 {
             return;
         }
+        let key = |e: &Event| e.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
+        events.sort_by(|a, b| revision_of(a).cmp(&revision_of(b)).then_with(|| key(a).cmp(&key(b))));
         let revision = events.iter().map(revision_of).max().unwrap_or(0);
         // An error only means every subscriber left meanwhile.
         let _ = self.sender.send(Arc::new(Notice::Committed { revision, events }));
@@ -259,6 +263,26 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn live_events_come_in_the_order_history_replays_them() {
+        let hub = WatchHub::new();
+        let mut feed = hub.subscribe();
+        // A Txn wrote b before a, at one revision.
+        let put = |key: &str, revision| Event {
+            r#type: EventType::Put.into(),
+            kv: Some(kv(key, revision, 1, "v")),
+            prev_kv: None,
+        };
+        let written = vec![put("z", 4), put("b", 5), put("a", 5)];
+        hub.committed(written.clone());
+        let Ok(notice) = feed.try_recv() else { panic!("a notice") };
+        let Notice::Committed { revision, events } = notice.as_ref() else { panic!("committed") };
+        assert_eq!(*revision, 5);
+        let replayed =
+            events_from_history([kv("a", 5, 1, "v"), kv("b", 5, 1, "v"), kv("z", 4, 1, "v")], 0, 5);
+        assert_eq!(summary(events), summary(&replayed));
     }
 
     #[test]
