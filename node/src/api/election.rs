@@ -100,6 +100,7 @@ impl Election for ElectionService {
                 claim.kv.create_revision,
                 request.lease,
                 request.value,
+                None,
             )
             .await?;
             if !replaced {
@@ -121,9 +122,15 @@ impl Election for ElectionService {
     ) -> Result<Response<ProclaimResponse>, Status> {
         let request = request.into_inner();
         let leader = request.leader.ok_or_else(not_leader)?;
-        let (replaced, header) =
-            ownership::replace_value(&self.node, &leader.key, leader.rev, leader.lease, request.value)
-                .await?;
+        let (replaced, header) = ownership::replace_value(
+            &self.node,
+            &leader.key,
+            leader.rev,
+            leader.lease,
+            request.value,
+            Some(&ownership::prefix(&leader.name)),
+        )
+        .await?;
         if !replaced {
             return Err(not_leader());
         }

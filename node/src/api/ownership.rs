@@ -129,19 +129,29 @@ pub async fn claim(node: &Node, key: &[u8], lease: i64, value: Vec<u8>) -> Resul
 }
 
 /// Replaces the value of the key created at `create_revision`, only while it is that key
-/// (its owner may have lost it meanwhile); answers whether it was.
+/// (its owner may have lost it meanwhile) and, given `first_under`, only while it heads that
+/// queue; answers whether it was replaced.
 pub async fn replace_value(
     node: &Node,
     key: &[u8],
     create_revision: i64,
     lease: i64,
     value: Vec<u8>,
+    first_under: Option<&[u8]>,
 ) -> Result<(bool, ResponseHeader), Status> {
-    let request = TxnRequest {
-        compare: vec![compare_create(key, create_revision)],
-        success: vec![put_op(key, value, lease)],
-        failure: Vec::new(),
-    };
+    let mut compare = vec![compare_create(key, create_revision)];
+    if let Some(prefix) = first_under {
+        // No key of the queue is older: checked in the same Txn as the write, so a leader
+        // that has just lost its key cannot overwrite its successor's value.
+        compare.push(Compare {
+            result: CompareResult::Greater.into(),
+            target: CompareTarget::Create.into(),
+            key: prefix.to_vec(),
+            target_union: Some(TargetUnion::CreateRevision(create_revision - 1)),
+            range_end: prefix_end(prefix),
+        });
+    }
+    let request = TxnRequest { compare, success: vec![put_op(key, value, lease)], failure: Vec::new() };
     let response = txn(node, request).await?;
     Ok((response.succeeded, response.header.unwrap_or_default()))
 }
