@@ -5,8 +5,9 @@ CARGO ?= cargo
 PYTHON ?= python3
 
 # Debian packages: etcd's own client and server (tests and the benchmark compare with them),
-# protoc for the gRPC code generation.
-APT_PACKAGES := etcd-client etcd-server protobuf-compiler
+# protoc for the gRPC code generation (libprotobuf-dev: the well-known .proto files the
+# etcd-client crate's build needs).
+APT_PACKAGES := etcd-client etcd-server protobuf-compiler libprotobuf-dev
 PY_PACKAGES := kubernetes-validate==1.37.0 jsonschema==4.26.0 pytest==9.2.0 PyYAML==6.0.3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CRD := manifests/crds/consensus.dev_consensusclusters.yaml

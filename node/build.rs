@@ -3,6 +3,8 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut protos = Vec::new();
     for dir in ["proto/etcd", "proto/raft"] {
+        // The directory too: a new .proto file must regenerate the code.
+        println!("cargo:rerun-if-changed={dir}");
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "proto") {

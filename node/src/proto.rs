@@ -13,3 +13,11 @@ pub mod etcdserverpb {
 pub mod raft {
     tonic::include_proto!("consensus.raft.v1");
 }
+
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
+}

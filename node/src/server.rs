@@ -295,6 +295,8 @@ pub async fn run(
             .with_context(|| format!("listening for clients on {addr}"))?;
         let stop = stopped(stop_rx.clone());
         let lease = crate::api::lease::LeaseService::new(node.clone());
+        let lock = crate::api::lock::LockService::new(node.clone());
+        let election = crate::api::election::ElectionService::new(node.clone());
         let (kv, cluster, maintenance, watch) = (
             KvService::new(node.clone()),
             ClusterService::new(node.clone()),
@@ -308,6 +310,8 @@ pub async fn run(
                 .add_service(crate::proto::etcdserverpb::lease_server::LeaseServer::new(lease))
                 .add_service(MaintenanceServer::new(maintenance))
                 .add_service(WatchServer::new(watch))
+                .add_service(crate::proto::v3lockpb::lock_server::LockServer::new(lock))
+                .add_service(crate::proto::v3electionpb::election_server::ElectionServer::new(election))
                 .serve_with_incoming_shutdown(client_incoming(listener), stop)
                 .await
                 .context("client server")

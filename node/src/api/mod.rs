@@ -2,10 +2,13 @@
 
 pub mod authority;
 pub mod cluster;
+pub mod election;
 pub mod errors;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
+pub mod ownership;
 pub mod peer;
 pub mod quota;
 pub mod watch;
