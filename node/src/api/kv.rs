@@ -193,3 +193,55 @@ impl Kv for KvService {
         Ok(Response::new(response))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::etcdserverpb::PutRequest;
+
+    fn put(key: &str) -> RequestOp {
+        RequestOp { request: Some(Op::RequestPut(PutRequest { key: key.into(), ..Default::default() })) }
+    }
+
+    fn delete(key: &str, range_end: &str) -> RequestOp {
+        RequestOp {
+            request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+                key: key.into(),
+                range_end: range_end.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn nested(success: Vec<RequestOp>, failure: Vec<RequestOp>) -> RequestOp {
+        RequestOp { request: Some(Op::RequestTxn(TxnRequest { compare: Vec::new(), success, failure })) }
+    }
+
+    fn txn(success: Vec<RequestOp>) -> TxnRequest {
+        TxnRequest { compare: Vec::new(), success, failure: Vec::new() }
+    }
+
+    #[test]
+    fn a_key_written_twice_in_one_branch_is_a_duplicate() {
+        assert_eq!(check_txn(&txn(vec![put("a"), put("a")])), Err(ServerError::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![delete("a", "c"), put("b")])), Err(ServerError::DuplicateKey));
+        assert_eq!(
+            check_txn(&txn(vec![put("a"), nested(vec![put("a")], vec![])])),
+            Err(ServerError::DuplicateKey)
+        );
+        assert_eq!(check_txn(&txn(vec![delete("a", "c"), put("c")])), Ok(()));
+    }
+
+    #[test]
+    fn the_branches_of_a_txn_may_write_the_same_key() {
+        let both = TxnRequest { compare: Vec::new(), success: vec![put("a")], failure: vec![put("a")] };
+        assert_eq!(check_txn(&both), Ok(()));
+        assert_eq!(check_txn(&txn(vec![nested(vec![put("a")], vec![put("a")])])), Ok(()));
+    }
+
+    #[test]
+    fn a_branch_has_at_most_128_operations() {
+        let ops = (0..=MAX_TXN_OPS).map(|i| put(&format!("k{i}"))).collect();
+        assert_eq!(check_txn(&txn(ops)), Err(ServerError::TooManyTxnOps));
+    }
+}
