@@ -24,6 +24,9 @@ async fn txn_runs_the_branch_its_compares_choose() {
     assert!(out.contains("config/mode\ngreen"), "the get sees the put before it: {out}");
     let again = ok(etcdctl(&endpoints, &["txn"], Some(swap)));
     assert!(again.starts_with("FAILURE"), "{again}");
+    // Interactive mode prompts for each part and reads the same input.
+    let interactive = ok(etcdctl(&endpoints, &["txn", "--interactive"], Some(swap)));
+    assert!(interactive.contains("compares:") && interactive.contains("FAILURE"), "{interactive}");
     assert_eq!(
         ok(cluster.etcdctl(&endpoints, &["get", "config/failed", "--print-value-only"])).trim(),
         "yes"
