@@ -636,6 +636,14 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ours = Cluster::start(System::Ours, &dir.path().join("ours"))?;
     let mut etcd = Cluster::start(System::Etcd, &dir.path().join("etcd"))?;
+    // Returning drops both clusters, which kills their members: on Ctrl-C too.
+    tokio::select! {
+        result = measure(&mut ours, &mut etcd) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; members stopped"),
+    }
+}
+
+async fn measure(ours: &mut Cluster, etcd: &mut Cluster) -> anyhow::Result<()> {
     ours.leader(Duration::from_secs(30)).await?;
     etcd.leader(Duration::from_secs(30)).await?;
 
@@ -670,8 +678,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let ours_rss = ours.members.iter().filter_map(Member::peak_rss_kib).max().unwrap_or(0);
     let etcd_rss = etcd.members.iter().filter_map(Member::peak_rss_kib).max().unwrap_or(0);
-    let a = failover(&mut ours).await?;
-    let b = failover(&mut etcd).await?;
+    let a = failover(ours).await?;
+    let b = failover(etcd).await?;
     println!(
         "{:<26} {:>12} {:>9.0} {:>9} | {:>12} {:>9.0} {:>9} | {:>11}",
         "leader failover (ms)",
