@@ -672,8 +672,8 @@ async fn measure(ours: &mut Cluster, etcd: &mut Cluster) -> anyhow::Result<()> {
         ("linearizable get, 16", Workload::LinearizableGet, 16),
     ];
     for (name, workload, clients) in workloads {
-        let a = drive(&ours, workload, clients).await?;
-        let b = drive(&etcd, workload, clients).await?;
+        let a = drive(ours, workload, clients).await?;
+        let b = drive(etcd, workload, clients).await?;
         print_row(name, &a, &b);
     }
     let ours_rss = ours.members.iter().filter_map(Member::peak_rss_kib).max().unwrap_or(0);
@@ -704,12 +704,12 @@ async fn measure(ours: &mut Cluster, etcd: &mut Cluster) -> anyhow::Result<()> {
     );
     // After the rows above, so that their load leaves those unchanged.
     let mut reports = Vec::new();
-    let (a, ours_report) = watch_fan_out(&ours).await?;
-    let (b, etcd_report) = watch_fan_out(&etcd).await?;
+    let (a, ours_report) = watch_fan_out(ours).await?;
+    let (b, etcd_report) = watch_fan_out(etcd).await?;
     print_row(&format!("watch, {WATCHERS} watchers"), &a, &b);
     reports.extend([ours_report, etcd_report]);
-    let (a, ours_report) = lease_keep_alive(&ours).await?;
-    let (b, etcd_report) = lease_keep_alive(&etcd).await?;
+    let (a, ours_report) = lease_keep_alive(ours).await?;
+    let (b, etcd_report) = lease_keep_alive(etcd).await?;
     print_row(&format!("lease keep-alive, {LEASES}"), &a, &b);
     reports.extend([ours_report, etcd_report]);
     println!();
