@@ -1,5 +1,7 @@
 //! `consensus-operator`: keeps ConsensusClusters in their declared shape.
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use consensus_operator::{local, signal};
@@ -24,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let shutdown = signal::shutdown().context("installing signal handlers")?;
     match Cli::parse().command {
