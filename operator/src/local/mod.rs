@@ -67,21 +67,24 @@ struct Declaration {
 
 impl Declaration {
     fn update(&mut self, declared: Declared) {
-        self.generation += 1;
-        match declared {
-            Declared::Cluster { name, spec } if name == self.name => {
-                self.spec = *spec;
-                self.refused = None;
-            }
-            Declared::Cluster { name, .. } => {
-                self.refused = Some(format!(
+        let (spec, refused) = match declared {
+            Declared::Cluster { name, spec } if name == self.name => (*spec, None),
+            Declared::Cluster { name, .. } => (
+                self.spec.clone(),
+                Some(format!(
                     "metadata.name changed from {:?} to {name:?}: one local operator runs one cluster; \
                      stop it and start another for {name:?}",
                     self.name
-                ));
-            }
-            Declared::Unreadable(reason) => self.refused = Some(reason),
+                )),
+            ),
+            Declared::Unreadable(reason) => (self.spec.clone(), Some(reason)),
+        };
+        // Like metadata.generation, only a change of what is declared counts, not of comments.
+        if spec != self.spec || refused != self.refused {
+            self.generation += 1;
         }
+        self.spec = spec;
+        self.refused = refused;
     }
 }
 

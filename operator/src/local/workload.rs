@@ -128,7 +128,7 @@ impl Workload {
     pub fn create(&mut self, name: &str, replicas: i32) -> Result<(), LocalError> {
         let count = usize::try_from(replicas).unwrap_or(0);
         let ports = free_ports(count * 3).map_err(LocalError::Ports)?;
-        let members = ports
+        let members: Vec<MemberRecord> = ports
             .chunks_exact(3)
             .enumerate()
             .map(|(i, p)| MemberRecord {
