@@ -62,12 +62,14 @@ test: deps lint crds-check
 	$(CARGO) test --workspace --locked
 	$(PYTHON) -m pytest -q tests/manifests
 
-# A 3-member cluster on loopback (client ports 23790, 23793, 23796); Ctrl-C stops it.
-# The operator's local platform (consensus-operator local) will take this over.
+# The operator's local platform on the sample 3-member cluster: members are consensus-node
+# processes on free loopback ports, state and status under .state/local (kept between runs,
+# so a second `make run` resumes the same cluster; delete .state/local to start afresh).
+# Prints the client endpoints and an etcdctl command once the cluster serves; Ctrl-C stops it.
+# `consensus-node dev-cluster` still starts members without the operator.
 run:
-	$(CARGO) build --release --locked -p consensus-node
-	rm -rf .state/dev-cluster
-	./target/release/consensus-node dev-cluster --members 3 --base-dir .state/dev-cluster
+	$(CARGO) build --locked -p consensus-operator -p consensus-node --bin consensus-operator --bin consensus-node
+	./target/debug/consensus-operator local -f manifests/samples/three-members.yaml --state-dir .state/local
 
 # Scenario tests against the cluster kubectl points at (kind works: kind create cluster).
 e2e:

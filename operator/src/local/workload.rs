@@ -1,0 +1,256 @@
+//! The local counterpart of the StatefulSet: a record of the members (names, ports, the
+//! cluster token) kept in the state directory, and a supervisor that keeps one
+//! `consensus-node` process running per member, restarting a dead one on its own data
+//! directory and ports, as the kubelet restarts a pod on its volume.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+use tokio::time::Instant;
+
+use super::LocalError;
+use super::atomic::write_atomically;
+use super::process::{Process, runs_member};
+
+/// How long members get to stop after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Longest pause between restarts of a member that keeps dying.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRecord {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub metrics_port: u16,
+}
+
+impl MemberRecord {
+    pub fn client_url(&self) -> String {
+        loopback_url(self.client_port)
+    }
+}
+
+fn loopback_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
+/// Written before any member starts: the ports are part of each member's identity in the
+/// Raft membership, so they must survive restarts of members and of the operator.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct Record {
+    initial_cluster_token: String,
+    members: Vec<MemberRecord>,
+}
+
+struct Restarts {
+    count: u32,
+    not_before: Instant,
+}
+
+pub struct Workload {
+    dir: PathBuf,
+    node_bin: PathBuf,
+    record: Option<Record>,
+    processes: BTreeMap<String, Process>,
+    restarts: BTreeMap<String, Restarts>,
+}
+
+impl Workload {
+    /// The workload of cluster `name` under `state_dir`, adopting members that an earlier
+    /// run of the operator left running.
+    pub fn open(state_dir: &Path, name: &str, node_bin: &Path) -> Result<Self, LocalError> {
+        let dir = state_dir.join(name);
+        let record_path = dir.join("members.yaml");
+        let record = match std::fs::read_to_string(&record_path) {
+            Ok(text) => Some(serde_yaml::from_str::<Record>(&text).map_err(|err| {
+                LocalError::DamagedState { path: record_path.clone(), reason: err.to_string() }
+            })?),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(LocalError::State { action: "reading", path: record_path, source }),
+        };
+        let mut workload = Self {
+            dir,
+            node_bin: node_bin.to_owned(),
+            record,
+            processes: BTreeMap::new(),
+            restarts: BTreeMap::new(),
+        };
+        workload.adopt();
+        Ok(workload)
+    }
+
+    fn adopt(&mut self) {
+        let Some(record) = &self.record else { return };
+        for member in &record.members {
+            let data_dir = self.data_dir(&member.name);
+            let pid = std::fs::read_to_string(self.pid_file(&member.name))
+                .ok()
+                .and_then(|text| text.trim().parse::<u32>().ok());
+            if let Some(pid) = pid.filter(|pid| runs_member(*pid, &data_dir)) {
+                tracing::info!(member = %member.name, pid, "adopting a member left running by an earlier run");
+                let data_dir = data_dir.to_string_lossy().into_owned();
+                self.processes.insert(member.name.clone(), Process::Adopted { pid, data_dir });
+            }
+        }
+    }
+
+    /// Member processes the workload runs, `None` before it is created.
+    pub fn replicas(&self) -> Option<i32> {
+        self.record.as_ref().map(|r| i32::try_from(r.members.len()).unwrap_or(i32::MAX))
+    }
+
+    pub fn members(&self) -> &[MemberRecord] {
+        self.record.as_ref().map_or(&[], |r| r.members.as_slice())
+    }
+
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.processes.iter().filter_map(|(name, p)| Some((name.clone(), p.pid()?))).collect()
+    }
+
+    fn data_dir(&self, member: &str) -> PathBuf {
+        self.dir.join(member)
+    }
+
+    fn pid_file(&self, member: &str) -> PathBuf {
+        self.dir.join(format!("{member}.pid"))
+    }
+
+    /// Records `replicas` members of cluster `name` on free loopback ports, then starts them
+    /// all with the same initial cluster, so they bootstrap together.
+    pub fn create(&mut self, name: &str, replicas: i32) -> Result<(), LocalError> {
+        let count = usize::try_from(replicas).unwrap_or(0);
+        let ports = free_ports(count * 3).map_err(LocalError::Ports)?;
+        let members: Vec<MemberRecord> = ports
+            .chunks_exact(3)
+            .enumerate()
+            .map(|(i, p)| MemberRecord {
+                name: format!("{name}-{i}"),
+                client_port: p[0],
+                peer_port: p[1],
+                metrics_port: p[2],
+            })
+            .collect();
+        // Unique per creation: member and cluster ids derive from it, so a cluster created
+        // again in the same place is never mistaken for the old one.
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let record = Record { initial_cluster_token: format!("{name}-{nanos:x}"), members };
+        std::fs::create_dir_all(&self.dir).map_err(|source| LocalError::State {
+            action: "creating",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let path = self.dir.join("members.yaml");
+        let yaml = serde_yaml::to_string(&record)
+            .map_err(|err| LocalError::DamagedState { path: path.clone(), reason: err.to_string() })?;
+        write_atomically(&path, yaml.as_bytes()).map_err(|source| LocalError::State {
+            action: "writing",
+            path,
+            source,
+        })?;
+        self.record = Some(record);
+        self.supervise()
+    }
+
+    /// Starts every recorded member that is not running, backing off from one that keeps
+    /// dying so a member that cannot start does not spin.
+    pub fn supervise(&mut self) -> Result<(), LocalError> {
+        let Some(record) = self.record.clone() else { return Ok(()) };
+        let now = Instant::now();
+        for member in &record.members {
+            let running = self.processes.get_mut(&member.name).is_some_and(Process::is_running);
+            if running {
+                continue;
+            }
+            if let Some(restarts) = self.restarts.get(&member.name)
+                && restarts.not_before > now
+            {
+                continue;
+            }
+            if self.processes.remove(&member.name).is_some() {
+                tracing::warn!(member = %member.name, "member process exited; restarting it on its data directory");
+            }
+            let process = self.spawn(&record, member)?;
+            tracing::info!(member = %member.name, pid = process.pid(), url = %member.client_url(), "started member");
+            self.processes.insert(member.name.clone(), process);
+            let restarts =
+                self.restarts.entry(member.name.clone()).or_insert(Restarts { count: 0, not_before: now });
+            let backoff = Duration::from_secs(1 << restarts.count.min(5)).min(MAX_BACKOFF);
+            restarts.count += 1;
+            restarts.not_before = now + backoff;
+        }
+        // A member that has stayed up for a while starts its backoff afresh.
+        self.restarts.retain(|_, r| now < r.not_before + MAX_BACKOFF);
+        Ok(())
+    }
+
+    fn spawn(&self, record: &Record, member: &MemberRecord) -> Result<Process, LocalError> {
+        let spawn_error = |source| LocalError::Spawn { member: member.name.clone(), source };
+        std::fs::create_dir_all(&self.dir).map_err(spawn_error)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", member.name)))
+            .map_err(spawn_error)?;
+        let initial_cluster: Vec<String> =
+            record.members.iter().map(|m| format!("{}={}", m.name, loopback_url(m.peer_port))).collect();
+        let client = member.client_url();
+        let peer = loopback_url(member.peer_port);
+        let child = Command::new(&self.node_bin)
+            .arg("run")
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(self.data_dir(&member.name))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--listen-metrics-urls", &loopback_url(member.metrics_port)])
+            .args(["--initial-cluster", &initial_cluster.join(",")])
+            .args(["--initial-cluster-token", &record.initial_cluster_token])
+            .args(["--initial-cluster-state", "new"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(spawn_error)?)
+            .stderr(log)
+            // Its own process group: Ctrl-C in the terminal reaches the operator only, which
+            // then stops the members in order instead of all at once.
+            .process_group(0)
+            .spawn()
+            .map_err(spawn_error)?;
+        let process = Process::Child(child);
+        if let Some(pid) = process.pid() {
+            let path = self.pid_file(&member.name);
+            if let Err(err) = write_atomically(&path, format!("{pid}\n").as_bytes()) {
+                tracing::warn!(
+                    "writing {}: {err}; a crashed operator will not find this member",
+                    path.display()
+                );
+            }
+        }
+        Ok(process)
+    }
+
+    /// Stops every member (SIGTERM, then SIGKILL after a grace period).
+    pub async fn stop(&mut self) {
+        let mut processes: Vec<&mut Process> = self.processes.values_mut().collect();
+        Process::stop_all(&mut processes, STOP_GRACE).await;
+        for name in self.processes.keys() {
+            let _ = std::fs::remove_file(self.pid_file(name));
+        }
+        self.processes.clear();
+    }
+}
+
+/// Distinct free loopback ports, all bound at once so none is handed out twice.
+fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+}

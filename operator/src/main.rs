@@ -1,0 +1,36 @@
+//! `consensus-operator`: keeps ConsensusClusters in their declared shape.
+
+use std::io::IsTerminal;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use consensus_operator::{local, signal};
+
+#[derive(Parser)]
+#[command(version, about = "Keeps ConsensusClusters in their declared shape")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one ConsensusCluster from a file as member processes on this machine.
+    Local(local::LocalArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let shutdown = signal::shutdown().context("installing signal handlers")?;
+    match Cli::parse().command {
+        Command::Local(args) => local::run(args, shutdown).await.context("local mode")?,
+    }
+    Ok(())
+}

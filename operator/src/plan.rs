@@ -1,0 +1,498 @@
+//! The planner: from a spec and an observation of the cluster to the single next step, and
+//! the status that tells the truth about both. Pure: no I/O, no clock (the time is passed
+//! in), so every safety rule is a unit or property test and both platforms (Kubernetes and
+//! local processes) share the same decisions.
+//!
+//! Shape for later steps: `assess` names the situation first and `plan` maps it to a step.
+//! Membership changes (adding learners, promoting, removing) become new situations and
+//! steps there; `status` already derives its conditions from the situation, not the step's
+//! text.
+
+use std::collections::BTreeMap;
+
+use consensus_crds::{
+    ConsensusClusterSpec, ConsensusClusterStatus, MemberRole, MemberStatus, Phase, condition, validate_spec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// What the platform saw of one cluster in this reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Observed {
+    /// `metadata.generation` of the resource the spec came from.
+    pub generation: Option<i64>,
+    /// StatefulSet replicas or local member processes; `None` = not created.
+    pub workload_replicas: Option<i32>,
+    /// MemberList + Status from the members; `None` = no member answered.
+    pub members: Option<Vec<ObservedMember>>,
+    /// Raft id of the leader, as the members report it.
+    pub leader: Option<u64>,
+    /// Raft cluster id from the members' response headers.
+    pub cluster_id: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedMember {
+    pub id: u64,
+    pub name: String,
+    pub is_learner: bool,
+    /// Answers on the etcd API and knows a leader (and on Kubernetes, its pod is ready).
+    pub healthy: bool,
+    /// `None` when the member's node has no zone label (every member on one machine, locally).
+    pub zone: Option<String>,
+    pub applied_index: Option<u64>,
+}
+
+/// The single next thing the platform should do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// An invalid spec reached us: change nothing.
+    RefuseSpec { reason: String },
+    /// The first members bootstrap together, as one cluster of `replicas` voters.
+    CreateWorkload { replicas: i32 },
+    /// Nothing to do until the situation changes; `reason` says what we wait for.
+    Wait { reason: String },
+    /// The cluster is in its declared shape.
+    Steady,
+}
+
+impl Step {
+    /// Whether carrying out this step changes the cluster or the resources it runs on.
+    pub fn changes_cluster(&self) -> bool {
+        match self {
+            Step::CreateWorkload { .. } => true,
+            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => false,
+        }
+    }
+}
+
+/// Votes needed for a decision among `voters`.
+pub fn quorum(voters: usize) -> usize {
+    voters / 2 + 1
+}
+
+/// True only when losing any one zone leaves a quorum of healthy voters. Members without a
+/// zone count as one zone of their own: nothing says they are spread, so we assume they
+/// are not.
+pub fn zone_fault_tolerant(members: &[ObservedMember]) -> bool {
+    let voters: Vec<&ObservedMember> = members.iter().filter(|m| !m.is_learner).collect();
+    if voters.is_empty() {
+        return false;
+    }
+    let healthy_total = voters.iter().filter(|m| m.healthy).count();
+    let worst_zone = healthy_per_zone(&voters).into_values().max().unwrap_or(0);
+    healthy_total - worst_zone >= quorum(voters.len())
+}
+
+fn healthy_per_zone<'a>(voters: &[&'a ObservedMember]) -> BTreeMap<Option<&'a str>, usize> {
+    let mut per_zone = BTreeMap::new();
+    for voter in voters {
+        *per_zone.entry(voter.zone.as_deref()).or_insert(0) += usize::from(voter.healthy);
+    }
+    per_zone
+}
+
+/// Voter health of an observation, the facts every decision below is made from.
+struct Health<'a> {
+    members: &'a [ObservedMember],
+    voters: usize,
+    healthy_voters: usize,
+    leader: Option<&'a ObservedMember>,
+}
+
+impl<'a> Health<'a> {
+    fn of(observed: &'a Observed) -> Option<Self> {
+        let members = observed.members.as_deref()?;
+        let voters = members.iter().filter(|m| !m.is_learner).count();
+        let healthy_voters = members.iter().filter(|m| !m.is_learner && m.healthy).count();
+        let leader = observed.leader.and_then(|id| members.iter().find(|m| m.id == id));
+        Some(Self { members, voters, healthy_voters, leader })
+    }
+
+    fn quorum(&self) -> usize {
+        quorum(self.voters)
+    }
+
+    /// A leader that is one of the listed members, and a quorum of healthy voters.
+    fn has_quorum(&self) -> bool {
+        self.voters > 0 && self.leader.is_some() && self.healthy_voters >= self.quorum()
+    }
+
+    fn unhealthy(&self) -> Vec<&'a str> {
+        self.members.iter().filter(|m| !m.healthy).map(|m| m.name.as_str()).collect()
+    }
+}
+
+/// Where a cluster stands relative to its spec, before deciding what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Situation {
+    InvalidSpec(String),
+    NotCreated,
+    /// `spec.replicas` differs from the members that exist; acting on it is issue 6's work.
+    MembershipChangeRequested {
+        current: i32,
+        desired: i32,
+    },
+    NoMemberAnswers,
+    NoQuorum {
+        healthy_voters: usize,
+        voters: usize,
+        leader_known: bool,
+    },
+    /// The membership the members report does not have the members the workload runs.
+    MembershipMismatch {
+        listed: usize,
+        expected: i32,
+    },
+    MembersUnhealthy(Vec<String>),
+    Steady,
+}
+
+fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
+    let problems = validate_spec(spec);
+    if !problems.is_empty() {
+        let reasons: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Situation::InvalidSpec(reasons.join("; "));
+    }
+    let Some(current) = observed.workload_replicas else {
+        return Situation::NotCreated;
+    };
+    if current != spec.replicas {
+        return Situation::MembershipChangeRequested { current, desired: spec.replicas };
+    }
+    let Some(health) = Health::of(observed) else {
+        return Situation::NoMemberAnswers;
+    };
+    if !health.has_quorum() {
+        return Situation::NoQuorum {
+            healthy_voters: health.healthy_voters,
+            voters: health.voters,
+            leader_known: health.leader.is_some(),
+        };
+    }
+    if i32::try_from(health.members.len()).ok() != Some(current) {
+        return Situation::MembershipMismatch { listed: health.members.len(), expected: current };
+    }
+    let unhealthy = health.unhealthy();
+    if !unhealthy.is_empty() {
+        return Situation::MembersUnhealthy(unhealthy.into_iter().map(str::to_owned).collect());
+    }
+    Situation::Steady
+}
+
+impl Situation {
+    /// Why we wait, in words an operator of the cluster can act on.
+    fn wait_reason(&self) -> String {
+        match self {
+            Situation::MembershipChangeRequested { current, desired } => format!(
+                "spec.replicas is {desired} but the cluster has {current} members: this operator \
+                 version cannot change membership yet, so the cluster stays at {current} members"
+            ),
+            Situation::NoMemberAnswers => "no member answers on the etcd API yet".to_owned(),
+            Situation::NoQuorum { healthy_voters, voters, leader_known } => {
+                let leader = if *leader_known { "a leader is known" } else { "no leader is known" };
+                format!(
+                    "{healthy_voters} of {voters} voters are healthy and {leader}; a quorum needs {} \
+                     healthy voters and a leader",
+                    quorum(*voters)
+                )
+            }
+            Situation::MembershipMismatch { listed, expected } => {
+                format!("the members list {listed} members but {expected} run; waiting for them to agree")
+            }
+            Situation::MembersUnhealthy(names) => {
+                format!("waiting for {} to become healthy again", names.join(", "))
+            }
+            Situation::InvalidSpec(reason) => reason.clone(),
+            Situation::NotCreated | Situation::Steady => String::new(),
+        }
+    }
+}
+
+/// The single next step for `spec` given what was `observed`.
+pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
+    match assess(spec, observed) {
+        Situation::InvalidSpec(reason) => Step::RefuseSpec { reason },
+        Situation::NotCreated => Step::CreateWorkload { replicas: spec.replicas },
+        Situation::Steady => Step::Steady,
+        waiting => Step::Wait { reason: waiting.wait_reason() },
+    }
+}
+
+/// Whether the cluster has ever had a leader, judged from the status written before: a
+/// cluster without quorum is bootstrapping the first time and has lost quorum after that.
+fn was_established(previous: Option<&ConsensusClusterStatus>) -> bool {
+    previous.is_some_and(|p| {
+        p.leader.is_some()
+            || matches!(
+                p.phase,
+                Some(
+                    Phase::Running | Phase::Degraded | Phase::Scaling | Phase::QuorumLost | Phase::Restoring
+                )
+            )
+    })
+}
+
+struct NewCondition {
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: String,
+}
+
+fn condition(
+    type_: &'static str,
+    status: bool,
+    reason: &'static str,
+    message: impl Into<String>,
+) -> NewCondition {
+    NewCondition { type_, status, reason, message: message.into() }
+}
+
+/// The status for this reconcile: phase, members, leader and conditions, keeping each
+/// condition's `lastTransitionTime` from `previous` while its status is unchanged, and the
+/// fields other parts of the operator own (selector, backups) as they were.
+pub fn status(
+    spec: &ConsensusClusterSpec,
+    observed: &Observed,
+    step: &Step,
+    previous: Option<&ConsensusClusterStatus>,
+    now: Time,
+) -> ConsensusClusterStatus {
+    let situation = assess(spec, observed);
+    let health = Health::of(observed);
+    let has_quorum = health.as_ref().is_some_and(Health::has_quorum);
+    // A leader anyone reports was elected at some point, so the cluster has bootstrapped.
+    let established = has_quorum || observed.leader.is_some() || was_established(previous);
+    let quorum_lost = observed.workload_replicas.is_some() && established && !has_quorum;
+
+    let phase = if observed.workload_replicas.is_none() {
+        Phase::Pending
+    } else if quorum_lost {
+        Phase::QuorumLost
+    } else if health.is_none() {
+        Phase::Pending
+    } else if !has_quorum {
+        Phase::Bootstrapping
+    } else if matches!(step, Step::Steady) {
+        Phase::Running
+    } else {
+        Phase::Degraded
+    };
+
+    let mut members: Vec<MemberStatus> = observed
+        .members
+        .iter()
+        .flatten()
+        .map(|m| MemberStatus {
+            name: m.name.clone(),
+            id: format!("{:x}", m.id),
+            role: if m.is_learner {
+                MemberRole::Learner
+            } else if Some(m.id) == observed.leader {
+                MemberRole::Leader
+            } else {
+                MemberRole::Follower
+            },
+            zone: m.zone.clone(),
+            healthy: m.healthy,
+            applied_index: m.applied_index,
+        })
+        .collect();
+    // Sorted, so an unchanged cluster writes an unchanged status.
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let conditions = vec![
+        available(health.as_ref(), observed),
+        progressing(&situation, step),
+        degraded(&situation, step, quorum_lost),
+        quorum_lost_condition(&situation, quorum_lost, established),
+        zone_condition(observed),
+    ];
+    let mut conditions: Vec<Condition> =
+        conditions.into_iter().map(|c| to_condition(c, observed.generation, previous, &now)).collect();
+    // Conditions this planner does not decide (backups) stay as their owners wrote them.
+    if let Some(previous) = previous {
+        let ours = [
+            condition::AVAILABLE,
+            condition::PROGRESSING,
+            condition::DEGRADED,
+            condition::QUORUM_LOST,
+            condition::ZONE_FAULT_TOLERANT,
+        ];
+        conditions.extend(previous.conditions.iter().filter(|c| !ours.contains(&c.type_.as_str())).cloned());
+    }
+
+    ConsensusClusterStatus {
+        observed_generation: observed.generation,
+        phase: Some(phase),
+        replicas: observed.workload_replicas.unwrap_or(0),
+        ready_replicas: members.iter().filter(|m| m.healthy).count().try_into().unwrap_or(i32::MAX),
+        selector: previous.and_then(|p| p.selector.clone()),
+        leader: health.as_ref().and_then(|h| h.leader).map(|m| m.name.clone()),
+        members,
+        cluster_id: observed
+            .cluster_id
+            .map(|id| format!("{id:x}"))
+            .or_else(|| previous.and_then(|p| p.cluster_id.clone())),
+        conditions,
+        last_backup: previous.and_then(|p| p.last_backup.clone()),
+        next_backup: previous.and_then(|p| p.next_backup.clone()),
+    }
+}
+
+fn to_condition(
+    new: NewCondition,
+    generation: Option<i64>,
+    previous: Option<&ConsensusClusterStatus>,
+    now: &Time,
+) -> Condition {
+    let status = if new.status { "True" } else { "False" };
+    let last_transition_time = previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == new.type_))
+        .filter(|c| c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: new.type_.to_owned(),
+        status: status.to_owned(),
+        reason: new.reason.to_owned(),
+        message: new.message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+fn available(health: Option<&Health<'_>>, observed: &Observed) -> NewCondition {
+    let summary = |h: &Health<'_>| {
+        format!("{} of {} voters healthy, a quorum needs {}", h.healthy_voters, h.voters, h.quorum())
+    };
+    match health {
+        _ if observed.workload_replicas.is_none() => {
+            condition(condition::AVAILABLE, false, "NotCreated", "no member has been created yet")
+        }
+        None => condition(
+            condition::AVAILABLE,
+            false,
+            "NoMemberAnswers",
+            Situation::NoMemberAnswers.wait_reason(),
+        ),
+        Some(h) if h.has_quorum() => {
+            let leader = h.leader.map_or("", |m| m.name.as_str());
+            condition(condition::AVAILABLE, true, "QuorumHealthy", format!("leader {leader}; {}", summary(h)))
+        }
+        Some(h) if h.leader.is_none() => condition(condition::AVAILABLE, false, "NoLeader", summary(h)),
+        Some(h) => condition(condition::AVAILABLE, false, "NotEnoughHealthyVoters", summary(h)),
+    }
+}
+
+fn progressing(situation: &Situation, step: &Step) -> NewCondition {
+    const TYPE: &str = condition::PROGRESSING;
+    match (step, situation) {
+        (Step::RefuseSpec { reason }, _) => condition(
+            TYPE,
+            false,
+            "InvalidSpec",
+            format!("the spec is refused and nothing is changed: {reason}"),
+        ),
+        (Step::CreateWorkload { replicas }, _) => {
+            condition(TYPE, true, "Creating", format!("creating {replicas} members that bootstrap together"))
+        }
+        // Nothing will happen until someone changes the spec back or a later version acts
+        // on it, so claiming progress would be a lie.
+        (Step::Wait { reason }, Situation::MembershipChangeRequested { .. }) => {
+            condition(TYPE, false, "MembershipChangeNotSupported", reason.clone())
+        }
+        (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
+        (Step::Steady, _) => condition(TYPE, false, "Reconciled", "the cluster is in its declared shape"),
+    }
+}
+
+fn degraded(situation: &Situation, step: &Step, quorum_lost: bool) -> NewCondition {
+    const TYPE: &str = condition::DEGRADED;
+    // The step, not only the spec, decides: a platform refuses what it cannot even parse.
+    if let Step::RefuseSpec { reason } = step {
+        return condition(
+            TYPE,
+            true,
+            "InvalidSpec",
+            format!("the spec is refused and the cluster keeps running as it is: {reason}"),
+        );
+    }
+    match situation {
+        Situation::InvalidSpec(reason) => condition(
+            TYPE,
+            true,
+            "InvalidSpec",
+            format!("the spec is refused and the cluster keeps running as it is: {reason}"),
+        ),
+        _ if quorum_lost => condition(TYPE, true, "QuorumLost", situation.wait_reason()),
+        Situation::MembershipChangeRequested { .. } => {
+            condition(TYPE, true, "MembershipChangeNotSupported", situation.wait_reason())
+        }
+        Situation::MembersUnhealthy(names) => {
+            condition(TYPE, true, "MembersUnhealthy", format!("not healthy: {}", names.join(", ")))
+        }
+        Situation::MembershipMismatch { .. } => {
+            condition(TYPE, true, "MembershipMismatch", situation.wait_reason())
+        }
+        _ => condition(TYPE, false, "AsDeclared", "nothing is wrong that the operator can see"),
+    }
+}
+
+fn quorum_lost_condition(situation: &Situation, quorum_lost: bool, established: bool) -> NewCondition {
+    const TYPE: &str = condition::QUORUM_LOST;
+    if quorum_lost {
+        let message = match situation {
+            Situation::NoQuorum { .. } | Situation::NoMemberAnswers => situation.wait_reason(),
+            _ => "fewer than a quorum of voters are healthy".to_owned(),
+        };
+        condition(TYPE, true, "NotEnoughHealthyVoters", message)
+    } else if established {
+        condition(TYPE, false, "QuorumHealthy", "a leader and a quorum of healthy voters")
+    } else {
+        condition(TYPE, false, "Bootstrapping", "the cluster has not had a leader yet")
+    }
+}
+
+fn zone_condition(observed: &Observed) -> NewCondition {
+    const TYPE: &str = condition::ZONE_FAULT_TOLERANT;
+    let Some(members) = observed.members.as_deref() else {
+        return condition(
+            TYPE,
+            false,
+            "NoMemberAnswers",
+            "no member answered, so no zone is known to be safe",
+        );
+    };
+    let voters: Vec<&ObservedMember> = members.iter().filter(|m| !m.is_learner).collect();
+    let per_zone = healthy_per_zone(&voters);
+    let zone_name =
+        |zone: Option<&str>| zone.map_or_else(|| "(members without a zone)".to_owned(), str::to_owned);
+    if zone_fault_tolerant(members) {
+        let zones: Vec<String> = per_zone.keys().map(|z| zone_name(*z)).collect();
+        return condition(
+            TYPE,
+            true,
+            "SurvivesAnyZoneLoss",
+            format!("losing any one of {} leaves a quorum of healthy voters", zones.join(", ")),
+        );
+    }
+    let healthy_total: usize = per_zone.values().sum();
+    match per_zone.iter().max_by_key(|(_, healthy)| **healthy) {
+        None => condition(TYPE, false, "NoVoters", "the members list no voter"),
+        Some((zone, healthy)) => condition(
+            TYPE,
+            false,
+            "ZoneLossLosesQuorum",
+            format!(
+                "losing {} would leave {} healthy voters, a quorum needs {}",
+                zone_name(*zone),
+                healthy_total - healthy,
+                quorum(voters.len())
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

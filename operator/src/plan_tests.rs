@@ -1,0 +1,359 @@
+use k8s_openapi::jiff::Timestamp;
+use proptest::prelude::*;
+
+use super::*;
+
+fn spec(replicas: i32) -> ConsensusClusterSpec {
+    serde_json::from_value(serde_json::json!({ "replicas": replicas })).expect("spec parses")
+}
+
+fn spec_with_schedule(replicas: i32, schedule: &str) -> ConsensusClusterSpec {
+    serde_json::from_value(serde_json::json!({
+        "replicas": replicas,
+        "backup": { "schedule": schedule, "destination": { "volume": { "claimName": "b", "path": "/" } } },
+    }))
+    .expect("spec parses")
+}
+
+fn at(seconds: i64) -> Time {
+    Time(Timestamp::from_second(seconds).expect("valid timestamp"))
+}
+
+fn member(id: u64, healthy: bool, zone: Option<&str>) -> ObservedMember {
+    ObservedMember {
+        id,
+        name: format!("demo-{id}"),
+        is_learner: false,
+        healthy,
+        zone: zone.map(str::to_owned),
+        applied_index: Some(10),
+    }
+}
+
+fn running(n: u64) -> Observed {
+    Observed {
+        generation: Some(1),
+        workload_replicas: Some(n as i32),
+        members: Some((1..=n).map(|id| member(id, true, None)).collect()),
+        leader: Some(1),
+        cluster_id: Some(0xabc),
+    }
+}
+
+fn find<'a>(status: &'a ConsensusClusterStatus, type_: &str) -> &'a Condition {
+    status.conditions.iter().find(|c| c.type_ == type_).expect("condition present")
+}
+
+fn status_now(spec: &ConsensusClusterSpec, observed: &Observed) -> ConsensusClusterStatus {
+    status(spec, observed, &plan(spec, observed), None, at(1000))
+}
+
+#[test]
+fn creates_the_declared_members_when_nothing_exists() {
+    let observed = Observed { generation: Some(1), ..Observed::default() };
+    let step = plan(&spec(3), &observed);
+    assert_eq!(step, Step::CreateWorkload { replicas: 3 });
+    let status = status(&spec(3), &observed, &step, None, at(1000));
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert_eq!(find(&status, condition::PROGRESSING).status, "True");
+    assert_eq!(find(&status, condition::AVAILABLE).reason, "NotCreated");
+}
+
+#[test]
+fn a_healthy_cluster_at_its_size_is_steady_and_running() {
+    let observed = running(3);
+    assert_eq!(plan(&spec(3), &observed), Step::Steady);
+    let status = status_now(&spec(3), &observed);
+    assert_eq!(status.phase, Some(Phase::Running));
+    assert_eq!(status.replicas, 3);
+    assert_eq!(status.ready_replicas, 3);
+    assert_eq!(status.leader.as_deref(), Some("demo-1"));
+    assert_eq!(status.cluster_id.as_deref(), Some("abc"));
+    assert_eq!(status.members[0].role, MemberRole::Leader);
+    assert_eq!(status.members[1].role, MemberRole::Follower);
+    assert_eq!(status.members[0].id, "1");
+    assert_eq!(find(&status, condition::AVAILABLE).status, "True");
+    assert_eq!(find(&status, condition::DEGRADED).status, "False");
+    assert_eq!(find(&status, condition::QUORUM_LOST).status, "False");
+    assert_eq!(find(&status, condition::PROGRESSING).status, "False");
+    // Every member on one machine (no zone) cannot survive losing it.
+    assert_eq!(find(&status, condition::ZONE_FAULT_TOLERANT).status, "False");
+}
+
+#[test]
+fn an_even_replica_count_on_a_running_cluster_changes_nothing_and_says_why() {
+    let observed = running(3);
+    let step = plan(&spec(4), &observed);
+    assert!(matches!(&step, Step::RefuseSpec { reason } if reason.contains("odd number")), "{step:?}");
+    assert!(!step.changes_cluster());
+    let status = status(&spec(4), &observed, &step, None, at(1000));
+    let degraded = find(&status, condition::DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    assert_eq!(status.phase, Some(Phase::Degraded));
+    // The cluster is still reported as it is: serving, with its leader.
+    assert_eq!(find(&status, condition::AVAILABLE).status, "True");
+    assert_eq!(status.leader.as_deref(), Some("demo-1"));
+}
+
+#[test]
+fn a_bad_schedule_is_refused_even_before_anything_exists() {
+    let step = plan(&spec_with_schedule(3, "every day"), &Observed::default());
+    assert!(matches!(&step, Step::RefuseSpec { reason } if reason.contains("backup.schedule")), "{step:?}");
+}
+
+#[test]
+fn a_replica_change_is_reported_as_not_supported_yet() {
+    let observed = running(3);
+    let step = plan(&spec(5), &observed);
+    let Step::Wait { reason } = &step else { panic!("expected Wait, got {step:?}") };
+    assert!(reason.contains("cannot change membership yet"), "{reason}");
+    let status = status(&spec(5), &observed, &step, None, at(1000));
+    let progressing = find(&status, condition::PROGRESSING);
+    assert_eq!(progressing.reason, "MembershipChangeNotSupported");
+    assert_eq!(progressing.status, "False");
+    assert_eq!(status.replicas, 3);
+}
+
+#[test]
+fn members_without_a_leader_are_bootstrapping_the_first_time_and_lost_quorum_after() {
+    let mut observed = running(3);
+    observed.leader = None;
+    let step = plan(&spec(3), &observed);
+    assert!(matches!(step, Step::Wait { .. }));
+    let first = status(&spec(3), &observed, &step, None, at(1000));
+    assert_eq!(first.phase, Some(Phase::Bootstrapping));
+    assert_eq!(find(&first, condition::QUORUM_LOST).status, "False");
+
+    let was_running = status_now(&spec(3), &running(3));
+    let later = status(&spec(3), &observed, &step, Some(&was_running), at(2000));
+    assert_eq!(later.phase, Some(Phase::QuorumLost));
+    assert_eq!(find(&later, condition::QUORUM_LOST).status, "True");
+    assert_eq!(find(&later, condition::DEGRADED).reason, "QuorumLost");
+}
+
+#[test]
+fn one_member_down_is_degraded_but_available() {
+    let mut observed = running(3);
+    if let Some(members) = observed.members.as_mut() {
+        members[2].healthy = false;
+    }
+    let step = plan(&spec(3), &observed);
+    assert!(matches!(&step, Step::Wait { reason } if reason.contains("demo-3")), "{step:?}");
+    let status = status(&spec(3), &observed, &step, None, at(1000));
+    assert_eq!(status.phase, Some(Phase::Degraded));
+    assert_eq!(status.ready_replicas, 2);
+    assert_eq!(find(&status, condition::AVAILABLE).status, "True");
+    assert_eq!(find(&status, condition::DEGRADED).reason, "MembersUnhealthy");
+}
+
+#[test]
+fn two_of_three_down_is_quorum_lost() {
+    let mut observed = running(3);
+    if let Some(members) = observed.members.as_mut() {
+        members[1].healthy = false;
+        members[2].healthy = false;
+    }
+    let status = status_now(&spec(3), &observed);
+    assert_eq!(status.phase, Some(Phase::QuorumLost));
+    assert_eq!(find(&status, condition::AVAILABLE).status, "False");
+}
+
+#[test]
+fn zone_fault_tolerance_needs_a_quorum_outside_every_zone() {
+    let zones = |zs: &[Option<&str>]| -> Vec<ObservedMember> {
+        zs.iter().enumerate().map(|(i, z)| member(i as u64 + 1, true, *z)).collect()
+    };
+    assert!(zone_fault_tolerant(&zones(&[Some("a"), Some("b"), Some("c")])));
+    assert!(!zone_fault_tolerant(&zones(&[Some("a"), Some("a"), Some("b")])));
+    assert!(zone_fault_tolerant(&zones(&[Some("a"), Some("a"), Some("b"), Some("b"), Some("c")])));
+    assert!(!zone_fault_tolerant(&zones(&[None, None, None])));
+    assert!(!zone_fault_tolerant(&[]));
+    let mut one_down = zones(&[Some("a"), Some("b"), Some("c")]);
+    one_down[0].healthy = false;
+    assert!(!zone_fault_tolerant(&one_down));
+}
+
+#[test]
+fn transition_times_are_kept_while_a_condition_keeps_its_status() {
+    let observed = running(3);
+    let first = status(&spec(3), &observed, &Step::Steady, None, at(1000));
+    let again = status(&spec(3), &observed, &Step::Steady, Some(&first), at(2000));
+    assert_eq!(first, again);
+    let mut down = running(3);
+    if let Some(members) = down.members.as_mut() {
+        members[2].healthy = false;
+    }
+    let step = plan(&spec(3), &down);
+    let changed = status(&spec(3), &down, &step, Some(&first), at(3000));
+    assert_eq!(find(&changed, condition::DEGRADED).last_transition_time, at(3000));
+    assert_eq!(find(&changed, condition::AVAILABLE).last_transition_time, at(1000));
+}
+
+#[test]
+fn conditions_other_parts_own_are_kept() {
+    let mut previous = status_now(&spec(3), &running(3));
+    previous.selector = Some("app=demo".to_owned());
+    previous.conditions.push(Condition {
+        type_: condition::BACKUP_SUCCEEDED.to_owned(),
+        status: "True".to_owned(),
+        reason: "Uploaded".to_owned(),
+        message: String::new(),
+        observed_generation: Some(1),
+        last_transition_time: at(5),
+    });
+    let next = status(&spec(3), &running(3), &Step::Steady, Some(&previous), at(9000));
+    assert_eq!(next.selector.as_deref(), Some("app=demo"));
+    assert_eq!(find(&next, condition::BACKUP_SUCCEEDED).last_transition_time, at(5));
+}
+
+fn arb_spec() -> impl Strategy<Value = ConsensusClusterSpec> {
+    let schedule = prop_oneof![
+        Just(None),
+        Just(Some("@daily")),
+        Just(Some("0 */6 * * *")),
+        Just(Some("61 * * * *")),
+        Just(Some("every day")),
+    ];
+    (-2i32..12, schedule).prop_map(|(replicas, schedule)| match schedule {
+        None => spec(replicas),
+        Some(s) => spec_with_schedule(replicas, s),
+    })
+}
+
+fn arb_valid_spec() -> impl Strategy<Value = ConsensusClusterSpec> {
+    (prop::sample::select(vec![1, 3, 5, 7, 9]), any::<bool>()).prop_map(|(replicas, with_backup)| {
+        if with_backup { spec_with_schedule(replicas, "@daily") } else { spec(replicas) }
+    })
+}
+
+fn arb_member(id: u64) -> impl Strategy<Value = ObservedMember> {
+    let zone = prop_oneof![Just(None), Just(Some("a")), Just(Some("b")), Just(Some("c")), Just(Some("d"))];
+    (any::<bool>(), prop::bool::weighted(0.8), zone, prop::option::of(0u64..100)).prop_map(
+        move |(is_learner, healthy, zone, applied_index)| ObservedMember {
+            id,
+            name: format!("m-{id}"),
+            is_learner: is_learner && id.is_multiple_of(3),
+            healthy,
+            zone: zone.map(str::to_owned),
+            applied_index,
+        },
+    )
+}
+
+fn arb_members() -> impl Strategy<Value = Vec<ObservedMember>> {
+    (0usize..10).prop_flat_map(|n| (1..=n as u64).map(arb_member).collect::<Vec<_>>())
+}
+
+fn arb_observed() -> impl Strategy<Value = Observed> {
+    (
+        prop::option::of(1i64..5),
+        prop::option::of(0i32..10),
+        prop::option::of(arb_members()),
+        prop::option::of(0u64..11),
+        prop::option::of(any::<u64>()),
+    )
+        .prop_map(|(generation, workload_replicas, members, leader, cluster_id)| Observed {
+            generation,
+            workload_replicas,
+            members,
+            leader,
+            cluster_id,
+        })
+}
+
+fn brute_force_zone_fault_tolerant(members: &[ObservedMember]) -> bool {
+    let voters: Vec<&ObservedMember> = members.iter().filter(|m| !m.is_learner).collect();
+    if voters.is_empty() {
+        return false;
+    }
+    let quorum = voters.len() / 2 + 1;
+    members
+        .iter()
+        .map(|m| &m.zone)
+        .all(|lost| voters.iter().filter(|v| v.healthy && &v.zone != lost).count() >= quorum)
+}
+
+proptest! {
+    #[test]
+    fn an_invalid_spec_never_yields_a_step_that_changes_anything(spec in arb_spec(), observed in arb_observed()) {
+        prop_assume!(!validate_spec(&spec).is_empty());
+        let step = plan(&spec, &observed);
+        prop_assert!(matches!(step, Step::RefuseSpec { .. }), "{:?}", step);
+        prop_assert!(!step.changes_cluster());
+        let status = status(&spec, &observed, &step, None, at(1));
+        let degraded = find(&status, condition::DEGRADED);
+        prop_assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
+    }
+
+    #[test]
+    fn a_replica_change_on_an_existing_cluster_is_reported_not_acted_on(
+        spec in arb_valid_spec(), observed in arb_observed(), existing in 0i32..10,
+    ) {
+        prop_assume!(existing != spec.replicas);
+        let observed = Observed { workload_replicas: Some(existing), ..observed };
+        let step = plan(&spec, &observed);
+        prop_assert!(
+            matches!(&step, Step::Wait { reason } if reason.contains("cannot change membership yet")),
+            "{:?}", step
+        );
+        let status = status(&spec, &observed, &step, None, at(1));
+        prop_assert_eq!(&find(&status, condition::PROGRESSING).reason, "MembershipChangeNotSupported");
+        prop_assert_eq!(status.replicas, observed.workload_replicas.unwrap_or_default());
+    }
+
+    #[test]
+    fn only_a_missing_workload_is_created_and_at_the_declared_size(spec in arb_spec(), observed in arb_observed()) {
+        let step = plan(&spec, &observed);
+        if step.changes_cluster() {
+            prop_assert_eq!(observed.workload_replicas, None);
+            prop_assert!(validate_spec(&spec).is_empty());
+            prop_assert_eq!(step, Step::CreateWorkload { replicas: spec.replicas });
+        }
+    }
+
+    #[test]
+    fn steady_only_with_a_leader_and_every_member_healthy(spec in arb_spec(), observed in arb_observed()) {
+        if plan(&spec, &observed) == Step::Steady {
+            let members = observed.members.as_deref().unwrap_or_default();
+            prop_assert!(members.iter().all(|m| m.healthy));
+            prop_assert!(observed.leader.is_some_and(|l| members.iter().any(|m| m.id == l)));
+            prop_assert_eq!(Some(members.len() as i32), observed.workload_replicas);
+        }
+    }
+
+    #[test]
+    fn zone_fault_tolerance_equals_brute_force(members in arb_members()) {
+        prop_assert_eq!(zone_fault_tolerant(&members), brute_force_zone_fault_tolerant(&members));
+    }
+
+    #[test]
+    fn the_zone_condition_agrees_with_brute_force(spec in arb_spec(), observed in arb_observed()) {
+        let status = status_now(&spec, &observed);
+        let expected = observed.members.as_deref().is_some_and(brute_force_zone_fault_tolerant);
+        let expected = if expected { "True" } else { "False" };
+        prop_assert_eq!(&find(&status, condition::ZONE_FAULT_TOLERANT).status, expected);
+    }
+
+    #[test]
+    fn every_condition_once_with_the_observed_generation(spec in arb_spec(), observed in arb_observed()) {
+        let status = status_now(&spec, &observed);
+        for type_ in [
+            condition::AVAILABLE, condition::PROGRESSING, condition::DEGRADED,
+            condition::QUORUM_LOST, condition::ZONE_FAULT_TOLERANT,
+        ] {
+            let matching: Vec<_> = status.conditions.iter().filter(|c| c.type_ == type_).collect();
+            prop_assert_eq!(matching.len(), 1, "{}", type_);
+            prop_assert_eq!(matching[0].observed_generation, observed.generation);
+            prop_assert!(!matching[0].reason.is_empty());
+        }
+        prop_assert_eq!(status.observed_generation, observed.generation);
+    }
+
+    #[test]
+    fn an_unchanged_observation_keeps_every_transition_time(spec in arb_spec(), observed in arb_observed()) {
+        let step = plan(&spec, &observed);
+        let first = status(&spec, &observed, &step, None, at(1));
+        let second = status(&spec, &observed, &step, Some(&first), at(2));
+        prop_assert_eq!(first, second);
+    }
+}
