@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "manifests"
+GOLDEN = ROOT.parent / "operator" / "tests" / "golden"
 KUBERNETES_VERSION = "1.33.0"
 CRD_PATH = ROOT / "crds" / "consensus.dev_consensusclusters.yaml"
 
@@ -145,3 +146,21 @@ def test_operator_runs_two_replicas_locked_down():
         assert ctx["allowPrivilegeEscalation"] is False
         assert ctx["capabilities"]["drop"] == ["ALL"]
         assert "add" not in ctx["capabilities"]
+
+
+def golden_documents():
+    return [
+        pytest.param(doc, id=f"{path.name}:{doc['kind']}")
+        for path in sorted(GOLDEN.glob("*.yaml"))
+        for doc in documents(path)
+    ]
+
+
+@pytest.mark.parametrize("doc", golden_documents())
+def test_objects_the_operator_builds_validate_against_kubernetes_schemas(doc):
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_sample_has_golden_objects():
+    names = {p.name for p in (ROOT / "samples").glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert names == {p.name for p in GOLDEN.glob("*.yaml")}
