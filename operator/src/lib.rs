@@ -1,6 +1,11 @@
-//! The consensus operator: a pure planner shared by its platforms (Kubernetes, and local
-//! processes for development and end-to-end tests).
+//! The consensus operator: keeps ConsensusClusters in their declared shape.
+//!
+//! `plan` decides (pure), `resources` describes the objects a cluster is made of (pure),
+//! and each platform observes and acts: `k8s` on Kubernetes, `local` with member processes
+//! on this machine (development and end-to-end tests).
 
+pub mod k8s;
 pub mod local;
 pub mod plan;
+pub mod resources;
 pub mod signal;

@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run one ConsensusCluster from a file as member processes on this machine.
     Local(local::LocalArgs),
+    /// Reconcile ConsensusClusters on the Kubernetes cluster in reach (in cluster, or KUBECONFIG).
+    Run(consensus_operator::k8s::RunArgs),
 }
 
 #[tokio::main]
@@ -31,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = signal::shutdown().context("installing signal handlers")?;
     match Cli::parse().command {
         Command::Local(args) => local::run(args, shutdown).await.context("local mode")?,
+        Command::Run(args) => consensus_operator::k8s::run(args, shutdown).await?,
     }
     Ok(())
 }

@@ -1,0 +1,15 @@
+//! The Kubernetes platform: a kube-runtime Controller that observes, asks the planner,
+//! and acts through server-side apply, Events and status.
+
+mod apply;
+mod error;
+pub mod http;
+mod leader;
+pub mod members;
+pub mod metrics;
+mod observe;
+pub mod reconcile;
+mod run;
+
+pub use error::Error;
+pub use run::{RunArgs, run};

@@ -1,0 +1,188 @@
+//! Observe: what exists on the API server and what the members report, turned into the
+//! planner's `Observed`.
+
+use std::collections::BTreeMap;
+
+use consensus_crds::ConsensusCluster;
+use k8s_openapi::Resource as _;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
+use kube::{Api, Client, Resource, ResourceExt};
+use tracing::debug;
+
+use super::Error;
+use super::members::{MemberProbe, Membership};
+use crate::plan::{Observed, ObservedMember};
+use crate::resources::{
+    self, INITIAL_CLUSTER_STATE_KEY, InitialClusterState, client_service_name, config_map_name, labels,
+    peer_service_name,
+};
+
+/// What one reconcile saw.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    pub observed: Observed,
+    /// `resourceVersion` of each owned object that exists, by `Kind/name`: an apply that
+    /// changes it created or changed something worth an Event.
+    pub versions: BTreeMap<String, String>,
+    /// The first members have formed the cluster; members started from now on join it.
+    pub bootstrapped: bool,
+}
+
+pub fn object_key(kind: &str, name: &str) -> String {
+    format!("{kind}/{name}")
+}
+
+pub async fn observe(
+    client: &Client,
+    probe: &impl MemberProbe,
+    cc: &ConsensusCluster,
+) -> Result<Observation, Error> {
+    let name = cc.name_any();
+    let namespace = cc.namespace().unwrap_or_default();
+    let mut observation = Observation {
+        observed: Observed { generation: cc.meta().generation, ..Observed::default() },
+        ..Observation::default()
+    };
+
+    let stateful_set = Api::<StatefulSet>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
+    let config_map =
+        Api::<ConfigMap>::namespaced(client.clone(), &namespace).get_opt(&config_map_name(&name)).await?;
+    let services = Api::<Service>::namespaced(client.clone(), &namespace);
+    let peer = services.get_opt(&peer_service_name(&name)).await?;
+    let client_service = services.get_opt(&client_service_name(&name)).await?;
+    let budget = Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
+
+    observation.bootstrapped = config_map
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref()?.get(INITIAL_CLUSTER_STATE_KEY))
+        .is_some_and(|state| state == InitialClusterState::Existing.as_str());
+    for meta in [
+        stateful_set.as_ref().map(|o| (StatefulSet::KIND, o.meta())),
+        config_map.as_ref().map(|o| (ConfigMap::KIND, o.meta())),
+        peer.as_ref().map(|o| (Service::KIND, o.meta())),
+        client_service.as_ref().map(|o| (Service::KIND, o.meta())),
+        budget.as_ref().map(|o| (PodDisruptionBudget::KIND, o.meta())),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let (kind, meta) = meta;
+        if let (Some(name), Some(version)) = (&meta.name, &meta.resource_version) {
+            observation.versions.insert(object_key(kind, name), version.clone());
+        }
+    }
+
+    let Some(stateful_set) = stateful_set else {
+        // Nothing runs yet: no pods to look at and no members to ask.
+        return Ok(observation);
+    };
+    observation.observed.workload_replicas = stateful_set.spec.as_ref().and_then(|s| s.replicas);
+
+    let pods = member_pods(client, &namespace, &name, &cc.spec.placement.zone_topology_key).await?;
+    match probe.membership(&resources::client_endpoint(&name, &namespace)).await {
+        Ok(membership) => {
+            observation.bootstrapped |= membership.leader.is_some();
+            observation.observed.leader = membership.leader;
+            observation.observed.members = Some(join(membership, &pods));
+        }
+        // Normal while members start; the planner reads "unknown", not "no members".
+        Err(error) => debug!(cluster = %name, %error, "members not observed"),
+    }
+    Ok(observation)
+}
+
+/// A member pod's readiness and the zone of its node.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct PodView {
+    ready: bool,
+    zone: Option<String>,
+}
+
+async fn member_pods(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    zone_key: &str,
+) -> Result<BTreeMap<String, PodView>, Error> {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&labels::selector_string(cluster)))
+        .await?;
+    let nodes = Api::<Node>::all(client.clone());
+    let mut zones: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut views = BTreeMap::new();
+    for pod in pods {
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+        let zone = match node {
+            Some(node) if !zones.contains_key(&node) => {
+                let zone = nodes.get_opt(&node).await?.and_then(|n| n.labels().get(zone_key).cloned());
+                zones.insert(node, zone.clone());
+                zone
+            }
+            Some(node) => zones.get(&node).cloned().flatten(),
+            None => None,
+        };
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        views.insert(pod.name_any(), PodView { ready, zone });
+    }
+    Ok(views)
+}
+
+/// Members as Raft reports them, with their pods' word on readiness and zone. A member
+/// is healthy only if both agree: Raft can see a member whose pod is being deleted.
+fn join(membership: Membership, pods: &BTreeMap<String, PodView>) -> Vec<ObservedMember> {
+    membership
+        .members
+        .into_iter()
+        .map(|member| {
+            let pod = pods.get(&member.name).cloned().unwrap_or_default();
+            ObservedMember {
+                id: member.id,
+                healthy: member.answers && pod.ready,
+                zone: pod.zone,
+                name: member.name,
+                is_learner: member.is_learner,
+                applied_index: member.applied_index,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::members::ReportedMember;
+
+    #[test]
+    fn a_member_is_healthy_only_when_raft_and_its_pod_agree() {
+        let reported = |id, name: &str, answers| ReportedMember {
+            id,
+            name: name.to_owned(),
+            is_learner: false,
+            answers,
+            applied_index: Some(7),
+        };
+        let membership = Membership {
+            members: vec![
+                reported(1, "demo-0", true),
+                reported(2, "demo-1", true),
+                reported(3, "demo-2", false),
+            ],
+            leader: Some(1),
+        };
+        let pods = BTreeMap::from([
+            ("demo-0".to_owned(), PodView { ready: true, zone: Some("a".into()) }),
+            ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()) }),
+            ("demo-2".to_owned(), PodView { ready: true, zone: None }),
+        ]);
+        let members = join(membership, &pods);
+        assert_eq!(members.iter().map(|m| m.healthy).collect::<Vec<_>>(), [true, false, false]);
+        assert_eq!(members[0].zone.as_deref(), Some("a"));
+    }
+}

@@ -1,0 +1,130 @@
+//! Pure builders of the objects a ConsensusCluster is made of. No I/O: the Kubernetes
+//! platform applies what these return, and the golden tests pin them down.
+
+mod config;
+mod disruption;
+pub mod labels;
+mod services;
+mod statefulset;
+
+use consensus_crds::{ConsensusCluster, ConsensusClusterSpec};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+
+pub use config::{INITIAL_CLUSTER_KEY, INITIAL_CLUSTER_STATE_KEY, InitialClusterState};
+
+pub const CLIENT_PORT: i32 = 2379;
+pub const PEER_PORT: i32 = 2380;
+pub const METRICS_PORT: i32 = 2381;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    #[error("the ConsensusCluster has no {0}; it must come from the API server")]
+    MissingMetadata(&'static str),
+}
+
+/// Everything one cluster is made of, in the order it is applied: configuration and
+/// Services before the StatefulSet, so members find their peers' names from their first start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub config_map: ConfigMap,
+    pub peer_service: Service,
+    pub client_service: Service,
+    pub pod_disruption_budget: PodDisruptionBudget,
+    pub stateful_set: StatefulSet,
+}
+
+/// The member set the objects are built for. Replicas is a parameter rather than read
+/// from the spec because the planner, not the spec, decides when the workload changes size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Members {
+    pub replicas: i32,
+    pub state: InitialClusterState,
+}
+
+pub fn desired(cluster: &ConsensusCluster, members: Members) -> Result<Desired, BuildError> {
+    let cluster = Cluster::new(cluster)?;
+    Ok(Desired {
+        config_map: config::config_map(&cluster, members),
+        peer_service: services::peer(&cluster),
+        client_service: services::client(&cluster),
+        pod_disruption_budget: disruption::budget(&cluster, members.replicas),
+        stateful_set: statefulset::stateful_set(&cluster, members.replicas),
+    })
+}
+
+/// What the builders need to know about the resource, checked once.
+pub(crate) struct Cluster<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub uid: &'a str,
+    pub spec: &'a ConsensusClusterSpec,
+}
+
+impl<'a> Cluster<'a> {
+    fn new(cc: &'a ConsensusCluster) -> Result<Self, BuildError> {
+        let meta = cc.meta();
+        Ok(Self {
+            name: meta.name.as_deref().ok_or(BuildError::MissingMetadata("name"))?,
+            namespace: meta.namespace.as_deref().ok_or(BuildError::MissingMetadata("namespace"))?,
+            uid: meta.uid.as_deref().ok_or(BuildError::MissingMetadata("uid"))?,
+            spec: &cc.spec,
+        })
+    }
+
+    pub fn peer_service_name(&self) -> String {
+        peer_service_name(self.name)
+    }
+
+    pub fn config_map_name(&self) -> String {
+        config_map_name(self.name)
+    }
+
+    /// DNS name of one member through the headless Service; stable across restarts and
+    /// rescheduling, which is what Raft peer addresses need.
+    pub fn member_host(&self, member: &str) -> String {
+        format!("{member}.{}.{}.svc", self.peer_service_name(), self.namespace)
+    }
+
+    pub fn member_name(&self, ordinal: i32) -> String {
+        format!("{}-{ordinal}", self.name)
+    }
+
+    /// Metadata of an owned object: cascading deletion through a controller reference.
+    pub fn metadata(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.to_owned()),
+            labels: Some(labels::common(self.name, self.spec.version.as_deref())),
+            owner_references: Some(vec![OwnerReference {
+                api_version: ConsensusCluster::api_version(&()).into_owned(),
+                kind: ConsensusCluster::kind(&()).into_owned(),
+                name: self.name.to_owned(),
+                uid: self.uid.to_owned(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+pub fn peer_service_name(cluster: &str) -> String {
+    format!("{cluster}-peer")
+}
+
+pub fn config_map_name(cluster: &str) -> String {
+    format!("{cluster}-config")
+}
+
+pub fn client_service_name(cluster: &str) -> String {
+    format!("{cluster}-client")
+}
+
+/// Where clients (and the operator) reach the cluster from inside Kubernetes.
+pub fn client_endpoint(cluster: &str, namespace: &str) -> String {
+    format!("http://{}.{namespace}.svc:{CLIENT_PORT}", client_service_name(cluster))
+}

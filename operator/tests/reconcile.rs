@@ -1,0 +1,464 @@
+//! Reconcile scenarios against a fake API server: each test reads as the list of
+//! requests the operator makes, then checks the ones that matter (field manager, force,
+//! body).
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use consensus_crds::{ConsensusCluster, FIELD_MANAGER, STATUS_FIELD_MANAGER};
+use consensus_operator::k8s::members::{MemberProbe, Membership, MembershipError, ReportedMember};
+use consensus_operator::k8s::metrics::Metrics;
+use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
+use consensus_operator::resources::{InitialClusterState, Members, desired};
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use support::{FakeApi, Recorded};
+
+const NS: &str = "default";
+const CC: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusclusters/demo";
+const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
+const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
+const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
+const CLIENT: &str = "/api/v1/namespaces/default/services/demo-client";
+const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
+const PODS: &str = "/api/v1/namespaces/default/pods";
+const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+/// What the members answer, and who asked.
+struct FakeMembers {
+    answer: Option<Membership>,
+    asked: Mutex<Vec<String>>,
+}
+
+impl FakeMembers {
+    fn unreachable() -> Self {
+        Self { answer: None, asked: Mutex::default() }
+    }
+
+    /// `demo-0` .. `demo-{n-1}`, all answering, `demo-0` leading.
+    fn healthy(n: u64) -> Self {
+        let members = (0..n)
+            .map(|i| ReportedMember {
+                id: 0x10 + i,
+                name: format!("demo-{i}"),
+                is_learner: false,
+                answers: true,
+                applied_index: Some(42),
+            })
+            .collect();
+        Self { answer: Some(Membership { members, leader: Some(0x10) }), asked: Mutex::default() }
+    }
+}
+
+impl MemberProbe for FakeMembers {
+    async fn membership(&self, endpoint: &str) -> Result<Membership, MembershipError> {
+        self.asked.lock().expect("lock").push(endpoint.to_owned());
+        self.answer.clone().ok_or_else(|| MembershipError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            source: "connection refused".into(),
+        })
+    }
+}
+
+fn cluster(spec: Value, finalizer: bool) -> ConsensusCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "consensus.dev/v1alpha1",
+        "kind": "ConsensusCluster",
+        "metadata": {
+            "name": "demo", "namespace": NS, "uid": "11111111-2222-4333-8444-555555555555",
+            "generation": 2, "resourceVersion": "7",
+            "finalizers": if finalizer { json!([FINALIZER]) } else { Value::Null },
+        },
+        "spec": spec,
+    }))
+    .expect("a ConsensusCluster")
+}
+
+fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers>> {
+    let reporter =
+        Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
+    Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        probe: members,
+        metrics: Metrics::shared(),
+    })
+}
+
+/// The objects of a running 3-member cluster, as the operator applied them.
+fn running_cluster_objects(cc: &ConsensusCluster, state: InitialClusterState) -> Vec<Value> {
+    let built = desired(cc, Members { replicas: 3, state }).expect("builds");
+    let mut objects: Vec<Value> = [
+        serde_json::to_value(&built.config_map),
+        serde_json::to_value(&built.peer_service),
+        serde_json::to_value(&built.client_service),
+        serde_json::to_value(&built.pod_disruption_budget),
+        serde_json::to_value(&built.stateful_set),
+    ]
+    .into_iter()
+    .map(|o| o.expect("serializes"))
+    .collect();
+    for (i, zone) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
+        objects.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("demo-{i}"), "namespace": NS,
+                         "labels": {"app.kubernetes.io/name": "consensus-node", "app.kubernetes.io/instance": "demo"}},
+            "spec": {"nodeName": format!("node-{i}"), "containers": []},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+        }));
+        objects.push(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("node-{i}"), "labels": {"topology.kubernetes.io/zone": zone}},
+        }));
+    }
+    objects
+}
+
+fn with_cluster(cc: &ConsensusCluster, mut objects: Vec<Value>) -> Vec<Value> {
+    objects.push(serde_json::to_value(cc).expect("serializes"));
+    objects
+}
+
+fn only<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Recorded {
+    let matching: Vec<&Recorded> = requests.iter().filter(|r| r.method == method && r.path == path).collect();
+    assert_eq!(matching.len(), 1, "expected one {method} {path}, got {}", matching.len());
+    matching[0]
+}
+
+fn events(requests: &[Recorded]) -> Vec<(String, String, String)> {
+    requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == EVENTS)
+        .map(|r| {
+            let text = |field: &str| r.body[field].as_str().unwrap_or_default().to_owned();
+            (text("type"), text("reason"), text("note"))
+        })
+        .collect()
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+#[tokio::test]
+async fn a_new_cluster_gets_the_finalizer_before_anything_is_created() {
+    let cc = cluster(json!({"replicas": 3}), false);
+    let (client, api) = FakeApi::start(with_cluster(&cc, vec![]));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
+
+    assert_eq!(api.story(), [format!("PATCH {CC}")]);
+    let patch = &api.requests()[0];
+    assert_eq!(patch.content_type, "application/json-patch+json");
+    assert_eq!(
+        patch.body,
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    );
+}
+
+#[tokio::test]
+async fn the_first_reconcile_creates_every_object_and_reports_pending() {
+    let cc = cluster(json!({"replicas": 3, "storage": {"size": "2Gi"}}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, vec![]));
+    let ctx = context(client, FakeMembers::unreachable());
+
+    reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
+
+    // Looks at what exists, then applies configuration, Services, budget and StatefulSet,
+    // each followed by its event, and finally reports status.
+    assert_eq!(
+        api.story(),
+        [
+            format!("GET {STS}"),
+            format!("GET {CONFIG}"),
+            format!("GET {PEER}"),
+            format!("GET {CLIENT}"),
+            format!("GET {PDB}"),
+            format!("PATCH {CONFIG}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {PEER}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {CLIENT}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {PDB}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {STS}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {CC}/status"),
+        ]
+    );
+    let requests = api.requests();
+    for path in [CONFIG, PEER, CLIENT, PDB, STS] {
+        let apply = only(&requests, "PATCH", path);
+        assert!(apply.is_apply(), "{path} is applied server-side");
+        assert_eq!(apply.field_manager(), Some(FIELD_MANAGER), "{path}");
+        assert!(apply.forced(), "{path} is applied with force");
+        let owner = &apply.body["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (owner["kind"].as_str(), owner["name"].as_str()),
+            (Some("ConsensusCluster"), Some("demo"))
+        );
+        assert_eq!(owner["controller"], true, "{path}: deleting the cluster deletes it");
+    }
+
+    let sts = &only(&requests, "PATCH", STS).body;
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    assert_eq!(sts["spec"]["serviceName"], "demo-peer");
+    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "2Gi");
+    let config = &only(&requests, "PATCH", CONFIG).body;
+    assert_eq!(config["data"]["initial-cluster-state"], "new", "the first members bootstrap together");
+    assert_eq!(
+        config["data"]["initial-cluster"],
+        "demo-0=http://demo-0.demo-peer.default.svc:2380,\
+         demo-1=http://demo-1.demo-peer.default.svc:2380,\
+         demo-2=http://demo-2.demo-peer.default.svc:2380"
+    );
+    assert_eq!(only(&requests, "PATCH", PEER).body["spec"]["publishNotReadyAddresses"], true);
+    assert_eq!(only(&requests, "PATCH", PDB).body["spec"]["maxUnavailable"], 1);
+
+    let created: Vec<_> = events(&requests).into_iter().map(|(t, r, n)| format!("{t} {r}: {n}")).collect();
+    assert_eq!(
+        created,
+        [
+            "Normal Created: created ConfigMap demo-config",
+            "Normal Created: created Service demo-peer",
+            "Normal Created: created Service demo-client",
+            "Normal Created: created PodDisruptionBudget demo",
+            "Normal Created: created StatefulSet demo",
+        ]
+    );
+
+    let status_patch = only(&requests, "PATCH", &format!("{CC}/status"));
+    assert!(status_patch.is_apply());
+    assert_eq!(status_patch.field_manager(), Some(STATUS_FIELD_MANAGER));
+    assert!(status_patch.forced());
+    let status = &status_patch.body["status"];
+    assert_eq!(status_patch.body["kind"], "ConsensusCluster");
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["observedGeneration"], 2);
+    assert_eq!(status["selector"], "app.kubernetes.io/instance=demo,app.kubernetes.io/name=consensus-node");
+    assert_eq!(condition(status, "Progressing")["status"], "True");
+
+    // Nothing ran yet, so there was nobody to ask.
+    assert!(ctx.probe.asked.lock().expect("lock").is_empty());
+}
+
+#[tokio::test]
+async fn an_even_replica_count_is_refused_and_the_cluster_is_left_as_it_is() {
+    let running = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&running, InitialClusterState::Existing);
+    let cc = cluster(json!({"replicas": 4}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::healthy(3))).await.expect("reconciles");
+
+    // Writes: one Warning event and the status, nothing else.
+    let writes: Vec<String> = api.writes().iter().map(Recorded::line).collect();
+    assert_eq!(writes, [format!("POST {EVENTS}"), format!("PATCH {CC}/status")]);
+    assert!(
+        api.requests().iter().all(|r| r.path != STS || r.method == "GET"),
+        "the StatefulSet is not written"
+    );
+    assert_eq!(api.object(STS).expect("still there")["spec"]["replicas"], 3);
+
+    let requests = api.requests();
+    let (type_, reason, note) = events(&requests).remove(0);
+    assert_eq!((type_.as_str(), reason.as_str()), ("Warning", "InvalidSpec"));
+    assert!(note.contains("spec.replicas: 4 is not allowed"), "{note}");
+
+    let status_patch = only(&requests, "PATCH", &format!("{CC}/status"));
+    assert_eq!(status_patch.field_manager(), Some(STATUS_FIELD_MANAGER));
+    let status = &status_patch.body["status"];
+    let degraded = condition(status, "Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("InvalidSpec"))
+    );
+    assert_eq!(degraded["observedGeneration"], 2);
+    assert_eq!(status["phase"], "Degraded");
+    // The members still serve, and status still says so.
+    assert_eq!(status["leader"], "demo-0");
+    assert_eq!(status["readyReplicas"], 3);
+}
+
+#[tokio::test]
+async fn a_steady_cluster_reports_members_zones_and_leader_under_the_status_field_manager() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let ctx = context(client, FakeMembers::healthy(3));
+
+    reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
+
+    assert_eq!(*ctx.probe.asked.lock().expect("lock"), ["http://demo-client.default.svc:2379"]);
+    let requests = api.requests();
+    // Every object is applied again (level-triggered), but nothing changed: no events.
+    assert!(events(&requests).is_empty(), "{:?}", events(&requests));
+    for apply in requests.iter().filter(|r| r.is_apply() && !r.path.ends_with("/status")) {
+        assert_eq!(apply.field_manager(), Some(FIELD_MANAGER), "{}", apply.path);
+    }
+    assert!(requests.iter().any(|r| r.line() == format!("GET {PODS}")), "pods are listed for readiness");
+
+    let status_patch = only(&requests, "PATCH", &format!("{CC}/status"));
+    assert_eq!(status_patch.field_manager(), Some(STATUS_FIELD_MANAGER));
+    assert!(status_patch.forced());
+    let status = &status_patch.body["status"];
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["leader"], "demo-0");
+    assert_eq!(status["readyReplicas"], 3);
+    assert_eq!(status["replicas"], 3);
+    let members = status["members"].as_array().expect("members");
+    let described: Vec<String> = members
+        .iter()
+        .map(|m| format!("{} {} {} {} {}", m["name"], m["id"], m["role"], m["zone"], m["healthy"]))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            r#""demo-0" "10" "Leader" "zone-a" true"#,
+            r#""demo-1" "11" "Follower" "zone-b" true"#,
+            r#""demo-2" "12" "Follower" "zone-c" true"#,
+        ]
+    );
+    assert_eq!(condition(status, "Available")["status"], "True");
+}
+
+#[tokio::test]
+async fn once_a_leader_is_seen_new_members_join_instead_of_bootstrapping() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::New);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::healthy(3))).await.expect("reconciles");
+
+    let requests = api.requests();
+    assert_eq!(only(&requests, "PATCH", CONFIG).body["data"]["initial-cluster-state"], "existing");
+    let reported: Vec<_> = events(&requests).into_iter().map(|(_, r, n)| format!("{r}: {n}")).collect();
+    assert_eq!(reported, ["Updated: updated ConfigMap demo-config"]);
+}
+
+#[tokio::test]
+async fn while_members_bootstrap_the_configuration_stays_new() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::New);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
+
+    let requests = api.requests();
+    assert_eq!(only(&requests, "PATCH", CONFIG).body["data"]["initial-cluster-state"], "new");
+    assert!(events(&requests).is_empty());
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(condition(status, "Available")["status"], "False");
+}
+
+fn deleted(spec: Value) -> ConsensusCluster {
+    let mut cc = cluster(spec, true);
+    cc.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+    cc
+}
+
+fn volumes() -> Vec<Value> {
+    (0..3)
+        .map(|i| {
+            json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": format!("data-demo-{i}"), "namespace": NS,
+                             "labels": {"app.kubernetes.io/name": "consensus-node", "app.kubernetes.io/instance": "demo"}},
+            })
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn deleting_a_cluster_keeps_its_volumes_by_default_and_says_so() {
+    let cc = deleted(json!({"replicas": 3}));
+    let (client, api) = FakeApi::start(with_cluster(&cc, volumes()));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
+
+    assert_eq!(api.story(), [format!("GET {PVCS}"), format!("POST {EVENTS}"), format!("PATCH {CC}")]);
+    let requests = api.requests();
+    let (_, reason, note) = events(&requests).remove(0);
+    assert_eq!(reason, "VolumesRetained");
+    assert!(note.contains("data-demo-0, data-demo-1, data-demo-2"), "{note}");
+    let remove = &requests[2].body;
+    assert_eq!(remove[1], json!({"op": "remove", "path": "/metadata/finalizers/0"}));
+}
+
+#[tokio::test]
+async fn deleting_a_cluster_with_reclaim_policy_delete_deletes_its_volumes() {
+    let cc = deleted(json!({"replicas": 3, "storage": {"reclaimPolicy": "Delete"}}));
+    let (client, api) = FakeApi::start(with_cluster(&cc, volumes()));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
+
+    assert_eq!(
+        api.story(),
+        [
+            format!("GET {PVCS}"),
+            format!("DELETE {PVCS}/data-demo-0"),
+            format!("DELETE {PVCS}/data-demo-1"),
+            format!("DELETE {PVCS}/data-demo-2"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {CC}"),
+        ]
+    );
+    assert_eq!(events(&api.requests())[0].1, "VolumesDeleted");
+}
+
+/// Every request of every scenario above is one the operator's ClusterRole allows.
+#[tokio::test]
+async fn the_cluster_role_allows_every_request_the_reconciler_makes() {
+    let role: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/rbac/cluster_role.yaml"))
+            .expect("cluster role"),
+    )
+    .expect("YAML");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_array().expect("rules").iter().any(|rule| {
+            let has =
+                |key: &str, value: &str| rule[key].as_array().is_some_and(|v| v.iter().any(|x| x == value));
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+
+    let mut requests = Vec::new();
+    let running = cluster(json!({"replicas": 3}), true);
+    for (cc, objects, members) in [
+        (cluster(json!({"replicas": 3}), false), vec![], FakeMembers::unreachable()),
+        (running.clone(), vec![], FakeMembers::unreachable()),
+        (
+            running.clone(),
+            running_cluster_objects(&running, InitialClusterState::New),
+            FakeMembers::healthy(3),
+        ),
+        (
+            cluster(json!({"replicas": 4}), true),
+            running_cluster_objects(&running, InitialClusterState::New),
+            FakeMembers::healthy(3),
+        ),
+        (deleted(json!({"storage": {"reclaimPolicy": "Delete"}})), volumes(), FakeMembers::unreachable()),
+    ] {
+        let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+        reconcile(Arc::new(cc), context(client, members)).await.expect("reconciles");
+        requests.extend(api.requests());
+    }
+    for request in &requests {
+        let (group, resource, verbs) = request.authorization();
+        for verb in verbs {
+            assert!(allows(&group, &resource, verb), "{} needs {verb} on {group}/{resource}", request.line());
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! A fake Kubernetes API server behind kube's `Client` (tower-test's mock service): it
+//! keeps objects by path, answers GET, LIST, PATCH (server-side apply, JSON patch,
+//! status), POST and DELETE the way the API server does for what the operator uses, and
+//! records every request so a test can read them back as a story.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+/// One request as the API server saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Recorded {
+    /// `METHOD /path`, the way the stories list requests.
+    pub fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+
+    pub fn field_manager(&self) -> Option<&str> {
+        self.query.get("fieldManager").map(String::as_str)
+    }
+
+    pub fn forced(&self) -> bool {
+        self.query.get("force").is_some_and(|v| v == "true")
+    }
+
+    pub fn is_apply(&self) -> bool {
+        self.method == "PATCH" && self.content_type == "application/apply-patch+yaml"
+    }
+
+    /// The RBAC verbs this request needs, and the resource (with subresource) it acts on.
+    /// An apply that finds no object creates it, and is authorized as a create too.
+    pub fn authorization(&self) -> (String, String, Vec<&'static str>) {
+        let segments: Vec<&str> = self.path.trim_start_matches('/').split('/').collect();
+        let (group, rest) = match segments.as_slice() {
+            ["api", _version, rest @ ..] => (String::new(), rest),
+            ["apis", group, _version, rest @ ..] => ((*group).to_owned(), rest),
+            _ => panic!("unexpected path {}", self.path),
+        };
+        let rest = match rest {
+            ["namespaces", _ns, rest @ ..] => rest,
+            rest => rest,
+        };
+        let (resource, named) = match rest {
+            [resource] => ((*resource).to_owned(), false),
+            [resource, _name] => ((*resource).to_owned(), true),
+            [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+            _ => panic!("unexpected path {}", self.path),
+        };
+        let verb = match (self.method.as_str(), named) {
+            ("GET", true) => "get",
+            ("GET", false) if self.query.get("watch").is_some_and(|w| w == "true") => "watch",
+            ("GET", false) => "list",
+            ("POST", _) => "create",
+            ("PATCH", _) => "patch",
+            ("PUT", _) => "update",
+            ("DELETE", _) => "delete",
+            (method, _) => panic!("unexpected method {method}"),
+        };
+        let verbs =
+            if self.is_apply() && !resource.ends_with("/status") { vec![verb, "create"] } else { vec![verb] };
+        (group, resource, verbs)
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Objects by their path, as the API server would return them.
+    objects: BTreeMap<String, Value>,
+    /// The last applied configuration by path, to answer an unchanged apply without a write.
+    applied: BTreeMap<String, Value>,
+    requests: Vec<Recorded>,
+    next_version: u64,
+}
+
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+const PLURALS: [(&str, &str); 9] = [
+    ("ConsensusCluster", "consensusclusters"),
+    ("StatefulSet", "statefulsets"),
+    ("Service", "services"),
+    ("ConfigMap", "configmaps"),
+    ("PodDisruptionBudget", "poddisruptionbudgets"),
+    ("Pod", "pods"),
+    ("Node", "nodes"),
+    ("PersistentVolumeClaim", "persistentvolumeclaims"),
+    ("Event", "events"),
+];
+
+/// Where the API server serves `object`.
+pub fn path_of(object: &Value) -> String {
+    let api_version = object["apiVersion"].as_str().expect("apiVersion");
+    let kind = object["kind"].as_str().expect("kind");
+    let plural = PLURALS.iter().find(|(k, _)| *k == kind).map(|(_, p)| *p).expect("known kind");
+    let root = if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    };
+    let name = object["metadata"]["name"].as_str().expect("name");
+    match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{root}/namespaces/{ns}/{plural}/{name}"),
+        None => format!("{root}/{plural}/{name}"),
+    }
+}
+
+fn not_found(path: &str) -> (StatusCode, Value) {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{path} not found"), "reason": "NotFound", "code": 404,
+    });
+    (StatusCode::NOT_FOUND, status)
+}
+
+impl State {
+    fn version(&mut self) -> String {
+        self.next_version += 1;
+        self.next_version.to_string()
+    }
+
+    fn store(&mut self, path: &str, mut object: Value, uid: Option<Value>) -> Value {
+        let version = self.version();
+        object["metadata"]["resourceVersion"] = json!(version);
+        object["metadata"]["uid"] = uid.unwrap_or_else(|| json!(format!("uid-{version}")));
+        self.objects.insert(path.to_owned(), object.clone());
+        object
+    }
+
+    fn answer(&mut self, request: &Recorded) -> (StatusCode, Value) {
+        let path = request.path.as_str();
+        match request.method.as_str() {
+            "GET" => match self.objects.get(path) {
+                Some(object) => (StatusCode::OK, object.clone()),
+                None if PLURALS.iter().any(|(_, plural)| path.ends_with(&format!("/{plural}"))) => {
+                    let prefix = format!("{path}/");
+                    let items: Vec<Value> = self
+                        .objects
+                        .iter()
+                        .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+                        .map(|(_, o)| o.clone())
+                        .collect();
+                    (
+                        StatusCode::OK,
+                        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                    )
+                }
+                None => not_found(path),
+            },
+            "PATCH" if path.ends_with("/status") => {
+                let owner = path.trim_end_matches("/status");
+                let Some(mut object) = self.objects.get(owner).cloned() else { return not_found(owner) };
+                object["status"] = request.body["status"].clone();
+                let uid = object["metadata"].get("uid").cloned();
+                (StatusCode::OK, self.store(owner, object, uid))
+            }
+            "PATCH" if request.is_apply() => {
+                let previous = self.objects.get(path).cloned();
+                if self.applied.get(path) == Some(&request.body)
+                    && let Some(previous) = previous
+                {
+                    return (StatusCode::OK, previous);
+                }
+                self.applied.insert(path.to_owned(), request.body.clone());
+                let uid = previous.and_then(|p| p["metadata"].get("uid").cloned());
+                (StatusCode::OK, self.store(path, request.body.clone(), uid))
+            }
+            // JSON patches (the finalizer): the tests read the request, the answer is the object.
+            "PATCH" => match self.objects.get(path) {
+                Some(object) => (StatusCode::OK, object.clone()),
+                None => not_found(path),
+            },
+            "POST" => {
+                let mut created = request.body.clone();
+                created["metadata"]["resourceVersion"] = json!(self.version());
+                (StatusCode::CREATED, created)
+            }
+            "DELETE" => match self.objects.remove(path) {
+                Some(object) => (StatusCode::OK, object),
+                None => not_found(path),
+            },
+            method => panic!("the fake API server does not serve {method}"),
+        }
+    }
+}
+
+impl FakeApi {
+    /// A client talking to a fake API server that holds `objects`, each as applied by us
+    /// before (so applying it again unchanged writes nothing).
+    pub fn start(objects: impl IntoIterator<Item = Value>) -> (Client, FakeApi) {
+        let mut state = State::default();
+        for object in objects {
+            let path = path_of(&object);
+            state.applied.insert(path.clone(), object.clone());
+            let uid = object["metadata"].get("uid").cloned();
+            state.store(&path, object, uid);
+        }
+        let state = Arc::new(Mutex::new(state));
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server_state = state.clone();
+        tokio::spawn(async move {
+            while let Some((request, respond)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = body.collect().await.expect("request body").to_bytes();
+                let query = parts
+                    .uri
+                    .query()
+                    .unwrap_or("")
+                    .split('&')
+                    .filter(|pair| !pair.is_empty())
+                    .map(|pair| {
+                        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                        (k.to_owned(), v.to_owned())
+                    })
+                    .collect();
+                let recorded = Recorded {
+                    method: parts.method.to_string(),
+                    path: parts.uri.path().to_owned(),
+                    query,
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned(),
+                    body: if bytes.is_empty() {
+                        Value::Null
+                    } else {
+                        serde_json::from_slice(&bytes).expect("JSON body")
+                    },
+                };
+                let (status, answer) = {
+                    let mut state = server_state.lock().expect("state");
+                    let answer = state.answer(&recorded);
+                    state.requests.push(recorded);
+                    answer
+                };
+                let response = Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).expect("serializes")))
+                    .expect("response");
+                respond.send_response(response);
+            }
+        });
+        (Client::new(service, "default"), FakeApi { state })
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().expect("state").requests.clone()
+    }
+
+    /// The requests as `METHOD /path` lines, in order.
+    pub fn story(&self) -> Vec<String> {
+        self.requests().iter().map(Recorded::line).collect()
+    }
+
+    pub fn writes(&self) -> Vec<Recorded> {
+        self.requests().into_iter().filter(|r| r.method != "GET").collect()
+    }
+
+    pub fn object(&self, path: &str) -> Option<Value> {
+        self.state.lock().expect("state").objects.get(path).cloned()
+    }
+}
