@@ -178,12 +178,12 @@ async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
                 continue;
             }
             let peer = Member { name: name.clone(), peer_urls: vec![url.clone()], client_urls: Vec::new() };
-            if let Ok((cluster_id, members)) = crate::member::ask_members(&peer).await
-                && let Some((member_id, _)) = members
+            if let Ok((cluster_id, members)) = crate::member::ask_roster(&peer).await
+                && let Some(own) = members
                     .iter()
-                    .find(|(_, m)| m.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
+                    .find(|m| m.member.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
             {
-                return Ok(Identity { name: config.name.clone(), member_id: *member_id, cluster_id });
+                return Ok(Identity { name: config.name.clone(), member_id: own.id, cluster_id });
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -297,6 +297,7 @@ pub async fn run(
         let lease = crate::api::lease::LeaseService::new(node.clone());
         let lock = crate::api::lock::LockService::new(node.clone());
         let election = crate::api::election::ElectionService::new(node.clone());
+        let admin = crate::api::admin::AdminService::new(node.clone());
         let (kv, cluster, maintenance, watch) = (
             KvService::new(node.clone()),
             ClusterService::new(node.clone()),
@@ -312,6 +313,7 @@ pub async fn run(
                 .add_service(WatchServer::new(watch))
                 .add_service(crate::proto::v3lockpb::lock_server::LockServer::new(lock))
                 .add_service(crate::proto::v3electionpb::election_server::ElectionServer::new(election))
+                .add_service(crate::proto::admin::admin_server::AdminServer::new(admin))
                 .serve_with_incoming_shutdown(client_incoming(listener), stop)
                 .await
                 .context("client server")
