@@ -584,7 +584,7 @@ impl Node {
     /// ChangeVoters on the leader: the checks of admin.proto, then one `ReplaceAllVoters`
     /// (a joint configuration, then the new one), keeping the voters left out as learners.
     async fn change_voters(&self, voters: BTreeSet<u64>) -> Result<ForwardResponse, ServerError> {
-        if voters.is_empty() || voters.len() % 2 == 0 {
+        if voters.is_empty() || voters.len().is_multiple_of(2) {
             return Err(ServerError::VoterSetNotOdd(voters.len()));
         }
         let metrics = self.raft.metrics().borrow_watched().clone();
@@ -619,7 +619,7 @@ impl Node {
         // The checks above read this membership; a change committed since would make them
         // stale, so the change is proposed only while it is still the effective one.
         let unchanged =
-            openraft::Precondition::LastMembershipLogId { last_membership_log_id: stored.log_id().clone() };
+            openraft::Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
         match self.raft.change_membership_if(ChangeMembers::ReplaceAllVoters(voters), true, [unchanged]).await
         {
             Ok(response) => match response.membership {

@@ -133,7 +133,10 @@ impl RaftPeer for PeerService {
         let forwarded: ForwardRequest = decode(&request.into_inner().payload).map_err(bad_request)?;
         let result = match forwarded {
             ForwardRequest::Members => Ok(self.node.known_members()),
-            ForwardRequest::Roster => Ok(self.node.known_roster()),
+            // A joiner decides from this answer whether it may start empty (see
+            // `server::join_existing`): it must include every change committed before it
+            // asked, such as the removal of the voter it replaces.
+            ForwardRequest::Roster => self.node.read_barrier().await.map(|()| self.node.known_roster()),
             other => self.node.execute_as_leader(other).await,
         };
         let payload = encode(&result).map_err(|e| Status::internal(e.to_string()))?;
