@@ -148,6 +148,27 @@ impl TestMember {
         self.spawn();
     }
 
+    /// Sets `--initial-cluster-state` for the next start, as an operator restarting a member
+    /// whose data directory is gone would.
+    pub fn set_cluster_state(&mut self, state: &str) {
+        let flag = self.args.iter().position(|a| a == "--initial-cluster-state").expect("state flag");
+        self.args[flag + 1] = state.to_owned();
+    }
+
+    /// Waits for the process to exit on its own (a member that refuses to start).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("member is running");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "member {} did not exit", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
