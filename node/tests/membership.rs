@@ -5,7 +5,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use consensus_node::proto::admin::admin_client::AdminClient;
@@ -175,21 +175,36 @@ async fn change_voters_goes_from_three_to_five_and_back_without_an_even_voter_se
 
     // Sampled and written to through every change below, on a member that stays.
     let stop = Arc::new(AtomicBool::new(false));
+    let taken = Arc::new(AtomicUsize::new(0));
     let sampler = {
         let channel = channel(on);
-        let stop = stop.clone();
+        let (stop, taken) = (stop.clone(), taken.clone());
         tokio::spawn(async move {
             let mut client = ClusterClient::new(channel);
             let mut samples = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 if let Ok(list) = client.member_list(MemberListRequest { linearizable: false }).await {
                     samples.push(list.into_inner().members.iter().filter(|m| !m.is_learner).count());
+                    taken.fetch_add(1, Ordering::SeqCst);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             samples
         })
     };
+    // The changes take well under a second: count samples rather than time, so the sampler
+    // has surely run before, between and after them.
+    let samples_after = |n: usize| {
+        let taken = taken.clone();
+        let target = taken.load(Ordering::SeqCst) + n;
+        async move {
+            eventually("the sampler to take more samples", || async {
+                (taken.load(Ordering::SeqCst) >= target).then_some(())
+            })
+            .await
+        }
+    };
+    samples_after(5).await;
     let writer = spawn_writer(on, "during/", stop.clone());
 
     let all = [original[0], original[1], original[2], id3, id4];
@@ -199,6 +214,7 @@ async fn change_voters_goes_from_three_to_five_and_back_without_an_even_voter_se
     assert_eq!(grown.member_id, member_id(on).await);
     let (five, none) = roles(on).await.expect("member list");
     assert_eq!((five.len(), none.len()), (5, 0));
+    samples_after(2).await;
     // The set it already has: nothing to do, and no error.
     let again = change_voters_once_ready(on, &all).await;
     assert_eq!(again.voter_ids.len(), 5);
@@ -227,12 +243,14 @@ async fn change_voters_goes_from_three_to_five_and_back_without_an_even_voter_se
     let (three, none) = roles(on).await.expect("member list");
     assert_eq!((three, none.len()), (voters.clone(), 0));
 
+    samples_after(5).await;
     stop.store(true, Ordering::SeqCst);
     let samples = sampler.await.expect("sampler");
     let acknowledged = writer.await.expect("writer");
     let max = samples.iter().copied().max().unwrap_or(0);
+    let fives = samples.iter().filter(|n| **n == 5).count();
     eprintln!(
-        "{} MemberList samples, voters seen: max {max}, {} writes acknowledged",
+        "{} MemberList samples ({fives} with 5 voters), voters seen: max {max}, {} writes acknowledged",
         samples.len(),
         acknowledged.len()
     );
