@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::ChangeMembers;
-use openraft::errors::{ClientWriteError, RaftError};
+use openraft::errors::{ChangeMembershipError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
@@ -28,6 +28,8 @@ use crate::raft::types::{Applied, Command, Member, Raft};
 
 /// How long a forwarded request may take before the client gets `request timed out`.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a membership change is tried when another one is in flight.
+const MEMBERSHIP_ATTEMPTS: usize = 5;
 /// A learner may be promoted once it is this close to the leader's log.
 pub const LEARNER_CATCH_UP_ENTRIES: u64 = 1000;
 
@@ -271,6 +273,15 @@ fn membership_answer(membership: &crate::raft::types::Membership) -> ForwardResp
     }
 }
 
+fn membership_in_progress(
+    e: &RaftError<crate::raft::types::TypeConfig, ClientWriteError<crate::raft::types::TypeConfig>>,
+) -> bool {
+    matches!(
+        e,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)))
+    )
+}
+
 fn internal(e: impl std::fmt::Display) -> ServerError {
     ServerError::Internal(e.to_string())
 }
@@ -506,11 +517,31 @@ impl Node {
     }
 
     async fn change(&self, change: ChangeMembers<u64, Member>) -> Result<ForwardResponse, ServerError> {
-        match self.raft.change_membership(change, true).await {
-            Ok(_) => Ok(ForwardResponse::Done),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::LeaderChanged),
-            Err(e) => Err(raft_write_error(e)),
+        for _ in 0..MEMBERSHIP_ATTEMPTS {
+            match self.raft.change_membership(change.clone(), true).await {
+                Ok(_) => return Ok(ForwardResponse::Done),
+                Err(e) if membership_in_progress(&e) => self.membership_settled().await,
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    return Err(ServerError::LeaderChanged);
+                }
+                Err(e) => return Err(raft_write_error(e)),
+            }
         }
+        Err(ServerError::Timeout)
+    }
+
+    /// Waits until the last membership change has committed. openraft takes one change at a
+    /// time, and members publishing their names change the membership too, so an
+    /// operator's change can meet one in flight.
+    async fn membership_settled(&self) {
+        let _ = self
+            .raft
+            .wait(Some(FORWARD_TIMEOUT))
+            .metrics(
+                |m| m.membership_config.log_id() == m.committed_membership_config.log_id(),
+                "membership committed",
+            )
+            .await;
     }
 
     async fn add_member(
@@ -536,12 +567,19 @@ impl Node {
                 return Err(ServerError::NotEnoughStartedMembers);
             }
         }
-        match self.raft.add_learner(id, member, false).await {
-            Ok(_) => {}
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                return Err(ServerError::LeaderChanged);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.raft.add_learner(id, member.clone(), false).await {
+                Ok(_) => break,
+                Err(e) if membership_in_progress(&e) && attempts < MEMBERSHIP_ATTEMPTS => {
+                    self.membership_settled().await;
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                    return Err(ServerError::LeaderChanged);
+                }
+                Err(e) => return Err(raft_write_error(e)),
             }
-            Err(e) => return Err(raft_write_error(e)),
         }
         if !learner {
             self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await?;
@@ -584,6 +622,21 @@ impl Node {
     /// ChangeVoters on the leader: the checks of admin.proto, then one `ReplaceAllVoters`
     /// (a joint configuration, then the new one), keeping the voters left out as learners.
     async fn change_voters(&self, voters: BTreeSet<u64>) -> Result<ForwardResponse, ServerError> {
+        for _ in 0..MEMBERSHIP_ATTEMPTS {
+            if let Some(answer) = self.try_change_voters(&voters).await? {
+                return Ok(answer);
+            }
+            self.membership_settled().await;
+        }
+        Err(ServerError::Timeout)
+    }
+
+    /// `None` when another membership change came first: the checks must be made again
+    /// against the membership it leaves.
+    async fn try_change_voters(
+        &self,
+        voters: &BTreeSet<u64>,
+    ) -> Result<Option<ForwardResponse>, ServerError> {
         if voters.is_empty() || voters.len().is_multiple_of(2) {
             return Err(ServerError::VoterSetNotOdd(voters.len()));
         }
@@ -599,7 +652,7 @@ impl Node {
         let stored = metrics.membership_config.clone();
         let membership = stored.membership();
         let current: BTreeSet<u64> = membership.voter_ids().collect();
-        for id in &voters {
+        for id in voters {
             if membership.get_node(id).is_none() {
                 return Err(ServerError::VoterNotMember(*id));
             }
@@ -607,8 +660,8 @@ impl Node {
                 self.check_caught_up(*id)?;
             }
         }
-        if current == voters && membership.get_joint_config().len() == 1 {
-            return Ok(membership_answer(membership));
+        if current == *voters && membership.get_joint_config().len() == 1 {
+            return Ok(Some(membership_answer(membership)));
         }
         // etcd's strict reconfiguration check, for the new set: the members of it that are
         // up must form its quorum, or the cluster stops when the change commits.
@@ -620,16 +673,15 @@ impl Node {
         // stale, so the change is proposed only while it is still the effective one.
         let unchanged =
             openraft::Precondition::LastMembershipLogId { last_membership_log_id: *stored.log_id() };
-        match self.raft.change_membership_if(ChangeMembers::ReplaceAllVoters(voters), true, [unchanged]).await
-        {
+        let change = ChangeMembers::ReplaceAllVoters(voters.clone());
+        match self.raft.change_membership_if(change, true, [unchanged]).await {
             Ok(response) => match response.membership {
-                Some(membership) => Ok(membership_answer(&membership)),
+                Some(membership) => Ok(Some(membership_answer(&membership))),
                 None => Err(ServerError::Internal("a membership change committed no membership".into())),
             },
+            Err(RaftError::APIError(ClientWriteError::PreconditionFailed(_))) => Ok(None),
+            Err(e) if membership_in_progress(&e) => Ok(None),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::LeaderChanged),
-            Err(RaftError::APIError(ClientWriteError::PreconditionFailed(_))) => Err(ServerError::Internal(
-                "the membership changed while the voter set was being checked; retry".into(),
-            )),
             Err(e) => Err(raft_write_error(e)),
         }
     }
