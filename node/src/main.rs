@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use consensus_node::restore::RestoreConfig;
-use consensus_node::server::{ClusterState, MemberConfig, run};
+use consensus_node::server::{ClusterState, LOST_DATA_EXIT_CODE, LostVoterData, MemberConfig, run};
 
 #[derive(Parser)]
 #[command(version, about = "A Raft key-value member speaking the etcd v3 API")]
@@ -262,6 +262,20 @@ impl RunArgs {
     }
 }
 
+/// Kubernetes' default `terminationMessagePath`: what is written there becomes the pod's
+/// last termination message.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Exits with `LOST_DATA_EXIT_CODE`, leaving the reason where Kubernetes shows it.
+fn exit_lost_data(lost: &LostVoterData) -> ! {
+    tracing::error!("{lost}");
+    // Only where Kubernetes provides the file: anywhere else nothing is written.
+    if std::path::Path::new(TERMINATION_LOG).exists() {
+        let _ = std::fs::write(TERMINATION_LOG, lost.to_string());
+    }
+    std::process::exit(LOST_DATA_EXIT_CODE)
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 async fn termination() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -336,7 +350,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => run(args.into_config()?, termination()).await,
+        Command::Run(args) => {
+            let result = run(args.into_config()?, termination()).await;
+            if let Some(lost) = result.as_ref().err().and_then(|e| e.downcast_ref::<LostVoterData>()) {
+                exit_lost_data(lost);
+            }
+            result
+        }
         Command::DevCluster(args) => dev_cluster(args).await,
         Command::Restore(args) => restore(args),
     }

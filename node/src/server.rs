@@ -209,21 +209,38 @@ async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
 /// initial cluster are named from `--initial-cluster`, which they bootstrap with data. A
 /// voter added by `member add` without `--learner` and never started has no name, so it
 /// still joins empty, as in etcd.
-pub(crate) fn refuse_lost_voter(own: &crate::member::MemberInfo) -> anyhow::Result<()> {
+pub(crate) fn refuse_lost_voter(own: &crate::member::MemberInfo) -> Result<(), LostVoterData> {
     if own.is_learner || own.member.name.is_empty() {
         return Ok(());
     }
-    bail!(
-        "member {id:x} ({name:?}) is a voter that has run before, but its data directory is empty: \
-         its data is gone while the cluster still counts it as a voter, and joining would let it vote \
-         with an empty log. Remove it (etcdctl member remove {id:x}), add it again as a learner \
-         (etcdctl member add {name} --learner --peer-urls={urls}), then start it again with an empty \
-         data directory; promote it once it has caught up",
-        id = own.id,
-        name = own.member.name,
-        urls = own.member.peer_urls.join(","),
-    )
+    Err(LostVoterData {
+        id: own.id,
+        name: own.member.name.clone(),
+        peer_urls: own.member.peer_urls.join(","),
+    })
 }
+
+/// The exit code of a member refused by `refuse_lost_voter`, so that whoever runs it (the
+/// operator, through the pod's last termination state) can tell this apart from a crash and
+/// replace the member instead of restarting it.
+pub const LOST_DATA_EXIT_CODE: i32 = 78;
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "member {id:x} ({name:?}) lost its data: it is a voter that has run before, but its data \
+     directory is empty, and joining would let it vote with an empty log. Remove it (etcdctl \
+     member remove {id:x}), add it again as a learner (etcdctl member add {name} --learner \
+     --peer-urls={peer_urls}), then start it again with an empty data directory; promote it once \
+     it has caught up"
+)]
+pub struct LostVoterData {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: String,
+}
+
+/// How long a stopping member lets requests in flight finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs a member until `shutdown` resolves, then hands leadership over and stops.
 pub async fn run(
@@ -378,10 +395,20 @@ pub async fn run(
     tracing::info!("stopping");
     hand_over_leadership(&node).await;
     let _ = stop_tx.send(true);
-    while let Some(result) = tasks.join_next().await {
-        if let Ok(Err(e)) = result {
-            tracing::warn!("while stopping: {e:#}");
+    // Servers stop taking new connections at once but wait for open ones to close, and a
+    // peer's connection stays open while it sends heartbeats: after a grace period for
+    // requests in flight, stop waiting.
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(result) = tasks.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::warn!("while stopping: {e:#}");
+            }
         }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!("closing the connections still open after {SHUTDOWN_GRACE:?}");
+        tasks.shutdown().await;
     }
     node.raft.shutdown().await.context("stopping Raft")?;
     node.store.sync().context("flushing the key-value store")?;

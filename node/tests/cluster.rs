@@ -99,6 +99,18 @@ async fn sigterm_on_the_leader_hands_leadership_over_before_exiting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_follower_stops_it_while_the_leader_keeps_its_connection_open() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    // The leader's heartbeats keep a connection to the follower's peer port open.
+    put(&cluster.members[leader], "k", "v").await.expect("put");
+    let status = cluster.members[follower].terminate();
+    assert!(status.success(), "follower exited with {status}");
+    assert_eq!(cluster.leader().await, leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_is_taken_when_the_log_grows_past_the_byte_threshold() {
     let cluster = TestCluster::start_with(
         1,
