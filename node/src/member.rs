@@ -118,6 +118,13 @@ pub enum ForwardRequest {
     /// The cluster id and members as this member knows them; any member answers, leader or
     /// not (a member started with `--initial-cluster-state existing` asks for its id).
     Members,
+    // Appended after the variants above: requests cross the peer port encoded by position,
+    // so members of an older build still decode the ones they know.
+    /// Replaces the voter set in one joint-consensus step (admin.proto's ChangeVoters).
+    ChangeVoters(BTreeSet<u64>),
+    /// As `Members`, with each member's role: a joining member must know whether the id it
+    /// is given is a voter (see `server::join_existing`). Any member answers.
+    Roster,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -133,6 +140,15 @@ pub enum ForwardResponse {
     LeaseTtl(i64),
     /// `None` when the lease does not exist.
     LeaseTimeToLive(Option<LeaseStatus>),
+    /// The membership a membership change committed.
+    Membership {
+        voters: Vec<u64>,
+        learners: Vec<u64>,
+    },
+    Roster {
+        cluster_id: u64,
+        members: Vec<MemberInfo>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,11 +158,11 @@ pub struct LeaseStatus {
     pub keys: Vec<Vec<u8>>,
 }
 
-/// Asks `peer` for the cluster id and the members it knows.
-pub async fn ask_members(peer: &Member) -> Result<(u64, Vec<(u64, Member)>), ServerError> {
+/// Asks `peer` for the cluster id and the members it knows, with their roles.
+pub async fn ask_roster(peer: &Member) -> Result<(u64, Vec<MemberInfo>), ServerError> {
     let channel = peer_channel(peer).map_err(|e| ServerError::Internal(e.to_string()))?;
-    match call_forward(RaftPeerClient::new(channel), None, &ForwardRequest::Members).await? {
-        ForwardResponse::Members { cluster_id, members } => Ok((cluster_id, members)),
+    match call_forward(RaftPeerClient::new(channel), None, &ForwardRequest::Roster).await? {
+        ForwardResponse::Roster { cluster_id, members } => Ok((cluster_id, members)),
         other => Err(ServerError::Internal(format!("unexpected answer to a member list: {other:?}"))),
     }
 }
@@ -174,7 +190,7 @@ async fn call_forward(
 }
 
 /// One Raft member as the Cluster API reports it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberInfo {
     pub id: u64,
     pub member: Member,
@@ -245,6 +261,13 @@ async fn confirm_read_index(raft: &Raft, last_data_index: &AtomicU64) -> Result<
         }),
         Err(RaftError::APIError(_)) => Err(ServerError::LeaderChanged),
         Err(RaftError::Fatal(_)) => Err(ServerError::Stopped),
+    }
+}
+
+fn membership_answer(membership: &crate::raft::types::Membership) -> ForwardResponse {
+    ForwardResponse::Membership {
+        voters: membership.voter_ids().collect(),
+        learners: membership.learner_ids().collect(),
     }
 }
 
@@ -397,6 +420,11 @@ impl Node {
         }
     }
 
+    /// The cluster id and members with their roles, as this member knows them.
+    pub fn known_roster(&self) -> ForwardResponse {
+        ForwardResponse::Roster { cluster_id: self.identity.cluster_id, members: self.members() }
+    }
+
     fn leader_client(&self, leader: u64) -> Result<RaftPeerClient<Channel>, ServerError> {
         let mut clients = self.leader_clients.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(client) = clients.get(&leader) {
@@ -447,6 +475,8 @@ impl Node {
                 Ok(ForwardResponse::Done)
             }
             ForwardRequest::Members => Ok(self.known_members()),
+            ForwardRequest::Roster => Ok(self.known_roster()),
+            ForwardRequest::ChangeVoters(voters) => self.change_voters(voters).await,
             ForwardRequest::LeaseKeepAlive(id) => {
                 let term = self.leading_term().ok_or(ServerError::LeaderChanged)?;
                 let ttl = self.granted_ttl(id)?;
@@ -531,6 +561,13 @@ impl Node {
         if !target.is_learner {
             return Err(ServerError::MemberNotLearner);
         }
+        self.check_caught_up(id)?;
+        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+    }
+
+    /// A learner may vote once it is close to the leader's log: a voter far behind would
+    /// leave the cluster waiting for it in every quorum it is needed for.
+    fn check_caught_up(&self, id: u64) -> Result<(), ServerError> {
         let metrics = self.raft.metrics().borrow_watched().clone();
         let leader_last = metrics.last_log_index.unwrap_or(0);
         let matched = metrics
@@ -541,7 +578,60 @@ impl Node {
         if leader_last.saturating_sub(matched) > LEARNER_CATCH_UP_ENTRIES || matched == 0 {
             return Err(ServerError::LearnerNotReady);
         }
-        self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await
+        Ok(())
+    }
+
+    /// ChangeVoters on the leader: the checks of admin.proto, then one `ReplaceAllVoters`
+    /// (a joint configuration, then the new one), keeping the voters left out as learners.
+    async fn change_voters(&self, voters: BTreeSet<u64>) -> Result<ForwardResponse, ServerError> {
+        if voters.is_empty() || voters.len() % 2 == 0 {
+            return Err(ServerError::VoterSetNotOdd(voters.len()));
+        }
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        if metrics.current_leader != Some(self.identity.member_id) {
+            return Err(ServerError::LeaderChanged);
+        }
+        // The leader cannot take itself out in the same step: it would lead a configuration
+        // it has no vote in until it steps down, and clients would see it leave mid-change.
+        if !voters.contains(&self.identity.member_id) {
+            return Err(ServerError::LeaderLeftOut(self.identity.member_id));
+        }
+        let stored = metrics.membership_config.clone();
+        let membership = stored.membership();
+        let current: BTreeSet<u64> = membership.voter_ids().collect();
+        for id in &voters {
+            if membership.get_node(id).is_none() {
+                return Err(ServerError::VoterNotMember(*id));
+            }
+            if !current.contains(id) {
+                self.check_caught_up(*id)?;
+            }
+        }
+        if current == voters && membership.get_joint_config().len() == 1 {
+            return Ok(membership_answer(membership));
+        }
+        // etcd's strict reconfiguration check, for the new set: the members of it that are
+        // up must form its quorum, or the cluster stops when the change commits.
+        let healthy = voters.iter().filter(|id| self.healthy_voter(**id)).count();
+        if healthy < voters.len() / 2 + 1 {
+            return Err(ServerError::NotEnoughStartedMembers);
+        }
+        // The checks above read this membership; a change committed since would make them
+        // stale, so the change is proposed only while it is still the effective one.
+        let unchanged =
+            openraft::Precondition::LastMembershipLogId { last_membership_log_id: stored.log_id().clone() };
+        match self.raft.change_membership_if(ChangeMembers::ReplaceAllVoters(voters), true, [unchanged]).await
+        {
+            Ok(response) => match response.membership {
+                Some(membership) => Ok(membership_answer(&membership)),
+                None => Err(ServerError::Internal("a membership change committed no membership".into())),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(ServerError::LeaderChanged),
+            Err(RaftError::APIError(ClientWriteError::PreconditionFailed(_))) => Err(ServerError::Internal(
+                "the membership changed while the voter set was being checked; retry".into(),
+            )),
+            Err(e) => Err(raft_write_error(e)),
+        }
     }
 
     async fn remove(&self, id: u64) -> Result<ForwardResponse, ServerError> {

@@ -1,4 +1,4 @@
-//! Generated gRPC code: the etcd v3 client API and our peer transport.
+//! Generated gRPC code: the etcd v3 client API, our Admin service and our peer transport.
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
@@ -20,4 +20,8 @@ pub mod v3lockpb {
 
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
+}
+
+pub mod admin {
+    tonic::include_proto!("consensus.admin.v1");
 }

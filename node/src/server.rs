@@ -170,6 +170,8 @@ async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyho
 
 /// Asks the members in `--initial-cluster` which id the cluster gave this member's peer
 /// URL (MemberAdd), polling until one of them answers.
+///
+/// Refuses an id that belongs to a voter which has already run (see `refuse_lost_voter`).
 async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -178,12 +180,13 @@ async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
                 continue;
             }
             let peer = Member { name: name.clone(), peer_urls: vec![url.clone()], client_urls: Vec::new() };
-            if let Ok((cluster_id, members)) = crate::member::ask_members(&peer).await
-                && let Some((member_id, _)) = members
+            if let Ok((cluster_id, members)) = crate::member::ask_roster(&peer).await
+                && let Some(own) = members
                     .iter()
-                    .find(|(_, m)| m.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
+                    .find(|m| m.member.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
             {
-                return Ok(Identity { name: config.name.clone(), member_id: *member_id, cluster_id });
+                refuse_lost_voter(own)?;
+                return Ok(Identity { name: config.name.clone(), member_id: own.id, cluster_id });
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -194,6 +197,32 @@ async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A member starting with no data must not take the id of a voter that has already run.
+///
+/// That voter's log is gone, but the cluster still counts its vote: starting it empty would
+/// let it vote with an empty log, so an entry the cluster acknowledged on its old log could
+/// lose its majority and a leader without it could be elected. "Has already run" is read
+/// from the membership: a member's name is empty from `member add` until the member itself
+/// starts and publishes it through the log (`publish_client_urls`), and members of the
+/// initial cluster are named from `--initial-cluster`, which they bootstrap with data. A
+/// voter added by `member add` without `--learner` and never started has no name, so it
+/// still joins empty, as in etcd.
+pub(crate) fn refuse_lost_voter(own: &crate::member::MemberInfo) -> anyhow::Result<()> {
+    if own.is_learner || own.member.name.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "member {id:x} ({name:?}) is a voter that has run before, but its data directory is empty: \
+         its data is gone while the cluster still counts it as a voter, and joining would let it vote \
+         with an empty log. Remove it (etcdctl member remove {id:x}), add it again as a learner \
+         (etcdctl member add {name} --learner --peer-urls={urls}), then start it again with an empty \
+         data directory; promote it once it has caught up",
+        id = own.id,
+        name = own.member.name,
+        urls = own.member.peer_urls.join(","),
+    )
 }
 
 /// Runs a member until `shutdown` resolves, then hands leadership over and stops.
@@ -297,6 +326,7 @@ pub async fn run(
         let lease = crate::api::lease::LeaseService::new(node.clone());
         let lock = crate::api::lock::LockService::new(node.clone());
         let election = crate::api::election::ElectionService::new(node.clone());
+        let admin = crate::api::admin::AdminService::new(node.clone());
         let (kv, cluster, maintenance, watch) = (
             KvService::new(node.clone()),
             ClusterService::new(node.clone()),
@@ -312,6 +342,7 @@ pub async fn run(
                 .add_service(WatchServer::new(watch))
                 .add_service(crate::proto::v3lockpb::lock_server::LockServer::new(lock))
                 .add_service(crate::proto::v3electionpb::election_server::ElectionServer::new(election))
+                .add_service(crate::proto::admin::admin_server::AdminServer::new(admin))
                 .serve_with_incoming_shutdown(client_incoming(listener), stop)
                 .await
                 .context("client server")

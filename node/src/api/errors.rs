@@ -81,6 +81,14 @@ pub enum ServerError {
     InvalidSortOption,
     #[error("etcdserver: {0}")]
     Internal(String),
+    // Appended after the variants above: these errors cross the peer port encoded by
+    // position, so members of an older build still decode the ones they know.
+    #[error("etcdserver: a voter set needs an odd number of members, not {0}")]
+    VoterSetNotOdd(usize),
+    #[error("etcdserver: the new voter set leaves out the leader {0:x}; move leadership first")]
+    LeaderLeftOut(u64),
+    #[error("etcdserver: {0:x} is not a member; add it as a learner first")]
+    VoterNotMember(u64),
 }
 
 impl From<ServerError> for Status {
@@ -94,7 +102,10 @@ impl From<ServerError> for Status {
             | MemberNotLearner
             | LearnerNotReady
             | NotEnoughStartedMembers
-            | BadLeaderTransferee => Code::FailedPrecondition,
+            | BadLeaderTransferee
+            | VoterSetNotOdd(_)
+            | LeaderLeftOut(_)
+            | VoterNotMember(_) => Code::FailedPrecondition,
             RequestTooLarge | TooManyTxnOps | DuplicateKey | LeaseTtlTooLarge | InvalidSortOption => {
                 Code::InvalidArgument
             }

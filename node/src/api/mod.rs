@@ -1,5 +1,6 @@
 //! gRPC services: the etcd v3 API on the client port, the Raft transport on the peer port.
 
+pub mod admin;
 pub mod authority;
 pub mod cluster;
 pub mod election;

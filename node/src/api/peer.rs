@@ -133,6 +133,7 @@ impl RaftPeer for PeerService {
         let forwarded: ForwardRequest = decode(&request.into_inner().payload).map_err(bad_request)?;
         let result = match forwarded {
             ForwardRequest::Members => Ok(self.node.known_members()),
+            ForwardRequest::Roster => Ok(self.node.known_roster()),
             other => self.node.execute_as_leader(other).await,
         };
         let payload = encode(&result).map_err(|e| Status::internal(e.to_string()))?;
