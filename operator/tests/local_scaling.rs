@@ -124,13 +124,17 @@ fn the_operator_killed_after_any_step_is_restarted_and_finishes_the_change() {
     let runtime = runtime();
     let (mut local, writer, sampler) = started(&runtime);
     let mut exercised = Vec::new();
-    let plan: [(i32, &str); 8] = [
+    // Every step of a grow and of a shrink, each once (TransferLeadership only happens
+    // when the leader is leaving, arranged below).
+    let plan: [(i32, &str); 10] = [
         (5, "AddLearner"),
         (3, "TransferLeadership"),
         (5, "ResizeWorkload"),
         (3, "RemoveMember"),
         (5, "ChangeVoters"),
         (3, "ChangeVoters"),
+        (5, "AddLearner"),
+        (3, "ResizeWorkload"),
         (5, "ResizeWorkload"),
         (3, "DeleteVolume"),
     ];
