@@ -110,7 +110,14 @@ fn scale_with_fault(local: &mut Local, replicas: i32, fault: &str) -> bool {
         },
     );
     if let Some(code) = died {
-        assert_eq!(code, Some(FAULT_EXIT), "operator exit after {fault}:\n{}", local.log());
+        let log = local.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        assert_eq!(
+            code,
+            Some(FAULT_EXIT),
+            "operator exit with fault {fault}; log tail:\n{}",
+            tail.join("\n")
+        );
         assert!(local.log().contains("exiting right after this step"), "{}", local.log());
         local.start(None);
     }
