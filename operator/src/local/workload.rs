@@ -198,6 +198,10 @@ impl Workload {
         self.record.as_ref().map_or_else(Vec::new, |r| r.members.iter().chain(&r.reserved).cloned().collect())
     }
 
+    fn recorded_ports(&self) -> Vec<u16> {
+        self.known().iter().flat_map(|m| [m.client_port, m.peer_port, m.metrics_port]).collect()
+    }
+
     /// The record of member `name`, reserving ports for it when it has none yet (a member
     /// about to be added as a learner).
     pub fn reserve(&mut self, name: &str) -> Result<MemberRecord, LocalError> {
@@ -210,7 +214,7 @@ impl Workload {
                 reason: "no members recorded yet".to_owned(),
             });
         };
-        let ports = free_ports(3).map_err(LocalError::Ports)?;
+        let ports = free_ports_except(3, &self.recorded_ports()).map_err(LocalError::Ports)?;
         let member = MemberRecord {
             name: name.to_owned(),
             client_port: ports[0],
@@ -252,7 +256,13 @@ impl Workload {
                 let mut member = match record.reserved.iter().position(|m| m.name == name) {
                     Some(at) => record.reserved.remove(at),
                     None => {
-                        let ports = free_ports(3).map_err(LocalError::Ports)?;
+                        let taken: Vec<u16> = record
+                            .members
+                            .iter()
+                            .chain(&record.reserved)
+                            .flat_map(|m| [m.client_port, m.peer_port, m.metrics_port])
+                            .collect();
+                        let ports = free_ports_except(3, &taken).map_err(LocalError::Ports)?;
                         MemberRecord {
                             name: name.clone(),
                             client_port: ports[0],
@@ -411,8 +421,41 @@ impl Workload {
 
 /// Distinct free loopback ports, all bound at once so none is handed out twice.
 fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
-    let listeners = (0..count)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+    free_ports_except(count, &[])
+}
+
+/// As `free_ports`, none of them in `taken`: ports recorded for members that are not
+/// listening yet (reserved, or stopped) look free to the system, which may hand them out
+/// again.
+fn free_ports_except(count: usize, taken: &[u16]) -> std::io::Result<Vec<u16>> {
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    // Each listener stays bound until the end, so the system never repeats a port here.
+    while ports.len() < count {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        if !taken.contains(&port) {
+            ports.push(port);
+        }
+        listeners.push(listener);
+        if listeners.len() > count + taken.len() + 64 {
+            return Err(std::io::Error::other("no free loopback ports outside the recorded ones"));
+        }
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_recorded_for_members_not_listening_are_never_handed_out_again() {
+        let taken = free_ports(30).expect("ports");
+        for _ in 0..20 {
+            let fresh = free_ports_except(3, &taken).expect("ports");
+            assert_eq!(fresh.len(), 3);
+            assert!(fresh.iter().all(|p| !taken.contains(p)), "{fresh:?} repeats one of {taken:?}");
+        }
+    }
 }
