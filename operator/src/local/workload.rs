@@ -19,6 +19,9 @@ use super::process::{Process, runs_member};
 
 /// How long members get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a member that has left the cluster gets to stop: it has nothing to hand over
+/// and its data is deleted next, so waiting on a clean shutdown buys nothing.
+const LEAVER_STOP_GRACE: Duration = Duration::from_secs(1);
 /// Longest pause between restarts of a member that keeps dying.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -282,7 +285,7 @@ impl Workload {
         let leaving: Vec<String> = record.members.iter().skip(count).map(|m| m.name.clone()).collect();
         let mut stopping: Vec<Process> = leaving.iter().filter_map(|n| self.processes.remove(n)).collect();
         let mut refs: Vec<&mut Process> = stopping.iter_mut().collect();
-        Process::stop_all(&mut refs, STOP_GRACE).await;
+        Process::stop_all(&mut refs, LEAVER_STOP_GRACE).await;
         for name in &leaving {
             let _ = std::fs::remove_file(self.pid_file(name));
             self.restarts.remove(name);
