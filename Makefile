@@ -77,6 +77,9 @@ e2e:
 	$(CARGO) test --locked -p consensus-e2e -- --ignored --test-threads=1
 
 # Ours and etcd (Debian etcd-server), 3 members each, side by side on this machine.
+# Then the time from editing replicas to every voter healthy, 3 -> 5 and 5 -> 3, locally.
 bench: apt-deps
 	$(CARGO) build --release --locked -p consensus-node -p consensus-e2e
 	./target/release/bench
+	$(CARGO) build --release --locked -p consensus-operator --bin consensus-operator --bin scale-bench
+	./target/release/scale-bench

@@ -3,9 +3,9 @@
 //! in), so every safety rule is a unit or property test and both platforms (Kubernetes and
 //! local processes) share the same decisions.
 //!
-//! Shape for later steps: `assess` names the situation first and `plan` maps it to a step.
-//! Membership changes (adding learners, promoting, removing) become new situations and
-//! steps there; `status` already derives its conditions from the situation, not the step's
+//! `assess` names the situation first and `plan` maps it to a step; membership changes
+//! (adding learners, changing the voters, removing members) are worked out in
+//! `plan_scaling.rs`. `status` derives its conditions from the situation, not the step's
 //! text.
 
 use std::collections::BTreeMap;
@@ -28,11 +28,23 @@ pub struct Observed {
     pub leader: Option<u64>,
     /// Raft cluster id from the members' response headers.
     pub cluster_id: Option<u64>,
+    /// The leader's Status `raft_index`: learners are caught up when their applied index is
+    /// within `LEARNER_CAUGHT_UP_ENTRIES` of it.
+    pub leader_raft_index: Option<u64>,
+    /// Names of members whose volume (PVC, or data directory locally) exists.
+    pub volumes: Vec<String>,
+    /// Names of members known to have lost their data since they were last added (an empty
+    /// volume under a member the cluster lists). A member added again by `AddLearner` is no
+    /// longer in it: it joins with a new id.
+    pub lost_data: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedMember {
     pub id: u64,
+    /// `<cluster>-<ordinal>`. etcd lists a member added but not yet started with an empty
+    /// name: the platform resolves it from the member's peer URL before planning, since
+    /// the planner tells members apart by name.
     pub name: String,
     pub is_learner: bool,
     /// Answers on the etcd API and knows a leader (and on Kubernetes, its pod is ready).
@@ -49,6 +61,18 @@ pub enum Step {
     RefuseSpec { reason: String },
     /// The first members bootstrap together, as one cluster of `replicas` voters.
     CreateWorkload { replicas: i32 },
+    /// MemberAdd --learner with that member's peer URL (the platform knows it by name).
+    AddLearner { name: String },
+    /// StatefulSet replicas, or the number of member processes locally.
+    ResizeWorkload { replicas: i32 },
+    /// Admin/ChangeVoters: the whole voter set in one joint-consensus step.
+    ChangeVoters { voters: Vec<u64> },
+    /// MoveLeader, before the leader leaves the voters.
+    TransferLeadership { to: u64 },
+    /// MemberRemove: a learner left out of the voters, or a member that lost its data.
+    RemoveMember { id: u64, name: String },
+    /// The PVC (data directory locally) of a member that is gone.
+    DeleteVolume { name: String },
     /// Nothing to do until the situation changes; `reason` says what we wait for.
     Wait { reason: String },
     /// The cluster is in its declared shape.
@@ -59,8 +83,30 @@ impl Step {
     /// Whether carrying out this step changes the cluster or the resources it runs on.
     pub fn changes_cluster(&self) -> bool {
         match self {
-            Step::CreateWorkload { .. } => true,
+            Step::CreateWorkload { .. }
+            | Step::AddLearner { .. }
+            | Step::ResizeWorkload { .. }
+            | Step::ChangeVoters { .. }
+            | Step::TransferLeadership { .. }
+            | Step::RemoveMember { .. }
+            | Step::DeleteVolume { .. } => true,
             Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => false,
+        }
+    }
+
+    /// The step's name, as reported in `Progressing` and in events and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Step::RefuseSpec { .. } => "RefuseSpec",
+            Step::CreateWorkload { .. } => "CreateWorkload",
+            Step::AddLearner { .. } => "AddLearner",
+            Step::ResizeWorkload { .. } => "ResizeWorkload",
+            Step::ChangeVoters { .. } => "ChangeVoters",
+            Step::TransferLeadership { .. } => "TransferLeadership",
+            Step::RemoveMember { .. } => "RemoveMember",
+            Step::DeleteVolume { .. } => "DeleteVolume",
+            Step::Wait { .. } => "Wait",
+            Step::Steady => "Steady",
         }
     }
 }
@@ -127,10 +173,12 @@ impl<'a> Health<'a> {
 enum Situation {
     InvalidSpec(String),
     NotCreated,
-    /// `spec.replicas` differs from the members that exist; acting on it is issue 6's work.
-    MembershipChangeRequested {
-        current: i32,
-        desired: i32,
+    /// The membership is being changed towards the spec; this is its next step.
+    Changing(Step),
+    /// A membership change is under way and cannot take its next step yet.
+    ChangeBlocked {
+        reason: String,
+        not_catching_up: Vec<String>,
     },
     NoMemberAnswers,
     NoQuorum {
@@ -156,9 +204,6 @@ fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
     let Some(current) = observed.workload_replicas else {
         return Situation::NotCreated;
     };
-    if current != spec.replicas {
-        return Situation::MembershipChangeRequested { current, desired: spec.replicas };
-    }
     let Some(health) = Health::of(observed) else {
         return Situation::NoMemberAnswers;
     };
@@ -168,6 +213,13 @@ fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
             voters: health.voters,
             leader_known: health.leader.is_some(),
         };
+    }
+    match scaling::next_change(spec.replicas, observed, &health) {
+        Some(scaling::Change::Act(step)) => return Situation::Changing(step),
+        Some(scaling::Change::Blocked { reason, not_catching_up }) => {
+            return Situation::ChangeBlocked { reason, not_catching_up };
+        }
+        None => {}
     }
     if i32::try_from(health.members.len()).ok() != Some(current) {
         return Situation::MembershipMismatch { listed: health.members.len(), expected: current };
@@ -183,10 +235,7 @@ impl Situation {
     /// Why we wait, in words an operator of the cluster can act on.
     fn wait_reason(&self) -> String {
         match self {
-            Situation::MembershipChangeRequested { current, desired } => format!(
-                "spec.replicas is {desired} but the cluster has {current} members: this operator \
-                 version cannot change membership yet, so the cluster stays at {current} members"
-            ),
+            Situation::ChangeBlocked { reason, .. } => reason.clone(),
             Situation::NoMemberAnswers => "no member answers on the etcd API yet".to_owned(),
             Situation::NoQuorum { healthy_voters, voters, leader_known } => {
                 let leader = if *leader_known { "a leader is known" } else { "no leader is known" };
@@ -203,7 +252,7 @@ impl Situation {
                 format!("waiting for {} to become healthy again", names.join(", "))
             }
             Situation::InvalidSpec(reason) => reason.clone(),
-            Situation::NotCreated | Situation::Steady => String::new(),
+            Situation::NotCreated | Situation::Steady | Situation::Changing(_) => String::new(),
         }
     }
 }
@@ -214,6 +263,7 @@ pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
         Situation::InvalidSpec(reason) => Step::RefuseSpec { reason },
         Situation::NotCreated => Step::CreateWorkload { replicas: spec.replicas },
         Situation::Steady => Step::Steady,
+        Situation::Changing(step) => step,
         waiting => Step::Wait { reason: waiting.wait_reason() },
     }
 }
@@ -275,6 +325,8 @@ pub fn status(
         Phase::Bootstrapping
     } else if matches!(step, Step::Steady) {
         Phase::Running
+    } else if matches!(situation, Situation::Changing(_) | Situation::ChangeBlocked { .. }) {
+        Phase::Scaling
     } else {
         Phase::Degraded
     };
@@ -396,13 +448,42 @@ fn progressing(situation: &Situation, step: &Step) -> NewCondition {
         (Step::CreateWorkload { replicas }, _) => {
             condition(TYPE, true, "Creating", format!("creating {replicas} members that bootstrap together"))
         }
-        // Nothing will happen until someone changes the spec back or a later version acts
-        // on it, so claiming progress would be a lie.
-        (Step::Wait { reason }, Situation::MembershipChangeRequested { .. }) => {
-            condition(TYPE, false, "MembershipChangeNotSupported", reason.clone())
+        (Step::Wait { reason }, Situation::ChangeBlocked { not_catching_up, .. }) => {
+            // A new member that never answers will not start answering by itself; claiming
+            // progress would hide that only scaling back (or fixing it) moves on.
+            if not_catching_up.is_empty() {
+                condition(TYPE, true, "WaitingForLearners", reason.clone())
+            } else {
+                condition(TYPE, false, "MemberNotCatchingUp", reason.clone())
+            }
         }
+        (
+            Step::AddLearner { .. }
+            | Step::ResizeWorkload { .. }
+            | Step::ChangeVoters { .. }
+            | Step::TransferLeadership { .. }
+            | Step::RemoveMember { .. }
+            | Step::DeleteVolume { .. },
+            _,
+        ) => condition(TYPE, true, step.name(), describe(step)),
         (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
         (Step::Steady, _) => condition(TYPE, false, "Reconciled", "the cluster is in its declared shape"),
+    }
+}
+
+/// What a membership step does, for the Progressing message.
+fn describe(step: &Step) -> String {
+    let ids = |ids: &[u64]| ids.iter().map(|id| format!("{id:x}")).collect::<Vec<_>>().join(",");
+    match step {
+        Step::AddLearner { name } => format!("adding {name} as a learner"),
+        Step::ResizeWorkload { replicas } => format!("resizing the workload to {replicas} members"),
+        Step::ChangeVoters { voters } => {
+            format!("changing the voters to {} members ({}) in one step", voters.len(), ids(voters))
+        }
+        Step::TransferLeadership { to } => format!("moving leadership to {to:x} before the leader leaves"),
+        Step::RemoveMember { id, name } => format!("removing member {name} ({id:x})"),
+        Step::DeleteVolume { name } => format!("deleting the volume of {name}"),
+        other => other.name().to_owned(),
     }
 }
 
@@ -425,9 +506,12 @@ fn degraded(situation: &Situation, step: &Step, quorum_lost: bool) -> NewConditi
             format!("the spec is refused and the cluster keeps running as it is: {reason}"),
         ),
         _ if quorum_lost => condition(TYPE, true, "QuorumLost", situation.wait_reason()),
-        Situation::MembershipChangeRequested { .. } => {
-            condition(TYPE, true, "MembershipChangeNotSupported", situation.wait_reason())
-        }
+        Situation::ChangeBlocked { not_catching_up, reason } if !not_catching_up.is_empty() => condition(
+            TYPE,
+            true,
+            "MemberNotCatchingUp",
+            format!("{reason}; set spec.replicas back to cancel the change"),
+        ),
         Situation::MembersUnhealthy(names) => {
             condition(TYPE, true, "MembersUnhealthy", format!("not healthy: {}", names.join(", ")))
         }
@@ -492,6 +576,10 @@ fn zone_condition(observed: &Observed) -> NewCondition {
         ),
     }
 }
+
+#[path = "plan_scaling.rs"]
+mod scaling;
+pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, ordinal};
 
 #[cfg(test)]
 #[path = "plan_tests.rs"]

@@ -88,7 +88,15 @@ async fn converge<P: MemberProbe>(cc: &ConsensusCluster, ctx: &Context<P>) -> Re
         }
         // Everything but the member count is kept converged with the spec; the count is
         // the planner's to change, one step at a time.
-        Step::Wait { .. } | Step::Steady => observation.observed.workload_replicas.map(|replicas| Members {
+        // Membership steps are carried out on branch scale-k8s; until then they change nothing here.
+        Step::Wait { .. }
+        | Step::Steady
+        | Step::AddLearner { .. }
+        | Step::ResizeWorkload { .. }
+        | Step::ChangeVoters { .. }
+        | Step::TransferLeadership { .. }
+        | Step::RemoveMember { .. }
+        | Step::DeleteVolume { .. } => observation.observed.workload_replicas.map(|replicas| Members {
             replicas,
             state: if observation.bootstrapped {
                 InitialClusterState::Existing
@@ -116,7 +124,7 @@ async fn converge<P: MemberProbe>(cc: &ConsensusCluster, ctx: &Context<P>) -> Re
         Step::Steady => STEADY_RECHECK,
         // A refused spec changes only when the resource does, which triggers a reconcile.
         Step::RefuseSpec { .. } => STEADY_RECHECK * 5,
-        Step::CreateWorkload { .. } | Step::Wait { .. } => PROGRESS_RECHECK,
+        _ => PROGRESS_RECHECK,
     }))
 }
 

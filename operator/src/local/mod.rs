@@ -3,6 +3,7 @@
 //! MemberList on every member), plan, act, write the status; every second and whenever the
 //! file changes.
 
+mod act;
 mod atomic;
 mod error;
 mod observe;
@@ -28,6 +29,10 @@ use workload::Workload;
 use crate::plan::{self, Step};
 
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// After a step that changed the membership, the next one is looked for this soon: the
+/// change shows in the members' answers within milliseconds, and a scale of several steps
+/// should not take a second per step.
+const RECONCILE_AFTER_CHANGE: Duration = Duration::from_millis(100);
 /// How often FILE is read for changes; an edit is acted on within this.
 const FILE_POLL: Duration = Duration::from_millis(200);
 
@@ -113,12 +118,15 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
     })?;
     let workload = Workload::open(&state_dir, &name, &node_bin)?;
     let status_path = status_file::path(&state_dir, &name);
+    let events = act::Events::new(&state_dir, &name);
     tracing::info!(cluster = %name, file = %args.file.display(), status = %status_path.display(), "local mode");
     let mut operator = Operator {
         declaration: Declaration { name, spec, refused: None, generation: 1 },
         previous: status_file::read(&status_path),
         status_path,
         workload,
+        events,
+        fault_after: act::fault_after(),
         last_step: None,
         announced: false,
     };
@@ -140,8 +148,8 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
             Err(err) => tracing::warn!("{err}"),
         }
         if Instant::now() >= next_reconcile {
-            operator.reconcile().await;
-            next_reconcile = Instant::now() + RECONCILE_EVERY;
+            let changed = operator.reconcile().await;
+            next_reconcile = Instant::now() + if changed { RECONCILE_AFTER_CHANGE } else { RECONCILE_EVERY };
         }
     }
     tracing::info!("stopping the members");
@@ -155,25 +163,35 @@ struct Operator {
     previous: Option<ConsensusClusterStatus>,
     status_path: PathBuf,
     workload: Workload,
+    events: act::Events,
+    /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the step after which this run dies, for tests.
+    fault_after: Option<String>,
     last_step: Option<Step>,
     announced: bool,
 }
 
 impl Operator {
-    /// One observe-plan-act round; its problems are logged and retried next round.
-    async fn reconcile(&mut self) {
+    /// One observe-plan-act round; its problems are logged and retried next round. True
+    /// when it carried out a step that changes the cluster.
+    async fn reconcile(&mut self) -> bool {
         // Keeping member processes alive is the platform's job, as the kubelet's is for pods.
         if let Err(err) = self.workload.supervise() {
             tracing::warn!("{err}");
         }
         let answers = observe::ask_all(self.workload.members()).await;
-        let observed =
-            observe::combine(&answers, Some(self.declaration.generation), self.workload.replicas());
+        let mut observed = observe::combine(
+            &answers,
+            &self.workload.known(),
+            Some(self.declaration.generation),
+            self.workload.replicas(),
+        );
+        observed.volumes = self.workload.volumes();
+        observed.lost_data = self.workload.lost_data();
         let step = match &self.declaration.refused {
             Some(reason) => Step::RefuseSpec { reason: reason.clone() },
             None => plan::plan(&self.declaration.spec, &observed),
         };
-        self.act(&step);
+        let changed = self.act(&step, &observed).await;
         let status = plan::status(
             &self.declaration.spec,
             &observed,
@@ -186,10 +204,35 @@ impl Operator {
         }
         self.announce(&status);
         self.previous = Some(status);
+        changed
     }
 
-    fn act(&mut self, step: &Step) {
+    /// Carries out `step`; true when it changed the cluster.
+    async fn act(&mut self, step: &Step, observed: &plan::Observed) -> bool {
         let new = self.last_step.as_ref() != Some(step);
+        if step.changes_cluster() && !matches!(step, Step::CreateWorkload { .. }) {
+            self.last_step = Some(step.clone());
+            let done = act::membership_step(
+                &mut self.workload,
+                &mut self.events,
+                &self.declaration.name,
+                step,
+                observed,
+            )
+            .await;
+            match done {
+                Ok(()) => {
+                    if self.fault_after.as_deref() == Some(step.name()) {
+                        act::die_after(step);
+                    }
+                    return true;
+                }
+                Err(err) => {
+                    tracing::warn!(step = step.name(), "{err}; retrying on the next reconcile");
+                    return false;
+                }
+            }
+        }
         match step {
             Step::RefuseSpec { reason } if new => {
                 tracing::warn!("refusing the spec, changing nothing: {reason}");
@@ -205,6 +248,7 @@ impl Operator {
             _ => {}
         }
         self.last_step = Some(step.clone());
+        false
     }
 
     /// Once the cluster first serves, the endpoints and a command to try them.

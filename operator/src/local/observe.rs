@@ -23,6 +23,8 @@ pub struct Answer {
     /// 0 when the member knows no leader, as etcd reports it.
     pub leader: u64,
     pub raft_term: u64,
+    /// The member's raft index (etcd's Status `raft_index`), the leader's judges learners.
+    pub raft_index: u64,
     pub applied_index: u64,
     pub is_learner: bool,
     pub members: Option<Vec<Listed>>,
@@ -33,6 +35,7 @@ pub struct Listed {
     pub id: u64,
     pub name: String,
     pub is_learner: bool,
+    pub peer_urls: Vec<String>,
 }
 
 /// Asks every member at once.
@@ -60,7 +63,12 @@ async fn ask(started_as: String, url: String) -> Option<Answer> {
     let members = client.member_list().await.ok().map(|list| {
         list.members()
             .iter()
-            .map(|m| Listed { id: m.id(), name: m.name().to_owned(), is_learner: m.is_learner() })
+            .map(|m| Listed {
+                id: m.id(),
+                name: m.name().to_owned(),
+                is_learner: m.is_learner(),
+                peer_urls: m.peer_urls().to_vec(),
+            })
             .collect()
     });
     Some(Answer {
@@ -69,6 +77,7 @@ async fn ask(started_as: String, url: String) -> Option<Answer> {
         cluster_id: header.cluster_id(),
         leader: status.leader(),
         raft_term: status.raft_term(),
+        raft_index: status.raft_index(),
         applied_index: status.raft_applied_index(),
         is_learner: status.is_learner(),
         members,
@@ -77,8 +86,14 @@ async fn ask(started_as: String, url: String) -> Option<Answer> {
 
 /// The planner's view from the members' answers: the leader as the most recent term
 /// reports it, the membership as the leader lists it (any member's list without one), and
-/// a member healthy when it answered and knows a leader.
-pub fn combine(answers: &[Answer], generation: Option<i64>, workload_replicas: Option<i32>) -> Observed {
+/// a member healthy when it answered and knows a leader. `known` (every member the operator
+/// has ports for) names members listed without a name: added but not started yet.
+pub fn combine(
+    answers: &[Answer],
+    known: &[MemberRecord],
+    generation: Option<i64>,
+    workload_replicas: Option<i32>,
+) -> Observed {
     let newest = answers.iter().filter(|a| a.leader != 0).max_by_key(|a| a.raft_term);
     let leader = newest.map(|a| a.leader);
     let listing = answers
@@ -89,7 +104,12 @@ pub fn combine(answers: &[Answer], generation: Option<i64>, workload_replicas: O
         Some(listed) => listed,
         None => answers
             .iter()
-            .map(|a| Listed { id: a.member_id, name: a.started_as.clone(), is_learner: a.is_learner })
+            .map(|a| Listed {
+                id: a.member_id,
+                name: a.started_as.clone(),
+                is_learner: a.is_learner,
+                peer_urls: Vec::new(),
+            })
             .collect(),
     };
     let members = (!answers.is_empty()).then(|| {
@@ -98,11 +118,13 @@ pub fn combine(answers: &[Answer], generation: Option<i64>, workload_replicas: O
             .map(|m| {
                 let answer = answers.iter().find(|a| a.member_id == m.id);
                 // A member not started yet is listed without a name; the one it was started
-                // under is the next best.
+                // under, or the one its peer URL was reserved for, is the next best.
+                let by_peer_url =
+                    || known.iter().find(|k| m.peer_urls.contains(&k.peer_url())).map(|k| k.name.clone());
                 let name = match (m.name.is_empty(), answer) {
                     (false, _) => m.name,
                     (true, Some(a)) => a.started_as.clone(),
-                    (true, None) => format!("{:x}", m.id),
+                    (true, None) => by_peer_url().unwrap_or_default(),
                 };
                 ObservedMember {
                     id: m.id,
@@ -115,12 +137,17 @@ pub fn combine(answers: &[Answer], generation: Option<i64>, workload_replicas: O
             })
             .collect()
     });
+    let leader_raft_index =
+        answers.iter().find(|a| Some(a.member_id) == leader && a.leader == a.member_id).map(|a| a.raft_index);
     Observed {
         generation,
         workload_replicas,
         members,
         leader,
         cluster_id: newest.or(answers.first()).map(|a| a.cluster_id),
+        leader_raft_index,
+        volumes: Vec::new(),
+        lost_data: Vec::new(),
     }
 }
 
@@ -135,17 +162,25 @@ mod tests {
             cluster_id: 7,
             leader,
             raft_term: term,
+            raft_index: 6,
             applied_index: 5,
             is_learner: false,
             members: listed.then(|| {
-                (1..=3).map(|i| Listed { id: i, name: format!("demo-{i}"), is_learner: false }).collect()
+                (1..=3)
+                    .map(|i| Listed {
+                        id: i,
+                        name: format!("demo-{i}"),
+                        is_learner: false,
+                        peer_urls: vec![format!("http://127.0.0.1:{}", 2000 + i)],
+                    })
+                    .collect()
             }),
         }
     }
 
     #[test]
     fn nobody_answering_is_no_observation_of_members() {
-        let observed = combine(&[], Some(1), Some(3));
+        let observed = combine(&[], &[], Some(1), Some(3));
         assert_eq!(observed.members, None);
         assert_eq!(observed.leader, None);
         assert_eq!(observed.workload_replicas, Some(3));
@@ -154,7 +189,7 @@ mod tests {
     #[test]
     fn a_silent_member_is_listed_unhealthy_and_the_newest_term_names_the_leader() {
         // Member 1 still believes in the old leader 3 of term 1; members 2 says 2 of term 2.
-        let observed = combine(&[answer(1, 3, 1, true), answer(2, 2, 2, true)], Some(1), Some(3));
+        let observed = combine(&[answer(1, 3, 1, true), answer(2, 2, 2, true)], &[], Some(1), Some(3));
         assert_eq!(observed.leader, Some(2));
         assert_eq!(observed.cluster_id, Some(7));
         let members = observed.members.expect("members");
@@ -166,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_member_without_a_leader_is_unhealthy() {
-        let observed = combine(&[answer(1, 0, 1, true)], None, Some(3));
+        let observed = combine(&[answer(1, 0, 1, true)], &[], None, Some(3));
         assert_eq!(observed.leader, None);
         assert!(observed.members.expect("members").iter().all(|m| !m.healthy));
     }

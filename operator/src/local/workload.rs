@@ -19,6 +19,9 @@ use super::process::{Process, runs_member};
 
 /// How long members get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a member that has left the cluster gets to stop: it has nothing to hand over
+/// and its data is deleted next, so waiting on a clean shutdown buys nothing.
+const LEAVER_STOP_GRACE: Duration = Duration::from_secs(1);
 /// Longest pause between restarts of a member that keeps dying.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -29,11 +32,19 @@ pub struct MemberRecord {
     pub client_port: u16,
     pub peer_port: u16,
     pub metrics_port: u16,
+    /// Joins the running cluster (`--initial-cluster-state existing`) instead of
+    /// bootstrapping with the others: members added by scaling or replacing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join_existing: bool,
 }
 
 impl MemberRecord {
     pub fn client_url(&self) -> String {
         loopback_url(self.client_port)
+    }
+
+    pub fn peer_url(&self) -> String {
+        loopback_url(self.peer_port)
     }
 }
 
@@ -48,6 +59,10 @@ fn loopback_url(port: u16) -> String {
 struct Record {
     initial_cluster_token: String,
     members: Vec<MemberRecord>,
+    /// Ports of members added as learners (MemberAdd needs their peer URL) that do not run
+    /// yet: the workload grows into them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    reserved: Vec<MemberRecord>,
 }
 
 struct Restarts {
@@ -136,13 +151,34 @@ impl Workload {
                 client_port: p[0],
                 peer_port: p[1],
                 metrics_port: p[2],
+                join_existing: false,
             })
             .collect();
         // Unique per creation: member and cluster ids derive from it, so a cluster created
         // again in the same place is never mistaken for the old one.
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let record = Record { initial_cluster_token: format!("{name}-{nanos:x}"), members };
+        let record =
+            Record { initial_cluster_token: format!("{name}-{nanos:x}"), members, reserved: Vec::new() };
+        for member in &record.members {
+            self.create_data_dir(&member.name)?;
+        }
+        self.save(record)?;
+        self.supervise()
+    }
+
+    /// The data directory exists before a member first starts, so its absence later means
+    /// the member lost its data (not that it has not written any yet).
+    fn create_data_dir(&self, member: &str) -> Result<(), LocalError> {
+        let path = self.data_dir(member);
+        std::fs::create_dir_all(&path).map_err(|source| LocalError::State {
+            action: "creating",
+            path,
+            source,
+        })
+    }
+
+    fn save(&mut self, record: Record) -> Result<(), LocalError> {
         std::fs::create_dir_all(&self.dir).map_err(|source| LocalError::State {
             action: "creating",
             path: self.dir.clone(),
@@ -157,7 +193,140 @@ impl Workload {
             source,
         })?;
         self.record = Some(record);
-        self.supervise()
+        Ok(())
+    }
+
+    /// Every member the operator has ports for: running ones and reserved ones.
+    pub fn known(&self) -> Vec<MemberRecord> {
+        self.record.as_ref().map_or_else(Vec::new, |r| r.members.iter().chain(&r.reserved).cloned().collect())
+    }
+
+    fn recorded_ports(&self) -> Vec<u16> {
+        self.known().iter().flat_map(|m| [m.client_port, m.peer_port, m.metrics_port]).collect()
+    }
+
+    /// The record of member `name`, reserving ports for it when it has none yet (a member
+    /// about to be added as a learner).
+    pub fn reserve(&mut self, name: &str) -> Result<MemberRecord, LocalError> {
+        if let Some(known) = self.known().into_iter().find(|m| m.name == name) {
+            return Ok(known);
+        }
+        let Some(mut record) = self.record.clone() else {
+            return Err(LocalError::DamagedState {
+                path: self.dir.join("members.yaml"),
+                reason: "no members recorded yet".to_owned(),
+            });
+        };
+        let ports = free_ports_except(3, &self.recorded_ports()).map_err(LocalError::Ports)?;
+        let member = MemberRecord {
+            name: name.to_owned(),
+            client_port: ports[0],
+            peer_port: ports[1],
+            metrics_port: ports[2],
+            join_existing: true,
+        };
+        record.reserved.push(member.clone());
+        self.save(record)?;
+        Ok(member)
+    }
+
+    /// After member `name` was added (again) to the cluster: a running-record member that
+    /// lost its data gets a fresh data directory and joins as the new member the cluster
+    /// now lists, rather than bootstrapping.
+    pub fn added(&mut self, name: &str) -> Result<(), LocalError> {
+        let Some(mut record) = self.record.clone() else { return Ok(()) };
+        let Some(member) = record.members.iter_mut().find(|m| m.name == name) else { return Ok(()) };
+        if !member.join_existing {
+            member.join_existing = true;
+            self.save(record)?;
+        }
+        if !self.data_dir(name).exists() {
+            // A fresh start: the member's restart backoff belongs to its old identity.
+            self.restarts.remove(name);
+            self.create_data_dir(name)?;
+        }
+        Ok(())
+    }
+
+    /// Grows to `replicas` members (`cluster`-0 ...) that join the running cluster, or
+    /// shrinks by stopping and forgetting the members beyond it.
+    pub async fn resize(&mut self, cluster: &str, replicas: i32) -> Result<(), LocalError> {
+        let Some(mut record) = self.record.clone() else { return Ok(()) };
+        let count = usize::try_from(replicas).unwrap_or(0);
+        if record.members.len() < count {
+            for ordinal in record.members.len()..count {
+                let name = format!("{cluster}-{ordinal}");
+                let mut member = match record.reserved.iter().position(|m| m.name == name) {
+                    Some(at) => record.reserved.remove(at),
+                    None => {
+                        let taken: Vec<u16> = record
+                            .members
+                            .iter()
+                            .chain(&record.reserved)
+                            .flat_map(|m| [m.client_port, m.peer_port, m.metrics_port])
+                            .collect();
+                        let ports = free_ports_except(3, &taken).map_err(LocalError::Ports)?;
+                        MemberRecord {
+                            name: name.clone(),
+                            client_port: ports[0],
+                            peer_port: ports[1],
+                            metrics_port: ports[2],
+                            join_existing: true,
+                        }
+                    }
+                };
+                member.join_existing = true;
+                self.create_data_dir(&name)?;
+                record.members.push(member);
+            }
+            self.save(record)?;
+            return self.supervise();
+        }
+        let leaving: Vec<String> = record.members.iter().skip(count).map(|m| m.name.clone()).collect();
+        let mut stopping: Vec<Process> = leaving.iter().filter_map(|n| self.processes.remove(n)).collect();
+        let mut refs: Vec<&mut Process> = stopping.iter_mut().collect();
+        Process::stop_all(&mut refs, LEAVER_STOP_GRACE).await;
+        for name in &leaving {
+            let _ = std::fs::remove_file(self.pid_file(name));
+            self.restarts.remove(name);
+        }
+        record.members.truncate(count);
+        record.reserved.retain(|m| !leaving.contains(&m.name));
+        self.save(record)
+    }
+
+    /// Deletes the data directory of member `name`, which must no longer run.
+    pub fn delete_volume(&mut self, name: &str) -> Result<(), LocalError> {
+        if self.members().iter().any(|m| m.name == name) {
+            return Err(LocalError::DamagedState {
+                path: self.data_dir(name),
+                reason: format!("{name} is still a member of the workload; its data is not deleted"),
+            });
+        }
+        let path = self.data_dir(name);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(LocalError::State { action: "deleting", path, source }),
+        }
+    }
+
+    /// Names of members whose data directory exists.
+    pub fn volumes(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| {
+                let e = e.ok()?;
+                e.file_type().ok()?.is_dir().then(|| e.file_name().to_string_lossy().into_owned())
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Members of the workload whose data directory is gone.
+    pub fn lost_data(&self) -> Vec<String> {
+        self.members().iter().filter(|m| !self.data_dir(&m.name).exists()).map(|m| m.name.clone()).collect()
     }
 
     /// Starts every recorded member that is not running, backing off from one that keeps
@@ -168,6 +337,12 @@ impl Workload {
         for member in &record.members {
             let running = self.processes.get_mut(&member.name).is_some_and(Process::is_running);
             if running {
+                continue;
+            }
+            // Started on an empty directory it would come back as a voter that has forgotten
+            // what it acknowledged; it waits until the planner has replaced it.
+            if !self.data_dir(&member.name).exists() {
+                self.processes.remove(&member.name);
                 continue;
             }
             if let Some(restarts) = self.restarts.get(&member.name)
@@ -214,7 +389,7 @@ impl Workload {
             .args(["--listen-metrics-urls", &loopback_url(member.metrics_port)])
             .args(["--initial-cluster", &initial_cluster.join(",")])
             .args(["--initial-cluster-token", &record.initial_cluster_token])
-            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-state", if member.join_existing { "existing" } else { "new" }])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error)?)
             .stderr(log)
@@ -249,8 +424,41 @@ impl Workload {
 
 /// Distinct free loopback ports, all bound at once so none is handed out twice.
 fn free_ports(count: usize) -> std::io::Result<Vec<u16>> {
-    let listeners = (0..count)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<std::io::Result<Vec<_>>>()?;
-    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+    free_ports_except(count, &[])
+}
+
+/// As `free_ports`, none of them in `taken`: ports recorded for members that are not
+/// listening yet (reserved, or stopped) look free to the system, which may hand them out
+/// again.
+fn free_ports_except(count: usize, taken: &[u16]) -> std::io::Result<Vec<u16>> {
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    // Each listener stays bound until the end, so the system never repeats a port here.
+    while ports.len() < count {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let port = listener.local_addr()?.port();
+        if !taken.contains(&port) {
+            ports.push(port);
+        }
+        listeners.push(listener);
+        if listeners.len() > count + taken.len() + 64 {
+            return Err(std::io::Error::other("no free loopback ports outside the recorded ones"));
+        }
+    }
+    Ok(ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_recorded_for_members_not_listening_are_never_handed_out_again() {
+        let taken = free_ports(30).expect("ports");
+        for _ in 0..20 {
+            let fresh = free_ports_except(3, &taken).expect("ports");
+            assert_eq!(fresh.len(), 3);
+            assert!(fresh.iter().all(|p| !taken.contains(p)), "{fresh:?} repeats one of {taken:?}");
+        }
+    }
 }
