@@ -6,6 +6,7 @@
 
 pub mod k8s;
 pub mod local;
+pub mod membership;
 pub mod plan;
 pub mod resources;
 pub mod signal;

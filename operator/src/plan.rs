@@ -28,6 +28,12 @@ pub struct Observed {
     pub leader: Option<u64>,
     /// Raft cluster id from the members' response headers.
     pub cluster_id: Option<u64>,
+    /// The leader's own raft index, what a learner's applied index is measured against.
+    pub leader_raft_index: Option<u64>,
+    /// Names of the members whose volume exists.
+    pub volumes: Vec<String>,
+    /// Names of the members whose node stopped because it found its data gone.
+    pub lost_data: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,20 +52,51 @@ pub struct ObservedMember {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     /// An invalid spec reached us: change nothing.
-    RefuseSpec { reason: String },
+    RefuseSpec {
+        reason: String,
+    },
     /// The first members bootstrap together, as one cluster of `replicas` voters.
-    CreateWorkload { replicas: i32 },
+    CreateWorkload {
+        replicas: i32,
+    },
     /// Nothing to do until the situation changes; `reason` says what we wait for.
-    Wait { reason: String },
+    Wait {
+        reason: String,
+    },
     /// The cluster is in its declared shape.
     Steady,
+    AddLearner {
+        name: String,
+    },
+    ResizeWorkload {
+        replicas: i32,
+    },
+    ChangeVoters {
+        voters: Vec<u64>,
+    },
+    TransferLeadership {
+        to: u64,
+    },
+    RemoveMember {
+        id: u64,
+        name: String,
+    },
+    DeleteVolume {
+        name: String,
+    },
 }
 
 impl Step {
     /// Whether carrying out this step changes the cluster or the resources it runs on.
     pub fn changes_cluster(&self) -> bool {
         match self {
-            Step::CreateWorkload { .. } => true,
+            Step::CreateWorkload { .. }
+            | Step::AddLearner { .. }
+            | Step::ResizeWorkload { .. }
+            | Step::ChangeVoters { .. }
+            | Step::TransferLeadership { .. }
+            | Step::RemoveMember { .. }
+            | Step::DeleteVolume { .. } => true,
             Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => false,
         }
     }
@@ -403,6 +440,7 @@ fn progressing(situation: &Situation, step: &Step) -> NewCondition {
         }
         (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
         (Step::Steady, _) => condition(TYPE, false, "Reconciled", "the cluster is in its declared shape"),
+        (_, _) => condition(TYPE, true, "ChangingMembership", "changing the membership one step at a time"),
     }
 }
 

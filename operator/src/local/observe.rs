@@ -121,6 +121,7 @@ pub fn combine(answers: &[Answer], generation: Option<i64>, workload_replicas: O
         members,
         leader,
         cluster_id: newest.or(answers.first()).map(|a| a.cluster_id),
+        ..Observed::default()
     }
 }
 
