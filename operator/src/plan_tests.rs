@@ -37,6 +37,7 @@ fn running(n: u64) -> Observed {
         members: Some((1..=n).map(|id| member(id, true, None)).collect()),
         leader: Some(1),
         cluster_id: Some(0xabc),
+        ..Observed::default()
     }
 }
 
@@ -258,6 +259,7 @@ fn arb_observed() -> impl Strategy<Value = Observed> {
             members,
             leader,
             cluster_id,
+            ..Observed::default()
         })
 }
 
