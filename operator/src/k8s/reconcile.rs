@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use consensus_crds::{ConsensusCluster, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy};
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -171,16 +172,22 @@ async fn act<P, C: MemberChanges>(
     let namespace = cc.namespace().unwrap_or_default();
     let endpoint = resources::client_endpoint(&cluster, &namespace);
     let observed = &observation.observed;
-    let normal = |reason: &'static str, action: &'static str, note: String| {
-        publish(ctx, cc, EventType::Normal, reason, action, note)
-    };
+    // The recorder folds an Event with the same reason and related object into a series of
+    // the first, note and all: events about one member name its pod, so two members' events
+    // stay two. Cluster-wide ones (voters, size) differ by the cluster's resourceVersion,
+    // which every spec and status change moves.
+    let normal =
+        |reason: &'static str, action: &'static str, note: String, related: Option<ObjectReference>| {
+            publish_about(ctx, cc, EventType::Normal, reason, action, note, related)
+        };
+    let pod = |member: &str| Some(reference::<Pod>(&namespace, member));
     match step {
         Step::AddLearner { name } => {
             let peer_url = resources::peer_url(&cluster, &namespace, name);
             let id = ctx.changes.add_learner(&endpoint, &peer_url).await?;
             let note =
                 format!("added {name} (id {id:x}) as a learner at {peer_url}; it catches up before it votes");
-            normal("MemberAdded", "AddLearner", note).await
+            normal("MemberAdded", "AddLearner", note, pod(name)).await
         }
         Step::ChangeVoters { voters } => {
             ctx.changes.change_voters(&endpoint, voters).await?;
@@ -193,7 +200,7 @@ async fn act<P, C: MemberChanges>(
                     "learner {} caught up (applied index {applied}, leader at {leader}) and now votes",
                     learner.name
                 );
-                normal("LearnerCaughtUp", "ChangeVoters", note).await?;
+                normal("LearnerCaughtUp", "ChangeVoters", note, pod(&learner.name)).await?;
             }
             let names: Vec<String> = voters.iter().map(|id| member_name(observed, *id)).collect();
             let note = format!(
@@ -201,27 +208,28 @@ async fn act<P, C: MemberChanges>(
                 voters.len(),
                 names.join(", ")
             );
-            normal("VotersChanged", "ChangeVoters", note).await
+            normal("VotersChanged", "ChangeVoters", note, None).await
         }
         Step::TransferLeadership { to } => {
             ctx.changes.move_leader(&endpoint, *to).await?;
             let from =
                 observed.leader.map_or_else(|| "the leader".to_owned(), |id| member_name(observed, id));
-            let note = format!("moved leadership from {from} to {}", member_name(observed, *to));
-            normal("LeadershipTransferred", "TransferLeadership", note).await
+            let to = member_name(observed, *to);
+            let note = format!("moved leadership from {from} to {to}");
+            normal("LeadershipTransferred", "TransferLeadership", note, pod(&to)).await
         }
         Step::RemoveMember { id, name } => {
             ctx.changes.remove(&endpoint, *id).await?;
-            normal("MemberRemoved", "RemoveMember", format!("removed {name} (id {id:x}) from the membership"))
-                .await
+            let note = format!("removed {name} (id {id:x}) from the membership");
+            normal("MemberRemoved", "RemoveMember", note, pod(name)).await
         }
         Step::ResizeWorkload { replicas } => match observed.workload_replicas {
             // Applied above; a repeat after a crash changes nothing and says nothing.
             Some(before) if before == *replicas => Ok(()),
             before => {
                 let before = before.map_or_else(|| "no".to_owned(), |b| b.to_string());
-                normal("Resized", "Resize", format!("StatefulSet {cluster}: {before} -> {replicas} replicas"))
-                    .await
+                let note = format!("StatefulSet {cluster}: {before} -> {replicas} replicas");
+                normal("Resized", "Resize", note, Some(reference::<StatefulSet>(&namespace, &cluster))).await
             }
         },
         Step::DeleteVolume { name } => {
@@ -237,12 +245,9 @@ async fn act<P, C: MemberChanges>(
                 Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
                 Err(error) => return Err(error.into()),
             }
-            normal(
-                "VolumeDeleted",
-                "DeleteVolume",
-                format!("deleted {claim}, the volume of removed member {name}"),
-            )
-            .await
+            let note = format!("deleted {claim}, the volume of removed member {name}");
+            let related = Some(reference::<PersistentVolumeClaim>(&namespace, &claim));
+            normal("VolumeDeleted", "DeleteVolume", note, related).await
         }
         Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => Ok(()),
     }
@@ -268,6 +273,16 @@ fn volume_in_use(cluster: &str, member: &str, observation: &Observation) -> Opti
         }
         (Ok(_), _) => None,
         (Err(_), _) => Some(format!("{member} is not a member name of {cluster}")),
+    }
+}
+
+fn reference<K: k8s_openapi::Resource>(namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::API_VERSION.to_owned()),
+        kind: Some(K::KIND.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        name: Some(name.to_owned()),
+        ..ObjectReference::default()
     }
 }
 
@@ -375,7 +390,7 @@ async fn publish_about<P, C>(
     reason: &str,
     action: &str,
     note: String,
-    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    related: Option<ObjectReference>,
 ) -> Result<(), Error> {
     let event = Event {
         type_,
