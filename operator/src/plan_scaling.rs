@@ -90,6 +90,11 @@ fn plan_change(replicas: i32, observed: &Observed, health: &Health<'_>) -> Optio
             stranger.id, stranger.name
         ));
     }
+    if leader.is_learner {
+        // Answers gathered from different members at different moments can disagree; a
+        // learner cannot lead, so this view is stale and no change is planned from it.
+        return blocked(format!("{} is reported both as leader and as a learner", leader.name));
+    }
     let lost = |m: &ObservedMember| observed.lost_data.contains(&m.name);
     let voters: Vec<&ObservedMember> = members.iter().filter(|m| !m.is_learner).collect();
 

@@ -7,7 +7,9 @@ mod support;
 use std::sync::{Arc, Mutex};
 
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER, STATUS_FIELD_MANAGER};
-use consensus_operator::k8s::members::{MemberProbe, Membership, MembershipError, ReportedMember};
+use consensus_operator::k8s::members::{
+    MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
+};
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
 use consensus_operator::resources::{InitialClusterState, Members, desired};
@@ -47,6 +49,7 @@ impl FakeMembers {
                 is_learner: false,
                 answers: true,
                 applied_index: Some(42),
+                raft_index: Some(42),
             })
             .collect();
         Self { answer: Some(Membership { members, leader: Some(0x10) }), asked: Mutex::default() }
@@ -60,6 +63,25 @@ impl MemberProbe for FakeMembers {
             endpoint: endpoint.to_owned(),
             source: "connection refused".into(),
         })
+    }
+}
+
+/// The scenarios here change no membership (operator/tests/scaling.rs does): being asked
+/// to is a failure.
+struct NoChanges;
+
+impl MemberChanges for NoChanges {
+    async fn add_learner(&self, _: &str, peer_url: &str) -> Result<u64, MembershipError> {
+        panic!("asked to add a learner at {peer_url}")
+    }
+    async fn change_voters(&self, _: &str, voters: &[u64]) -> Result<(), MembershipError> {
+        panic!("asked to change the voters to {voters:?}")
+    }
+    async fn move_leader(&self, _: &str, to: u64) -> Result<(), MembershipError> {
+        panic!("asked to move leadership to {to:x}")
+    }
+    async fn remove(&self, _: &str, id: u64) -> Result<(), MembershipError> {
+        panic!("asked to remove {id:x}")
     }
 }
 
@@ -77,13 +99,14 @@ fn cluster(spec: Value, finalizer: bool) -> ConsensusCluster {
     .expect("a ConsensusCluster")
 }
 
-fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers>> {
+fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers, NoChanges>> {
     let reporter =
         Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
     Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
         probe: members,
+        changes: NoChanges,
         metrics: Metrics::shared(),
     })
 }

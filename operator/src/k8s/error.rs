@@ -12,6 +12,8 @@ pub enum Error {
     Build(#[from] BuildError),
     #[error("serializing status: {0}")]
     Serialize(#[from] serde_json::Error),
+    #[error("changing the membership: {0}")]
+    Membership(#[from] super::members::MembershipError),
     #[error("adding or removing the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -23,6 +25,7 @@ impl Error {
             Self::Event(_) => "event",
             Self::Build(_) => "build",
             Self::Serialize(_) => "serialize",
+            Self::Membership(_) => "membership",
             Self::Finalizer(inner) => match inner.as_ref() {
                 // The reconcile's own error, wrapped by the finalizer helper: report its cause.
                 kube::runtime::finalizer::Error::ApplyFailed(e)

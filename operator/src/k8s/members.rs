@@ -1,10 +1,13 @@
-//! Raft membership as the members themselves report it, behind a trait so the reconcile
-//! tests can say what the members answer without running any.
+//! Raft membership as the members themselves report it, and changes to it, behind traits
+//! so the reconcile tests can say what the members answer, and see what they are asked,
+//! without running any.
 
 use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
+
+use crate::membership::{self, MemberOps};
 
 /// One member as the cluster reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +18,8 @@ pub struct ReportedMember {
     /// It answered its own Status and knows a leader.
     pub answers: bool,
     pub applied_index: Option<u64>,
+    /// The member's own raft index; the leader's is what learners catch up to.
+    pub raft_index: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -31,11 +36,87 @@ pub enum MembershipError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("{change} through {endpoint} failed: {source}")]
+    Change {
+        change: &'static str,
+        endpoint: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 pub trait MemberProbe: Send + Sync + 'static {
     /// The membership as seen through `endpoint` (the cluster's client Service).
     fn membership(&self, endpoint: &str) -> impl Future<Output = Result<Membership, MembershipError>> + Send;
+}
+
+/// Changes to the Raft membership, each one step the planner chose, sent through
+/// `endpoint` (the cluster's client Service).
+pub trait MemberChanges: Send + Sync + 'static {
+    /// Adds a learner that will be reached at `peer_url`; returns its id.
+    fn add_learner(
+        &self,
+        endpoint: &str,
+        peer_url: &str,
+    ) -> impl Future<Output = Result<u64, MembershipError>> + Send;
+    /// Makes `voters` the voter set in one joint-consensus change.
+    fn change_voters(
+        &self,
+        endpoint: &str,
+        voters: &[u64],
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+    fn move_leader(
+        &self,
+        endpoint: &str,
+        to: u64,
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send;
+    fn remove(&self, endpoint: &str, id: u64) -> impl Future<Output = Result<(), MembershipError>> + Send;
+}
+
+/// The real members, through the shared membership client.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdChanges;
+
+impl EtcdChanges {
+    async fn connect(endpoint: &str, change: &'static str) -> Result<MemberOps, MembershipError> {
+        MemberOps::connect(&[endpoint.to_owned()]).await.map_err(|source| MembershipError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            source: format!("{change}: {source}").into(),
+        })
+    }
+}
+
+fn failed(
+    change: &'static str,
+    endpoint: &str,
+) -> impl FnOnce(membership::MembershipError) -> MembershipError {
+    move |source| MembershipError::Change { change, endpoint: endpoint.to_owned(), source: source.into() }
+}
+
+impl MemberChanges for EtcdChanges {
+    async fn add_learner(&self, endpoint: &str, peer_url: &str) -> Result<u64, MembershipError> {
+        const CHANGE: &str = "MemberAdd (learner)";
+        let mut ops = Self::connect(endpoint, CHANGE).await?;
+        ops.add_learner(peer_url).await.map_err(failed(CHANGE, endpoint))
+    }
+
+    async fn change_voters(&self, endpoint: &str, voters: &[u64]) -> Result<(), MembershipError> {
+        const CHANGE: &str = "ChangeVoters";
+        let mut ops = Self::connect(endpoint, CHANGE).await?;
+        ops.change_voters(voters).await.map_err(failed(CHANGE, endpoint))
+    }
+
+    async fn move_leader(&self, endpoint: &str, to: u64) -> Result<(), MembershipError> {
+        const CHANGE: &str = "MoveLeader";
+        let mut ops = Self::connect(endpoint, CHANGE).await?;
+        ops.move_leader(to).await.map_err(failed(CHANGE, endpoint))
+    }
+
+    async fn remove(&self, endpoint: &str, id: u64) -> Result<(), MembershipError> {
+        const CHANGE: &str = "MemberRemove";
+        let mut ops = Self::connect(endpoint, CHANGE).await?;
+        ops.remove(id).await.map_err(failed(CHANGE, endpoint))
+    }
 }
 
 /// Asks the members over the etcd v3 API: MemberList through the client Service, then
@@ -57,13 +138,17 @@ impl EtcdProbe {
         ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout)
     }
 
-    async fn status(&self, urls: &[String]) -> Option<(u64, u64)> {
+    async fn status(&self, urls: &[String]) -> Option<Answer> {
         if urls.is_empty() {
             return None;
         }
         let mut client = Client::connect(urls, Some(self.options())).await.ok()?;
         let status = client.status().await.ok()?;
-        Some((status.leader(), status.raft_applied_index()))
+        Some(Answer {
+            leader: status.leader(),
+            raft_index: status.raft_index(),
+            applied_index: status.raft_applied_index(),
+        })
     }
 }
 
@@ -79,14 +164,21 @@ impl MemberProbe for EtcdProbe {
         let mut seen_leaders = Vec::new();
         for member in list.members() {
             let status = self.status(member.client_urls()).await;
-            let leader = status.map(|(leader, _)| leader).filter(|&leader| leader != 0);
+            let leader = status.map(|s| s.leader).filter(|&leader| leader != 0);
             seen_leaders.extend(leader);
+            // A member added but not started yet has no name: only its peer URL says which
+            // one it is, and the planner must not add it a second time.
+            let name = match member.name() {
+                "" => member.peer_urls().iter().find_map(|url| name_from_peer_url(url)).unwrap_or_default(),
+                name => name.to_owned(),
+            };
             membership.members.push(ReportedMember {
                 id: member.id(),
-                name: member.name().to_owned(),
+                name,
                 is_learner: member.is_learner(),
                 answers: leader.is_some(),
-                applied_index: status.map(|(_, applied)| applied),
+                applied_index: status.map(|s| s.applied_index),
+                raft_index: status.map(|s| s.raft_index),
             });
         }
         membership.leader = most_reported(&seen_leaders);
@@ -94,8 +186,34 @@ impl MemberProbe for EtcdProbe {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    leader: u64,
+    raft_index: u64,
+    applied_index: u64,
+}
+
+/// `http://demo-3.demo-peer.ns.svc:2380` -> `demo-3`: the first DNS label is the pod's name.
+fn name_from_peer_url(url: &str) -> Option<String> {
+    let host = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let label = host.split(['.', ':', '/']).next()?;
+    (!label.is_empty()).then(|| label.to_owned())
+}
+
 /// The leader most members name: a member cut off from the others may still name an old one.
 fn most_reported(leaders: &[u64]) -> Option<u64> {
     let count = |id: u64| leaders.iter().filter(|&&l| l == id).count();
     leaders.iter().copied().max_by_key(|&id| (count(id), id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unstarted_member_is_named_by_its_peer_url() {
+        assert_eq!(name_from_peer_url("http://demo-3.demo-peer.ns.svc:2380").as_deref(), Some("demo-3"));
+        assert_eq!(name_from_peer_url("demo-4:2380").as_deref(), Some("demo-4"));
+        assert_eq!(name_from_peer_url("http://"), None);
+    }
 }

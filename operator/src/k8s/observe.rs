@@ -1,12 +1,14 @@
 //! Observe: what exists on the API server and what the members report, turned into the
 //! planner's `Observed`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use consensus_crds::ConsensusCluster;
 use k8s_openapi::Resource as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerStateTerminated, Node, PersistentVolumeClaim, Pod, Service,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -16,8 +18,8 @@ use super::Error;
 use super::members::{MemberProbe, Membership};
 use crate::plan::{Observed, ObservedMember};
 use crate::resources::{
-    self, INITIAL_CLUSTER_STATE_KEY, InitialClusterState, client_service_name, config_map_name, labels,
-    peer_service_name,
+    self, INITIAL_CLUSTER_STATE_KEY, InitialClusterState, LOST_DATA_EXIT_CODE, LOST_DATA_MESSAGE,
+    client_service_name, config_map_name, labels, peer_service_name, volume_claim_name,
 };
 
 /// What one reconcile saw.
@@ -29,6 +31,9 @@ pub struct Observation {
     pub versions: BTreeMap<String, String>,
     /// The first members have formed the cluster; members started from now on join it.
     pub bootstrapped: bool,
+    /// Names of the member pods that exist, running or not: a volume is in use until its
+    /// pod is gone.
+    pub pods: BTreeSet<String>,
 }
 
 pub fn object_key(kind: &str, name: &str) -> String {
@@ -82,10 +87,19 @@ pub async fn observe(
     observation.observed.workload_replicas = stateful_set.spec.as_ref().and_then(|s| s.replicas);
 
     let pods = member_pods(client, &namespace, &name, &cc.spec.placement.zone_topology_key).await?;
+    observation.pods = pods.keys().cloned().collect();
+    observation.observed.lost_data =
+        pods.iter().filter(|(_, pod)| pod.lost_data).map(|(name, _)| name.clone()).collect();
+    observation.observed.volumes = member_volumes(client, &namespace, &name).await?;
     match probe.membership(&resources::client_endpoint(&name, &namespace)).await {
         Ok(membership) => {
             observation.bootstrapped |= membership.leader.is_some();
             observation.observed.leader = membership.leader;
+            observation.observed.leader_raft_index = membership
+                .members
+                .iter()
+                .find(|m| Some(m.id) == membership.leader)
+                .and_then(|m| m.raft_index);
             observation.observed.members = Some(join(membership, &pods));
         }
         // Normal while members start; the planner reads "unknown", not "no members".
@@ -94,11 +108,42 @@ pub async fn observe(
     Ok(observation)
 }
 
-/// A member pod's readiness and the zone of its node.
+/// A member pod's readiness, the zone of its node, and whether its node stopped because
+/// its data is gone.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct PodView {
     ready: bool,
     zone: Option<String>,
+    lost_data: bool,
+}
+
+/// Members whose volume exists. The claims carry the StatefulSet template's labels, which
+/// are the cluster's selector; a claim is a member's only if it has that member's name.
+async fn member_volumes(client: &Client, namespace: &str, cluster: &str) -> Result<Vec<String>, Error> {
+    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default().labels(&labels::selector_string(cluster)))
+        .await?;
+    let prefix = volume_claim_name("");
+    let mut members: Vec<String> = claims
+        .iter()
+        .filter_map(|claim| claim.name_any().strip_prefix(&prefix).map(str::to_owned))
+        .filter(|member| !member.is_empty())
+        .collect();
+    members.sort();
+    Ok(members)
+}
+
+/// The node's lost-data exit, now or as the last termination of a restarting container.
+fn lost_data(pod: &Pod) -> bool {
+    let is_lost = |t: &ContainerStateTerminated| {
+        t.exit_code == LOST_DATA_EXIT_CODE
+            || t.message.as_deref().is_some_and(|m| m.contains(LOST_DATA_MESSAGE))
+    };
+    pod.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).any(|c| {
+        let now = c.state.as_ref().and_then(|s| s.terminated.as_ref());
+        let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+        now.into_iter().chain(last).any(is_lost)
+    })
 }
 
 async fn member_pods(
@@ -129,7 +174,7 @@ async fn member_pods(
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        views.insert(pod.name_any(), PodView { ready, zone });
+        views.insert(pod.name_any(), PodView { ready, zone, lost_data: lost_data(&pod) });
     }
     Ok(views)
 }
@@ -167,6 +212,7 @@ mod tests {
             is_learner: false,
             answers,
             applied_index: Some(7),
+            raft_index: Some(7),
         };
         let membership = Membership {
             members: vec![
@@ -177,9 +223,9 @@ mod tests {
             leader: Some(1),
         };
         let pods = BTreeMap::from([
-            ("demo-0".to_owned(), PodView { ready: true, zone: Some("a".into()) }),
-            ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()) }),
-            ("demo-2".to_owned(), PodView { ready: true, zone: None }),
+            ("demo-0".to_owned(), PodView { ready: true, zone: Some("a".into()), lost_data: false }),
+            ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()), lost_data: false }),
+            ("demo-2".to_owned(), PodView { ready: true, zone: None, lost_data: false }),
         ]);
         let members = join(membership, &pods);
         assert_eq!(members.iter().map(|m| m.healthy).collect::<Vec<_>>(), [true, false, false]);

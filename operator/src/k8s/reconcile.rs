@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use consensus_crds::{ConsensusCluster, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy};
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -17,10 +18,10 @@ use tracing::{info, warn};
 
 use super::Error;
 use super::apply::{Applied, Change, apply};
-use super::members::MemberProbe;
+use super::members::{MemberChanges, MemberProbe};
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
-use crate::plan::{self, Step};
+use crate::plan::{self, Observed, Step};
 use crate::resources::{self, BuildError, InitialClusterState, Members, labels};
 
 /// Held on every ConsensusCluster until its deletion has been handled (volumes kept or
@@ -32,17 +33,19 @@ pub const FINALIZER: &str = "consensus.dev/finalizer";
 const STEADY_RECHECK: Duration = Duration::from_secs(60);
 const PROGRESS_RECHECK: Duration = Duration::from_secs(10);
 const ERROR_RETRY: Duration = Duration::from_secs(15);
+const STEP_RECHECK: Duration = Duration::from_secs(2);
 
-pub struct Context<P> {
+pub struct Context<P, C> {
     pub client: Client,
     pub recorder: Recorder,
     pub probe: P,
+    pub changes: C,
     pub metrics: Arc<Metrics>,
 }
 
-pub async fn reconcile<P: MemberProbe>(
+pub async fn reconcile<P: MemberProbe, C: MemberChanges>(
     cc: Arc<ConsensusCluster>,
-    ctx: Arc<Context<P>>,
+    ctx: Arc<Context<P, C>>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_with_finalizer(cc, &ctx).await;
@@ -50,20 +53,20 @@ pub async fn reconcile<P: MemberProbe>(
     result
 }
 
-pub fn error_policy<P>(cc: Arc<ConsensusCluster>, error: &Error, _ctx: Arc<Context<P>>) -> Action {
+pub fn error_policy<P, C>(cc: Arc<ConsensusCluster>, error: &Error, _ctx: Arc<Context<P, C>>) -> Action {
     warn!(cluster = %cc.name_any(), %error, "reconcile failed; retrying");
     Action::requeue(ERROR_RETRY)
 }
 
-async fn reconcile_with_finalizer<P: MemberProbe>(
+async fn reconcile_with_finalizer<P: MemberProbe, C: MemberChanges>(
     cc: Arc<ConsensusCluster>,
-    ctx: &Context<P>,
+    ctx: &Context<P, C>,
 ) -> Result<Action, Error> {
     let namespace = cc.namespace().ok_or(BuildError::MissingMetadata("namespace"))?;
     let api = Api::<ConsensusCluster>::namespaced(ctx.client.clone(), &namespace);
     finalizer(&api, FINALIZER, cc, |event| async {
         match event {
-            Finalizer::Apply(cc) => converge(&cc, ctx).await,
+            Finalizer::Apply(cc) => converge_with(&cc, ctx, |observed| plan::plan(&cc.spec, observed)).await,
             Finalizer::Cleanup(cc) => clean_up(&cc, ctx).await,
         }
     })
@@ -71,41 +74,25 @@ async fn reconcile_with_finalizer<P: MemberProbe>(
     .map_err(|error| Error::Finalizer(Box::new(error)))
 }
 
-async fn converge<P: MemberProbe>(cc: &ConsensusCluster, ctx: &Context<P>) -> Result<Action, Error> {
+/// One reconcile of a cluster that is not being deleted, with the decision passed in:
+/// observe, `decide` the step, act on it, report status. The planner is the only caller
+/// outside tests; tests pass the step they want acted on, so each step's effect on the API
+/// server is checked whatever the planner would choose.
+pub async fn converge_with<P: MemberProbe, C: MemberChanges>(
+    cc: &ConsensusCluster,
+    ctx: &Context<P, C>,
+    decide: impl FnOnce(&Observed) -> Step,
+) -> Result<Action, Error> {
     let name = cc.name_any();
     let observation = observe(&ctx.client, &ctx.probe, cc).await?;
-    let step = plan::plan(&cc.spec, &observation.observed);
+    let step = decide(&observation.observed);
     info!(cluster = %name, ?step, "planned");
 
-    let members = match &step {
-        Step::RefuseSpec { reason } => {
-            // The cluster keeps running as it is: nothing is applied, only reported.
-            publish(ctx, cc, EventType::Warning, "InvalidSpec", "Refuse", reason.clone()).await?;
-            None
-        }
-        Step::CreateWorkload { replicas } => {
-            Some(Members { replicas: *replicas, state: InitialClusterState::New })
-        }
-        // Everything but the member count is kept converged with the spec; the count is
-        // the planner's to change, one step at a time.
-        // Membership steps are carried out on branch scale-k8s; until then they change nothing here.
-        Step::Wait { .. }
-        | Step::Steady
-        | Step::AddLearner { .. }
-        | Step::ResizeWorkload { .. }
-        | Step::ChangeVoters { .. }
-        | Step::TransferLeadership { .. }
-        | Step::RemoveMember { .. }
-        | Step::DeleteVolume { .. } => observation.observed.workload_replicas.map(|replicas| Members {
-            replicas,
-            state: if observation.bootstrapped {
-                InitialClusterState::Existing
-            } else {
-                InitialClusterState::New
-            },
-        }),
-    };
-    if let Some(members) = members {
+    if let Step::RefuseSpec { reason } = &step {
+        // The cluster keeps running as it is: nothing is applied, only reported.
+        publish(ctx, cc, EventType::Warning, "InvalidSpec", "Refuse", reason.clone()).await?;
+    }
+    if let Some(members) = workload_members(&step, &observation) {
         // Configuration and Services first, so members started by the StatefulSet find
         // their configuration and their peers' names in place. Each change is reported as
         // it happens, so a failure half-way still leaves a true record.
@@ -117,6 +104,13 @@ async fn converge<P: MemberProbe>(cc: &ConsensusCluster, ctx: &Context<P>) -> Re
         report(ctx, cc, apply(&ctx.client, &desired.pod_disruption_budget, seen).await?).await?;
         report(ctx, cc, apply(&ctx.client, &desired.stateful_set, seen).await?).await?;
     }
+    if let Err(error) = act(cc, ctx, &observation, &step).await {
+        if let Error::Membership(cause) = &error {
+            let note = format!("{step:?} failed, retried on the next reconcile: {cause}");
+            publish(ctx, cc, EventType::Warning, "MembershipChangeFailed", "ChangeMembership", note).await?;
+        }
+        return Err(error);
+    }
 
     let status = patch_status(ctx, cc, &observation, &step).await?;
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
@@ -124,12 +118,186 @@ async fn converge<P: MemberProbe>(cc: &ConsensusCluster, ctx: &Context<P>) -> Re
         Step::Steady => STEADY_RECHECK,
         // A refused spec changes only when the resource does, which triggers a reconcile.
         Step::RefuseSpec { .. } => STEADY_RECHECK * 5,
-        _ => PROGRESS_RECHECK,
+        Step::CreateWorkload { .. } | Step::ResizeWorkload { .. } | Step::Wait { .. } => PROGRESS_RECHECK,
+        // The next step of a membership change can usually follow at once.
+        Step::AddLearner { .. }
+        | Step::ChangeVoters { .. }
+        | Step::TransferLeadership { .. }
+        | Step::RemoveMember { .. }
+        | Step::DeleteVolume { .. } => STEP_RECHECK,
     }))
 }
 
-async fn patch_status<P>(
-    ctx: &Context<P>,
+/// The member set the objects are applied for in this reconcile, `None` to apply nothing.
+fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
+    match step {
+        Step::RefuseSpec { .. } => None,
+        Step::CreateWorkload { replicas } => {
+            Some(Members { replicas: *replicas, state: InitialClusterState::New })
+        }
+        // The ConfigMap lists every member the StatefulSet will run, and a member started
+        // now joins the running cluster: with `new` and an empty volume it would found a
+        // second one.
+        Step::ResizeWorkload { replicas } => {
+            Some(Members { replicas: *replicas, state: InitialClusterState::Existing })
+        }
+        // Everything but the member count is kept converged with the spec; the count is
+        // the planner's to change, one step at a time.
+        Step::Wait { .. }
+        | Step::Steady
+        | Step::AddLearner { .. }
+        | Step::ChangeVoters { .. }
+        | Step::TransferLeadership { .. }
+        | Step::RemoveMember { .. }
+        | Step::DeleteVolume { .. } => observation.observed.workload_replicas.map(|replicas| Members {
+            replicas,
+            state: if observation.bootstrapped {
+                InitialClusterState::Existing
+            } else {
+                InitialClusterState::New
+            },
+        }),
+    }
+}
+
+/// What a step does beyond applying the objects: membership changes through the members,
+/// volume deletion through the API server, and the Event that reports each.
+async fn act<P, C: MemberChanges>(
+    cc: &ConsensusCluster,
+    ctx: &Context<P, C>,
+    observation: &Observation,
+    step: &Step,
+) -> Result<(), Error> {
+    let cluster = cc.name_any();
+    let namespace = cc.namespace().unwrap_or_default();
+    let endpoint = resources::client_endpoint(&cluster, &namespace);
+    let observed = &observation.observed;
+    // The recorder folds an Event with the same reason and related object into a series of
+    // the first, note and all: events about one member name its pod, so two members' events
+    // stay two. Cluster-wide ones (voters, size) differ by the cluster's resourceVersion,
+    // which every spec and status change moves.
+    let normal =
+        |reason: &'static str, action: &'static str, note: String, related: Option<ObjectReference>| {
+            publish_about(ctx, cc, EventType::Normal, reason, action, note, related)
+        };
+    let pod = |member: &str| Some(reference::<Pod>(&namespace, member));
+    match step {
+        Step::AddLearner { name } => {
+            let peer_url = resources::peer_url(&cluster, &namespace, name);
+            let id = ctx.changes.add_learner(&endpoint, &peer_url).await?;
+            let note =
+                format!("added {name} (id {id:x}) as a learner at {peer_url}; it catches up before it votes");
+            normal("MemberAdded", "AddLearner", note, pod(name)).await
+        }
+        Step::ChangeVoters { voters } => {
+            ctx.changes.change_voters(&endpoint, voters).await?;
+            let members = observed.members.as_deref().unwrap_or_default();
+            for learner in members.iter().filter(|m| m.is_learner && voters.contains(&m.id)) {
+                let applied = learner.applied_index.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+                let leader =
+                    observed.leader_raft_index.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+                let note = format!(
+                    "learner {} caught up (applied index {applied}, leader at {leader}) and now votes",
+                    learner.name
+                );
+                normal("LearnerCaughtUp", "ChangeVoters", note, pod(&learner.name)).await?;
+            }
+            let names: Vec<String> = voters.iter().map(|id| member_name(observed, *id)).collect();
+            let note = format!(
+                "the {} voters are now {}, changed in one joint-consensus step",
+                voters.len(),
+                names.join(", ")
+            );
+            normal("VotersChanged", "ChangeVoters", note, None).await
+        }
+        Step::TransferLeadership { to } => {
+            ctx.changes.move_leader(&endpoint, *to).await?;
+            let from =
+                observed.leader.map_or_else(|| "the leader".to_owned(), |id| member_name(observed, id));
+            let to = member_name(observed, *to);
+            let note = format!("moved leadership from {from} to {to}");
+            normal("LeadershipTransferred", "TransferLeadership", note, pod(&to)).await
+        }
+        Step::RemoveMember { id, name } => {
+            ctx.changes.remove(&endpoint, *id).await?;
+            let note = format!("removed {name} (id {id:x}) from the membership");
+            normal("MemberRemoved", "RemoveMember", note, pod(name)).await
+        }
+        Step::ResizeWorkload { replicas } => match observed.workload_replicas {
+            // Applied above; a repeat after a crash changes nothing and says nothing.
+            Some(before) if before == *replicas => Ok(()),
+            before => {
+                let before = before.map_or_else(|| "no".to_owned(), |b| b.to_string());
+                let note = format!("StatefulSet {cluster}: {before} -> {replicas} replicas");
+                normal("Resized", "Resize", note, Some(reference::<StatefulSet>(&namespace, &cluster))).await
+            }
+        },
+        Step::DeleteVolume { name } => {
+            if let Some(why) = volume_in_use(&cluster, name, observation) {
+                info!(cluster = %cluster, member = %name, "volume kept for now: {why}");
+                return Ok(());
+            }
+            let claim = resources::volume_claim_name(name);
+            let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+            match claims.delete(&claim, &DeleteParams::default()).await {
+                Ok(_) => {}
+                // Deleted by an earlier reconcile that died before reporting it.
+                Err(kube::Error::Api(status)) if status.is_not_found() => return Ok(()),
+                Err(error) => return Err(error.into()),
+            }
+            let note = format!("deleted {claim}, the volume of removed member {name}");
+            let related = Some(reference::<PersistentVolumeClaim>(&namespace, &claim));
+            normal("VolumeDeleted", "DeleteVolume", note, related).await
+        }
+        Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => Ok(()),
+    }
+}
+
+/// Why `member`'s volume must not be deleted yet, if it must not: a volume deleted under a
+/// member that still runs, or that the StatefulSet would start again, takes its data with it.
+fn volume_in_use(cluster: &str, member: &str, observation: &Observation) -> Option<String> {
+    let observed = &observation.observed;
+    let Some(members) = observed.members.as_deref() else {
+        return Some("no member answered, so its removal is not confirmed".to_owned());
+    };
+    if members.iter().any(|m| m.name == member) {
+        return Some(format!("{member} is still in the membership"));
+    }
+    if observation.pods.contains(member) {
+        return Some(format!("the pod {member} still exists"));
+    }
+    let ordinal = member.strip_prefix(cluster).and_then(|rest| rest.strip_prefix('-'))?.parse::<i32>();
+    match (ordinal, observed.workload_replicas) {
+        (Ok(ordinal), Some(replicas)) if ordinal < replicas => {
+            Some(format!("the StatefulSet runs {replicas} members, {member} among them"))
+        }
+        (Ok(_), _) => None,
+        (Err(_), _) => Some(format!("{member} is not a member name of {cluster}")),
+    }
+}
+
+fn reference<K: k8s_openapi::Resource>(namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::API_VERSION.to_owned()),
+        kind: Some(K::KIND.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        name: Some(name.to_owned()),
+        ..ObjectReference::default()
+    }
+}
+
+/// A member's name for Events, its id in hex when the members do not list it.
+fn member_name(observed: &Observed, id: u64) -> String {
+    observed
+        .members
+        .iter()
+        .flatten()
+        .find(|m| m.id == id)
+        .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
+}
+
+async fn patch_status<P, C>(
+    ctx: &Context<P, C>,
     cc: &ConsensusCluster,
     observation: &Observation,
     step: &Step,
@@ -152,7 +320,7 @@ async fn patch_status<P>(
 /// On deletion: owned objects go by cascade; volumes go only if the spec says so, because
 /// the StatefulSet's own retention policy does not cover volumes it no longer tracks
 /// (those of members removed by a scale-down).
-async fn clean_up<P>(cc: &ConsensusCluster, ctx: &Context<P>) -> Result<Action, Error> {
+async fn clean_up<P, C>(cc: &ConsensusCluster, ctx: &Context<P, C>) -> Result<Action, Error> {
     let name = cc.name_any();
     let namespace = cc.namespace().unwrap_or_default();
     let selector = labels::selector_string(&name);
@@ -186,7 +354,11 @@ async fn clean_up<P>(cc: &ConsensusCluster, ctx: &Context<P>) -> Result<Action, 
     Ok(Action::await_change())
 }
 
-async fn report<P>(ctx: &Context<P>, cc: &ConsensusCluster, applied: Option<Applied>) -> Result<(), Error> {
+async fn report<P, C>(
+    ctx: &Context<P, C>,
+    cc: &ConsensusCluster,
+    applied: Option<Applied>,
+) -> Result<(), Error> {
     let Some(applied) = applied else { return Ok(()) };
     let (reason, action, verb) = match applied.change {
         Change::Created => ("Created", "Create", "created"),
@@ -200,8 +372,8 @@ fn metrics_key(cc: &ConsensusCluster) -> String {
     format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any())
 }
 
-async fn publish<P>(
-    ctx: &Context<P>,
+async fn publish<P, C>(
+    ctx: &Context<P, C>,
     cc: &ConsensusCluster,
     type_: EventType,
     reason: &str,
@@ -211,14 +383,14 @@ async fn publish<P>(
     publish_about(ctx, cc, type_, reason, action, note, None).await
 }
 
-async fn publish_about<P>(
-    ctx: &Context<P>,
+async fn publish_about<P, C>(
+    ctx: &Context<P, C>,
     cc: &ConsensusCluster,
     type_: EventType,
     reason: &str,
     action: &str,
     note: String,
-    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    related: Option<ObjectReference>,
 ) -> Result<(), Error> {
     let event = Event {
         type_,

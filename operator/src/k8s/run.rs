@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::http::{Health, serve};
 use super::leader::Election;
-use super::members::EtcdProbe;
+use super::members::{EtcdChanges, EtcdProbe};
 use super::metrics::Metrics;
 use super::reconcile::{Context, error_policy, reconcile};
 use crate::resources::labels;
@@ -111,6 +111,7 @@ fn controller(
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         probe: EtcdProbe::default(),
+        changes: EtcdChanges,
         metrics,
     });
     // Only objects we made: a cluster-wide watch of every Service and ConfigMap would cost

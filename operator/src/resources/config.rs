@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
-use super::{Cluster, Members, PEER_PORT};
+use super::{Cluster, Members, peer_url};
 
 pub const INITIAL_CLUSTER_KEY: &str = "initial-cluster";
 pub const INITIAL_CLUSTER_STATE_KEY: &str = "initial-cluster-state";
@@ -33,7 +33,7 @@ pub(super) fn config_map(cluster: &Cluster<'_>, members: Members) -> ConfigMap {
     let initial_cluster = (0..members.replicas)
         .map(|i| {
             let member = cluster.member_name(i);
-            format!("{member}=http://{}:{PEER_PORT}", cluster.member_host(&member))
+            format!("{member}={}", peer_url(cluster.name, cluster.namespace, &member))
         })
         .collect::<Vec<_>>()
         .join(",");

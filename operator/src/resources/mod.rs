@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 
 pub use config::{INITIAL_CLUSTER_KEY, INITIAL_CLUSTER_STATE_KEY, InitialClusterState};
+pub use statefulset::volume_claim_name;
 
 pub const CLIENT_PORT: i32 = 2379;
 pub const PEER_PORT: i32 = 2380;
@@ -86,7 +87,7 @@ impl<'a> Cluster<'a> {
     /// DNS name of one member through the headless Service; stable across restarts and
     /// rescheduling, which is what Raft peer addresses need.
     pub fn member_host(&self, member: &str) -> String {
-        format!("{member}.{}.{}.svc", self.peer_service_name(), self.namespace)
+        member_host(self.name, self.namespace, member)
     }
 
     pub fn member_name(&self, ordinal: i32) -> String {
@@ -128,3 +129,23 @@ pub fn client_service_name(cluster: &str) -> String {
 pub fn client_endpoint(cluster: &str, namespace: &str) -> String {
     format!("http://{}.{namespace}.svc:{CLIENT_PORT}", client_service_name(cluster))
 }
+
+fn member_host(cluster: &str, namespace: &str, member: &str) -> String {
+    format!("{member}.{}.{namespace}.svc", peer_service_name(cluster))
+}
+
+/// The peer URL a member advertises and the others reach it at: what the initial member
+/// list names, and what a member is added to the membership with before its pod starts.
+pub fn peer_url(cluster: &str, namespace: &str, member: &str) -> String {
+    format!("http://{}:{PEER_PORT}", member_host(cluster, namespace, member))
+}
+
+/// The node's exit code when its data directory has lost the data its membership says it
+/// holds (a wiped or replaced volume). The node must exit with exactly this code and write
+/// [`LOST_DATA_MESSAGE`] to `/dev/termination-log`: the operator finds such members in
+/// their pods' last termination and replaces them instead of restarting them forever.
+/// 78 is `EX_CONFIG` of sysexits.h: restarting does not help, only a new identity does.
+pub const LOST_DATA_EXIT_CODE: i32 = 78;
+/// Part of the termination message the node writes when it exits with
+/// [`LOST_DATA_EXIT_CODE`]; either one identifies a lost-data exit.
+pub const LOST_DATA_MESSAGE: &str = "lost its data";

@@ -25,6 +25,12 @@ const DATA_MOUNT: &str = "/var/lib/consensus";
 const USER_ID: i64 = 65532;
 const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
 
+/// The claim the StatefulSet makes for `member` from its `data` template; it outlives the
+/// member's pod, so a removed member's volume must be deleted by name.
+pub fn volume_claim_name(member: &str) -> String {
+    format!("{DATA_VOLUME}-{member}")
+}
+
 pub(super) fn stateful_set(cluster: &Cluster<'_>, replicas: i32) -> StatefulSet {
     let spec = cluster.spec;
     let selector = labels::selector(cluster.name);

@@ -275,4 +275,12 @@ impl FakeApi {
     pub fn object(&self, path: &str) -> Option<Value> {
         self.state.lock().expect("state").objects.get(path).cloned()
     }
+
+    /// What another controller does behind the operator's back (the StatefulSet controller
+    /// deleting the pods of a shrunk StatefulSet): gone, without a request of ours.
+    // Each test crate compiles this module on its own; only scaling.rs needs this.
+    #[allow(dead_code)]
+    pub fn vanish(&self, path: &str) {
+        self.state.lock().expect("state").objects.remove(path);
+    }
 }

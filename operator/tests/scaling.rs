@@ -1,0 +1,581 @@
+//! Scaling scenarios against a fake API server and fake members: what each planner step
+//! does to the StatefulSet, the ConfigMap, the volumes and the membership, and what it
+//! reports. The step is passed in (`converge_with`), so these pin the Kubernetes side of
+//! each step whatever the planner decides; the planner's order is its own tests' business.
+
+mod support;
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use consensus_crds::{ConsensusCluster, FIELD_MANAGER};
+use consensus_operator::k8s::members::{
+    MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
+};
+use consensus_operator::k8s::metrics::Metrics;
+use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
+use consensus_operator::plan::{Observed, Step};
+use consensus_operator::resources::{InitialClusterState, Members, desired};
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use serde_json::{Value, json};
+use support::{FakeApi, Recorded};
+
+const NS: &str = "default";
+const CC: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusclusters/demo";
+const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
+const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
+const PODS: &str = "/api/v1/namespaces/default/pods";
+const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+const CLIENT_ENDPOINT: &str = "http://demo-client.default.svc:2379";
+const LEADER_RAFT_INDEX: u64 = 100;
+
+/// `demo-i` has id `0x10 + i`.
+fn id(i: u64) -> u64 {
+    0x10 + i
+}
+
+/// What the members answer; the test changes it between reconciles as the cluster would.
+#[derive(Default)]
+struct FakeProbe {
+    answer: Mutex<Option<Membership>>,
+}
+
+impl FakeProbe {
+    fn answering(membership: Membership) -> Self {
+        Self { answer: Mutex::new(Some(membership)) }
+    }
+
+    fn now(&self, membership: Membership) {
+        *self.answer.lock().expect("lock") = Some(membership);
+    }
+}
+
+impl MemberProbe for FakeProbe {
+    async fn membership(&self, endpoint: &str) -> Result<Membership, MembershipError> {
+        self.answer.lock().expect("lock").clone().ok_or_else(|| MembershipError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            source: "connection refused".into(),
+        })
+    }
+}
+
+/// One membership change the members were asked for, and through which endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Asked {
+    AddLearner { endpoint: String, peer_url: String },
+    ChangeVoters { endpoint: String, voters: Vec<u64> },
+    MoveLeader { endpoint: String, to: u64 },
+    Remove { endpoint: String, id: u64 },
+}
+
+/// Records every change and answers it, or refuses it when told to.
+#[derive(Default)]
+struct FakeChanges {
+    asked: Mutex<Vec<Asked>>,
+    refuse: bool,
+}
+
+impl FakeChanges {
+    fn asked(&self) -> Vec<Asked> {
+        self.asked.lock().expect("lock").clone()
+    }
+
+    fn record(&self, asked: Asked) -> Result<(), MembershipError> {
+        self.asked.lock().expect("lock").push(asked);
+        if self.refuse {
+            return Err(MembershipError::Change {
+                change: "fake",
+                endpoint: CLIENT_ENDPOINT.to_owned(),
+                source: "a learner is not caught up".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl MemberChanges for FakeChanges {
+    async fn add_learner(&self, endpoint: &str, peer_url: &str) -> Result<u64, MembershipError> {
+        self.record(Asked::AddLearner { endpoint: endpoint.to_owned(), peer_url: peer_url.to_owned() })?;
+        // The id the members would give demo-3, demo-4, ... in order.
+        Ok(id(2 + self.asked().len() as u64))
+    }
+    async fn change_voters(&self, endpoint: &str, voters: &[u64]) -> Result<(), MembershipError> {
+        self.record(Asked::ChangeVoters { endpoint: endpoint.to_owned(), voters: voters.to_vec() })
+    }
+    async fn move_leader(&self, endpoint: &str, to: u64) -> Result<(), MembershipError> {
+        self.record(Asked::MoveLeader { endpoint: endpoint.to_owned(), to })
+    }
+    async fn remove(&self, endpoint: &str, id: u64) -> Result<(), MembershipError> {
+        self.record(Asked::Remove { endpoint: endpoint.to_owned(), id })
+    }
+}
+
+fn member(i: u64, is_learner: bool, started: bool) -> ReportedMember {
+    ReportedMember {
+        id: id(i),
+        name: format!("demo-{i}"),
+        is_learner,
+        answers: started,
+        applied_index: started.then_some(LEADER_RAFT_INDEX),
+        raft_index: started.then_some(LEADER_RAFT_INDEX),
+    }
+}
+
+/// `voters` and `learners` by ordinal, every one of them running, `leader` leading.
+fn membership(voters: Range<u64>, learners: Range<u64>, leader: u64) -> Membership {
+    let members =
+        voters.map(|i| member(i, false, true)).chain(learners.map(|i| member(i, true, true))).collect();
+    Membership { members, leader: Some(id(leader)) }
+}
+
+fn cluster(replicas: i32) -> ConsensusCluster {
+    serde_json::from_value(json!({
+        "apiVersion": "consensus.dev/v1alpha1",
+        "kind": "ConsensusCluster",
+        "metadata": {
+            "name": "demo", "namespace": NS, "uid": "11111111-2222-4333-8444-555555555555",
+            "generation": 3, "resourceVersion": "7", "finalizers": [FINALIZER],
+        },
+        "spec": {"replicas": replicas},
+    }))
+    .expect("a ConsensusCluster")
+}
+
+fn context(client: Client, probe: FakeProbe, changes: FakeChanges) -> Context<FakeProbe, FakeChanges> {
+    let reporter =
+        Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
+    Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        probe,
+        changes,
+        metrics: Metrics::shared(),
+    }
+}
+
+fn selector_labels() -> Value {
+    json!({"app.kubernetes.io/name": "consensus-node", "app.kubernetes.io/instance": "demo"})
+}
+
+fn pod(i: u64) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("demo-{i}"), "namespace": NS, "labels": selector_labels()},
+        "spec": {"containers": []},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
+fn claim(name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": NS, "labels": selector_labels()},
+    })
+}
+
+/// The cluster resource, its objects as applied for `replicas` members that have formed
+/// the cluster, the pods `pods` and the volumes `volumes`.
+fn objects(cc: &ConsensusCluster, replicas: i32, pods: Range<u64>, volumes: Range<u64>) -> Vec<Value> {
+    let built = desired(cc, Members { replicas, state: InitialClusterState::Existing }).expect("builds");
+    let mut objects: Vec<Value> = [
+        serde_json::to_value(&built.config_map),
+        serde_json::to_value(&built.peer_service),
+        serde_json::to_value(&built.client_service),
+        serde_json::to_value(&built.pod_disruption_budget),
+        serde_json::to_value(&built.stateful_set),
+        serde_json::to_value(cc),
+    ]
+    .into_iter()
+    .map(|o| o.expect("serializes"))
+    .collect();
+    objects.extend(pods.map(pod));
+    objects.extend(volumes.map(|i| claim(&format!("data-demo-{i}"))));
+    objects
+}
+
+/// One reconcile acting on `step`; the requests it made.
+async fn act(
+    cc: &ConsensusCluster,
+    ctx: &Context<FakeProbe, FakeChanges>,
+    api: &FakeApi,
+    step: Step,
+) -> Vec<Recorded> {
+    let before = api.requests().len();
+    converge_with(cc, ctx, |_| step).await.expect("reconciles");
+    api.requests().split_off(before)
+}
+
+fn patches<'a>(requests: &'a [Recorded], path: &str) -> Vec<&'a Recorded> {
+    requests.iter().filter(|r| r.method == "PATCH" && r.path == path).collect()
+}
+
+fn only<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Recorded {
+    let matching: Vec<&Recorded> = requests.iter().filter(|r| r.method == method && r.path == path).collect();
+    assert_eq!(matching.len(), 1, "expected one {method} {path}, got {}", matching.len());
+    matching[0]
+}
+
+/// `Type Reason: note` of each Event written.
+fn events(requests: &[Recorded]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == EVENTS)
+        .map(|r| {
+            let text = |field: &str| r.body[field].as_str().unwrap_or_default().to_owned();
+            format!("{} {}: {}", text("type"), text("reason"), text("note"))
+        })
+        .collect()
+}
+
+fn deletes(requests: &[Recorded]) -> Vec<String> {
+    requests.iter().filter(|r| r.method == "DELETE").map(Recorded::line).collect()
+}
+
+fn replicas_applied(requests: &[Recorded]) -> Vec<i64> {
+    patches(requests, STS).iter().filter_map(|r| r.body["spec"]["replicas"].as_i64()).collect()
+}
+
+fn initial_cluster(n: u64) -> String {
+    (0..n)
+        .map(|i| format!("demo-{i}=http://demo-{i}.demo-peer.default.svc:2380"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Every request is one the operator's ClusterRole allows (the RBAC test of
+/// tests/manifests pins the role to exactly what the code does).
+fn assert_allowed_by_cluster_role(requests: &[Recorded]) {
+    let role: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/rbac/cluster_role.yaml"))
+            .expect("cluster role"),
+    )
+    .expect("YAML");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_array().expect("rules").iter().any(|rule| {
+            let has =
+                |key: &str, value: &str| rule[key].as_array().is_some_and(|v| v.iter().any(|x| x == value));
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for request in requests {
+        let (group, resource, verbs) = request.authorization();
+        for verb in verbs {
+            assert!(allows(&group, &resource, verb), "{} needs {verb} on {group}/{resource}", request.line());
+        }
+    }
+}
+
+#[tokio::test]
+async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset() {
+    // kubectl scale cc/demo --replicas=5 on a running 3-member cluster.
+    let cc = cluster(5);
+    let (client, api) = FakeApi::start(objects(&cc, 3, 0..3, 0..3));
+    let ctx = context(client, FakeProbe::answering(membership(0..3, 0..0, 0)), FakeChanges::default());
+
+    // 1. demo-3 is added as a learner, at the peer URL its pod will advertise, before
+    //    its pod exists: the StatefulSet stays at 3.
+    let first = act(&cc, &ctx, &api, Step::AddLearner { name: "demo-3".into() }).await;
+    assert_eq!(
+        ctx.changes.asked(),
+        [Asked::AddLearner {
+            endpoint: CLIENT_ENDPOINT.into(),
+            peer_url: "http://demo-3.demo-peer.default.svc:2380".into()
+        }]
+    );
+    assert_eq!(replicas_applied(&first), [3], "the StatefulSet is kept at 3 while learners are added");
+    assert_eq!(
+        events(&first),
+        [
+            "Normal MemberAdded: added demo-3 (id 13) as a learner at http://demo-3.demo-peer.default.svc:2380; \
+          it catches up before it votes"
+        ]
+    );
+
+    // 2. The members now list demo-3, unstarted; demo-4 is added the same way.
+    let mut members = membership(0..3, 0..0, 0);
+    members.members.push(member(3, true, false));
+    ctx.probe.now(members.clone());
+    let second = act(&cc, &ctx, &api, Step::AddLearner { name: "demo-4".into() }).await;
+    assert_eq!(
+        ctx.changes.asked()[1],
+        Asked::AddLearner {
+            endpoint: CLIENT_ENDPOINT.into(),
+            peer_url: "http://demo-4.demo-peer.default.svc:2380".into()
+        }
+    );
+    assert_eq!(replicas_applied(&second), [3]);
+
+    // 3. The next reconcile grows the StatefulSet to 5: the ConfigMap first, listing all
+    //    five members and telling the new ones to join, then the StatefulSet, by
+    //    server-side apply under the operator's field manager.
+    members.members.push(member(4, true, false));
+    ctx.probe.now(members);
+    let third = act(&cc, &ctx, &api, Step::ResizeWorkload { replicas: 5 }).await;
+    let config = only(&third, "PATCH", CONFIG);
+    assert_eq!(config.body["data"]["initial-cluster"], initial_cluster(5));
+    assert_eq!(config.body["data"]["initial-cluster-state"], "existing");
+    let sts = only(&third, "PATCH", STS);
+    assert_eq!(sts.method, "PATCH");
+    assert_eq!(sts.path, "/apis/apps/v1/namespaces/default/statefulsets/demo");
+    assert!(sts.is_apply(), "server-side apply");
+    assert_eq!(sts.field_manager(), Some(FIELD_MANAGER));
+    assert_eq!(sts.query.get("fieldManager").map(String::as_str), Some("consensus-operator"));
+    assert!(sts.forced());
+    assert_eq!(sts.body["spec"]["replicas"], 5);
+    // Only the replicas change: the rest is what was applied at 3, so the operator keeps
+    // owning every field it owned and no pod template changes (no rolling restart).
+    let mut at_three = serde_json::to_value(
+        desired(&cc, Members { replicas: 3, state: InitialClusterState::Existing })
+            .expect("builds")
+            .stateful_set,
+    )
+    .expect("serializes");
+    at_three["spec"]["replicas"] = json!(5);
+    assert_eq!(sts.body, at_three);
+    let position = |path: &str| third.iter().position(|r| r.method == "PATCH" && r.path == path);
+    assert!(position(CONFIG) < position(STS), "the configuration is in place before new pods start");
+    assert_eq!(api.object(STS).expect("exists")["spec"]["replicas"], 5);
+    assert_eq!(
+        events(&third),
+        [
+            "Normal Updated: updated ConfigMap demo-config",
+            "Normal Updated: updated PodDisruptionBudget demo",
+            "Normal Updated: updated StatefulSet demo",
+            "Normal Resized: StatefulSet demo: 3 -> 5 replicas",
+        ]
+    );
+
+    // No volume was touched, and every request is allowed.
+    assert!(deletes(&api.requests()).is_empty());
+    assert_allowed_by_cluster_role(&api.requests());
+}
+
+#[tokio::test]
+async fn a_voter_change_promotes_the_caught_up_learners_in_one_step_and_says_so() {
+    let cc = cluster(5);
+    let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
+    let ctx = context(client, FakeProbe::answering(membership(0..3, 3..5, 0)), FakeChanges::default());
+
+    let voters: Vec<u64> = (0..5).map(id).collect();
+    let requests = act(&cc, &ctx, &api, Step::ChangeVoters { voters: voters.clone() }).await;
+
+    assert_eq!(ctx.changes.asked(), [Asked::ChangeVoters { endpoint: CLIENT_ENDPOINT.into(), voters }]);
+    assert_eq!(
+        events(&requests),
+        [
+            "Normal LearnerCaughtUp: learner demo-3 caught up (applied index 100, leader at 100) and now votes",
+            "Normal LearnerCaughtUp: learner demo-4 caught up (applied index 100, leader at 100) and now votes",
+            "Normal VotersChanged: the 5 voters are now demo-0, demo-1, demo-2, demo-3, demo-4, changed in one \
+             joint-consensus step",
+        ]
+    );
+    assert_eq!(replicas_applied(&requests), [5]);
+    assert_allowed_by_cluster_role(&requests);
+}
+
+#[tokio::test]
+async fn a_refused_voter_change_is_a_warning_and_claims_nothing() {
+    let cc = cluster(5);
+    let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
+    let changes = FakeChanges { refuse: true, ..FakeChanges::default() };
+    let ctx = context(client, FakeProbe::answering(membership(0..3, 3..5, 0)), changes);
+
+    let voters: Vec<u64> = (0..5).map(id).collect();
+    let outcome = converge_with(&cc, &ctx, |_| Step::ChangeVoters { voters }).await;
+
+    assert!(outcome.is_err(), "the reconcile fails and is retried");
+    let reported = events(&api.requests());
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    assert!(reported[0].starts_with("Warning MembershipChangeFailed: "), "{reported:?}");
+    assert!(reported[0].contains("a learner is not caught up"), "{reported:?}");
+}
+
+#[tokio::test]
+async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then_deletes_volumes() {
+    // kubectl scale cc/demo --replicas=3 on a running 5-member cluster led by demo-4,
+    // one of the two members that leave.
+    let cc = cluster(3);
+    let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
+    let ctx = context(client, FakeProbe::answering(membership(0..5, 0..0, 4)), FakeChanges::default());
+
+    // 1. Leadership moves to a member that stays.
+    let moved = act(&cc, &ctx, &api, Step::TransferLeadership { to: id(0) }).await;
+    assert_eq!(ctx.changes.asked(), [Asked::MoveLeader { endpoint: CLIENT_ENDPOINT.into(), to: id(0) }]);
+    assert_eq!(events(&moved), ["Normal LeadershipTransferred: moved leadership from demo-4 to demo-0"]);
+
+    // 2. The voters go from 5 to 3 in one step; demo-3 and demo-4 are left as learners.
+    ctx.probe.now(membership(0..5, 0..0, 0));
+    let voters: Vec<u64> = (0..3).map(id).collect();
+    let changed = act(&cc, &ctx, &api, Step::ChangeVoters { voters: voters.clone() }).await;
+    assert_eq!(
+        events(&changed),
+        [
+            "Normal VotersChanged: the 3 voters are now demo-0, demo-1, demo-2, changed in one joint-consensus step"
+        ]
+    );
+
+    // 3. Both leave the membership.
+    ctx.probe.now(membership(0..3, 3..5, 0));
+    let removed_4 = act(&cc, &ctx, &api, Step::RemoveMember { id: id(4), name: "demo-4".into() }).await;
+    ctx.probe.now(membership(0..3, 3..4, 0));
+    let removed_3 = act(&cc, &ctx, &api, Step::RemoveMember { id: id(3), name: "demo-3".into() }).await;
+    assert_eq!(
+        ctx.changes.asked()[2..],
+        [
+            Asked::Remove { endpoint: CLIENT_ENDPOINT.into(), id: id(4) },
+            Asked::Remove { endpoint: CLIENT_ENDPOINT.into(), id: id(3) },
+        ]
+    );
+    assert_eq!(events(&removed_4), ["Normal MemberRemoved: removed demo-4 (id 14) from the membership"]);
+    assert_eq!(events(&removed_3), ["Normal MemberRemoved: removed demo-3 (id 13) from the membership"]);
+    ctx.probe.now(membership(0..3, 0..0, 0));
+
+    // 4. A volume deletion asked for while the StatefulSet still runs the pod is not done.
+    let too_early = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
+    assert!(deletes(&too_early).is_empty(), "{:?}", deletes(&too_early));
+    assert!(events(&too_early).is_empty());
+
+    // 5. The StatefulSet shrinks to 3 under the operator's field manager, with a
+    //    configuration of the three members that stay.
+    let shrunk = act(&cc, &ctx, &api, Step::ResizeWorkload { replicas: 3 }).await;
+    let sts = only(&shrunk, "PATCH", STS);
+    assert!(sts.is_apply());
+    assert_eq!(sts.field_manager(), Some(FIELD_MANAGER));
+    assert_eq!(sts.body["spec"]["replicas"], 3);
+    assert_eq!(only(&shrunk, "PATCH", CONFIG).body["data"]["initial-cluster"], initial_cluster(3));
+    assert!(events(&shrunk).contains(&"Normal Resized: StatefulSet demo: 5 -> 3 replicas".to_owned()));
+    assert!(deletes(&shrunk).is_empty(), "no volume goes in the same step");
+
+    // 6. The StatefulSet controller deletes demo-3's and demo-4's pods; their volumes go.
+    api.vanish(&format!("{PODS}/demo-3"));
+    api.vanish(&format!("{PODS}/demo-4"));
+    let deleted_3 = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-3".into() }).await;
+    let deleted_4 = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
+    assert_eq!(deletes(&deleted_3), [format!("DELETE {PVCS}/data-demo-3")]);
+    assert_eq!(deletes(&deleted_4), [format!("DELETE {PVCS}/data-demo-4")]);
+    assert_eq!(
+        events(&deleted_3),
+        ["Normal VolumeDeleted: deleted data-demo-3, the volume of removed member demo-3"]
+    );
+    assert_eq!(
+        events(&deleted_4),
+        ["Normal VolumeDeleted: deleted data-demo-4, the volume of removed member demo-4"]
+    );
+    for i in 0..3 {
+        assert!(api.object(&format!("{PVCS}/data-demo-{i}")).is_some(), "data-demo-{i} stays");
+    }
+
+    // The whole story: the only deletions are these two volumes, after the shrink.
+    let story = api.story();
+    let deleted: Vec<&String> = story.iter().filter(|line| line.starts_with("DELETE")).collect();
+    assert_eq!(deleted, [&format!("DELETE {PVCS}/data-demo-3"), &format!("DELETE {PVCS}/data-demo-4")]);
+    let all = api.requests();
+    let shrink_at =
+        all.iter().position(|r| r.method == "PATCH" && r.path == STS && r.body["spec"]["replicas"] == 3);
+    let first_delete = all.iter().position(|r| r.method == "DELETE");
+    assert!(shrink_at < first_delete, "volumes are deleted only after the StatefulSet shrank");
+    assert_allowed_by_cluster_role(&all);
+}
+
+#[tokio::test]
+async fn a_volume_is_never_deleted_while_its_member_could_still_need_it() {
+    // Each case: the StatefulSet's replicas, the pods that exist, what the members answer.
+    let cases: [(&str, i32, Range<u64>, Option<Membership>); 4] = [
+        ("demo-3 is still in the membership", 3, 0..3, Some(membership(0..3, 3..4, 0))),
+        ("demo-3's pod still exists (terminating)", 3, 0..4, Some(membership(0..3, 0..0, 0))),
+        ("the StatefulSet still runs demo-3", 4, 0..3, Some(membership(0..3, 0..0, 0))),
+        ("no member answers, so the removal is not confirmed", 3, 0..3, None),
+    ];
+    for (case, replicas, pods, answer) in cases {
+        let cc = cluster(3);
+        let (client, api) = FakeApi::start(objects(&cc, replicas, pods, 0..4));
+        let probe = FakeProbe { answer: Mutex::new(answer) };
+        let ctx = context(client, probe, FakeChanges::default());
+
+        let requests = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-3".into() }).await;
+
+        assert!(deletes(&requests).is_empty(), "{case}: {:?}", deletes(&requests));
+        assert!(api.object(&format!("{PVCS}/data-demo-3")).is_some(), "{case}");
+        assert!(!events(&requests).iter().any(|e| e.contains("VolumeDeleted")), "{case}");
+    }
+}
+
+#[tokio::test]
+async fn a_volume_already_deleted_is_done_not_an_error() {
+    // The operator died after the DELETE and before its Event: the next reconcile finishes.
+    let cc = cluster(3);
+    let (client, api) = FakeApi::start(objects(&cc, 3, 0..3, 0..3));
+    let ctx = context(client, FakeProbe::answering(membership(0..3, 0..0, 0)), FakeChanges::default());
+
+    let requests = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
+
+    assert_eq!(deletes(&requests), [format!("DELETE {PVCS}/data-demo-4")]);
+    assert!(events(&requests).is_empty());
+}
+
+#[tokio::test]
+async fn an_even_replica_count_never_writes_the_statefulset() {
+    // kubectl scale cc/demo --replicas=4 on a 5-member cluster, past admission.
+    let running = cluster(5);
+    let cc = cluster(4);
+    let mut objects = objects(&running, 5, 0..5, 0..5);
+    objects.retain(|o| o["kind"] != "ConsensusCluster");
+    objects.push(serde_json::to_value(&cc).expect("serializes"));
+    let (client, api) = FakeApi::start(objects);
+    let ctx = context(client, FakeProbe::answering(membership(0..5, 0..0, 0)), FakeChanges::default());
+
+    reconcile(Arc::new(cc), Arc::new(ctx)).await.expect("reconciles");
+
+    // Writes: the Warning and the status, nothing else.
+    let writes: Vec<String> = api.writes().iter().map(Recorded::line).collect();
+    assert_eq!(writes, [format!("POST {EVENTS}"), format!("PATCH {CC}/status")]);
+    let requests = api.requests();
+    assert!(patches(&requests, STS).is_empty(), "the StatefulSet is not written");
+    assert!(patches(&requests, CONFIG).is_empty(), "nor its configuration");
+    assert!(deletes(&requests).is_empty());
+    assert_eq!(api.object(STS).expect("still there")["spec"]["replicas"], 5);
+    let reported = events(&requests);
+    assert_eq!(reported.len(), 1);
+    assert!(reported[0].starts_with("Warning InvalidSpec: "), "{reported:?}");
+}
+
+#[tokio::test]
+async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_lost_their_data() {
+    let cc = cluster(5);
+    let mut objects = objects(&cc, 5, 0..1, 0..5);
+    // A claim of something else in the namespace, with the same labels.
+    objects.push(claim("scratch"));
+    // demo-1 crashed with the node's lost-data exit code; demo-2 said so in its
+    // termination message; demo-3 just crashed.
+    let terminated = |i: u64, exit_code: i32, message: &str| {
+        let mut pod = pod(i);
+        pod["status"]["containerStatuses"] = json!([{
+            "name": "consensus-node", "image": "node", "imageID": "", "ready": false, "restartCount": 3,
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": exit_code, "message": message}},
+        }]);
+        pod
+    };
+    objects.push(terminated(1, 78, ""));
+    objects.push(terminated(2, 1, "member demo-2 lost its data: members.yaml names it, the WAL is empty"));
+    objects.push(terminated(3, 1, "panic"));
+    let (client, _api) = FakeApi::start(objects);
+    let mut members = membership(0..5, 0..0, 0);
+    members.members[0].raft_index = Some(LEADER_RAFT_INDEX + 7);
+    let ctx = context(client, FakeProbe::answering(members), FakeChanges::default());
+
+    let seen: Mutex<Option<Observed>> = Mutex::default();
+    converge_with(&cc, &ctx, |observed| {
+        *seen.lock().expect("lock") = Some(observed.clone());
+        Step::Wait { reason: "looking".into() }
+    })
+    .await
+    .expect("reconciles");
+
+    let observed = seen.into_inner().expect("lock").expect("decided");
+    assert_eq!(observed.volumes, ["demo-0", "demo-1", "demo-2", "demo-3", "demo-4"]);
+    assert_eq!(observed.leader_raft_index, Some(LEADER_RAFT_INDEX + 7));
+    assert_eq!(observed.lost_data, ["demo-1", "demo-2"]);
+}
