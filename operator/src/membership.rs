@@ -76,7 +76,9 @@ pub struct MemberOps {
 
 impl MemberOps {
     /// Connects to the members at `endpoints` (client URLs); any answering member will do,
-    /// the members forward what only the leader can do.
+    /// the members forward what only the leader can do. Pass the leader's endpoint alone
+    /// when it is known: a member that a change removes (or one being demoted) never passes
+    /// the answer back, and the call would wait for its timeout.
     pub async fn connect(endpoints: &[String]) -> Result<Self, MembershipError> {
         if endpoints.is_empty() {
             return Err(MembershipError::Unreachable {

@@ -309,6 +309,7 @@ pub fn status(
     now: Time,
 ) -> ConsensusClusterStatus {
     let situation = assess(spec, observed);
+    let stuck = learners_stuck(&situation, previous, &now);
     let health = Health::of(observed);
     let has_quorum = health.as_ref().is_some_and(Health::has_quorum);
     // A leader anyone reports was elected at some point, so the cluster has bootstrapped.
@@ -355,8 +356,8 @@ pub fn status(
 
     let conditions = vec![
         available(health.as_ref(), observed),
-        progressing(&situation, step),
-        degraded(&situation, step, quorum_lost),
+        progressing(&situation, step, stuck),
+        degraded(&situation, step, quorum_lost, stuck),
         quorum_lost_condition(&situation, quorum_lost, established),
         zone_condition(observed),
     ];
@@ -436,7 +437,27 @@ fn available(health: Option<&Health<'_>>, observed: &Observed) -> NewCondition {
     }
 }
 
-fn progressing(situation: &Situation, step: &Step) -> NewCondition {
+/// A new member gets this long, from the start of the change, to answer at all: a process
+/// starts in about a second even in a debug build, and catching up does not count against
+/// it (a member that answers is not stuck, however far behind).
+pub const LEARNER_START_GRACE_SECONDS: i64 = 30;
+
+/// Whether new learners that do not answer have had their grace and the change is stuck:
+/// it was reported stuck before, or has been progressing for longer than the grace.
+fn learners_stuck(situation: &Situation, previous: Option<&ConsensusClusterStatus>, now: &Time) -> bool {
+    let Situation::ChangeBlocked { not_catching_up, .. } = situation else { return false };
+    if not_catching_up.is_empty() {
+        return false;
+    }
+    let progressing = previous.and_then(|p| p.conditions.iter().find(|c| c.type_ == condition::PROGRESSING));
+    progressing.is_some_and(|c| {
+        (c.status == "False" && c.reason == "MemberNotCatchingUp")
+            || (c.status == "True"
+                && now.0.as_second() - c.last_transition_time.0.as_second() >= LEARNER_START_GRACE_SECONDS)
+    })
+}
+
+fn progressing(situation: &Situation, step: &Step, stuck: bool) -> NewCondition {
     const TYPE: &str = condition::PROGRESSING;
     match (step, situation) {
         (Step::RefuseSpec { reason }, _) => condition(
@@ -448,13 +469,13 @@ fn progressing(situation: &Situation, step: &Step) -> NewCondition {
         (Step::CreateWorkload { replicas }, _) => {
             condition(TYPE, true, "Creating", format!("creating {replicas} members that bootstrap together"))
         }
-        (Step::Wait { reason }, Situation::ChangeBlocked { not_catching_up, .. }) => {
-            // A new member that never answers will not start answering by itself; claiming
-            // progress would hide that only scaling back (or fixing it) moves on.
-            if not_catching_up.is_empty() {
-                condition(TYPE, true, "WaitingForLearners", reason.clone())
-            } else {
+        (Step::Wait { reason }, Situation::ChangeBlocked { .. }) => {
+            // A new member that has not answered within its grace will not start answering
+            // by itself; claiming progress would hide that only scaling back moves on.
+            if stuck {
                 condition(TYPE, false, "MemberNotCatchingUp", reason.clone())
+            } else {
+                condition(TYPE, true, "WaitingForLearners", reason.clone())
             }
         }
         (
@@ -487,7 +508,7 @@ fn describe(step: &Step) -> String {
     }
 }
 
-fn degraded(situation: &Situation, step: &Step, quorum_lost: bool) -> NewCondition {
+fn degraded(situation: &Situation, step: &Step, quorum_lost: bool, stuck: bool) -> NewCondition {
     const TYPE: &str = condition::DEGRADED;
     // The step, not only the spec, decides: a platform refuses what it cannot even parse.
     if let Step::RefuseSpec { reason } = step {
@@ -506,7 +527,7 @@ fn degraded(situation: &Situation, step: &Step, quorum_lost: bool) -> NewConditi
             format!("the spec is refused and the cluster keeps running as it is: {reason}"),
         ),
         _ if quorum_lost => condition(TYPE, true, "QuorumLost", situation.wait_reason()),
-        Situation::ChangeBlocked { not_catching_up, reason } if !not_catching_up.is_empty() => condition(
+        Situation::ChangeBlocked { reason, .. } if stuck => condition(
             TYPE,
             true,
             "MemberNotCatchingUp",

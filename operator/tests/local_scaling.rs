@@ -62,7 +62,7 @@ fn three_to_five_to_three_under_load_never_has_an_even_voter_count() {
         writer.failed.lock().map(|f| *f).unwrap_or(0),
         events.join("\n")
     );
-    assert!(samples.taken > 100, "the sampler hardly ran: {samples:?}");
+    assert!(samples.taken > 50, "the sampler hardly ran: {samples:?}");
     assert!(samples.even.is_empty(), "even voter counts seen: {:?}", samples.even);
     assert_eq!(samples.max_voters, 5);
     assert_eq!(samples.min_voters, 3);

@@ -61,16 +61,19 @@ impl Events {
     }
 }
 
-/// Connects to the members that answered, the ones that can take a change.
+/// Connects to the leader, which carries out every membership change: a call sent to
+/// another member is forwarded, and a member the change removes never passes the answer
+/// back (the call then hangs until its timeout). Without a known leader, the healthy voters.
 async fn ops(workload: &Workload, observed: &Observed) -> Result<MemberOps, StepError> {
-    let healthy: Vec<&str> =
-        observed.members.iter().flatten().filter(|m| m.healthy).map(|m| m.name.as_str()).collect();
-    let endpoints: Vec<String> = workload
-        .members()
-        .iter()
-        .filter(|m| healthy.contains(&m.name.as_str()))
-        .map(|m| m.client_url())
-        .collect();
+    let members: Vec<&crate::plan::ObservedMember> = observed.members.iter().flatten().collect();
+    let leader = observed.leader.and_then(|id| members.iter().find(|m| m.id == id)).map(|m| m.name.as_str());
+    let healthy_voters: Vec<&str> =
+        members.iter().filter(|m| m.healthy && !m.is_learner).map(|m| m.name.as_str()).collect();
+    let url_of = |name: &str| workload.members().iter().find(|m| m.name == name).map(|m| m.client_url());
+    let endpoints: Vec<String> = match leader.and_then(url_of) {
+        Some(url) => vec![url],
+        None => healthy_voters.into_iter().filter_map(url_of).collect(),
+    };
     if endpoints.is_empty() {
         return Err(StepError::NoHealthyMember);
     }

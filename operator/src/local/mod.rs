@@ -172,7 +172,7 @@ struct Operator {
 
 impl Operator {
     /// One observe-plan-act round; its problems are logged and retried next round. True
-    /// when it carried out a step that changes the cluster.
+    /// when it carried out a step that changes the cluster or a change is under way.
     async fn reconcile(&mut self) -> bool {
         // Keeping member processes alive is the platform's job, as the kubelet's is for pods.
         if let Err(err) = self.workload.supervise() {
@@ -203,8 +203,11 @@ impl Operator {
             tracing::warn!("{err}");
         }
         self.announce(&status);
+        // While a membership change waits (learners starting, catching up), look again soon:
+        // what it waits for takes milliseconds to a few seconds, not a reconcile period each.
+        let scaling = status.phase == Some(consensus_crds::Phase::Scaling);
         self.previous = Some(status);
-        changed
+        changed || scaling
     }
 
     /// Carries out `step`; true when it changed the cluster.
