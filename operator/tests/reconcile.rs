@@ -16,18 +16,11 @@ use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
-use support::{FakeApi, Recorded};
+use support::{CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, only};
 
-const NS: &str = "default";
-const CC: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusclusters/demo";
-const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
-const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
 const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
 const CLIENT: &str = "/api/v1/namespaces/default/services/demo-client";
 const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
-const PODS: &str = "/api/v1/namespaces/default/pods";
-const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
 /// What the members answer, and who asked.
 struct FakeMembers {
@@ -143,12 +136,6 @@ fn running_cluster_objects(cc: &ConsensusCluster, state: InitialClusterState) ->
 fn with_cluster(cc: &ConsensusCluster, mut objects: Vec<Value>) -> Vec<Value> {
     objects.push(serde_json::to_value(cc).expect("serializes"));
     objects
-}
-
-fn only<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Recorded {
-    let matching: Vec<&Recorded> = requests.iter().filter(|r| r.method == method && r.path == path).collect();
-    assert_eq!(matching.len(), 1, "expected one {method} {path}, got {}", matching.len());
-    matching[0]
 }
 
 fn events(requests: &[Recorded]) -> Vec<(String, String, String)> {

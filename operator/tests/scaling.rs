@@ -19,15 +19,8 @@ use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
-use support::{FakeApi, Recorded};
+use support::{CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, only};
 
-const NS: &str = "default";
-const CC: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusclusters/demo";
-const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
-const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
-const PODS: &str = "/api/v1/namespaces/default/pods";
-const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 const CLIENT_ENDPOINT: &str = "http://demo-client.default.svc:2379";
 const LEADER_RAFT_INDEX: u64 = 100;
 
@@ -209,12 +202,6 @@ async fn act(
 
 fn patches<'a>(requests: &'a [Recorded], path: &str) -> Vec<&'a Recorded> {
     requests.iter().filter(|r| r.method == "PATCH" && r.path == path).collect()
-}
-
-fn only<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Recorded {
-    let matching: Vec<&Recorded> = requests.iter().filter(|r| r.method == method && r.path == path).collect();
-    assert_eq!(matching.len(), 1, "expected one {method} {path}, got {}", matching.len());
-    matching[0]
 }
 
 /// `Type Reason: note` of each Event written.

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use consensus_node::kv::prefix_end;
 use consensus_node::proto::etcdserverpb::kv_client::KvClient;
 use consensus_node::proto::etcdserverpb::lease_client::LeaseClient;
 use consensus_node::proto::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -362,18 +363,6 @@ fn request_queue<T>(first: T) -> (mpsc::Sender<T>, ReceiverStream<T>) {
     let (requests, queue) = mpsc::channel(1);
     requests.try_send(first).expect("an empty queue has room");
     (requests, ReceiverStream::new(queue))
-}
-
-/// The first key after every key starting with `prefix`, as etcd's clients compute it.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// A watched put's value: its sequence number and when it was sent, as an offset from the

@@ -19,8 +19,8 @@ use tonic::{Code, Status};
 
 use super::errors::{ApplyError, ServerError};
 use super::propose;
-use crate::kv::ReadView;
 use crate::kv::watch::Notice;
+use crate::kv::{ReadView, prefix_end};
 use crate::member::Node;
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
@@ -41,19 +41,6 @@ pub fn prefix(name: &[u8]) -> Vec<u8> {
     let mut prefix = name.to_vec();
     prefix.push(b'/');
     prefix
-}
-
-/// The end of the range of keys that start with `prefix` (etcd's `range_end`).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    // Every byte 0xff: to the end of the keyspace.
-    vec![0]
 }
 
 /// The key a contender owns, as etcd's recipes name it: the prefix and the lease in hex,

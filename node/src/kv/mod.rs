@@ -20,3 +20,16 @@ pub mod watch;
 pub use apply::{alarms_of, apply_command, txn_puts};
 pub use range::{RangeSource, range, valid_sort};
 pub use store::{KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
+
+/// The end of the range of keys that start with `prefix` (etcd's `range_end`).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
+}

@@ -12,6 +12,22 @@ use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
 
+/// Paths of the demo cluster's objects in the `default` namespace, as the scenarios use them.
+pub const NS: &str = "default";
+pub const CC: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusclusters/demo";
+pub const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
+pub const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
+pub const PODS: &str = "/api/v1/namespaces/default/pods";
+pub const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+/// The one request made with `method` to `path`.
+pub fn only<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Recorded {
+    let matching: Vec<&Recorded> = requests.iter().filter(|r| r.method == method && r.path == path).collect();
+    assert_eq!(matching.len(), 1, "expected one {method} {path}, got {}", matching.len());
+    matching[0]
+}
+
 /// One request as the API server saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
