@@ -39,6 +39,17 @@ pub struct Observed {
     pub lost_data: Vec<String>,
 }
 
+impl Observed {
+    /// A member's name for events and logs: its id in hex when the members do not list it.
+    pub fn member_name(&self, id: u64) -> String {
+        self.members
+            .iter()
+            .flatten()
+            .find(|m| m.id == id)
+            .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedMember {
     pub id: u64,

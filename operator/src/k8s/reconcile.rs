@@ -202,7 +202,7 @@ async fn act<P, C: MemberChanges>(
                 );
                 normal("LearnerCaughtUp", "ChangeVoters", note, pod(&learner.name)).await?;
             }
-            let names: Vec<String> = voters.iter().map(|id| member_name(observed, *id)).collect();
+            let names: Vec<String> = voters.iter().map(|id| observed.member_name(*id)).collect();
             let note = format!(
                 "the {} voters are now {}, changed in one joint-consensus step",
                 voters.len(),
@@ -212,9 +212,8 @@ async fn act<P, C: MemberChanges>(
         }
         Step::TransferLeadership { to } => {
             ctx.changes.move_leader(&endpoint, *to).await?;
-            let from =
-                observed.leader.map_or_else(|| "the leader".to_owned(), |id| member_name(observed, id));
-            let to = member_name(observed, *to);
+            let from = observed.leader.map_or_else(|| "the leader".to_owned(), |id| observed.member_name(id));
+            let to = observed.member_name(*to);
             let note = format!("moved leadership from {from} to {to}");
             normal("LeadershipTransferred", "TransferLeadership", note, pod(&to)).await
         }
@@ -284,16 +283,6 @@ fn reference<K: k8s_openapi::Resource>(namespace: &str, name: &str) -> ObjectRef
         name: Some(name.to_owned()),
         ..ObjectReference::default()
     }
-}
-
-/// A member's name for Events, its id in hex when the members do not list it.
-fn member_name(observed: &Observed, id: u64) -> String {
-    observed
-        .members
-        .iter()
-        .flatten()
-        .find(|m| m.id == id)
-        .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
 }
 
 async fn patch_status<P, C>(

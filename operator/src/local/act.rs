@@ -80,15 +80,6 @@ async fn ops(workload: &Workload, observed: &Observed) -> Result<MemberOps, Step
     Ok(MemberOps::connect(&endpoints).await?)
 }
 
-fn name_of(observed: &Observed, id: u64) -> String {
-    observed
-        .members
-        .iter()
-        .flatten()
-        .find(|m| m.id == id)
-        .map_or_else(|| format!("{id:x}"), |m| m.name.clone())
-}
-
 /// Carries out one membership step; the caller retries a failure on the next reconcile,
 /// which is safe because every operation is idempotent.
 pub async fn membership_step(
@@ -98,7 +89,7 @@ pub async fn membership_step(
     step: &Step,
     observed: &Observed,
 ) -> Result<(), StepError> {
-    let leader = observed.leader.map(|id| name_of(observed, id)).unwrap_or_default();
+    let leader = observed.leader.map(|id| observed.member_name(id)).unwrap_or_default();
     match step {
         Step::AddLearner { name } => {
             let member = workload.reserve(name)?;
@@ -125,14 +116,14 @@ pub async fn membership_step(
                 );
             }
             ops(workload, observed).await?.change_voters(voters).await?;
-            let names: Vec<String> = voters.iter().map(|id| name_of(observed, *id)).collect();
+            let names: Vec<String> = voters.iter().map(|id| observed.member_name(*id)).collect();
             events.emit("VotersChanged", &format!("voters={} ({})", voters.len(), names.join(",")));
         }
         Step::TransferLeadership { to } => {
             ops(workload, observed).await?.move_leader(*to).await?;
             events.emit(
                 "LeadershipTransferred",
-                &format!("from={leader} to={} id={to:x}", name_of(observed, *to)),
+                &format!("from={leader} to={} id={to:x}", observed.member_name(*to)),
             );
         }
         Step::RemoveMember { id, name } => {
