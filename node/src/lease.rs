@@ -54,11 +54,17 @@ impl LeaseClock {
         f(&mut deadlines.by_lease)
     }
 
-    /// Renews a lease (KeepAlive) on the leader in `term`; `ttl` is its granted TTL.
-    pub fn renew(&self, term: u64, id: i64, ttl: i64, now: Instant) {
+    /// Renews a lease (KeepAlive) on the leader in `term`; `ttl` is its granted TTL. A lease
+    /// whose deadline has passed is not renewed (its revoke may be on its way through the
+    /// log) and `false` says so, as etcd refuses to renew an expired lease.
+    pub fn renew(&self, term: u64, id: i64, ttl: i64, now: Instant) -> bool {
         self.with_deadlines(term, |deadlines| {
+            if deadlines.get(&id).is_some_and(|deadline| *deadline <= now) {
+                return false;
+            }
             deadlines.insert(id, now + ttl_duration(ttl));
-        });
+            true
+        })
     }
 
     /// Seconds left before the lease expires, as the leader in `term` sees it.
@@ -73,7 +79,8 @@ impl LeaseClock {
     /// expired ones. Leases seen for the first time get their full TTL from `now`.
     pub fn expired(&self, term: u64, leases: &[(i64, i64)], now: Instant) -> Vec<i64> {
         self.with_deadlines(term, |deadlines| {
-            deadlines.retain(|id, _| leases.iter().any(|(l, _)| l == id));
+            let existing: std::collections::HashSet<i64> = leases.iter().map(|(id, _)| *id).collect();
+            deadlines.retain(|id, _| existing.contains(id));
             leases
                 .iter()
                 .filter(|(id, ttl)| *deadlines.entry(*id).or_insert(now + ttl_duration(*ttl)) <= now)
@@ -143,9 +150,18 @@ mod tests {
         let clock = LeaseClock::new(Duration::from_secs(1));
         let start = Instant::now();
         clock.expired(1, &[(7, 5)], start);
-        clock.renew(1, 7, 5, start + Duration::from_secs(4));
+        assert!(clock.renew(1, 7, 5, start + Duration::from_secs(4)));
         assert!(clock.expired(1, &[(7, 5)], start + Duration::from_secs(8)).is_empty());
         assert_eq!(clock.remaining(1, 7, 5, start + Duration::from_secs(8)), 1);
+    }
+
+    #[test]
+    fn an_expired_lease_is_not_renewed() {
+        let clock = LeaseClock::new(Duration::from_secs(1));
+        let start = Instant::now();
+        clock.expired(1, &[(7, 5)], start);
+        assert!(!clock.renew(1, 7, 5, start + Duration::from_secs(5)));
+        assert_eq!(clock.expired(1, &[(7, 5)], start + Duration::from_secs(5)), vec![7]);
     }
 
     #[test]

@@ -490,10 +490,9 @@ impl Node {
             ForwardRequest::ChangeVoters(voters) => self.change_voters(voters).await,
             ForwardRequest::LeaseKeepAlive(id) => {
                 let term = self.leading_term().ok_or(ServerError::LeaderChanged)?;
-                let ttl = self.granted_ttl(id)?;
-                if let Some(ttl) = ttl {
-                    self.leases.renew(term, id, ttl, tokio::time::Instant::now());
-                }
+                let now = tokio::time::Instant::now();
+                // 0 (etcd's answer for a lease that is gone) also for one that expired.
+                let ttl = self.granted_ttl(id)?.filter(|ttl| self.leases.renew(term, id, *ttl, now));
                 Ok(ForwardResponse::LeaseTtl(ttl.unwrap_or(0)))
             }
             ForwardRequest::LeaseTimeToLive(id) => {

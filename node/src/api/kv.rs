@@ -55,7 +55,11 @@ fn check_txn(request: &TxnRequest) -> Result<(), ServerError> {
     for branch in [&request.success, &request.failure] {
         let writes = branch_writes(branch)?;
         for key in &writes.puts {
-            if writes.deletes.iter().any(|(k, end)| covers(k, end, key)) {
+            if writes
+                .deletes
+                .iter()
+                .any(|(k, end)| crate::kv::KeySpan { key: k, range_end: end }.contains(key))
+            {
                 return Err(ServerError::DuplicateKey);
             }
         }
@@ -98,29 +102,14 @@ fn branch_writes(ops: &[RequestOp]) -> Result<BranchWrites, ServerError> {
     Ok(writes)
 }
 
-/// Whether the range `[key, range_end)` (etcd's encoding) holds `candidate`.
-fn covers(key: &[u8], range_end: &[u8], candidate: &[u8]) -> bool {
-    match range_end {
-        [] => key == candidate,
-        [0] => candidate >= key,
-        end => candidate >= key && candidate < end,
-    }
-}
-
 /// Serves a range from the store (the caller has passed the read barrier it asks for).
 pub fn range(node: &Node, request: &RangeRequest) -> Result<RangeResponse, Status> {
     if !crate::kv::valid_sort(request) {
         return Err(Status::invalid_argument("etcdserver: invalid sort option"));
     }
     let mut response = crate::kv::range(&node.store.read()?, request)?;
-    finish_header(node, &mut response.header);
+    super::finish_header(node, &mut response.header);
     Ok(response)
-}
-
-/// Adds the member's identity to a header that carries the revision.
-fn finish_header(node: &Node, header: &mut Option<crate::proto::etcdserverpb::ResponseHeader>) {
-    let revision = header.as_ref().map_or(0, |h| h.revision);
-    *header = Some(node.header(revision));
 }
 
 #[tonic::async_trait]
@@ -148,7 +137,7 @@ impl Kv for KvService {
         super::quota::check(&self.node, super::quota::put_cost(&request)).await?;
         let mut response: PutResponse =
             super::propose(&self.node, Command::Put(request.encode_to_vec())).await?;
-        finish_header(&self.node, &mut response.header);
+        super::finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 
@@ -163,7 +152,7 @@ impl Kv for KvService {
         }
         let mut response: DeleteRangeResponse =
             super::propose(&self.node, Command::DeleteRange(request.encode_to_vec())).await?;
-        finish_header(&self.node, &mut response.header);
+        super::finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 
@@ -178,7 +167,7 @@ impl Kv for KvService {
         // read-index path, at the cost of a log entry per read-only Txn.
         let mut response: TxnResponse =
             super::propose(&self.node, Command::Txn(request.encode_to_vec())).await?;
-        finish_header(&self.node, &mut response.header);
+        super::finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 
@@ -189,7 +178,7 @@ impl Kv for KvService {
         let request = request.into_inner();
         let mut response: CompactionResponse =
             super::propose(&self.node, Command::Compact(request.encode_to_vec())).await?;
-        finish_header(&self.node, &mut response.header);
+        super::finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 }

@@ -75,7 +75,7 @@ impl Lease for LeaseService {
         };
         let mut response: LeaseGrantResponse =
             propose(&self.node, Command::LeaseGrant(grant.encode_to_vec())).await?;
-        response.header = Some(self.node.header(response.header.map_or(0, |h| h.revision)));
+        super::finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 
@@ -86,7 +86,7 @@ impl Lease for LeaseService {
         let request = request.into_inner();
         let mut response: LeaseRevokeResponse =
             propose(&self.node, Command::LeaseRevoke(request.encode_to_vec())).await?;
-        response.header = Some(self.node.header(response.header.map_or(0, |h| h.revision)));
+        super::finish_header(&self.node, &mut response.header);
         Ok(Response::new(response))
     }
 

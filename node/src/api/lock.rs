@@ -49,9 +49,9 @@ impl Lock for LockService {
         }
         // As etcd does: whatever generation of the key is there goes, the caller named it.
         let delete = DeleteRangeRequest { key: request.key, ..DeleteRangeRequest::default() };
-        let response: crate::proto::etcdserverpb::DeleteRangeResponse =
+        let mut response: crate::proto::etcdserverpb::DeleteRangeResponse =
             super::propose(&self.node, Command::DeleteRange(prost::Message::encode_to_vec(&delete))).await?;
-        let header = self.node.header(response.header.map_or(0, |h| h.revision));
-        Ok(Response::new(UnlockResponse { header: Some(header) }))
+        super::finish_header(&self.node, &mut response.header);
+        Ok(Response::new(UnlockResponse { header: response.header }))
     }
 }

@@ -20,6 +20,12 @@ use tonic::Status;
 use crate::member::Node;
 use crate::raft::types::{Applied, Command};
 
+/// Adds the member's identity to a header the apply layer filled with the revision only.
+pub fn finish_header(node: &Node, header: &mut Option<crate::proto::etcdserverpb::ResponseHeader>) {
+    let revision = header.as_ref().map_or(0, |h| h.revision);
+    *header = Some(node.header(revision));
+}
+
 /// Proposes a write and decodes the etcd response the apply layer produced.
 pub async fn propose<T: Message + Default>(node: &Node, command: Command) -> Result<T, Status> {
     match node.write(command).await? {

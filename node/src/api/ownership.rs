@@ -84,8 +84,7 @@ fn put_op(key: &[u8], value: Vec<u8>, lease: i64) -> RequestOp {
 
 async fn txn(node: &Node, request: TxnRequest) -> Result<TxnResponse, Status> {
     let mut response: TxnResponse = propose(node, Command::Txn(request.encode_to_vec())).await?;
-    let revision = response.header.as_ref().map_or(0, |h| h.revision);
-    response.header = Some(node.header(revision));
+    super::finish_header(node, &mut response.header);
     Ok(response)
 }
 

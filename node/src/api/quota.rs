@@ -44,6 +44,14 @@ pub async fn check(node: &Node, cost: u64) -> Result<(), Status> {
     if size.saturating_add(cost) <= node.quota_bytes {
         return Ok(());
     }
+    // Once raised, every member refuses such writes in the apply layer anyway; raising it
+    // again would only add a log entry per refused write.
+    let raised = crate::kv::alarms_of(&node.store.read()?)?
+        .iter()
+        .any(|a| a.member_id == node.identity.member_id && a.alarm == AlarmType::Nospace as i32);
+    if raised {
+        return Err(ApplyError::NoSpace.into());
+    }
     let raise = AlarmRequest {
         action: AlarmAction::Activate as i32,
         member_id: node.identity.member_id,

@@ -625,12 +625,7 @@ impl ReadView {
         let current = self.revision()?;
         let compact_revision = self.compact_revision()?;
         let revision = if revision <= 0 { current } else { revision };
-        if revision > current {
-            return Err(KvError::FutureRevision);
-        }
-        if revision < compact_revision {
-            return Err(KvError::Compacted { compact_revision });
-        }
+        check_revision(revision, current, compact_revision)?;
         let mut hasher = crc32fast::Hasher::new();
         // Rows come in (key, revision) order, the same on every member. Lengths frame each
         // part so that different rows can never hash as the same byte sequence.

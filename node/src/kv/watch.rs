@@ -60,8 +60,10 @@ impl WatchHub {
         if events.is_empty() || self.sender.receiver_count() == 0 {
             return;
         }
-        let key = |e: &Event| e.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
-        events.sort_by(|a, b| revision_of(a).cmp(&revision_of(b)).then_with(|| key(a).cmp(&key(b))));
+        fn key(e: &Event) -> &[u8] {
+            e.kv.as_ref().map_or(&[], |kv| kv.key.as_slice())
+        }
+        events.sort_by(|a, b| revision_of(a).cmp(&revision_of(b)).then_with(|| key(a).cmp(key(b))));
         let revision = events.iter().map(revision_of).max().unwrap_or(0);
         // An error only means every subscriber left meanwhile.
         let _ = self.sender.send(Arc::new(Notice::Committed { revision, events }));

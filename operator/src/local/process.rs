@@ -40,8 +40,11 @@ impl Process {
     /// SIGTERM, so a leader hands over leadership and the log is closed cleanly; SIGKILL
     /// after `grace`.
     pub async fn stop_all(processes: &mut [&mut Process], grace: Duration) {
-        for process in processes.iter() {
-            process.signal(libc::SIGTERM);
+        for process in processes.iter_mut() {
+            // An adopted member that exited may have left its PID to another process.
+            if process.is_running() {
+                process.signal(libc::SIGTERM);
+            }
         }
         let deadline = tokio::time::Instant::now() + grace;
         while processes.iter_mut().any(|p| p.is_running()) && tokio::time::Instant::now() < deadline {
