@@ -162,8 +162,11 @@ impl MemberProbe for EtcdProbe {
         let list = client.member_list().await.map_err(unreachable)?;
         let mut membership = Membership::default();
         let mut seen_leaders = Vec::new();
-        for member in list.members() {
-            let status = self.status(member.client_urls()).await;
+        // All at once: a member that is down costs one timeout, not one per member.
+        let statuses =
+            futures::future::join_all(list.members().iter().map(|member| self.status(member.client_urls())))
+                .await;
+        for (member, status) in list.members().iter().zip(statuses) {
             let leader = status.map(|s| s.leader).filter(|&leader| leader != 0);
             seen_leaders.extend(leader);
             // A member added but not started yet has no name: only its peer URL says which
