@@ -16,7 +16,9 @@ use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
-use support::{CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, only};
+use support::{
+    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, assert_allowed_by_cluster_role, only,
+};
 
 const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
 const CLIENT: &str = "/api/v1/namespaces/default/services/demo-client";
@@ -431,19 +433,6 @@ async fn deleting_a_cluster_with_reclaim_policy_delete_deletes_its_volumes() {
 /// Every request of every scenario above is one the operator's ClusterRole allows.
 #[tokio::test]
 async fn the_cluster_role_allows_every_request_the_reconciler_makes() {
-    let role: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/rbac/cluster_role.yaml"))
-            .expect("cluster role"),
-    )
-    .expect("YAML");
-    let allows = |group: &str, resource: &str, verb: &str| {
-        role["rules"].as_array().expect("rules").iter().any(|rule| {
-            let has =
-                |key: &str, value: &str| rule[key].as_array().is_some_and(|v| v.iter().any(|x| x == value));
-            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
-        })
-    };
-
     let mut requests = Vec::new();
     let running = cluster(json!({"replicas": 3}), true);
     for (cc, objects, members) in [
@@ -465,10 +454,5 @@ async fn the_cluster_role_allows_every_request_the_reconciler_makes() {
         reconcile(Arc::new(cc), context(client, members)).await.expect("reconciles");
         requests.extend(api.requests());
     }
-    for request in &requests {
-        let (group, resource, verbs) = request.authorization();
-        for verb in verbs {
-            assert!(allows(&group, &resource, verb), "{} needs {verb} on {group}/{resource}", request.line());
-        }
-    }
+    assert_allowed_by_cluster_role(&requests);
 }

@@ -19,7 +19,9 @@ use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
-use support::{CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, only};
+use support::{
+    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, assert_allowed_by_cluster_role, only,
+};
 
 const CLIENT_ENDPOINT: &str = "http://demo-client.default.svc:2379";
 const LEADER_RAFT_INDEX: u64 = 100;
@@ -229,29 +231,6 @@ fn initial_cluster(n: u64) -> String {
         .map(|i| format!("demo-{i}=http://demo-{i}.demo-peer.default.svc:2380"))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Every request is one the operator's ClusterRole allows (the RBAC test of
-/// tests/manifests pins the role to exactly what the code does).
-fn assert_allowed_by_cluster_role(requests: &[Recorded]) {
-    let role: Value = serde_yaml::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/rbac/cluster_role.yaml"))
-            .expect("cluster role"),
-    )
-    .expect("YAML");
-    let allows = |group: &str, resource: &str, verb: &str| {
-        role["rules"].as_array().expect("rules").iter().any(|rule| {
-            let has =
-                |key: &str, value: &str| rule[key].as_array().is_some_and(|v| v.iter().any(|x| x == value));
-            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
-        })
-    };
-    for request in requests {
-        let (group, resource, verbs) = request.authorization();
-        for verb in verbs {
-            assert!(allows(&group, &resource, verb), "{} needs {verb} on {group}/{resource}", request.line());
-        }
-    }
 }
 
 #[tokio::test]

@@ -28,6 +28,29 @@ pub fn only<'a>(requests: &'a [Recorded], method: &str, path: &str) -> &'a Recor
     matching[0]
 }
 
+/// Every request is one the operator's ClusterRole allows (the RBAC test of
+/// tests/manifests pins the role to exactly what the code does).
+pub fn assert_allowed_by_cluster_role(requests: &[Recorded]) {
+    let role: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/rbac/cluster_role.yaml"))
+            .expect("cluster role"),
+    )
+    .expect("YAML");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_array().expect("rules").iter().any(|rule| {
+            let has =
+                |key: &str, value: &str| rule[key].as_array().is_some_and(|v| v.iter().any(|x| x == value));
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for request in requests {
+        let (group, resource, verbs) = request.authorization();
+        for verb in verbs {
+            assert!(allows(&group, &resource, verb), "{} needs {verb} on {group}/{resource}", request.line());
+        }
+    }
+}
+
 /// One request as the API server saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
