@@ -12,12 +12,13 @@ use consensus_operator::k8s::members::{
 };
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
-use consensus_operator::resources::{InitialClusterState, Members, desired};
+use consensus_operator::resources::{InitialClusterState, Members};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use support::{
-    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, assert_allowed_by_cluster_role, only,
+    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
+    assert_allowed_by_cluster_role, only,
 };
 
 const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
@@ -108,17 +109,7 @@ fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers, NoC
 
 /// The objects of a running 3-member cluster, as the operator applied them.
 fn running_cluster_objects(cc: &ConsensusCluster, state: InitialClusterState) -> Vec<Value> {
-    let built = desired(cc, Members { replicas: 3, state }).expect("builds");
-    let mut objects: Vec<Value> = [
-        serde_json::to_value(&built.config_map),
-        serde_json::to_value(&built.peer_service),
-        serde_json::to_value(&built.client_service),
-        serde_json::to_value(&built.pod_disruption_budget),
-        serde_json::to_value(&built.stateful_set),
-    ]
-    .into_iter()
-    .map(|o| o.expect("serializes"))
-    .collect();
+    let mut objects = applied_objects(cc, Members { replicas: 3, state });
     for (i, zone) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
         objects.push(json!({
             "apiVersion": "v1", "kind": "Pod",

@@ -20,7 +20,8 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 use support::{
-    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, assert_allowed_by_cluster_role, only,
+    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
+    assert_allowed_by_cluster_role, only,
 };
 
 const CLIENT_ENDPOINT: &str = "http://demo-client.default.svc:2379";
@@ -173,18 +174,8 @@ fn claim(name: &str) -> Value {
 /// The cluster resource, its objects as applied for `replicas` members that have formed
 /// the cluster, the pods `pods` and the volumes `volumes`.
 fn objects(cc: &ConsensusCluster, replicas: i32, pods: Range<u64>, volumes: Range<u64>) -> Vec<Value> {
-    let built = desired(cc, Members { replicas, state: InitialClusterState::Existing }).expect("builds");
-    let mut objects: Vec<Value> = [
-        serde_json::to_value(&built.config_map),
-        serde_json::to_value(&built.peer_service),
-        serde_json::to_value(&built.client_service),
-        serde_json::to_value(&built.pod_disruption_budget),
-        serde_json::to_value(&built.stateful_set),
-        serde_json::to_value(cc),
-    ]
-    .into_iter()
-    .map(|o| o.expect("serializes"))
-    .collect();
+    let mut objects = applied_objects(cc, Members { replicas, state: InitialClusterState::Existing });
+    objects.push(serde_json::to_value(cc).expect("serializes"));
     objects.extend(pods.map(pod));
     objects.extend(volumes.map(|i| claim(&format!("data-demo-{i}"))));
     objects

@@ -51,6 +51,25 @@ pub fn assert_allowed_by_cluster_role(requests: &[Recorded]) {
     }
 }
 
+/// The objects `desired` builds for `cc` with `members`, as the API server would hold them
+/// once the operator applied them.
+pub fn applied_objects(
+    cc: &consensus_crds::ConsensusCluster,
+    members: consensus_operator::resources::Members,
+) -> Vec<Value> {
+    let built = consensus_operator::resources::desired(cc, members).expect("builds");
+    [
+        serde_json::to_value(&built.config_map),
+        serde_json::to_value(&built.peer_service),
+        serde_json::to_value(&built.client_service),
+        serde_json::to_value(&built.pod_disruption_budget),
+        serde_json::to_value(&built.stateful_set),
+    ]
+    .into_iter()
+    .map(|o| o.expect("serializes"))
+    .collect()
+}
+
 /// One request as the API server saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
