@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Stops every process hack/cluster-up.sh started (by the PIDs it recorded), removes the
+# containers, network namespaces, bridge, route and nftables table it made and its state
+# directory; then checks that none of them is left and fails, naming it, if one is.
+# Environment: STATE (default <repo>/.state/cluster).
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+STATE=${STATE:-$repo/.state/cluster}
+. "$repo/hack/cluster-net.sh"
+log() { echo "cluster-down: $*" >&2; }
+
+# stop PIDFILE...: SIGTERM, up to 15 s for each to exit, then SIGKILL. Each component was
+# started with setsid, so its process group (podman clients the kubelet runs) goes with it.
+stop() {
+  local pids=() f pid
+  for f in "$@"; do [ -f "$f" ] && pid=$(cat "$f") && kill -0 "$pid" 2>/dev/null && pids+=("$pid"); done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
+  local deadline=$((SECONDS + 15))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+    kill -KILL -- "-$pid" 2>/dev/null; kill -KILL "$pid" 2>/dev/null
+  done
+  return 0
+}
+if [ -d "$STATE/pids" ]; then
+  # Nodes first so nothing restarts pods while the control plane goes; etcd last.
+  stop "$STATE"/pids/kubelet-*.pid
+  stop "$STATE"/pids/cluster-services.pid
+  stop "$STATE"/pids/kube-scheduler.pid "$STATE"/pids/kube-controller-manager.pid
+  stop "$STATE"/pids/kube-apiserver.pid
+  stop "$STATE"/pids/etcd.pid
+fi
+if command -v podman >/dev/null; then
+  ids=$(podman ps -aq --filter label=consensus-dev.node 2>/dev/null)
+  [ -z "$ids" ] || podman rm -f -t 0 $ids >/dev/null 2>&1
+fi
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NETNS_PREFIX"); do ip netns delete "$ns"; done
+ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE"
+ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && ip route del unreachable "$SERVICE_CIDR"
+nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && nft delete table inet "$NFT_TABLE"
+[ -d "$STATE" ] && rm -rf "$STATE"
+
+# What is left is a failure: name it.
+left=""
+if [ -d "$STATE/pids" ]; then left+=" state:$STATE"; fi
+for pid in $(pgrep -f -- "$STATE" 2>/dev/null); do left+=" process:$pid($(tr '\0' ' ' </proc/$pid/cmdline 2>/dev/null | cut -c1-60))"; done
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NETNS_PREFIX"); do left+=" netns:$ns"; done
+ip link show "$BRIDGE" >/dev/null 2>&1 && left+=" bridge:$BRIDGE"
+ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && left+=" route:$SERVICE_CIDR"
+nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && left+=" nft:$NFT_TABLE"
+if command -v podman >/dev/null && [ -n "$(podman ps -aq --filter label=consensus-dev.node 2>/dev/null)" ]; then left+=" containers"; fi
+if [ -n "$left" ]; then log "left behind:$left"; exit 1; fi
+log "nothing left behind"
