@@ -1,5 +1,6 @@
 //! `consensus-node`: run a member, or a development cluster of several on this machine.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -348,6 +349,9 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: under a container runtime, kubectl
+        // logs or a pipe they would be literal ESC bytes in every line.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Run(args) => {

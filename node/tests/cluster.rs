@@ -155,3 +155,66 @@ async fn a_member_of_another_cluster_refuses_its_raft_messages() {
     // A's data is A's, and A still serves it.
     assert_eq!(get(&a.members[0], "owner", false).await.expect("read").as_deref(), Some(b"A".as_slice()));
 }
+
+/// Under a container runtime, `kubectl logs` or a pipe, stderr is no terminal: the log lines
+/// must be plain text. tracing's formatter writes colour codes unless it is told otherwise,
+/// and with them every field reads `ESC[3mname ESC[0m ESC[2m= ESC[0m` in a log file.
+#[test]
+fn a_member_logging_to_a_pipe_writes_no_colour_codes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// Kills the member by PID when the test ends, also when it fails.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let (client, peer, metrics) = (url(free_port()), url(free_port()), url(free_port()));
+    let data_dir = dir.path().join("data");
+    let mut member = Killed(
+        Command::new(env!("CARGO_BIN_EXE_consensus-node"))
+            .args(["run", "--name", "piped", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--listen-metrics-urls", &metrics])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("consensus-node starts"),
+    );
+    // Lines arrive on a thread so the wait below has a deadline even if the member hangs.
+    let stderr = member.0.stderr.take().expect("stderr is piped");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    let starting = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) if line.contains("starting member") => break line,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no \"starting member\" line before the deadline or the exit; got {seen:?}"),
+        }
+    };
+    seen.push(starting.clone());
+    for line in &seen {
+        assert!(!line.contains('\u{1b}'), "a colour code in a log line written to a pipe: {line:?}");
+    }
+    // The fields as text, which is what colour codes would have split.
+    assert!(starting.contains("INFO") && starting.contains("name=piped"), "{starting:?}");
+}
