@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::ConsensusClusterStatus;
 
-/// Default container image of a member.
-pub const DEFAULT_IMAGE: &str = "ghcr.io/consensus-dev/consensus-node:0.1.0";
+/// Default container image of a member: the one `make images` builds from this version
+/// (tagged with the workspace version, as the images are), found in the node's local image
+/// store (kind load docker-image, podman) since no registry publishes it.
+pub const DEFAULT_IMAGE: &str = concat!("consensus-node:", env!("CARGO_PKG_VERSION"));
 /// Default topology label that members are spread over.
 pub const DEFAULT_ZONE_TOPOLOGY_KEY: &str = "topology.kubernetes.io/zone";
 /// The CEL rule that keeps member counts odd and small. An even count adds a member

@@ -4,6 +4,7 @@ sample against the CRD's own openAPIV3Schema."""
 
 import copy
 import pathlib
+import tomllib
 
 import jsonschema
 import kubernetes_validate
@@ -146,6 +147,27 @@ def test_operator_runs_two_replicas_locked_down():
         assert ctx["allowPrivilegeEscalation"] is False
         assert ctx["capabilities"]["drop"] == ["ALL"]
         assert "add" not in ctx["capabilities"]
+
+
+def workspace_version():
+    with open(ROOT.parent / "Cargo.toml", "rb") as f:
+        return tomllib.load(f)["workspace"]["package"]["version"]
+
+
+def test_images_are_the_ones_make_images_tags_with_the_workspace_version():
+    # `make images` tags consensus-node and consensus-operator with the workspace version and
+    # no registry serves them: a tag left behind on a version bump would not be found.
+    version = workspace_version()
+    (deployment,) = documents(ROOT / "operator" / "deployment.yaml")
+    images = [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+    assert images == [f"consensus-operator:{version}"]
+    (crd,) = documents(CRD_PATH)
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["image"]["default"] == f"consensus-node:{version}"
+    # Nothing renames them to a registry on the way (kubectl apply -k).
+    for path in kustomizations():
+        (kustomization,) = documents(path)
+        assert "images" not in kustomization, f"{path.relative_to(ROOT)} renames images"
 
 
 # What the operator's code does, resource by resource: the controller's watches (list,
