@@ -130,7 +130,7 @@ impl DnsServer {
         Ok(self.udp.local_addr()?)
     }
 
-    /// Serves until the future is dropped; returns only when a socket fails.
+    /// Serves until the future is dropped.
     pub async fn serve(self, zone: Arc<Zone>, source: SnapshotSource) -> anyhow::Result<()> {
         tracing::info!(listen = %self.local_addr()?, zone = %zone.origin(), "cluster DNS serving on UDP and TCP");
         tokio::try_join!(
@@ -148,7 +148,13 @@ async fn serve_udp(socket: UdpSocket, zone: Arc<Zone>, source: SnapshotSource) -
             Ok(received) => received,
             // ICMP port-unreachable from an earlier reply shows up here on Linux: not fatal.
             Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-            Err(error) => return Err(error).context("receiving DNS over UDP"),
+            // Anything else (out of buffers and the like) passes too: DNS must not stop for
+            // the whole cluster over one datagram. The pause keeps a lasting error from spinning.
+            Err(error) => {
+                tracing::warn!(%error, "receiving DNS over UDP");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         if let Some(reply) = handle_packet(&zone, &source(), &buffer[..length], Transport::Udp)
             && let Err(error) = socket.send_to(&reply, peer).await
