@@ -942,7 +942,7 @@ mod tests {
         std::fs::write(&f, body).unwrap();
         let t = log_tail(&f, 80, 2048);
         assert!(t.starts_with("line 20\n") && t.ends_with("line 99\n"));
-        let t = log_tail(&f, 80, 16);
+        let t = log_tail(&f, 80, 14);
         assert_eq!(t, "ne 98\nline 99\n");
     }
 }
