@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Repository root, for manifests.
 pub fn repo_root() -> PathBuf {
@@ -46,6 +47,51 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
     out.stdout
 }
 
+/// Runs kubectl with `-o json` and parses what it prints; panics when it fails.
+pub fn kubectl_json(args: &[&str]) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.extend(["-o", "json"]);
+    let out = kubectl_ok(&args, None);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kubectl {} printed no JSON ({e}): {out}", args.join(" ")))
+}
+
+/// Runs etcd's own etcdctl (v3 API) against one endpoint; panics with its output when it fails.
+pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "--dial-timeout=3s", "--command-timeout=10s"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("etcdctl could not be started (Debian etcd-client): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "etcdctl --endpoints {endpoint} {} failed:\n{stdout}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The image `make images` builds for `name`, tagged with the workspace version (what the
+/// manifests and the CRD default name).
+pub fn image(name: &str) -> String {
+    format!("{name}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Polls `check` every half second until it returns something, or panics naming `what` once
+/// `deadline` has passed.
+pub fn wait_until<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A namespace that is deleted (without waiting) when the test ends, pass or fail.
 pub struct TestNamespace(pub String);
 
@@ -62,3 +108,6 @@ impl Drop for TestNamespace {
         kubectl(&["delete", "namespace", &self.0, "--wait=false"], None);
     }
 }
+
+pub mod cluster_services;
+pub mod kubelet;
