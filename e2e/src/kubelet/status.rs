@@ -324,7 +324,7 @@ mod tests {
     #[test]
     fn phases_follow_the_kubelet() {
         let waiting = Record::new("c", "img");
-        assert_eq!(phase(Policy::Always, true, &[], &[waiting.clone()]), "Pending");
+        assert_eq!(phase(Policy::Always, true, &[], std::slice::from_ref(&waiting)), "Pending");
         assert_eq!(phase(Policy::Always, true, &[], &[running(false)]), "Running");
         assert_eq!(phase(Policy::Always, true, &[], &[running(true), waiting]), "Pending");
         assert_eq!(phase(Policy::Always, true, &[], &[backing_off(1)]), "Running");
