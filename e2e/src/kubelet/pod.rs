@@ -254,7 +254,8 @@ impl Worker {
                     }
                     let ip = sandbox::allocate(n, &s.addresses, s.cursor)?;
                     s.addresses.insert(uid.clone(), ip);
-                    s.cursor = ip.octets()[3].wrapping_add(1).max(2);
+                    let last = ip.octets()[3];
+                    s.cursor = if last >= 254 { 2 } else { last + 1 };
                     Some(ip)
                 })?;
                 let ip = ip.context("no free pod address on this node")?;

@@ -146,7 +146,7 @@ pub async fn run(probe: &Probe, target: &Target<'_>, timeout: Duration) -> Resul
             Ok(TcpStream::connect((host.as_str(), port)).await.is_ok())
         } else if let Some(exec) = &probe.exec {
             let cmd = exec.command.clone().unwrap_or_default();
-            let status = tokio::process::Command::new("podman")
+            let status = super::podman::podman()
                 .arg("exec")
                 .arg(target.container_id)
                 .args(&cmd)
