@@ -123,3 +123,43 @@ bench: apt-deps
 	./target/release/bench
 	$(CARGO) build --release --locked -p consensus-operator --bin consensus-operator --bin scale-bench
 	./target/release/scale-bench
+
+# --- The local Kubernetes: a real control plane built from Go modules, process kubelets ---
+# Debian packages the local cluster needs: containers (podman with runc; crun fails on these
+# machines' hybrid cgroups), the bridge and namespaces (iproute2), containment (nftables),
+# its certificates (openssl), readiness polls (curl).
+CLUSTER_APT_PACKAGES := podman runc iproute2 nftables openssl curl ca-certificates
+CLUSTER_STATE ?= $(CURDIR)/.state/cluster
+
+.PHONY: control-plane cluster-apt-deps cluster-up cluster-down e2e-local
+
+cluster-apt-deps:
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(CLUSTER_APT_PACKAGES) $(APT_PACKAGES)"
+
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and etcd, built from the
+# Go modules hack/control-plane pins into a cache keyed by what builds them (CACHE=off: cold).
+control-plane:
+	@hack/control-plane/build.sh
+
+# Starts the local cluster (see hack/cluster-up.sh) and prints the two export lines to use it.
+cluster-up: cluster-apt-deps images
+	@bin=$$(hack/control-plane/build.sh); \
+	$(CARGO) build -q --locked -p consensus-e2e --bin process-kubelet; \
+	STATE=$(CLUSTER_STATE) hack/cluster-up.sh "$$bin" target/debug/process-kubelet
+
+# Stops every process cluster-up started and removes what it made; fails if anything is left.
+cluster-down:
+	@STATE=$(CLUSTER_STATE) hack/cluster-down.sh
+
+# cluster-up, the e2e suite against it, cluster-down (also when the suite fails).
+# LOCAL_CLUSTER_STATE tells the scenarios that the cluster is this machine's own, so they
+# also check its containment (hack/cluster-containment-check.sh) while their pods run.
+e2e-local:
+	@mkdir -p target; status=0; \
+	$(MAKE) --no-print-directory cluster-up | tee target/cluster-up.env || status=$$?; \
+	if [ $$status = 0 ]; then \
+	  eval "$$(grep '^export ' target/cluster-up.env)"; \
+	  LOCAL_CLUSTER_STATE=$(CLUSTER_STATE) $(MAKE) --no-print-directory e2e || status=$$?; \
+	fi; \
+	$(MAKE) --no-print-directory cluster-down || status=1; \
+	exit $$status

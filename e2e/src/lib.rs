@@ -52,7 +52,8 @@ pub fn kubectl_json(args: &[&str]) -> serde_json::Value {
     let mut args = args.to_vec();
     args.extend(["-o", "json"]);
     let out = kubectl_ok(&args, None);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("kubectl {} printed no JSON ({e}): {out}", args.join(" ")))
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("kubectl {} printed no JSON ({e}): {out}", args.join(" ")))
 }
 
 /// Runs etcd's own etcdctl (v3 API) against one endpoint; panics with its output when it fails.
@@ -90,6 +91,21 @@ pub fn wait_until<T>(deadline: Duration, what: &str, mut check: impl FnMut() -> 
         assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// On the local cluster (`make e2e-local` sets LOCAL_CLUSTER_STATE), checks that it keeps to
+/// the machine while the caller's pods run; elsewhere (kind) there is nothing of ours to check.
+pub fn check_local_containment() {
+    let Ok(state) = std::env::var("LOCAL_CLUSTER_STATE") else { return };
+    let out = Command::new(repo_root().join("hack/cluster-containment-check.sh"))
+        .env("STATE", &state)
+        .output()
+        .unwrap_or_else(|e| panic!("the containment check could not be started: {e}"));
+    assert!(
+        out.status.success(),
+        "the local cluster at {state} does not keep to the machine:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A namespace that is deleted (without waiting) when the test ends, pass or fail.

@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use consensus_e2e::{TestNamespace, etcdctl, image, kubectl, kubectl_json, kubectl_ok, wait_until};
+use consensus_e2e::{
+    TestNamespace, check_local_containment, etcdctl, image, kubectl, kubectl_json, kubectl_ok, wait_until,
+};
 
 const MEMBERS: usize = 3;
 
@@ -129,9 +131,9 @@ fn members(ns: &str) -> Vec<Member> {
                     uid: pod["metadata"]["uid"].as_str().unwrap_or_default().to_owned(),
                     ip: pod["status"]["podIP"].as_str().unwrap_or_default().to_owned(),
                     node: pod["spec"]["nodeName"].as_str().unwrap_or_default().to_owned(),
-                    ready: pod["status"]["conditions"].as_array().is_some_and(|c| {
-                        c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-                    }),
+                    ready: pod["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")),
                 })
                 .collect()
         })
@@ -144,7 +146,10 @@ fn all_ready(ns: &str) -> Option<Vec<Member>> {
 }
 
 fn zone_of(node: &str) -> String {
-    kubectl_ok(&["get", "node", node, "-o", "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}"], None)
+    kubectl_ok(
+        &["get", "node", node, "-o", "jsonpath={.metadata.labels.topology\\.kubernetes\\.io/zone}"],
+        None,
+    )
 }
 
 /// The member ids etcdctl lists at `endpoint`, by name.
@@ -169,6 +174,7 @@ fn a_statefulset_of_members_forms_a_cluster_across_zones_and_a_deleted_pod_retur
     let zones: BTreeSet<String> = ready.iter().map(|m| zone_of(&m.node)).collect();
     assert_eq!(zones.len(), MEMBERS, "members are not in three zones: {zones:?}");
     let endpoints: Vec<String> = ready.iter().map(|m| format!("http://{}:2379", m.ip)).collect();
+    check_local_containment();
 
     // One cluster of three: every member lists the same three, and a write is read back at
     // every pod address.
