@@ -45,6 +45,8 @@ struct Ctr {
     /// Events already sent for the current attempt (no repeats every second).
     said: HashSet<String>,
     done: bool,
+    /// The kubelet itself stopped the current run (a failed probe): its SIGKILL is no OOM.
+    stopped_by_us: bool,
 }
 
 impl Ctr {
@@ -90,6 +92,7 @@ impl Ctr {
             log: None,
             said: HashSet::new(),
             done: false,
+            stopped_by_us: false,
         }
     }
 }
@@ -396,6 +399,16 @@ impl Worker {
         {
             message = log_tail(log, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES);
         }
+        // Under gVisor podman does not learn of OOM kills: a SIGKILL (137) the kubelet did not
+        // send, to a container with a memory limit, is taken for one.
+        let limited = c
+            .spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .is_some_and(|l| l.contains_key("memory"));
+        let oom = state.oom_killed || (state.exit_code == 137 && limited && !c.stopped_by_us);
+        c.stopped_by_us = false;
         let parse = |s: &str| s.parse::<Timestamp>().ok();
         let started_at = parse(&state.started_at).or(match &c.record.state {
             Run::Running { started_at, .. } => Some(*started_at),
@@ -407,7 +420,7 @@ impl Worker {
         let term = Terminated {
             container_id: id.to_owned(),
             exit_code: state.exit_code,
-            reason: status::exit_reason(state.exit_code, state.oom_killed).to_owned(),
+            reason: status::exit_reason(state.exit_code, oom).to_owned(),
             message: (!message.is_empty()).then_some(message),
             started_at,
             finished_at,
@@ -710,6 +723,7 @@ impl Worker {
                     &format!("Container {name} {why}, will be restarted"),
                 )
                 .await;
+                self.containers[i].stopped_by_us = true;
                 if let Err(e) = podman::stop(&id, Duration::from_secs(grace)).await {
                     tracing::warn!(error = %format!("{e:#}"), "stopping unhealthy container");
                 }

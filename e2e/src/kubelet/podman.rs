@@ -164,6 +164,14 @@ pub fn run_args(container: &Container, input: &RunInput<'_>) -> Vec<String> {
         _ if !privileged => a.push("--security-opt=seccomp=unconfined".into()),
         _ => {}
     }
+    // Limits become cgroup limits, so a container over its memory is OOMKilled as in Kubernetes.
+    let limits = container.resources.as_ref().and_then(|r| r.limits.as_ref());
+    if let Some(bytes) = limits.and_then(|l| l.get("memory")).and_then(|q| quantity_bytes(&q.0)) {
+        a.push(format!("--memory={bytes}"));
+    }
+    if let Some(milli) = limits.and_then(|l| l.get("cpu")).and_then(|q| cpu_millis(&q.0)) {
+        a.push(format!("--cpus={}.{:03}", milli / 1000, milli % 1000));
+    }
     if let Some(dir) = &container.working_dir {
         a.push(format!("--workdir={dir}"));
     }
@@ -180,6 +188,39 @@ pub fn run_args(container: &Container, input: &RunInput<'_>) -> Vec<String> {
     a.push(input.image.into());
     a.extend(input.args.iter().flatten().cloned());
     a
+}
+
+/// A memory quantity (`512Mi`, `1G`, `1e9`, `1048576`) in bytes.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let factor: f64 = match suffix {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "m" => 1e-3,
+        s if s.starts_with('e') || s.starts_with('E') => 10f64.powi(s[1..].parse().ok()?),
+        _ => return None,
+    };
+    Some((num * factor).ceil() as u64)
+}
+
+/// A CPU quantity (`500m`, `2`, `0.25`) in thousandths of a core.
+pub fn cpu_millis(q: &str) -> Option<u64> {
+    let q = q.trim();
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().ok(),
+        None => q.parse::<f64>().ok().map(|c| (c * 1000.0).ceil() as u64),
+    }
+    .filter(|m| *m > 0)
 }
 
 /// `NET_ADMIN` and `CAP_NET_ADMIN` both name a capability; `ALL` stays.
@@ -308,7 +349,8 @@ pub fn ulimit(resource: libc::__rlimit_resource_t, cap: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{Capabilities, SeccompProfile};
+    use k8s_openapi::api::core::v1::{Capabilities, ResourceRequirements, SeccompProfile};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     #[test]
     fn image_names_are_qualified_to_the_local_store() {
@@ -317,6 +359,20 @@ mod tests {
         assert_eq!(qualify_image("localhost/x:1"), "localhost/x:1");
         assert_eq!(qualify_image("team/x:1"), "localhost/team/x:1");
         assert_eq!(qualify_image("registry.example:5000/x"), "registry.example:5000/x:latest");
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity_bytes("512Mi"), Some(512 << 20));
+        assert_eq!(quantity_bytes("1G"), Some(1_000_000_000));
+        assert_eq!(quantity_bytes("1e3"), Some(1000));
+        assert_eq!(quantity_bytes("1048576"), Some(1 << 20));
+        assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
+        assert_eq!(quantity_bytes("12Q"), None);
+        assert_eq!(cpu_millis("500m"), Some(500));
+        assert_eq!(cpu_millis("2"), Some(2000));
+        assert_eq!(cpu_millis("0.25"), Some(250));
+        assert_eq!(cpu_millis("0"), None);
     }
 
     #[test]
@@ -329,8 +385,13 @@ mod tests {
     }
 
     fn member_container() -> Container {
+        let limits = std::collections::BTreeMap::from([
+            ("memory".to_owned(), Quantity("256Mi".into())),
+            ("cpu".to_owned(), Quantity("500m".into())),
+        ]);
         Container {
             name: "consensus-node".into(),
+            resources: Some(ResourceRequirements { limits: Some(limits), ..ResourceRequirements::default() }),
             security_context: Some(SecurityContext {
                 allow_privilege_escalation: Some(false),
                 read_only_root_filesystem: Some(true),
@@ -393,6 +454,7 @@ mod tests {
         assert!(has("--label=consensus-dev.node=node-1"));
         assert!(has("--ulimit=nofile=1024:1024") && has("--ulimit=nproc=512:512"));
         assert!(has(r#"--entrypoint=["consensus-node"]"#));
+        assert!(has("--memory=268435456") && has("--cpus=0.500"));
         let image_at = a.iter().position(|x| x == "localhost/consensus-node:0.1.0").unwrap();
         assert_eq!(&a[image_at + 1..], &["run".to_owned(), "--name=m-0".to_owned()]);
     }
