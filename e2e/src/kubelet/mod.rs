@@ -196,6 +196,28 @@ async fn remove_leftovers(node: &str, store: &state::Store) {
     }
 }
 
+/// Addresses and directories of pods that no longer exist (deleted while the kubelet was
+/// down): their containers and namespaces went with the leftovers at start.
+fn forget_gone(k: &Kubelet, seen: &HashSet<String>) {
+    if let Err(e) = k.store.update(|s| s.addresses.retain(|uid, _| seen.contains(uid))) {
+        tracing::warn!(error = %format!("{e:#}"), "releasing addresses of gone pods");
+    }
+    let pods = k.node_dir.join("pods");
+    for entry in std::fs::read_dir(&pods).into_iter().flatten().flatten() {
+        let uid = entry.file_name().to_string_lossy().into_owned();
+        if !seen.contains(&uid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    for entry in std::fs::read_dir(k.node_dir.join("logs")).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // <ns>_<pod>_<uid>: a uid has no underscore.
+        if name.rsplit('_').next().is_some_and(|uid| !seen.contains(uid)) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 enum Slot {
     Running(watch::Sender<Option<Pod>>),
     Done,
@@ -236,6 +258,7 @@ async fn manage(k: Arc<Kubelet>) -> Result<()> {
             watcher::Event::InitDone => {
                 // Pods that went away while the watch was down.
                 let seen = listing.take().unwrap_or_default();
+                forget_gone(&k, &seen);
                 for (uid, slot) in slots.iter() {
                     if let Slot::Running(tx) = slot
                         && !seen.contains(uid)
