@@ -33,7 +33,7 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
@@ -227,7 +227,8 @@ enum Slot {
 async fn manage(k: Arc<Kubelet>) -> Result<()> {
     let api: Api<Pod> = Api::all(k.client.clone());
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", k.args.name));
-    let mut stream = watcher(api, cfg).boxed();
+    // Back off between failed watch attempts (an API server restart must not spin this loop).
+    let mut stream = watcher(api, cfg).default_backoff().boxed();
     let mut slots: HashMap<String, Slot> = HashMap::new();
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut listing: Option<HashSet<String>> = None;
