@@ -47,6 +47,8 @@ struct Ctr {
     done: bool,
     /// The kubelet itself stopped the current run (a failed probe): its SIGKILL is no OOM.
     stopped_by_us: bool,
+    /// The current run's first process (pid, start time), watched through /proc.
+    process: Option<(i64, u64)>,
 }
 
 impl Ctr {
@@ -93,6 +95,7 @@ impl Ctr {
             said: HashSet::new(),
             done: false,
             stopped_by_us: false,
+            process: None,
         }
     }
 }
@@ -344,6 +347,11 @@ impl Worker {
                 }
             }
             Some(id) => {
+                if let Some((pid, start)) = self.ctr(i, init).process
+                    && podman::process_start_time(pid) == Some(start)
+                {
+                    return;
+                }
                 let inspected = podman::inspect(&id).await;
                 let state = match inspected {
                     Ok(Some((_, s))) => s,
@@ -357,6 +365,7 @@ impl Worker {
                             started_at: String::new(),
                             finished_at: String::new(),
                             error: "container vanished".into(),
+                            pid: 0,
                         }
                     }
                     Err(e) => {
@@ -369,6 +378,8 @@ impl Worker {
                     || state.status == "created"
                     || state.status == "configured"
                 {
+                    let c = self.ctr(i, init);
+                    c.process = podman::process_start_time(state.pid).map(|t| (state.pid, t));
                     return;
                 }
                 self.exited(pod, i, init, &id, state, policy).await;
@@ -430,6 +441,7 @@ impl Worker {
         }
         let ran = c.started.map(|s| s.elapsed()).unwrap_or_default();
         c.id = None;
+        c.process = None;
         c.started = None;
         c.probes.clear();
         c.said.clear();

@@ -241,6 +241,30 @@ pub struct State {
     pub finished_at: String,
     #[serde(default)]
     pub error: String,
+    /// The container's first process as the host sees it (0 once it exited).
+    #[serde(default)]
+    pub pid: i64,
+}
+
+/// The start time (clock ticks since boot) of a live, non-zombie process: with the pid it
+/// names one process run, so "still running" costs a /proc read instead of a podman call.
+pub fn process_start_time(pid: i64) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_start(&stat)
+}
+
+/// Field 22 of /proc/PID/stat, unless the state (field 3) says zombie or dead.
+pub fn parse_stat_start(stat: &str) -> Option<u64> {
+    // The command (field 2) may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X") | Some(&"x")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 #[derive(Deserialize)]
@@ -359,6 +383,18 @@ mod tests {
         assert_eq!(qualify_image("localhost/x:1"), "localhost/x:1");
         assert_eq!(qualify_image("team/x:1"), "localhost/team/x:1");
         assert_eq!(qualify_image("registry.example:5000/x"), "registry.example:5000/x:latest");
+    }
+
+    #[test]
+    fn proc_stat_start_time() {
+        let live =
+            "17075 (consensus node) S 17064 17075 17075 0 -1 4194560 1 0 0 0 5 3 0 0 20 0 9 0 180129 1000 10";
+        assert_eq!(parse_stat_start(live), Some(180129));
+        let zombie = "17075 (x) Z 17064 17075 17075 0 -1 4194560 1 0 0 0 5 3 0 0 20 0 9 0 180129 1000 10";
+        assert_eq!(parse_stat_start(zombie), None);
+        let me = process_start_time(std::process::id() as i64);
+        assert!(me.is_some(), "this test's own process is alive");
+        assert_eq!(process_start_time(0), None);
     }
 
     #[test]
