@@ -51,4 +51,4 @@ ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && left+="
 nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && left+=" nft:$NFT_TABLE"
 if command -v podman >/dev/null && [ -n "$(podman ps -aq --filter label=consensus-dev.node 2>/dev/null)" ]; then left+=" containers"; fi
 if [ -n "$left" ]; then log "left behind:$left"; exit 1; fi
-log "nothing left behind"
+log "down in $SECONDS s, nothing left behind"

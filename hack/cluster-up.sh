@@ -180,6 +180,6 @@ nodes_ready() {
 wait_for "$NODES nodes Ready" 120 nodes_ready
 wait_for "the default ServiceAccount" 60 "$kubectl" -n default get serviceaccount default
 trap - ERR
-log "up: $NODES nodes in 3 zones; state in $STATE"
+log "up in $SECONDS s: $NODES nodes in 3 zones; state in $STATE"
 echo "export KUBECONFIG=$STATE/kubeconfig/admin.kubeconfig"
 echo "export PATH=$bin:\$PATH"
