@@ -275,9 +275,22 @@ impl Worker {
         let hostname: String =
             spec.hostname.clone().unwrap_or_else(|| self.name.clone()).chars().take(63).collect();
         let domain = &self.k.args.cluster_domain;
+        let aliases: Vec<(String, Vec<String>)> = spec
+            .host_aliases
+            .iter()
+            .flatten()
+            .map(|a| (a.ip.clone(), a.hostnames.clone().unwrap_or_default()))
+            .collect();
         std::fs::write(
             self.pod_dir.join("hosts"),
-            sandbox::hosts_file(&ip.to_string(), &hostname, spec.subdomain.as_deref(), &self.ns, domain),
+            sandbox::hosts_file(
+                &ip.to_string(),
+                &hostname,
+                spec.subdomain.as_deref(),
+                &self.ns,
+                domain,
+                &aliases,
+            ),
         )?;
         let dns = spec.dns_config.as_ref();
         let searches: Vec<String> = dns.and_then(|d| d.searches.clone()).unwrap_or_default();

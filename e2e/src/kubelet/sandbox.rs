@@ -74,6 +74,7 @@ pub fn hosts_file(
     subdomain: Option<&str>,
     namespace: &str,
     domain: &str,
+    aliases: &[(String, Vec<String>)],
 ) -> String {
     let mut s = String::from(
         "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
@@ -83,6 +84,12 @@ pub fn hosts_file(
             s.push_str(&format!("{pod_ip}\t{hostname}.{sub}.{namespace}.svc.{domain}\t{hostname}\n"))
         }
         _ => s.push_str(&format!("{pod_ip}\t{hostname}\n")),
+    }
+    if !aliases.is_empty() {
+        s.push_str("\n# Entries added by HostAliases.\n");
+        for (ip, names) in aliases {
+            s.push_str(&format!("{ip}\t{}\n", names.join("\t")));
+        }
     }
     s
 }
@@ -135,11 +142,13 @@ mod tests {
 
     #[test]
     fn hosts_and_resolv_conf() {
-        let h = hosts_file("10.244.1.7", "m-0", Some("peers"), "ns1", "cluster.local");
+        let h = hosts_file("10.244.1.7", "m-0", Some("peers"), "ns1", "cluster.local", &[]);
         assert!(h.contains("10.244.1.7\tm-0.peers.ns1.svc.cluster.local\tm-0\n"));
         assert!(h.contains("127.0.0.1\tlocalhost"));
-        let h = hosts_file("10.244.1.7", "m-0", None, "ns1", "cluster.local");
+        let aliases = [("10.244.0.1".to_owned(), vec!["api".to_owned(), "api.local".to_owned()])];
+        let h = hosts_file("10.244.1.7", "m-0", None, "ns1", "cluster.local", &aliases);
         assert!(h.contains("10.244.1.7\tm-0\n"));
+        assert!(h.ends_with("10.244.0.1\tapi\tapi.local\n"));
         let r =
             resolv_conf("10.244.0.1", "ns1", "cluster.local", &[], &["ndots:2".into(), "timeout:1".into()]);
         assert_eq!(
