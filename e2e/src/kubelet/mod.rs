@@ -8,9 +8,12 @@
 //! HTTPS server); `state` (the state file); `pod` (one pod's worker).
 //!
 //! When the kubelet exits (SIGTERM/SIGINT) its containers keep running unless
-//! `--stop-pods-on-exit`; a restarted kubelet removes what a previous run left (containers
-//! labelled `consensus-dev.node=<name>`, their namespaces) and starts the pods again, each
-//! container's restartCount going up. `hack/cluster-down.sh` removes containers by label.
+//! `--stop-pods-on-exit`. A restarted kubelet adopts what a previous run left for pods still
+//! bound to it (containers labelled `consensus-dev.node=<name>`, their namespaces and
+//! addresses from the state file): running containers keep running, with the same
+//! restartCount. What does not fit is removed and started again (restartCount goes up); the
+//! containers and namespaces of pods that are gone are removed after the first pod listing.
+//! `hack/cluster-down.sh` removes containers by label.
 
 pub mod env;
 pub mod logs;
@@ -116,7 +119,8 @@ pub async fn run(args: NodeArgs) -> Result<()> {
     let client = Client::try_from(config)?;
     let version = client.apiserver_version().await.context("asking the API server for its version")?;
 
-    remove_leftovers(&args.name, &store).await;
+    // What a previous run left is adopted by the pods' workers, or removed once the first
+    // pod listing shows whose pods are gone (`forget_gone`).
 
     let tls = logs::tls_config(&args.tls_cert, &args.tls_key, &args.client_ca)?;
     let listen = match args.listen {
@@ -176,7 +180,7 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 }
 
 /// Removes containers labelled with this node and the namespaces of the pods in the state
-/// file; their addresses stay reserved for the same pods.
+/// file (--stop-pods-on-exit); their addresses stay reserved for the same pods.
 async fn remove_leftovers(node: &str, store: &state::Store) {
     match podman::list_labelled(podman::NODE_LABEL, node).await {
         Ok(ids) => {
@@ -198,7 +202,23 @@ async fn remove_leftovers(node: &str, store: &state::Store) {
 
 /// Addresses and directories of pods that no longer exist (deleted while the kubelet was
 /// down): their containers and namespaces went with the leftovers at start.
-fn forget_gone(k: &Kubelet, seen: &HashSet<String>) {
+async fn forget_gone(k: &Kubelet, seen: &HashSet<String>) {
+    match podman::list_node(&k.args.name).await {
+        Ok(list) => {
+            for (id, uid) in list {
+                if !seen.contains(&uid) {
+                    tracing::info!(%id, %uid, "removing a container of a pod that is gone");
+                    let _ = podman::remove(&id).await;
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "listing this node's containers"),
+    }
+    let gone: Vec<String> =
+        k.store.snapshot().addresses.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+    for uid in &gone {
+        sandbox::destroy(uid).await;
+    }
     if let Err(e) = k.store.update(|s| s.addresses.retain(|uid, _| seen.contains(uid))) {
         tracing::warn!(error = %format!("{e:#}"), "releasing addresses of gone pods");
     }
@@ -259,7 +279,7 @@ async fn manage(k: Arc<Kubelet>) -> Result<()> {
             watcher::Event::InitDone => {
                 // Pods that went away while the watch was down.
                 let seen = listing.take().unwrap_or_default();
-                forget_gone(&k, &seen);
+                forget_gone(&k, &seen).await;
                 for (uid, slot) in slots.iter() {
                     if let Slot::Running(tx) = slot
                         && !seen.contains(uid)

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::Kubelet;
 use super::env::{self, PodFacts};
-use super::podman::{self, Mount, NODE_LABEL, POD_UID_LABEL};
+use super::podman::{self, Mount, NODE_LABEL, POD_UID_LABEL, parse_run_name};
 use super::probe::{self, Kind, Tracker};
 use super::restart::{self, Policy};
 use super::sandbox;
@@ -125,6 +125,9 @@ struct Worker {
 pub async fn run(k: Arc<Kubelet>, mut rx: watch::Receiver<Option<Pod>>) {
     let Some(pod) = rx.borrow().clone() else { return };
     let mut w = Worker::new(k, &pod);
+    if let Err(e) = w.adopt(&pod).await {
+        tracing::warn!(pod = %w.name, ns = %w.ns, error = %format!("{e:#}"), "adopting containers");
+    }
     loop {
         let pod = rx.borrow_and_update().clone();
         let Some(pod) = pod else {
@@ -207,6 +210,95 @@ impl Worker {
             finished: terminal,
             said: HashSet::new(),
         }
+    }
+
+    /// Takes over the containers a previous kubelet run left for this pod (same sandbox, same
+    /// runs), so a kubelet restart does not restart them. Anything that does not fit (no
+    /// sandbox, init containers unfinished, a volume that cannot be prepared) is removed and
+    /// the pod starts afresh.
+    async fn adopt(&mut self, pod: &Pod) -> Result<()> {
+        let ids = podman::list_labelled(POD_UID_LABEL, &self.uid).await?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let address = self.k.store.snapshot().addresses.get(&self.uid).copied();
+        let fits = !self.finished && self.init_done && address.is_some() && sandbox::exists(&self.uid);
+        let volumes =
+            if fits { volumes::prepare(&self.k.client, pod, &self.pod_dir).await.ok() } else { None };
+        let Some(volumes) = volumes else {
+            tracing::info!(pod = %self.name, ns = %self.ns, "removing containers a previous kubelet left");
+            for id in ids {
+                let _ = podman::remove(&id).await;
+            }
+            return Ok(());
+        };
+        let mut found = Vec::new();
+        for id in ids {
+            if let Some(f) = podman::inspect_found(&id).await? {
+                found.push(f);
+            }
+        }
+        let previous = pod.status.as_ref().and_then(|s| s.container_statuses.clone()).unwrap_or_default();
+        let mut keep = HashSet::new();
+        for c in self.containers.iter_mut() {
+            let Some(newest) = found
+                .iter()
+                .filter_map(|f| {
+                    parse_run_name(&f.name).filter(|(n, _)| *n == c.spec.name).map(|(_, run)| (run, f))
+                })
+                .max_by_key(|(run, _)| *run)
+            else {
+                continue;
+            };
+            let (run, f) = newest;
+            keep.insert(f.id.clone());
+            let prev = previous.iter().find(|p| p.name == c.spec.name);
+            c.id = Some(f.id.clone());
+            c.runs = run + 1;
+            c.record.restart_count = run;
+            c.record.image = podman::qualify_image(c.spec.image.as_deref().unwrap_or_default());
+            c.record.image_id = prev.map(|p| p.image_id.clone()).unwrap_or_default();
+            let started_at = f.state.started_at.parse::<Timestamp>().unwrap_or_else(|_| Timestamp::now());
+            c.record.state = Run::Running { container_id: f.id.clone(), started_at };
+            let now = Instant::now();
+            c.started = Some(now);
+            c.process = podman::process_start_time(f.state.pid).map(|t| (f.state.pid, t));
+            let log = super::logs::log_file(&self.logs_dir, &c.spec.name, run);
+            self.k.logs.set_live(&log, true);
+            c.log = Some(log);
+            let was_ready = prev.is_some_and(|p| p.ready);
+            let was_started = prev.and_then(|p| p.started).unwrap_or(false);
+            c.record.ready = c.spec.readiness_probe.is_none() || was_ready;
+            c.record.started = c.spec.startup_probe.is_none() || was_started;
+            c.probes.clear();
+            let kinds = [
+                (Kind::Startup, &c.spec.startup_probe),
+                (Kind::Liveness, &c.spec.liveness_probe),
+                (Kind::Readiness, &c.spec.readiness_probe),
+            ];
+            for (kind, spec) in kinds {
+                if let Some(p) = spec {
+                    let mut t = Tracker::new(kind, p, now);
+                    match kind {
+                        Kind::Startup => t.assume(was_started),
+                        Kind::Readiness => t.assume(was_ready),
+                        Kind::Liveness => {}
+                    }
+                    c.probes.push((t, p.clone()));
+                }
+            }
+            // An adopted container that exited meanwhile goes through the usual exit path.
+        }
+        for f in &found {
+            if !keep.contains(&f.id) {
+                let _ = podman::remove(&f.id).await;
+            }
+        }
+        self.ip = address;
+        self.volumes = Some(volumes);
+        self.sandbox_ready = true;
+        tracing::info!(pod = %self.name, ns = %self.ns, containers = keep.len(), "adopted the containers a previous kubelet left");
+        Ok(())
     }
 
     async fn sync(&mut self, pod: &Pod) -> Result<()> {

@@ -271,7 +271,40 @@ pub fn parse_stat_start(stat: &str) -> Option<u64> {
 #[serde(rename_all = "PascalCase")]
 struct Inspect {
     id: String,
+    #[serde(default)]
+    name: String,
     state: State,
+}
+
+/// `k8s_<container>_<pod>_<ns>_<uid8>_<run>` -> (container, run). Kubernetes names have no
+/// underscores, so the parts split cleanly.
+pub fn parse_run_name(name: &str) -> Option<(String, i32)> {
+    let parts: Vec<&str> = name.split('_').collect();
+    if parts.len() != 6 || parts[0] != "k8s" {
+        return None;
+    }
+    Some((parts[1].to_owned(), parts[5].parse().ok()?))
+}
+
+/// A container of this kubelet found by label: id, podman name, state.
+pub struct Found {
+    pub id: String,
+    pub name: String,
+    pub state: State,
+}
+
+pub async fn inspect_found(id: &str) -> Result<Option<Found>> {
+    let out = podman()
+        .args(["inspect", "--type", "container", id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let mut all: Vec<Inspect> = serde_json::from_slice(&out.stdout).context("podman inspect output")?;
+    Ok(all.pop().map(|i| Found { id: i.id, name: i.name.trim_start_matches('/').to_owned(), state: i.state }))
 }
 
 async fn output(cmd: &mut Command, what: &str) -> Result<String> {
@@ -353,6 +386,28 @@ pub async fn list_labelled(label: &str, value: &str) -> Result<Vec<String>> {
     Ok(out.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect())
 }
 
+/// (id, pod uid) of every container of `node`.
+pub async fn list_node(node: &str) -> Result<Vec<(String, String)>> {
+    let format = format!("{{{{.ID}}}} {{{{index .Labels \"{POD_UID_LABEL}\"}}}}");
+    let out = output(
+        podman().args([
+            "ps",
+            "--all",
+            "--no-trunc",
+            "--filter",
+            &format!("label={NODE_LABEL}={node}"),
+            "--format",
+            &format,
+        ]),
+        "ps",
+    )
+    .await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(id, uid)| (id.to_owned(), uid.trim().to_owned())))
+        .collect())
+}
+
 /// `podman --version` -> "podman://4.3.1".
 pub async fn runtime_version() -> String {
     match output(podman().arg("--version"), "--version").await {
@@ -383,6 +438,17 @@ mod tests {
         assert_eq!(qualify_image("localhost/x:1"), "localhost/x:1");
         assert_eq!(qualify_image("team/x:1"), "localhost/team/x:1");
         assert_eq!(qualify_image("registry.example:5000/x"), "registry.example:5000/x:latest");
+    }
+
+    #[test]
+    fn run_names_parse_back() {
+        assert_eq!(
+            parse_run_name("k8s_consensus-node_demo-0_kt_d428d051_3"),
+            Some(("consensus-node".into(), 3))
+        );
+        assert_eq!(parse_run_name("k8s_c_p_ns_u"), None);
+        assert_eq!(parse_run_name("other_c_p_ns_u_1"), None);
+        assert_eq!(parse_run_name("k8s_c_p_ns_u_x"), None);
     }
 
     #[test]

@@ -58,6 +58,12 @@ impl Tracker {
         }
     }
 
+    /// Takes over a verdict known from before (an adopted container keeps its readiness
+    /// until a probe says otherwise).
+    pub fn assume(&mut self, ok: bool) {
+        self.ok = ok;
+    }
+
     /// Whether a probe is due at `now`.
     pub fn due(&self, now: Instant) -> bool {
         self.next.is_some_and(|t| now >= t)
