@@ -41,10 +41,25 @@ ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && ip rout
 nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && nft delete table inet "$NFT_TABLE"
 [ -d "$STATE" ] && rm -rf "$STATE"
 
+# Processes that name the state directory, other than this script and what called it (a
+# make recipe's command line may name it too). A container's conmon exits just after the
+# container is removed, so they get a few seconds to go.
+ancestors=" $$ "
+p=$$
+while [ "$p" -gt 1 ]; do p=$(ps -o ppid= -p "$p" | tr -d ' '); ancestors+="$p "; done
+leftover_processes() {
+  local pid
+  for pid in $(pgrep -f -- "$STATE" 2>/dev/null); do
+    case "$ancestors" in *" $pid "*) ;; *) echo "$pid" ;; esac
+  done
+}
+deadline=$((SECONDS + 10))
+while [ -n "$(leftover_processes)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+
 # What is left is a failure: name it.
 left=""
 if [ -d "$STATE/pids" ]; then left+=" state:$STATE"; fi
-for pid in $(pgrep -f -- "$STATE" 2>/dev/null); do left+=" process:$pid($(tr '\0' ' ' </proc/$pid/cmdline 2>/dev/null | cut -c1-60))"; done
+for pid in $(leftover_processes); do left+=" process:$pid($(tr '\0' ' ' </proc/$pid/cmdline 2>/dev/null | cut -c1-60))"; done
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NETNS_PREFIX"); do left+=" netns:$ns"; done
 ip link show "$BRIDGE" >/dev/null 2>&1 && left+=" bridge:$BRIDGE"
 ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && left+=" route:$SERVICE_CIDR"
