@@ -347,17 +347,7 @@ pub async fn run(args: &[String]) -> Result<String> {
 }
 
 pub async fn inspect(id: &str) -> Result<Option<(String, State)>> {
-    let out = podman()
-        .args(["inspect", "--type", "container", id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .await?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let mut all: Vec<Inspect> = serde_json::from_slice(&out.stdout).context("podman inspect output")?;
-    Ok(all.pop().map(|i| (i.id, i.state)))
+    Ok(inspect_found(id).await?.map(|found| (found.id, found.state)))
 }
 
 /// SIGTERM, then SIGKILL after `grace` (podman stop does both).

@@ -411,40 +411,15 @@ async fn write_files(client: &Client, pod: &Pod, vol: &Volume, dir: &Path) -> Re
     let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     let mut refresh = None;
     if let Some(s) = &vol.secret {
-        let name = s.secret_name.clone().unwrap_or_default();
+        let name = s.secret_name.as_deref().unwrap_or_default();
         let mode = s.default_mode.unwrap_or(0o644) as u32;
-        match Api::<Secret>::namespaced(client.clone(), ns).get_opt(&name).await? {
-            Some(secret) => {
-                let data = secret_data(&secret);
-                for (p, d, m) in select_items(&data, s.items.as_deref(), mode)? {
-                    put(dir, &p, d, m)?;
-                }
-            }
-            None if s.optional.unwrap_or(false) => {}
-            None => bail!("secret {name} not found"),
-        }
+        write_keys(client, ns, KeySource::Secret(name), s.items.as_deref(), s.optional, mode, dir).await?;
     } else if let Some(c) = &vol.config_map {
         let mode = c.default_mode.unwrap_or(0o644) as u32;
-        match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(&c.name).await? {
-            Some(cm) => {
-                let data = config_map_bytes(&cm);
-                for (p, d, m) in select_items(&data, c.items.as_deref(), mode)? {
-                    put(dir, &p, d, m)?;
-                }
-            }
-            None if c.optional.unwrap_or(false) => {}
-            None => bail!("configmap {} not found", c.name),
-        }
+        write_keys(client, ns, KeySource::ConfigMap(&c.name), c.items.as_deref(), c.optional, mode, dir)
+            .await?;
     } else if let Some(d) = &vol.downward_api {
-        let mode = d.default_mode.unwrap_or(0o644) as u32;
-        for item in d.items.iter().flatten() {
-            put(
-                dir,
-                &item.path,
-                downward_value(pod, item)?.as_bytes(),
-                item.mode.map(|m| m as u32).unwrap_or(mode),
-            )?;
-        }
+        write_downward(pod, d.items.as_deref().unwrap_or_default(), d.default_mode, dir)?;
     } else if let Some(p) = &vol.projected {
         let mode = p.default_mode.unwrap_or(0o644) as u32;
         for source in p.sources.iter().flatten() {
@@ -455,42 +430,88 @@ async fn write_files(client: &Client, pod: &Pod, vol: &Volume, dir: &Path) -> Re
                 refresh = Some(refresh.map_or(at, |r: Instant| r.min(at)));
             }
             if let Some(c) = &source.config_map {
-                match Api::<ConfigMap>::namespaced(client.clone(), ns).get_opt(&c.name).await? {
-                    Some(cm) => {
-                        let data = config_map_bytes(&cm);
-                        for (path, d, m) in select_items(&data, c.items.as_deref(), mode)? {
-                            put(dir, &path, d, m)?;
-                        }
-                    }
-                    None if c.optional.unwrap_or(false) => {}
-                    None => bail!("configmap {} not found", c.name),
-                }
+                write_keys(
+                    client,
+                    ns,
+                    KeySource::ConfigMap(&c.name),
+                    c.items.as_deref(),
+                    c.optional,
+                    mode,
+                    dir,
+                )
+                .await?;
             }
             if let Some(s) = &source.secret {
-                match Api::<Secret>::namespaced(client.clone(), ns).get_opt(&s.name).await? {
-                    Some(secret) => {
-                        let data = secret_data(&secret);
-                        for (path, d, m) in select_items(&data, s.items.as_deref(), mode)? {
-                            put(dir, &path, d, m)?;
-                        }
-                    }
-                    None if s.optional.unwrap_or(false) => {}
-                    None => bail!("secret {} not found", s.name),
-                }
+                write_keys(client, ns, KeySource::Secret(&s.name), s.items.as_deref(), s.optional, mode, dir)
+                    .await?;
             }
             if let Some(d) = &source.downward_api {
-                for item in d.items.iter().flatten() {
-                    put(
-                        dir,
-                        &item.path,
-                        downward_value(pod, item)?.as_bytes(),
-                        item.mode.map(|m| m as u32).unwrap_or(mode),
-                    )?;
-                }
+                write_downward(pod, d.items.as_deref().unwrap_or_default(), Some(mode as i32), dir)?;
             }
         }
     }
     Ok(refresh)
+}
+
+/// The object a secret or configMap volume (or projection) takes its files from.
+#[derive(Clone, Copy)]
+enum KeySource<'a> {
+    Secret(&'a str),
+    ConfigMap(&'a str),
+}
+
+/// Writes the keys of a Secret or ConfigMap as files: the listed items, else every key. A
+/// missing object is an error unless the volume marks it optional.
+async fn write_keys(
+    client: &Client,
+    ns: &str,
+    source: KeySource<'_>,
+    items: Option<&[KeyToPath]>,
+    optional: Option<bool>,
+    mode: u32,
+    dir: &Path,
+) -> Result<()> {
+    let data = match source {
+        KeySource::Secret(name) => {
+            Api::<Secret>::namespaced(client.clone(), ns).get_opt(name).await?.map(|s| secret_data(&s))
+        }
+        KeySource::ConfigMap(name) => Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|c| config_map_bytes(&c)),
+    };
+    let Some(data) = data else {
+        if optional.unwrap_or(false) {
+            return Ok(());
+        }
+        match source {
+            KeySource::Secret(name) => bail!("secret {name} not found"),
+            KeySource::ConfigMap(name) => bail!("configmap {name} not found"),
+        }
+    };
+    for (path, bytes, file_mode) in select_items(&data, items, mode)? {
+        put(dir, &path, bytes, file_mode)?;
+    }
+    Ok(())
+}
+
+/// Writes a downwardAPI volume's (or projection's) files.
+fn write_downward(
+    pod: &Pod,
+    items: &[DownwardAPIVolumeFile],
+    default_mode: Option<i32>,
+    dir: &Path,
+) -> Result<()> {
+    let mode = default_mode.unwrap_or(0o644) as u32;
+    for item in items {
+        put(
+            dir,
+            &item.path,
+            downward_value(pod, item)?.as_bytes(),
+            item.mode.map(|m| m as u32).unwrap_or(mode),
+        )?;
+    }
+    Ok(())
 }
 
 /// A downwardAPI volume file's content.
