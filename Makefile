@@ -116,6 +116,24 @@ images: images-apt-deps
 images-check:
 	@CONTAINER_TOOL=$(CONTAINER_TOOL) CONTAINER_RUN_FLAGS="$(CONTAINER_RUN_FLAGS)" hack/images-check.sh $(TAG)
 
+# The busybox image the process kubelet's scenarios run (e2e/tests/process_kubelet.rs):
+# e2e/src/kubelet/testdata/Dockerfile on a context staged with Debian's static busybox (its one
+# RUN needs no network, so the build touches none).
+# kind: make test-images CONTAINER_TOOL=docker && kind load docker-image consensus-e2e-busybox:TAG.
+TEST_IMAGE_APT_PACKAGES := busybox-static
+ifeq ($(notdir $(CONTAINER_TOOL)),podman)
+TEST_IMAGE_APT_PACKAGES += podman runc
+endif
+
+.PHONY: test-images
+
+test-images:
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(TEST_IMAGE_APT_PACKAGES)"
+	@rm -rf target/images/consensus-e2e-busybox; mkdir -p target/images/consensus-e2e-busybox; \
+	cp "$$(dpkg -L busybox-static | grep -m1 '/bin/busybox$$')" target/images/consensus-e2e-busybox/busybox
+	$(CONTAINER_TOOL) build $(CONTAINER_BUILD_FLAGS) --network none -f e2e/src/kubelet/testdata/Dockerfile \
+	  -t consensus-e2e-busybox:$(TAG) target/images/consensus-e2e-busybox
+
 # Ours and etcd (Debian etcd-server), 3 members each, side by side on this machine.
 # Then the time from editing replicas to every voter healthy, 3 -> 5 and 5 -> 3, locally.
 bench: apt-deps
@@ -142,7 +160,7 @@ control-plane:
 	@hack/control-plane/build.sh
 
 # Starts the local cluster (see hack/cluster-up.sh) and prints the two export lines to use it.
-cluster-up: cluster-apt-deps images
+cluster-up: cluster-apt-deps images test-images
 	@bin=$$(hack/control-plane/build.sh); \
 	$(CARGO) build -q --locked -p consensus-e2e --bin process-kubelet; \
 	STATE=$(CLUSTER_STATE) hack/cluster-up.sh "$$bin" target/debug/process-kubelet
