@@ -31,9 +31,15 @@ if [ -d "$STATE/pids" ]; then
   stop "$STATE"/pids/kube-apiserver.pid
   stop "$STATE"/pids/etcd.pid
 fi
+# A kubelet stopped while a `podman run` was under way can leave a container that appears
+# only after a first removal (its conmon outlives the client), so removal repeats until
+# none is listed, for up to 30 s.
 if command -v podman >/dev/null; then
-  ids=$(podman ps -aq --filter label=consensus-dev.node 2>/dev/null)
-  [ -z "$ids" ] || podman rm -f -t 0 $ids >/dev/null 2>&1
+  deadline=$((SECONDS + 30))
+  while ids=$(podman ps -aq --filter label=consensus-dev.node 2>/dev/null); [ -n "$ids" ] && [ $SECONDS -lt $deadline ]; do
+    podman rm -f -t 0 $ids >/dev/null 2>&1
+    sleep 0.5
+  done
 fi
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NETNS_PREFIX"); do ip netns delete "$ns"; done
 ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE"
@@ -54,7 +60,12 @@ leftover_processes() {
   done
 }
 deadline=$((SECONDS + 10))
-while [ -n "$(leftover_processes)" ] && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
+while [ -n "$(leftover_processes)" ] && [ $SECONDS -lt $deadline ]; do
+  # A conmon whose container was removed meanwhile (above) goes with a second removal.
+  ids=$(podman ps -aq --filter label=consensus-dev.node 2>/dev/null || true)
+  [ -z "$ids" ] || podman rm -f -t 0 $ids >/dev/null 2>&1
+  sleep 0.2
+done
 
 # What is left is a failure: name it.
 left=""
