@@ -145,8 +145,8 @@ bench: apt-deps
 # --- The local Kubernetes: a real control plane built from Go modules, process kubelets ---
 # Debian packages the local cluster needs: containers (podman with runc; crun fails on these
 # machines' hybrid cgroups), the bridge and namespaces (iproute2), containment (nftables),
-# its certificates (openssl), readiness polls (curl).
-CLUSTER_APT_PACKAGES := podman runc iproute2 nftables openssl curl ca-certificates
+# its certificates (openssl), readiness polls (curl), finding its processes (procps).
+CLUSTER_APT_PACKAGES := podman runc iproute2 nftables openssl curl ca-certificates procps
 CLUSTER_STATE ?= $(CURDIR)/.state/cluster
 
 .PHONY: control-plane cluster-apt-deps cluster-up cluster-down e2e-local

@@ -4,8 +4,8 @@
 # beyond the bridge (an address outside the pod range is unreachable from inside, and so is a
 # Service address); the Service range is unreachable from the host; nothing is forwarded from
 # the bridge to another interface and nothing is masqueraded. Prints each finding; exits
-# non-zero on the first class of violation it finds. Run while the cluster is up (make
-# e2e-local runs it after the scenarios).
+# non-zero if it finds any violation. Run while the cluster is up; the StatefulSet scenario
+# runs it while its members run (consensus_e2e::check_local_containment).
 # Environment: STATE (default <repo>/.state/cluster).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -18,12 +18,14 @@ NODES=${NODES:-6}
 log() { echo "cluster-up: $*" >&2; }
 fail() { log "$*"; exit 1; }
 [ "$(id -u)" = 0 ] || fail "needs root (network namespaces, a bridge, containers)"
-for tool in ip nft openssl podman; do command -v $tool >/dev/null || fail "$tool is missing (make cluster-up installs it)"; done
+for tool in ip ss nft openssl podman curl python3 pgrep; do
+  command -v $tool >/dev/null || fail "$tool is missing (make cluster-up installs it)"
+done
 
 # A cluster that is up already is reused: its state directory holds live PIDs.
 if [ -d "$STATE/pids" ] && [ -n "$(ls "$STATE/pids")" ]; then
   alive=0; total=0
-  for f in "$STATE"/pids/*.pid; do total=$((total + 1)); kill -0 "$(cat "$f")" 2>/dev/null && alive=$((alive + 1)); done
+  for f in "$STATE"/pids/*.pid; do total=$((total + 1)); is_ours "$(cat "$f")" && alive=$((alive + 1)); done
   if [ "$alive" = "$total" ]; then
     log "already up ($total processes)"
     echo "export KUBECONFIG=$STATE/kubeconfig/admin.kubeconfig"
@@ -40,6 +42,7 @@ trap 'log "failed; the logs are in $STATE/logs; hack/cluster-down.sh cleans up"'
 
 # --- network: a bridge for pods and the control plane, and nothing beyond it ----------------
 ip link add "$BRIDGE" type bridge
+touch "$STATE/$NETWORK_MARKER"
 ip addr add "$GATEWAY/$POD_PREFIX_LEN" dev "$BRIDGE"
 ip link set "$BRIDGE" up
 # No kube-proxy: Service addresses lead nowhere, and must not leak to a default route.
@@ -113,10 +116,14 @@ wait_for() {
     sleep 0.5
   done
 }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# free_ports N: N distinct free loopback ports (all held open until all are chosen).
+free_ports() {
+  python3 -c 'import socket,sys; s=[socket.socket() for _ in range(int(sys.argv[1]))]
+[x.bind(("127.0.0.1", 0)) for x in s]; print(" ".join(str(x.getsockname()[1]) for x in s))' "$1"
+}
 
 # --- control plane -------------------------------------------------------------------------
-etcd_client=$(free_port); etcd_peer=$(free_port)
+read -r etcd_client etcd_peer <<<"$(free_ports 2)"
 start etcd "$bin/etcd" --name control-plane --data-dir "$STATE/etcd" \
   --listen-client-urls "http://127.0.0.1:$etcd_client" --advertise-client-urls "http://127.0.0.1:$etcd_client" \
   --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
