@@ -6,8 +6,10 @@
 # build can be timed.
 set -euo pipefail
 cd "$(dirname "$0")"
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0
-key=$(cat go.mod go.sum build.sh | sha256sum | cut -c1-16)
+# -mod=readonly: a go.sum that does not match go.mod fails the build instead of being
+# rewritten in the work tree.
+export GOTOOLCHAIN=local GOFLAGS=-mod=readonly CGO_ENABLED=0
+key=$( (cat go.mod go.sum build.sh; go env GOVERSION) | sha256sum | cut -c1-16)
 root=${CONTROL_PLANE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/consensus-dev/control-plane}
 out="$root/$key"
 if [ "${CACHE:-on}" = off ]; then
