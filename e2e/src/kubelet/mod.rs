@@ -182,18 +182,10 @@ pub async fn run(args: NodeArgs) -> Result<()> {
 /// Removes containers labelled with this node and the namespaces of the pods in the state
 /// file (--stop-pods-on-exit); their addresses stay reserved for the same pods.
 async fn remove_leftovers(node: &str, store: &state::Store) {
-    match podman::list_labelled(podman::NODE_LABEL, node).await {
-        Ok(ids) => {
-            if !ids.is_empty() {
-                tracing::info!(count = ids.len(), "removing containers a previous run left");
-            }
-            for id in ids {
-                if let Err(e) = podman::remove(&id).await {
-                    tracing::warn!(%id, error = %format!("{e:#}"), "removing leftover container");
-                }
-            }
-        }
-        Err(e) => tracing::warn!(error = %format!("{e:#}"), "listing leftover containers"),
+    match podman::remove_labelled(podman::NODE_LABEL, node).await {
+        Ok(0) => {}
+        Ok(count) => tracing::info!(count, "removed containers a previous run left"),
+        Err(e) => tracing::warn!(error = %format!("{e:#}"), "removing leftover containers"),
     }
     for uid in store.snapshot().addresses.keys() {
         sandbox::destroy(uid).await;

@@ -126,7 +126,15 @@ pub async fn run(k: Arc<Kubelet>, mut rx: watch::Receiver<Option<Pod>>) {
     let Some(pod) = rx.borrow().clone() else { return };
     let mut w = Worker::new(k, &pod);
     if let Err(e) = w.adopt(&pod).await {
-        tracing::warn!(pod = %w.name, ns = %w.ns, error = %format!("{e:#}"), "adopting containers");
+        tracing::warn!(pod = %w.name, ns = %w.ns, error = %format!("{e:#}"), "adopting containers failed");
+        // A run of a previous kubelet left beside a new one would share the pod's volumes
+        // (two members on one data directory): nothing starts until they are all gone.
+        let mut delay = Duration::from_millis(500);
+        while let Err(e) = podman::remove_labelled(POD_UID_LABEL, &w.uid).await {
+            tracing::warn!(pod = %w.name, ns = %w.ns, error = %format!("{e:#}"), "removing previous runs");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
     }
     loop {
         let pod = rx.borrow_and_update().clone();
@@ -227,9 +235,7 @@ impl Worker {
             if fits { volumes::prepare(&self.k.client, pod, &self.pod_dir).await.ok() } else { None };
         let Some(volumes) = volumes else {
             tracing::info!(pod = %self.name, ns = %self.ns, "removing containers a previous kubelet left");
-            for id in ids {
-                let _ = podman::remove(&id).await;
-            }
+            podman::remove_labelled(POD_UID_LABEL, &self.uid).await?;
             return Ok(());
         };
         let mut found = Vec::new();
@@ -894,11 +900,7 @@ impl Worker {
             c.id = None;
         }
         // Whatever else carries this pod's uid (a run the worker lost track of).
-        if let Ok(left) = podman::list_labelled(POD_UID_LABEL, &self.uid).await {
-            for id in left {
-                let _ = podman::remove(&id).await;
-            }
-        }
+        let _ = podman::remove_labelled(POD_UID_LABEL, &self.uid).await;
         for id in ids {
             let _ = podman::remove(&id).await;
         }
@@ -907,11 +909,7 @@ impl Worker {
     /// Network namespace, address and the pod's private dirs (never PVC data); `all` also
     /// drops the logs (the pod is gone).
     async fn teardown(&mut self, all: bool) {
-        if let Ok(left) = podman::list_labelled(POD_UID_LABEL, &self.uid).await {
-            for id in left {
-                let _ = podman::remove(&id).await;
-            }
-        }
+        let _ = podman::remove_labelled(POD_UID_LABEL, &self.uid).await;
         sandbox::destroy(&self.uid).await;
         self.sandbox_ready = false;
         let uid = self.uid.clone();

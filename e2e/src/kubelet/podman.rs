@@ -359,6 +359,16 @@ pub async fn remove(id: &str) -> Result<()> {
     output(podman().args(["rm", "--force", "--time", "0", id]), "rm").await.map(|_| ())
 }
 
+/// Removes every container carrying `label=value`; how many there were. Fails when they
+/// cannot be listed or one cannot be removed.
+pub async fn remove_labelled(label: &str, value: &str) -> Result<usize> {
+    let ids = list_labelled(label, value).await?;
+    for id in &ids {
+        remove(id).await?;
+    }
+    Ok(ids.len())
+}
+
 /// Ids of every container carrying `label=value`.
 pub async fn list_labelled(label: &str, value: &str) -> Result<Vec<String>> {
     let out = output(
