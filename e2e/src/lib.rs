@@ -58,6 +58,12 @@ pub fn kubectl_json(args: &[&str]) -> serde_json::Value {
 
 /// Runs etcd's own etcdctl (v3 API) against one endpoint; panics with its output when it fails.
 pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
+    etcdctl_try(endpoint, args).unwrap_or_else(|failure| panic!("{failure}"))
+}
+
+/// Runs etcdctl against one endpoint: what it printed, or what went wrong (for waits that
+/// poll a cluster that is still forming).
+pub fn etcdctl_try(endpoint: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args(["--endpoints", endpoint, "--dial-timeout=3s", "--command-timeout=10s"])
@@ -65,13 +71,14 @@ pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
         .output()
         .unwrap_or_else(|e| panic!("etcdctl could not be started (Debian etcd-client): {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
+    if out.status.success() {
+        return Ok(stdout);
+    }
+    Err(format!(
         "etcdctl --endpoints {endpoint} {} failed:\n{stdout}{}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    ))
 }
 
 /// The image `make images` builds for `name`, tagged with the workspace version (what the

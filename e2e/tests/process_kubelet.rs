@@ -377,9 +377,17 @@ spec:
     }
 }
 
-/// How long the web pod serves its readiness file before it deletes it: long enough that
-/// the test sees the pod Ready on the way, short enough to keep the scenario quick.
-const SERVE_SECONDS: u32 = 25;
+/// Asks the web pod, from this machine, to delete its readiness file (a CGI script of its
+/// own), so the test decides when the pod turns NotReady rather than a timer racing the test.
+fn ask_to_go_unready(ip: &str) -> Option<()> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect((ip, 8080)).ok()?;
+    conn.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    conn.write_all(b"GET /cgi-bin/unready HTTP/1.0\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).ok()?;
+    answer.contains("removed").then_some(())
+}
 
 #[test]
 #[ignore = "needs a Kubernetes cluster with the busybox test image (make test-images): make e2e-local"]
@@ -412,7 +420,10 @@ spec:
       command:
         - /bin/sh
         - -c
-        - echo ok > /www/ready.txt; httpd -f -p 8080 -h /www & sleep {SERVE_SECONDS}; rm /www/ready.txt; wait
+        - >-
+          mkdir -p /www/cgi-bin &&
+          printf '#!/bin/sh\nrm -f /www/ready.txt\nprintf "Content-Type: text/plain\\r\\n\\r\\nremoved\\n"\n' > /www/cgi-bin/unready &&
+          chmod +x /www/cgi-bin/unready && echo ok > /www/ready.txt && exec httpd -f -p 8080 -h /www
       ports: [{{name: http, containerPort: 8080}}]
       readinessProbe:
         httpGet: {{path: /ready.txt, port: http}}
@@ -451,13 +462,15 @@ spec:
         slice_says(true).then_some(())
     });
 
-    // The container deletes the file: the probe gets 404 and the pod is NotReady again while
-    // its container keeps running, with no restart, and the slice follows.
-    let not_ready =
-        wait_until(Duration::from_secs(u64::from(SERVE_SECONDS) + 60), "the web pod NotReady", || {
-            let pod = pod(&ns.0, "web");
-            (condition(&pod, "Ready").as_deref() == Some("False")).then_some(pod)
-        });
+    // The file goes: the probe gets 404 and the pod is NotReady again while its container
+    // keeps running, with no restart, and the slice follows.
+    wait_until(Duration::from_secs(30), "the web pod to remove its readiness file", || {
+        ask_to_go_unready(&ip)
+    });
+    let not_ready = wait_until(Duration::from_secs(60), "the web pod NotReady", || {
+        let pod = pod(&ns.0, "web");
+        (condition(&pod, "Ready").as_deref() == Some("False")).then_some(pod)
+    });
     assert_eq!(condition(&not_ready, "ContainersReady").as_deref(), Some("False"), "{not_ready:#}");
     let status = container_status(&not_ready).expect("a pod without container status");
     assert!(status["state"]["running"].is_object(), "the container stopped instead: {status:#}");

@@ -1,13 +1,15 @@
 //! Three consensus-node members as a plain StatefulSet, before any operator: the image, the
 //! scheduler's zone spread, dynamic volumes, cluster DNS (members find each other by their
 //! headless names while not ready yet) and a pod that comes back on its volume. Runs against
-//! any KUBECONFIG whose default StorageClass provisions volumes (`make e2e-local`, kind).
+//! a KUBECONFIG whose default StorageClass provisions volumes and whose pod addresses this
+//! machine reaches (etcdctl talks to each pod): `make e2e-local`; on kind, from a node.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use consensus_e2e::{
-    TestNamespace, check_local_containment, etcdctl, image, kubectl, kubectl_json, kubectl_ok, wait_until,
+    TestNamespace, check_local_containment, etcdctl, etcdctl_try, image, kubectl, kubectl_json, kubectl_ok,
+    wait_until,
 };
 
 const MEMBERS: usize = 3;
@@ -152,15 +154,19 @@ fn zone_of(node: &str) -> String {
     )
 }
 
-/// The member ids etcdctl lists at `endpoint`, by name.
-fn member_ids(endpoint: &str) -> BTreeSet<String> {
-    etcdctl(endpoint, &["member", "list"])
+/// The member ids in what `etcdctl member list` printed, by name.
+fn parse_member_ids(listed: &str) -> BTreeSet<String> {
+    listed
         .lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(", ").collect();
             (fields.len() >= 3).then(|| format!("{}={}", fields[2], fields[0]))
         })
         .collect()
+}
+
+fn member_ids(endpoint: &str) -> BTreeSet<String> {
+    parse_member_ids(&etcdctl(endpoint, &["member", "list"]))
 }
 
 #[test]
@@ -179,8 +185,8 @@ fn a_statefulset_of_members_forms_a_cluster_across_zones_and_a_deleted_pod_retur
     // One cluster of three: every member lists the same three, and a write is read back at
     // every pod address.
     let listed = wait_until(Duration::from_secs(60), "three members listed", || {
-        let ids = member_ids(&endpoints[0]);
-        (ids.len() == MEMBERS).then_some(ids)
+        let listed = etcdctl_try(&endpoints[0], &["member", "list"]).ok()?;
+        Some(parse_member_ids(&listed)).filter(|ids| ids.len() == MEMBERS)
     });
     for endpoint in &endpoints {
         assert_eq!(member_ids(endpoint), listed, "{endpoint} lists other members");
