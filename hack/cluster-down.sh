@@ -51,7 +51,13 @@ if $owns_network && command -v podman >/dev/null; then
   done
 fi
 if $owns_network; then
-  for ns in $(pod_namespaces); do ip netns delete "$ns"; done
+  # A container podman no longer lists can still run in its pod's namespace (its run was
+  # cut short with the kubelet); whatever runs there goes before the namespace does.
+  for ns in $(pod_namespaces); do
+    pids=$(ip netns pids "$ns" 2>/dev/null)
+    [ -z "$pids" ] || kill -KILL $pids 2>/dev/null
+    ip netns delete "$ns"
+  done
   ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE"
   ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && ip route del unreachable "$SERVICE_CIDR"
   nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && nft delete table inet "$NFT_TABLE"
@@ -69,8 +75,10 @@ leftover_processes() {
     case "$ancestors" in *" $pid "*) ;; *) echo "$pid" ;; esac
   done
 }
-deadline=$((SECONDS + 10))
-while [ -n "$(leftover_processes)" ] && [ $SECONDS -lt $deadline ]; do
+# A pod's host-side veth goes once the last process in its namespace has.
+stray_veths() { $owns_network && { ip -o link show | grep -o " $VETH_PREFIX[0-9a-f]\{8\}" || true; }; }
+deadline=$((SECONDS + 20))
+while { [ -n "$(leftover_processes)" ] || [ -n "$(stray_veths)" ]; } && [ $SECONDS -lt $deadline ]; do
   # A conmon whose container was removed meanwhile (above) goes with a second removal.
   if $owns_network; then ids=$(containers) && [ -n "$ids" ] && cluster_podman rm -f -t 0 $ids >/dev/null; fi
   sleep 0.2
@@ -83,7 +91,7 @@ left=""
 for pid in $(leftover_processes); do left+=" process:$pid($(tr '\0' ' ' </proc/$pid/cmdline 2>/dev/null | cut -c1-60))"; done
 if $owns_network; then
   for ns in $(pod_namespaces); do left+=" netns:$ns"; done
-  for veth in $(ip -o link show | grep -o " $VETH_PREFIX[0-9a-f]\{8\}" || true); do left+=" veth:$veth"; done
+  for veth in $(stray_veths); do left+=" veth:$veth"; done
   ip link show "$BRIDGE" >/dev/null 2>&1 && left+=" bridge:$BRIDGE"
   ip route show type unreachable | grep -q "^unreachable $SERVICE_CIDR" && left+=" route:$SERVICE_CIDR"
   nft list table inet "$NFT_TABLE" >/dev/null 2>&1 && left+=" nft:$NFT_TABLE"
