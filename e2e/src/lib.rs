@@ -134,3 +134,5 @@ impl Drop for TestNamespace {
 
 pub mod cluster_services;
 pub mod kubelet;
+pub mod load;
+pub mod scenario;

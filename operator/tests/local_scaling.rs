@@ -29,7 +29,7 @@ fn started(runtime: &tokio::runtime::Runtime) -> (Local, Writer, Sampler) {
     local.wait_for_voters(3);
     let endpoints = original_endpoints(&local);
     let writer = Writer::start(runtime, endpoints.clone());
-    let sampler = Sampler::start(runtime, endpoints);
+    let sampler = Sampler::start(runtime, endpoints, std::time::Duration::from_millis(20));
     (local, writer, sampler)
 }
 
