@@ -7,6 +7,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER, STATUS_FIELD_MANAGER};
+use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::members::{
     MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
 };
@@ -14,7 +15,7 @@ use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
 use consensus_operator::resources::{InitialClusterState, Members};
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use support::{
     CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
@@ -99,7 +100,7 @@ fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers, NoC
     let reporter =
         Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
     Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Events::new(client.clone(), reporter),
         client,
         probe: members,
         changes: NoChanges,
@@ -446,4 +447,34 @@ async fn the_cluster_role_allows_every_request_the_reconciler_makes() {
         requests.extend(api.requests());
     }
     assert_allowed_by_cluster_role(&requests);
+}
+
+/// A scale-up and the scale-down after it are two stories, not "x2" of the first: an Event
+/// is counted again only when it says the same thing again.
+#[tokio::test]
+async fn events_fold_only_when_their_note_repeats() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, vec![]));
+    let ctx = context(client, FakeMembers::unreachable());
+    let voters = |note: &str| kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Normal,
+        reason: "VotersChanged".into(),
+        note: Some(note.into()),
+        action: "ChangeVoters".into(),
+        secondary: None,
+    };
+    let regarding = kube::Resource::object_ref(&cc, &());
+    for note in
+        ["the 5 voters are now a, b, c, d, e", "the 3 voters are now a, b, c", "the 3 voters are now a, b, c"]
+    {
+        ctx.recorder.publish(&voters(note), &regarding).await.expect("published");
+    }
+
+    let requests = api.requests();
+    let notes: Vec<String> = events(&requests).into_iter().map(|(_, _, note)| note).collect();
+    assert_eq!(notes, ["the 5 voters are now a, b, c, d, e", "the 3 voters are now a, b, c"]);
+    let repeat =
+        requests.iter().find(|r| r.method == "PATCH" && r.path.starts_with(EVENTS)).expect("a repeat");
+    assert_eq!(repeat.body["series"]["count"], 2, "{}", repeat.body);
+    assert_eq!(api.story().len(), 3);
 }

@@ -9,6 +9,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER};
+use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::members::{
     MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
 };
@@ -17,7 +18,7 @@ use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reco
 use consensus_operator::plan::{Observed, Step};
 use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use support::{
     CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
@@ -143,7 +144,7 @@ fn context(client: Client, probe: FakeProbe, changes: FakeChanges) -> Context<Fa
     let reporter =
         Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
     Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Events::new(client.clone(), reporter),
         client,
         probe,
         changes,

@@ -3,6 +3,7 @@
 
 mod apply;
 mod error;
+pub mod events;
 pub mod http;
 mod leader;
 pub mod members;

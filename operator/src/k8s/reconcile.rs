@@ -11,13 +11,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
 use super::Error;
 use super::apply::{Applied, Change, apply};
+use super::events::Events;
 use super::members::{MemberChanges, MemberProbe};
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
@@ -37,7 +38,7 @@ const STEP_RECHECK: Duration = Duration::from_secs(2);
 
 pub struct Context<P, C> {
     pub client: Client,
-    pub recorder: Recorder,
+    pub recorder: Events,
     pub probe: P,
     pub changes: C,
     pub metrics: Arc<Metrics>,

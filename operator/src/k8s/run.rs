@@ -11,13 +11,14 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::events::Events;
 use super::http::{Health, serve};
 use super::leader::Election;
 use super::members::{EtcdChanges, EtcdProbe};
@@ -109,7 +110,7 @@ fn controller(
     let reporter = Reporter { controller: labels::MANAGER.to_owned(), instance: Some(identity.to_owned()) };
     let context = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Events::new(client.clone(), reporter),
         probe: EtcdProbe::default(),
         changes: EtcdChanges,
         metrics,

@@ -241,9 +241,10 @@ impl State {
                 Some(object) => (StatusCode::OK, object.clone()),
                 None => not_found(path),
             },
+            // Kept under its name, as the API server keeps it, so a later PATCH finds it.
             "POST" => {
-                let mut created = request.body.clone();
-                created["metadata"]["resourceVersion"] = json!(self.version());
+                let name = request.body["metadata"]["name"].as_str().unwrap_or_default();
+                let created = self.store(&format!("{path}/{name}"), request.body.clone(), None);
                 (StatusCode::CREATED, created)
             }
             "DELETE" => match self.objects.remove(path) {
