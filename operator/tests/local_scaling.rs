@@ -148,14 +148,18 @@ fn the_operator_killed_after_any_step_is_restarted_and_finishes_the_change() {
     for (replicas, fault) in plan {
         if fault == "TransferLeadership" {
             // Leadership on a member that leaves, so the shrink has to move it.
-            let endpoints: Vec<String> = local.recorded().into_values().collect();
-            let to = local
-                .status()
-                .and_then(|s| s.members.iter().find(|m| m.name == "demo-4").map(|m| m.id.clone()))
-                .and_then(|id| u64::from_str_radix(&id, 16).ok())
+            let status = local.status().expect("status");
+            let to = status
+                .members
+                .iter()
+                .find(|m| m.name == "demo-4")
+                .and_then(|m| u64::from_str_radix(&m.id, 16).ok())
                 .expect("demo-4's id");
+            // MoveLeader is accepted only on the leader.
+            let leader =
+                status.leader.and_then(|name| local.recorded().remove(&name)).expect("the leader's URL");
             runtime.block_on(async {
-                let mut ops = MemberOps::connect(&endpoints).await.expect("connect");
+                let mut ops = MemberOps::connect(&leader).await.expect("connect");
                 ops.move_leader(to).await.expect("move leadership to demo-4");
             });
             wait_until(

@@ -5,7 +5,6 @@ mod apply;
 mod error;
 pub mod http;
 mod leader;
-pub mod members;
 pub mod metrics;
 mod observe;
 pub mod reconcile;
