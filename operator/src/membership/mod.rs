@@ -14,6 +14,8 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 pub use observe::{Answer, Listed, MemberView, Target};
 pub use ops::MemberOps;
 
@@ -87,20 +89,42 @@ pub trait Members: Send + Sync + 'static {
 /// Real members, over connections kept from one reconcile to the next: every reconcile
 /// asks every member, and a new gRPC connection per member and per reconcile costs more
 /// than the calls. A connection is dropped when a call on it goes unanswered, so the next
-/// call connects afresh (on Kubernetes, a restarted pod has a new address behind its name).
+/// call connects afresh (on Kubernetes, a restarted pod has a new address behind its name),
+/// and when it has not been used for `IDLE`: the members of a deleted cluster, or removed
+/// from one, are never asked again.
 #[derive(Default)]
 pub struct EtcdMembers {
-    open: Mutex<HashMap<String, MemberOps>>,
+    open: Mutex<HashMap<String, Open>>,
 }
+
+struct Open {
+    ops: MemberOps,
+    used: Instant,
+}
+
+/// Every member of a cluster is asked at least once a minute (a steady cluster's recheck),
+/// so a connection idle for this long belongs to no member anyone runs.
+const IDLE: Duration = Duration::from_secs(10 * 60);
 
 impl EtcdMembers {
     async fn connection(&self, endpoint: &str) -> Result<MemberOps, MembershipError> {
-        if let Some(open) = self.open.lock().unwrap_or_else(|e| e.into_inner()).get(endpoint) {
-            return Ok(open.clone());
+        if let Some(ops) = self.reuse(endpoint) {
+            return Ok(ops);
         }
         let ops = MemberOps::connect(endpoint).await?;
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(open.entry(endpoint.to_owned()).or_insert(ops).clone())
+        let entry = open.entry(endpoint.to_owned()).or_insert(Open { ops, used: Instant::now() });
+        Ok(entry.ops.clone())
+    }
+
+    /// The open connection to `endpoint`, if any, after dropping the idle ones.
+    fn reuse(&self, endpoint: &str) -> Option<MemberOps> {
+        let now = Instant::now();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, o| now.duration_since(o.used) < IDLE);
+        let entry = open.get_mut(endpoint)?;
+        entry.used = now;
+        Some(entry.ops.clone())
     }
 
     fn forget(&self, endpoint: &str) {
@@ -213,5 +237,29 @@ impl Members for EtcdMembers {
 
     async fn remove(&self, leader: &str, id: u64) -> Result<(), MembershipError> {
         self.change(leader, |mut ops| async move { ops.remove(id).await }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_open(members: &EtcdMembers, endpoint: &str) -> bool {
+        members.open.lock().expect("lock").contains_key(endpoint)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_no_member_uses_any_more_is_dropped() {
+        // Connecting does no I/O (the channels connect on first use), so no member runs here.
+        let members = EtcdMembers::default();
+        let (kept, left) = ("http://127.0.0.1:9", "http://127.0.0.1:7");
+        members.connection(kept).await.expect("connects");
+        members.connection(left).await.expect("connects");
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_secs(60)).await;
+            members.connection(kept).await.expect("reused");
+        }
+        assert!(is_open(&members, kept), "in use every minute");
+        assert!(!is_open(&members, left), "unused for 20 minutes");
     }
 }
