@@ -15,7 +15,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::debug;
 
 use super::Error;
-use crate::membership::{Members, Target, observe as members};
+use crate::membership::observe::combine;
+use crate::membership::{Members, Target};
 use crate::plan::{Observed, ObservedMember};
 use crate::platform;
 use crate::resources::{
@@ -114,8 +115,7 @@ pub async fn observe(
         // Normal while members start; the planner reads "unknown", not "no members".
         debug!(cluster = %name, "no member answered");
     }
-    let mut view =
-        members::combine(&answers, |peer_url| resources::member_of_peer_url(&name, &namespace, peer_url));
+    let mut view = combine(&answers, |peer_url| resources::member_of_peer_url(&name, &namespace, peer_url));
     view.members = view.members.map(|listed| join(listed, &pods));
     observation.bootstrapped |= view.leader.is_some();
     platform::fill(&mut observation.observed, &view);
