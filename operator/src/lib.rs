@@ -8,5 +8,6 @@ pub mod k8s;
 pub mod local;
 pub mod membership;
 pub mod plan;
+pub mod platform;
 pub mod resources;
 pub mod signal;

@@ -8,8 +8,9 @@ mod local_support;
 use std::sync::Mutex;
 
 use consensus_crds::MemberRole;
+use consensus_e2e::load::{Sampler, Writer};
 use consensus_operator::membership::MemberOps;
-use local_support::{FAULT_EXIT, Local, Sampler, Writer, kill, wait_until};
+use local_support::{FAULT_EXIT, Local, kill, wait_until};
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -111,7 +112,9 @@ fn scale_with_fault(local: &mut Local, replicas: i32, fault: &str) -> bool {
     );
     if let Some(code) = died {
         let log = local.log();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        // A panic's message comes before its backtrace, which alone fills a short tail.
+        let from = log.lines().position(|l| l.contains("panicked")).unwrap_or(0);
+        let tail: Vec<&str> = log.lines().skip(from).take(40).collect();
         assert_eq!(
             code,
             Some(FAULT_EXIT),
@@ -148,14 +151,18 @@ fn the_operator_killed_after_any_step_is_restarted_and_finishes_the_change() {
     for (replicas, fault) in plan {
         if fault == "TransferLeadership" {
             // Leadership on a member that leaves, so the shrink has to move it.
-            let endpoints: Vec<String> = local.recorded().into_values().collect();
-            let to = local
-                .status()
-                .and_then(|s| s.members.iter().find(|m| m.name == "demo-4").map(|m| m.id.clone()))
-                .and_then(|id| u64::from_str_radix(&id, 16).ok())
+            let status = local.status().expect("status");
+            let to = status
+                .members
+                .iter()
+                .find(|m| m.name == "demo-4")
+                .and_then(|m| u64::from_str_radix(&m.id, 16).ok())
                 .expect("demo-4's id");
+            // MoveLeader is accepted only on the leader.
+            let leader =
+                status.leader.and_then(|name| local.recorded().remove(&name)).expect("the leader's URL");
             runtime.block_on(async {
-                let mut ops = MemberOps::connect(&endpoints).await.expect("connect");
+                let mut ops = MemberOps::connect(&leader).await.expect("connect");
                 ops.move_leader(to).await.expect("move leadership to demo-4");
             });
             wait_until(

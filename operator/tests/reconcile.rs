@@ -4,19 +4,17 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER, STATUS_FIELD_MANAGER};
 use consensus_operator::k8s::events::Events;
-use consensus_operator::k8s::members::{
-    MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
-};
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
 use consensus_operator::resources::{InitialClusterState, Members};
 use kube::Client;
 use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
+use support::members::{CLUSTER_ID, Cluster, FakeMembers, Member};
 use support::{
     CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
     assert_allowed_by_cluster_role, only,
@@ -26,60 +24,28 @@ const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
 const CLIENT: &str = "/api/v1/namespaces/default/services/demo-client";
 const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
 
-/// What the members answer, and who asked.
-struct FakeMembers {
-    answer: Option<Membership>,
-    asked: Mutex<Vec<String>>,
+/// `demo-0` .. `demo-{n-1}`, all answering, `demo-0` leading.
+fn healthy(n: u64) -> FakeMembers {
+    FakeMembers::answering(Cluster { members: members(n), leader: Some(0x10) })
 }
 
-impl FakeMembers {
-    fn unreachable() -> Self {
-        Self { answer: None, asked: Mutex::default() }
-    }
-
-    /// `demo-0` .. `demo-{n-1}`, all answering, `demo-0` leading.
-    fn healthy(n: u64) -> Self {
-        let members = (0..n)
-            .map(|i| ReportedMember {
-                id: 0x10 + i,
-                name: format!("demo-{i}"),
-                is_learner: false,
-                answers: true,
-                applied_index: Some(42),
-                raft_index: Some(42),
-            })
-            .collect();
-        Self { answer: Some(Membership { members, leader: Some(0x10) }), asked: Mutex::default() }
-    }
-}
-
-impl MemberProbe for FakeMembers {
-    async fn membership(&self, endpoint: &str) -> Result<Membership, MembershipError> {
-        self.asked.lock().expect("lock").push(endpoint.to_owned());
-        self.answer.clone().ok_or_else(|| MembershipError::Unreachable {
-            endpoint: endpoint.to_owned(),
-            source: "connection refused".into(),
+fn members(n: u64) -> Vec<Member> {
+    (0..n)
+        .map(|i| Member {
+            id: 0x10 + i,
+            name: format!("demo-{i}"),
+            is_learner: false,
+            started: true,
+            answers: true,
+            applied_index: 42,
+            raft_index: 42,
         })
-    }
+        .collect()
 }
 
-/// The scenarios here change no membership (operator/tests/scaling.rs does): being asked
-/// to is a failure.
-struct NoChanges;
-
-impl MemberChanges for NoChanges {
-    async fn add_learner(&self, _: &str, peer_url: &str) -> Result<u64, MembershipError> {
-        panic!("asked to add a learner at {peer_url}")
-    }
-    async fn change_voters(&self, _: &str, voters: &[u64]) -> Result<(), MembershipError> {
-        panic!("asked to change the voters to {voters:?}")
-    }
-    async fn move_leader(&self, _: &str, to: u64) -> Result<(), MembershipError> {
-        panic!("asked to move leadership to {to:x}")
-    }
-    async fn remove(&self, _: &str, id: u64) -> Result<(), MembershipError> {
-        panic!("asked to remove {id:x}")
-    }
+/// The members' own client URLs, under the headless peer Service.
+fn member_urls(n: u64) -> Vec<String> {
+    (0..n).map(|i| format!("http://demo-{i}.demo-peer.default.svc:2379")).collect()
 }
 
 fn cluster(spec: Value, finalizer: bool) -> ConsensusCluster {
@@ -96,14 +62,13 @@ fn cluster(spec: Value, finalizer: bool) -> ConsensusCluster {
     .expect("a ConsensusCluster")
 }
 
-fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers, NoChanges>> {
+fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers>> {
     let reporter =
         Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
     Arc::new(Context {
         recorder: Events::new(client.clone(), reporter),
         client,
-        probe: members,
-        changes: NoChanges,
+        members,
         metrics: Metrics::shared(),
     })
 }
@@ -254,7 +219,7 @@ async fn the_first_reconcile_creates_every_object_and_reports_pending() {
     assert_eq!(condition(status, "Progressing")["status"], "True");
 
     // Nothing ran yet, so there was nobody to ask.
-    assert!(ctx.probe.asked.lock().expect("lock").is_empty());
+    assert!(ctx.members.asked().is_empty());
 }
 
 #[tokio::test]
@@ -264,7 +229,7 @@ async fn an_even_replica_count_is_refused_and_the_cluster_is_left_as_it_is() {
     let cc = cluster(json!({"replicas": 4}), true);
     let (client, api) = FakeApi::start(with_cluster(&cc, objects));
 
-    reconcile(Arc::new(cc), context(client, FakeMembers::healthy(3))).await.expect("reconciles");
+    reconcile(Arc::new(cc), context(client, healthy(3))).await.expect("reconciles");
 
     // Writes: one Warning event and the status, nothing else.
     let writes: Vec<String> = api.writes().iter().map(Recorded::line).collect();
@@ -300,11 +265,14 @@ async fn a_steady_cluster_reports_members_zones_and_leader_under_the_status_fiel
     let cc = cluster(json!({"replicas": 3}), true);
     let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
     let (client, api) = FakeApi::start(with_cluster(&cc, objects));
-    let ctx = context(client, FakeMembers::healthy(3));
+    let ctx = context(client, healthy(3));
 
     reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
 
-    assert_eq!(*ctx.probe.asked.lock().expect("lock"), ["http://demo-client.default.svc:2379"]);
+    // Each member on its own address, not the client Service (`demo-client`), which has no
+    // endpoint exactly when the members' word matters most (bootstrap, quorum loss).
+    assert_eq!(ctx.members.asked(), member_urls(3));
+    assert!(ctx.members.changes().is_empty(), "a steady cluster's membership is left alone");
     let requests = api.requests();
     // Every object is applied again (level-triggered), but nothing changed: no events.
     assert!(events(&requests).is_empty(), "{:?}", events(&requests));
@@ -335,6 +303,69 @@ async fn a_steady_cluster_reports_members_zones_and_leader_under_the_status_fiel
         ]
     );
     assert_eq!(condition(status, "Available")["status"], "True");
+    assert_eq!(status["clusterId"], format!("{CLUSTER_ID:x}"));
+}
+
+/// The pods of `running_cluster_objects`, none of them ready: no endpoint behind the
+/// client Service, as while members elect their first leader or after quorum is lost.
+fn not_ready(mut objects: Vec<Value>) -> Vec<Value> {
+    for pod in objects.iter_mut().filter(|o| o["kind"] == "Pod") {
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    }
+    objects
+}
+
+#[tokio::test]
+async fn members_that_answer_without_a_leader_are_in_status_while_they_bootstrap() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = not_ready(running_cluster_objects(&cc, InitialClusterState::New));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let ctx = context(client, FakeMembers::answering(Cluster { members: members(3), leader: None }));
+
+    reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
+
+    assert_eq!(ctx.members.asked(), member_urls(3));
+    let requests = api.requests();
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(status["phase"], "Bootstrapping");
+    let members: Vec<String> = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| format!("{} {} {}", m["name"], m["role"], m["healthy"]))
+        .collect();
+    assert_eq!(
+        members,
+        [r#""demo-0" "Follower" false"#, r#""demo-1" "Follower" false"#, r#""demo-2" "Follower" false"#]
+    );
+    assert_eq!(status["leader"], Value::Null);
+    assert_eq!(only(&requests, "PATCH", CONFIG).body["data"]["initial-cluster-state"], "new");
+}
+
+#[tokio::test]
+async fn members_that_lost_quorum_are_in_status_as_they_answer() {
+    // Established (demo-0 led before), then two of three stopped answering: the one left
+    // answers without a leader, and the silent ones are listed as its MemberList has them.
+    let mut cc = cluster(json!({"replicas": 3}), true);
+    cc.status =
+        Some(serde_json::from_value(json!({"phase": "Running", "leader": "demo-0"})).expect("status"));
+    let objects = not_ready(running_cluster_objects(&cc, InitialClusterState::Existing));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let mut left = members(3);
+    for member in &mut left[1..] {
+        member.answers = false;
+    }
+    let ctx = context(client, FakeMembers::answering(Cluster { members: left, leader: None }));
+
+    reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
+
+    let requests = api.requests();
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(status["phase"], "QuorumLost");
+    let names: Vec<&str> =
+        status["members"].as_array().expect("members").iter().filter_map(|m| m["name"].as_str()).collect();
+    assert_eq!(names, ["demo-0", "demo-1", "demo-2"]);
+    assert_eq!(condition(status, "QuorumLost")["status"], "True");
 }
 
 #[tokio::test]
@@ -343,7 +374,7 @@ async fn once_a_leader_is_seen_new_members_join_instead_of_bootstrapping() {
     let objects = running_cluster_objects(&cc, InitialClusterState::New);
     let (client, api) = FakeApi::start(with_cluster(&cc, objects));
 
-    reconcile(Arc::new(cc), context(client, FakeMembers::healthy(3))).await.expect("reconciles");
+    reconcile(Arc::new(cc), context(client, healthy(3))).await.expect("reconciles");
 
     let requests = api.requests();
     assert_eq!(only(&requests, "PATCH", CONFIG).body["data"]["initial-cluster-state"], "existing");
@@ -430,15 +461,11 @@ async fn the_cluster_role_allows_every_request_the_reconciler_makes() {
     for (cc, objects, members) in [
         (cluster(json!({"replicas": 3}), false), vec![], FakeMembers::unreachable()),
         (running.clone(), vec![], FakeMembers::unreachable()),
-        (
-            running.clone(),
-            running_cluster_objects(&running, InitialClusterState::New),
-            FakeMembers::healthy(3),
-        ),
+        (running.clone(), running_cluster_objects(&running, InitialClusterState::New), healthy(3)),
         (
             cluster(json!({"replicas": 4}), true),
             running_cluster_objects(&running, InitialClusterState::New),
-            FakeMembers::healthy(3),
+            healthy(3),
         ),
         (deleted(json!({"storage": {"reclaimPolicy": "Delete"}})), volumes(), FakeMembers::unreachable()),
     ] {

@@ -10,9 +10,6 @@ use std::sync::{Arc, Mutex};
 
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER};
 use consensus_operator::k8s::events::Events;
-use consensus_operator::k8s::members::{
-    MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
-};
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
 use consensus_operator::plan::{Observed, Step};
@@ -20,12 +17,12 @@ use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
+use support::members::{Asked, Cluster, FakeMembers, Member};
 use support::{
     CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
     assert_allowed_by_cluster_role, only,
 };
 
-const CLIENT_ENDPOINT: &str = "http://demo-client.default.svc:2379";
 const LEADER_RAFT_INDEX: u64 = 100;
 
 /// `demo-i` has id `0x10 + i`.
@@ -33,98 +30,30 @@ fn id(i: u64) -> u64 {
     0x10 + i
 }
 
-/// What the members answer; the test changes it between reconciles as the cluster would.
-#[derive(Default)]
-struct FakeProbe {
-    answer: Mutex<Option<Membership>>,
+/// `demo-i`'s own client URL, under the headless peer Service: where leader-only changes
+/// must go when it leads, never the client Service (`demo-client`), which picks any ready
+/// member.
+fn url(i: u64) -> String {
+    format!("http://demo-{i}.demo-peer.default.svc:2379")
 }
 
-impl FakeProbe {
-    fn answering(membership: Membership) -> Self {
-        Self { answer: Mutex::new(Some(membership)) }
-    }
-
-    fn now(&self, membership: Membership) {
-        *self.answer.lock().expect("lock") = Some(membership);
-    }
-}
-
-impl MemberProbe for FakeProbe {
-    async fn membership(&self, endpoint: &str) -> Result<Membership, MembershipError> {
-        self.answer.lock().expect("lock").clone().ok_or_else(|| MembershipError::Unreachable {
-            endpoint: endpoint.to_owned(),
-            source: "connection refused".into(),
-        })
-    }
-}
-
-/// One membership change the members were asked for, and through which endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Asked {
-    AddLearner { endpoint: String, peer_url: String },
-    ChangeVoters { endpoint: String, voters: Vec<u64> },
-    MoveLeader { endpoint: String, to: u64 },
-    Remove { endpoint: String, id: u64 },
-}
-
-/// Records every change and answers it, or refuses it when told to.
-#[derive(Default)]
-struct FakeChanges {
-    asked: Mutex<Vec<Asked>>,
-    refuse: bool,
-}
-
-impl FakeChanges {
-    fn asked(&self) -> Vec<Asked> {
-        self.asked.lock().expect("lock").clone()
-    }
-
-    fn record(&self, asked: Asked) -> Result<(), MembershipError> {
-        self.asked.lock().expect("lock").push(asked);
-        if self.refuse {
-            return Err(MembershipError::Change {
-                change: "fake",
-                endpoint: CLIENT_ENDPOINT.to_owned(),
-                source: "a learner is not caught up".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-impl MemberChanges for FakeChanges {
-    async fn add_learner(&self, endpoint: &str, peer_url: &str) -> Result<u64, MembershipError> {
-        self.record(Asked::AddLearner { endpoint: endpoint.to_owned(), peer_url: peer_url.to_owned() })?;
-        // The id the members would give demo-3, demo-4, ... in order.
-        Ok(id(2 + self.asked().len() as u64))
-    }
-    async fn change_voters(&self, endpoint: &str, voters: &[u64]) -> Result<(), MembershipError> {
-        self.record(Asked::ChangeVoters { endpoint: endpoint.to_owned(), voters: voters.to_vec() })
-    }
-    async fn move_leader(&self, endpoint: &str, to: u64) -> Result<(), MembershipError> {
-        self.record(Asked::MoveLeader { endpoint: endpoint.to_owned(), to })
-    }
-    async fn remove(&self, endpoint: &str, id: u64) -> Result<(), MembershipError> {
-        self.record(Asked::Remove { endpoint: endpoint.to_owned(), id })
-    }
-}
-
-fn member(i: u64, is_learner: bool, started: bool) -> ReportedMember {
-    ReportedMember {
+fn member(i: u64, is_learner: bool, started: bool) -> Member {
+    Member {
         id: id(i),
         name: format!("demo-{i}"),
         is_learner,
+        started,
         answers: started,
-        applied_index: started.then_some(LEADER_RAFT_INDEX),
-        raft_index: started.then_some(LEADER_RAFT_INDEX),
+        applied_index: LEADER_RAFT_INDEX,
+        raft_index: LEADER_RAFT_INDEX,
     }
 }
 
 /// `voters` and `learners` by ordinal, every one of them running, `leader` leading.
-fn membership(voters: Range<u64>, learners: Range<u64>, leader: u64) -> Membership {
+fn membership(voters: Range<u64>, learners: Range<u64>, leader: u64) -> Cluster {
     let members =
         voters.map(|i| member(i, false, true)).chain(learners.map(|i| member(i, true, true))).collect();
-    Membership { members, leader: Some(id(leader)) }
+    Cluster { members, leader: Some(id(leader)) }
 }
 
 fn cluster(replicas: i32) -> ConsensusCluster {
@@ -140,16 +69,10 @@ fn cluster(replicas: i32) -> ConsensusCluster {
     .expect("a ConsensusCluster")
 }
 
-fn context(client: Client, probe: FakeProbe, changes: FakeChanges) -> Context<FakeProbe, FakeChanges> {
+fn context(client: Client, members: FakeMembers) -> Context<FakeMembers> {
     let reporter =
         Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
-    Context {
-        recorder: Events::new(client.clone(), reporter),
-        client,
-        probe,
-        changes,
-        metrics: Metrics::shared(),
-    }
+    Context { recorder: Events::new(client.clone(), reporter), client, members, metrics: Metrics::shared() }
 }
 
 fn selector_labels() -> Value {
@@ -183,12 +106,7 @@ fn objects(cc: &ConsensusCluster, replicas: i32, pods: Range<u64>, volumes: Rang
 }
 
 /// One reconcile acting on `step`; the requests it made.
-async fn act(
-    cc: &ConsensusCluster,
-    ctx: &Context<FakeProbe, FakeChanges>,
-    api: &FakeApi,
-    step: Step,
-) -> Vec<Recorded> {
+async fn act(cc: &ConsensusCluster, ctx: &Context<FakeMembers>, api: &FakeApi, step: Step) -> Vec<Recorded> {
     let before = api.requests().len();
     converge_with(cc, ctx, |_| step).await.expect("reconciles");
     api.requests().split_off(before)
@@ -230,17 +148,14 @@ async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset
     // kubectl scale cc/demo --replicas=5 on a running 3-member cluster.
     let cc = cluster(5);
     let (client, api) = FakeApi::start(objects(&cc, 3, 0..3, 0..3));
-    let ctx = context(client, FakeProbe::answering(membership(0..3, 0..0, 0)), FakeChanges::default());
+    let ctx = context(client, FakeMembers::answering(membership(0..3, 0..0, 0)));
 
     // 1. demo-3 is added as a learner, at the peer URL its pod will advertise, before
     //    its pod exists: the StatefulSet stays at 3.
     let first = act(&cc, &ctx, &api, Step::AddLearner { name: "demo-3".into() }).await;
     assert_eq!(
-        ctx.changes.asked(),
-        [Asked::AddLearner {
-            endpoint: CLIENT_ENDPOINT.into(),
-            peer_url: "http://demo-3.demo-peer.default.svc:2380".into()
-        }]
+        ctx.members.changes(),
+        [Asked::AddLearner { endpoint: url(0), peer_url: "http://demo-3.demo-peer.default.svc:2380".into() }]
     );
     assert_eq!(replicas_applied(&first), [3], "the StatefulSet is kept at 3 while learners are added");
     assert_eq!(
@@ -254,14 +169,11 @@ async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset
     // 2. The members now list demo-3, unstarted; demo-4 is added the same way.
     let mut members = membership(0..3, 0..0, 0);
     members.members.push(member(3, true, false));
-    ctx.probe.now(members.clone());
+    ctx.members.now(members.clone());
     let second = act(&cc, &ctx, &api, Step::AddLearner { name: "demo-4".into() }).await;
     assert_eq!(
-        ctx.changes.asked()[1],
-        Asked::AddLearner {
-            endpoint: CLIENT_ENDPOINT.into(),
-            peer_url: "http://demo-4.demo-peer.default.svc:2380".into()
-        }
+        ctx.members.changes()[1],
+        Asked::AddLearner { endpoint: url(0), peer_url: "http://demo-4.demo-peer.default.svc:2380".into() }
     );
     assert_eq!(replicas_applied(&second), [3]);
 
@@ -269,7 +181,7 @@ async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset
     //    five members and telling the new ones to join, then the StatefulSet, by
     //    server-side apply under the operator's field manager.
     members.members.push(member(4, true, false));
-    ctx.probe.now(members);
+    ctx.members.now(members);
     let third = act(&cc, &ctx, &api, Step::ResizeWorkload { replicas: 5 }).await;
     let config = only(&third, "PATCH", CONFIG);
     assert_eq!(config.body["data"]["initial-cluster"], initial_cluster(5));
@@ -314,12 +226,12 @@ async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset
 async fn a_voter_change_promotes_the_caught_up_learners_in_one_step_and_says_so() {
     let cc = cluster(5);
     let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
-    let ctx = context(client, FakeProbe::answering(membership(0..3, 3..5, 0)), FakeChanges::default());
+    let ctx = context(client, FakeMembers::answering(membership(0..3, 3..5, 0)));
 
     let voters: Vec<u64> = (0..5).map(id).collect();
     let requests = act(&cc, &ctx, &api, Step::ChangeVoters { voters: voters.clone() }).await;
 
-    assert_eq!(ctx.changes.asked(), [Asked::ChangeVoters { endpoint: CLIENT_ENDPOINT.into(), voters }]);
+    assert_eq!(ctx.members.changes(), [Asked::ChangeVoters { endpoint: url(0), voters }]);
     assert_eq!(
         events(&requests),
         [
@@ -337,8 +249,8 @@ async fn a_voter_change_promotes_the_caught_up_learners_in_one_step_and_says_so(
 async fn a_refused_voter_change_is_a_warning_and_claims_nothing() {
     let cc = cluster(5);
     let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
-    let changes = FakeChanges { refuse: true, ..FakeChanges::default() };
-    let ctx = context(client, FakeProbe::answering(membership(0..3, 3..5, 0)), changes);
+    let members = FakeMembers::answering(membership(0..3, 3..5, 0)).refusing();
+    let ctx = context(client, members);
 
     let voters: Vec<u64> = (0..5).map(id).collect();
     let outcome = converge_with(&cc, &ctx, |_| Step::ChangeVoters { voters }).await;
@@ -356,15 +268,16 @@ async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then
     // one of the two members that leave.
     let cc = cluster(3);
     let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
-    let ctx = context(client, FakeProbe::answering(membership(0..5, 0..0, 4)), FakeChanges::default());
+    let ctx = context(client, FakeMembers::answering(membership(0..5, 0..0, 4)));
 
     // 1. Leadership moves to a member that stays.
     let moved = act(&cc, &ctx, &api, Step::TransferLeadership { to: id(0) }).await;
-    assert_eq!(ctx.changes.asked(), [Asked::MoveLeader { endpoint: CLIENT_ENDPOINT.into(), to: id(0) }]);
+    // MoveLeader is accepted only on the leader: it goes to demo-4's own address.
+    assert_eq!(ctx.members.changes(), [Asked::MoveLeader { endpoint: url(4), to: id(0) }]);
     assert_eq!(events(&moved), ["Normal LeadershipTransferred: moved leadership from demo-4 to demo-0"]);
 
     // 2. The voters go from 5 to 3 in one step; demo-3 and demo-4 are left as learners.
-    ctx.probe.now(membership(0..5, 0..0, 0));
+    ctx.members.now(membership(0..5, 0..0, 0));
     let voters: Vec<u64> = (0..3).map(id).collect();
     let changed = act(&cc, &ctx, &api, Step::ChangeVoters { voters: voters.clone() }).await;
     assert_eq!(
@@ -375,20 +288,17 @@ async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then
     );
 
     // 3. Both leave the membership.
-    ctx.probe.now(membership(0..3, 3..5, 0));
+    ctx.members.now(membership(0..3, 3..5, 0));
     let removed_4 = act(&cc, &ctx, &api, Step::RemoveMember { id: id(4), name: "demo-4".into() }).await;
-    ctx.probe.now(membership(0..3, 3..4, 0));
+    ctx.members.now(membership(0..3, 3..4, 0));
     let removed_3 = act(&cc, &ctx, &api, Step::RemoveMember { id: id(3), name: "demo-3".into() }).await;
     assert_eq!(
-        ctx.changes.asked()[2..],
-        [
-            Asked::Remove { endpoint: CLIENT_ENDPOINT.into(), id: id(4) },
-            Asked::Remove { endpoint: CLIENT_ENDPOINT.into(), id: id(3) },
-        ]
+        ctx.members.changes()[2..],
+        [Asked::Remove { endpoint: url(0), id: id(4) }, Asked::Remove { endpoint: url(0), id: id(3) },]
     );
     assert_eq!(events(&removed_4), ["Normal MemberRemoved: removed demo-4 (id 14) from the membership"]);
     assert_eq!(events(&removed_3), ["Normal MemberRemoved: removed demo-3 (id 13) from the membership"]);
-    ctx.probe.now(membership(0..3, 0..0, 0));
+    ctx.members.now(membership(0..3, 0..0, 0));
 
     // 4. A volume deletion asked for while the StatefulSet still runs the pod is not done.
     let too_early = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
@@ -440,7 +350,7 @@ async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then
 #[tokio::test]
 async fn a_volume_is_never_deleted_while_its_member_could_still_need_it() {
     // Each case: the StatefulSet's replicas, the pods that exist, what the members answer.
-    let cases: [(&str, i32, Range<u64>, Option<Membership>); 4] = [
+    let cases: [(&str, i32, Range<u64>, Option<Cluster>); 4] = [
         ("demo-3 is still in the membership", 3, 0..3, Some(membership(0..3, 3..4, 0))),
         ("demo-3's pod still exists (terminating)", 3, 0..4, Some(membership(0..3, 0..0, 0))),
         ("the StatefulSet still runs demo-3", 4, 0..3, Some(membership(0..3, 0..0, 0))),
@@ -449,8 +359,7 @@ async fn a_volume_is_never_deleted_while_its_member_could_still_need_it() {
     for (case, replicas, pods, answer) in cases {
         let cc = cluster(3);
         let (client, api) = FakeApi::start(objects(&cc, replicas, pods, 0..4));
-        let probe = FakeProbe { answer: Mutex::new(answer) };
-        let ctx = context(client, probe, FakeChanges::default());
+        let ctx = context(client, answer.map_or_else(FakeMembers::unreachable, FakeMembers::answering));
 
         let requests = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-3".into() }).await;
 
@@ -465,7 +374,7 @@ async fn a_volume_already_deleted_is_done_not_an_error() {
     // The operator died after the DELETE and before its Event: the next reconcile finishes.
     let cc = cluster(3);
     let (client, api) = FakeApi::start(objects(&cc, 3, 0..3, 0..3));
-    let ctx = context(client, FakeProbe::answering(membership(0..3, 0..0, 0)), FakeChanges::default());
+    let ctx = context(client, FakeMembers::answering(membership(0..3, 0..0, 0)));
 
     let requests = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
 
@@ -482,7 +391,7 @@ async fn an_even_replica_count_never_writes_the_statefulset() {
     objects.retain(|o| o["kind"] != "ConsensusCluster");
     objects.push(serde_json::to_value(&cc).expect("serializes"));
     let (client, api) = FakeApi::start(objects);
-    let ctx = context(client, FakeProbe::answering(membership(0..5, 0..0, 0)), FakeChanges::default());
+    let ctx = context(client, FakeMembers::answering(membership(0..5, 0..0, 0)));
 
     reconcile(Arc::new(cc), Arc::new(ctx)).await.expect("reconciles");
 
@@ -521,8 +430,8 @@ async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_los
     objects.push(terminated(3, 1, "panic"));
     let (client, _api) = FakeApi::start(objects);
     let mut members = membership(0..5, 0..0, 0);
-    members.members[0].raft_index = Some(LEADER_RAFT_INDEX + 7);
-    let ctx = context(client, FakeProbe::answering(members), FakeChanges::default());
+    members.members[0].raft_index = LEADER_RAFT_INDEX + 7;
+    let ctx = context(client, FakeMembers::answering(members));
 
     let seen: Mutex<Option<Observed>> = Mutex::default();
     converge_with(&cc, &ctx, |observed| {
@@ -533,6 +442,7 @@ async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_los
     .expect("reconciles");
 
     let observed = seen.into_inner().expect("lock").expect("decided");
+    assert_eq!(ctx.members.asked(), (0..5).map(url).collect::<Vec<_>>(), "every member the StatefulSet runs");
     assert_eq!(observed.volumes, ["demo-0", "demo-1", "demo-2", "demo-3", "demo-4"]);
     assert_eq!(observed.leader_raft_index, Some(LEADER_RAFT_INDEX + 7));
     assert_eq!(observed.lost_data, ["demo-1", "demo-2"]);

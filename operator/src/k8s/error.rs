@@ -13,7 +13,7 @@ pub enum Error {
     #[error("serializing status: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error("changing the membership: {0}")]
-    Membership(#[from] super::members::MembershipError),
+    Membership(#[from] crate::membership::MembershipError),
     #[error("adding or removing the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }

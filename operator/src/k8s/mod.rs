@@ -6,7 +6,6 @@ mod error;
 pub mod events;
 pub mod http;
 mod leader;
-pub mod members;
 pub mod metrics;
 mod observe;
 pub mod reconcile;

@@ -15,8 +15,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tracing::debug;
 
 use super::Error;
-use super::members::{MemberProbe, Membership};
+use crate::membership::observe::combine;
+use crate::membership::{Members, Target};
 use crate::plan::{Observed, ObservedMember};
+use crate::platform;
 use crate::resources::{
     self, INITIAL_CLUSTER_STATE_KEY, InitialClusterState, LOST_DATA_EXIT_CODE, LOST_DATA_MESSAGE,
     client_service_name, config_map_name, labels, peer_service_name, volume_claim_name,
@@ -34,6 +36,14 @@ pub struct Observation {
     /// Names of the member pods that exist, running or not: a volume is in use until its
     /// pod is gone.
     pub pods: BTreeSet<String>,
+    /// The client URL the leader answered on, where leader-only changes go.
+    pub leader_url: Option<String>,
+}
+
+impl AsRef<Observed> for Observation {
+    fn as_ref(&self) -> &Observed {
+        &self.observed
+    }
 }
 
 pub fn object_key(kind: &str, name: &str) -> String {
@@ -42,7 +52,7 @@ pub fn object_key(kind: &str, name: &str) -> String {
 
 pub async fn observe(
     client: &Client,
-    probe: &impl MemberProbe,
+    members: &impl Members,
     cc: &ConsensusCluster,
 ) -> Result<Observation, Error> {
     let name = cc.name_any();
@@ -91,20 +101,25 @@ pub async fn observe(
     observation.observed.lost_data =
         pods.iter().filter(|(_, pod)| pod.lost_data).map(|(name, _)| name.clone()).collect();
     observation.observed.volumes = member_volumes(client, &namespace, &name).await?;
-    match probe.membership(&resources::client_endpoint(&name, &namespace)).await {
-        Ok(membership) => {
-            observation.bootstrapped |= membership.leader.is_some();
-            observation.observed.leader = membership.leader;
-            observation.observed.leader_raft_index = membership
-                .members
-                .iter()
-                .find(|m| Some(m.id) == membership.leader)
-                .and_then(|m| m.raft_index);
-            observation.observed.members = Some(join(membership, &pods));
-        }
+    // Every member the StatefulSet runs, each on its own name under the peer Service, which
+    // publishes members before they are ready: the client Service has no endpoint during
+    // bootstrap and quorum loss, exactly when the members' own word matters most.
+    let targets: Vec<Target> = (0..observation.observed.workload_replicas.unwrap_or(0))
+        .map(|ordinal| {
+            let member = format!("{name}-{ordinal}");
+            Target { client_url: resources::member_client_url(&name, &namespace, &member), name: member }
+        })
+        .collect();
+    let answers = members.ask(&targets).await;
+    if answers.is_empty() {
         // Normal while members start; the planner reads "unknown", not "no members".
-        Err(error) => debug!(cluster = %name, %error, "members not observed"),
+        debug!(cluster = %name, "no member answered");
     }
+    let mut view = combine(&answers, |peer_url| resources::member_of_peer_url(&name, &namespace, peer_url));
+    view.members = view.members.map(|listed| join(listed, &pods));
+    observation.bootstrapped |= view.leader.is_some();
+    platform::fill(&mut observation.observed, &view);
+    observation.leader_url = view.leader_url;
     Ok(observation)
 }
 
@@ -181,20 +196,12 @@ async fn member_pods(
 
 /// Members as Raft reports them, with their pods' word on readiness and zone. A member
 /// is healthy only if both agree: Raft can see a member whose pod is being deleted.
-fn join(membership: Membership, pods: &BTreeMap<String, PodView>) -> Vec<ObservedMember> {
-    membership
-        .members
+fn join(members: Vec<ObservedMember>, pods: &BTreeMap<String, PodView>) -> Vec<ObservedMember> {
+    members
         .into_iter()
         .map(|member| {
             let pod = pods.get(&member.name).cloned().unwrap_or_default();
-            ObservedMember {
-                id: member.id,
-                healthy: member.answers && pod.ready,
-                zone: pod.zone,
-                name: member.name,
-                is_learner: member.is_learner,
-                applied_index: member.applied_index,
-            }
+            ObservedMember { healthy: member.healthy && pod.ready, zone: pod.zone, ..member }
         })
         .collect()
 }
@@ -202,32 +209,25 @@ fn join(membership: Membership, pods: &BTreeMap<String, PodView>) -> Vec<Observe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::members::ReportedMember;
 
     #[test]
     fn a_member_is_healthy_only_when_raft_and_its_pod_agree() {
-        let reported = |id, name: &str, answers| ReportedMember {
+        let reported = |id, name: &str, healthy| ObservedMember {
             id,
             name: name.to_owned(),
             is_learner: false,
-            answers,
+            healthy,
+            zone: None,
             applied_index: Some(7),
-            raft_index: Some(7),
         };
-        let membership = Membership {
-            members: vec![
-                reported(1, "demo-0", true),
-                reported(2, "demo-1", true),
-                reported(3, "demo-2", false),
-            ],
-            leader: Some(1),
-        };
+        let members =
+            vec![reported(1, "demo-0", true), reported(2, "demo-1", true), reported(3, "demo-2", false)];
         let pods = BTreeMap::from([
             ("demo-0".to_owned(), PodView { ready: true, zone: Some("a".into()), lost_data: false }),
             ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()), lost_data: false }),
             ("demo-2".to_owned(), PodView { ready: true, zone: None, lost_data: false }),
         ]);
-        let members = join(membership, &pods);
+        let members = join(members, &pods);
         assert_eq!(members.iter().map(|m| m.healthy).collect::<Vec<_>>(), [true, false, false]);
         assert_eq!(members[0].zone.as_deref(), Some("a"));
     }

@@ -19,10 +19,11 @@ use tracing::{info, warn};
 use super::Error;
 use super::apply::{Applied, Change, apply};
 use super::events::Events;
-use super::members::{MemberChanges, MemberProbe};
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
+use crate::membership::{self, MembershipError};
 use crate::plan::{self, Observed, Step};
+use crate::platform::{self, Platform, Round};
 use crate::resources::{self, BuildError, InitialClusterState, Members, labels};
 
 /// Held on every ConsensusCluster until its deletion has been handled (volumes kept or
@@ -36,17 +37,17 @@ const PROGRESS_RECHECK: Duration = Duration::from_secs(10);
 const ERROR_RETRY: Duration = Duration::from_secs(15);
 const STEP_RECHECK: Duration = Duration::from_secs(2);
 
-pub struct Context<P, C> {
+pub struct Context<M> {
     pub client: Client,
     pub recorder: Events,
-    pub probe: P,
-    pub changes: C,
+    /// The members of every cluster, over connections kept between reconciles.
+    pub members: M,
     pub metrics: Arc<Metrics>,
 }
 
-pub async fn reconcile<P: MemberProbe, C: MemberChanges>(
+pub async fn reconcile<M: membership::Members>(
     cc: Arc<ConsensusCluster>,
-    ctx: Arc<Context<P, C>>,
+    ctx: Arc<Context<M>>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_with_finalizer(cc, &ctx).await;
@@ -54,14 +55,14 @@ pub async fn reconcile<P: MemberProbe, C: MemberChanges>(
     result
 }
 
-pub fn error_policy<P, C>(cc: Arc<ConsensusCluster>, error: &Error, _ctx: Arc<Context<P, C>>) -> Action {
+pub fn error_policy<M>(cc: Arc<ConsensusCluster>, error: &Error, _ctx: Arc<Context<M>>) -> Action {
     warn!(cluster = %cc.name_any(), %error, "reconcile failed; retrying");
     Action::requeue(ERROR_RETRY)
 }
 
-async fn reconcile_with_finalizer<P: MemberProbe, C: MemberChanges>(
+async fn reconcile_with_finalizer<M: membership::Members>(
     cc: Arc<ConsensusCluster>,
-    ctx: &Context<P, C>,
+    ctx: &Context<M>,
 ) -> Result<Action, Error> {
     let namespace = cc.namespace().ok_or(BuildError::MissingMetadata("namespace"))?;
     let api = Api::<ConsensusCluster>::namespaced(ctx.client.clone(), &namespace);
@@ -79,33 +80,13 @@ async fn reconcile_with_finalizer<P: MemberProbe, C: MemberChanges>(
 /// observe, `decide` the step, act on it, report status. The planner is the only caller
 /// outside tests; tests pass the step they want acted on, so each step's effect on the API
 /// server is checked whatever the planner would choose.
-pub async fn converge_with<P: MemberProbe, C: MemberChanges>(
+pub async fn converge_with<M: membership::Members>(
     cc: &ConsensusCluster,
-    ctx: &Context<P, C>,
+    ctx: &Context<M>,
     decide: impl FnOnce(&Observed) -> Step,
 ) -> Result<Action, Error> {
-    let name = cc.name_any();
-    let observation = observe(&ctx.client, &ctx.probe, cc).await?;
-    let step = decide(&observation.observed);
-    info!(cluster = %name, ?step, "planned");
-
-    if let Step::RefuseSpec { reason } = &step {
-        // The cluster keeps running as it is: nothing is applied, only reported.
-        publish(ctx, cc, EventType::Warning, "InvalidSpec", "Refuse", reason.clone()).await?;
-    }
-    if let Some(members) = workload_members(&step, &observation) {
-        // Configuration and Services first, so members started by the StatefulSet find
-        // their configuration and their peers' names in place. Each change is reported as
-        // it happens, so a failure half-way still leaves a true record.
-        let desired = resources::desired(cc, members)?;
-        let seen = &observation;
-        report(ctx, cc, apply(&ctx.client, &desired.config_map, seen).await?).await?;
-        report(ctx, cc, apply(&ctx.client, &desired.peer_service, seen).await?).await?;
-        report(ctx, cc, apply(&ctx.client, &desired.client_service, seen).await?).await?;
-        report(ctx, cc, apply(&ctx.client, &desired.pod_disruption_budget, seen).await?).await?;
-        report(ctx, cc, apply(&ctx.client, &desired.stateful_set, seen).await?).await?;
-    }
-    if let Err(error) = act(cc, ctx, &observation, &step).await {
+    let Round { observation, step, acted } = platform::round(&mut Kubernetes { cc, ctx }, decide).await?;
+    if let Err(error) = acted {
         if let Error::Membership(cause) = &error {
             let note = format!("{step:?} failed, retried on the next reconcile: {cause}");
             publish(ctx, cc, EventType::Warning, "MembershipChangeFailed", "ChangeMembership", note).await?;
@@ -127,6 +108,43 @@ pub async fn converge_with<P: MemberProbe, C: MemberChanges>(
         | Step::RemoveMember { .. }
         | Step::DeleteVolume { .. } => STEP_RECHECK,
     }))
+}
+
+/// The Kubernetes platform, for one reconcile of one cluster: observed through the API
+/// server and the members, acted on by server-side apply, the members and Events.
+struct Kubernetes<'a, M> {
+    cc: &'a ConsensusCluster,
+    ctx: &'a Context<M>,
+}
+
+impl<M: membership::Members> Platform for Kubernetes<'_, M> {
+    type Observation = Observation;
+    type Error = Error;
+
+    async fn observe(&mut self) -> Result<Observation, Error> {
+        observe(&self.ctx.client, &self.ctx.members, self.cc).await
+    }
+
+    async fn act(&mut self, observation: &Observation, step: &Step) -> Result<(), Error> {
+        let (cc, ctx) = (self.cc, self.ctx);
+        info!(cluster = %cc.name_any(), ?step, "planned");
+        if let Step::RefuseSpec { reason } = step {
+            // The cluster keeps running as it is: nothing is applied, only reported.
+            publish(ctx, cc, EventType::Warning, "InvalidSpec", "Refuse", reason.clone()).await?;
+        }
+        if let Some(members) = workload_members(step, observation) {
+            // Configuration and Services first, so members started by the StatefulSet find
+            // their configuration and their peers' names in place. Each change is reported as
+            // it happens, so a failure half-way still leaves a true record.
+            let (desired, seen) = (resources::desired(cc, members)?, observation);
+            report(ctx, cc, apply(&ctx.client, &desired.config_map, seen).await?).await?;
+            report(ctx, cc, apply(&ctx.client, &desired.peer_service, seen).await?).await?;
+            report(ctx, cc, apply(&ctx.client, &desired.client_service, seen).await?).await?;
+            report(ctx, cc, apply(&ctx.client, &desired.pod_disruption_budget, seen).await?).await?;
+            report(ctx, cc, apply(&ctx.client, &desired.stateful_set, seen).await?).await?;
+        }
+        act(cc, ctx, observation, step).await
+    }
 }
 
 /// The member set the objects are applied for in this reconcile, `None` to apply nothing.
@@ -163,15 +181,17 @@ fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
 
 /// What a step does beyond applying the objects: membership changes through the members,
 /// volume deletion through the API server, and the Event that reports each.
-async fn act<P, C: MemberChanges>(
+async fn act<M: membership::Members>(
     cc: &ConsensusCluster,
-    ctx: &Context<P, C>,
+    ctx: &Context<M>,
     observation: &Observation,
     step: &Step,
 ) -> Result<(), Error> {
     let cluster = cc.name_any();
     let namespace = cc.namespace().unwrap_or_default();
-    let endpoint = resources::client_endpoint(&cluster, &namespace);
+    // Leader-only changes go to the leader's own address: the client Service would hand
+    // them to any ready member, and MoveLeader is refused anywhere but on the leader.
+    let leader = || observation.leader_url.as_deref().ok_or(MembershipError::NoLeader);
     let observed = &observation.observed;
     // The recorder folds an Event with the same reason and related object into a series of
     // the first, note and all: events about one member name its pod, so two members' events
@@ -185,13 +205,13 @@ async fn act<P, C: MemberChanges>(
     match step {
         Step::AddLearner { name } => {
             let peer_url = resources::peer_url(&cluster, &namespace, name);
-            let id = ctx.changes.add_learner(&endpoint, &peer_url).await?;
+            let id = ctx.members.add_learner(leader()?, &peer_url).await?;
             let note =
                 format!("added {name} (id {id:x}) as a learner at {peer_url}; it catches up before it votes");
             normal("MemberAdded", "AddLearner", note, pod(name)).await
         }
         Step::ChangeVoters { voters } => {
-            ctx.changes.change_voters(&endpoint, voters).await?;
+            ctx.members.change_voters(leader()?, voters).await?;
             let members = observed.members.as_deref().unwrap_or_default();
             for learner in members.iter().filter(|m| m.is_learner && voters.contains(&m.id)) {
                 let applied = learner.applied_index.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
@@ -212,14 +232,14 @@ async fn act<P, C: MemberChanges>(
             normal("VotersChanged", "ChangeVoters", note, None).await
         }
         Step::TransferLeadership { to } => {
-            ctx.changes.move_leader(&endpoint, *to).await?;
+            ctx.members.move_leader(leader()?, *to).await?;
             let from = observed.leader.map_or_else(|| "the leader".to_owned(), |id| observed.member_name(id));
             let to = observed.member_name(*to);
             let note = format!("moved leadership from {from} to {to}");
             normal("LeadershipTransferred", "TransferLeadership", note, pod(&to)).await
         }
         Step::RemoveMember { id, name } => {
-            ctx.changes.remove(&endpoint, *id).await?;
+            ctx.members.remove(leader()?, *id).await?;
             let note = format!("removed {name} (id {id:x}) from the membership");
             normal("MemberRemoved", "RemoveMember", note, pod(name)).await
         }
@@ -286,8 +306,8 @@ fn reference<K: k8s_openapi::Resource>(namespace: &str, name: &str) -> ObjectRef
     }
 }
 
-async fn patch_status<P, C>(
-    ctx: &Context<P, C>,
+async fn patch_status<M>(
+    ctx: &Context<M>,
     cc: &ConsensusCluster,
     observation: &Observation,
     step: &Step,
@@ -310,7 +330,7 @@ async fn patch_status<P, C>(
 /// On deletion: owned objects go by cascade; volumes go only if the spec says so, because
 /// the StatefulSet's own retention policy does not cover volumes it no longer tracks
 /// (those of members removed by a scale-down).
-async fn clean_up<P, C>(cc: &ConsensusCluster, ctx: &Context<P, C>) -> Result<Action, Error> {
+async fn clean_up<M>(cc: &ConsensusCluster, ctx: &Context<M>) -> Result<Action, Error> {
     let name = cc.name_any();
     let namespace = cc.namespace().unwrap_or_default();
     let selector = labels::selector_string(&name);
@@ -344,11 +364,7 @@ async fn clean_up<P, C>(cc: &ConsensusCluster, ctx: &Context<P, C>) -> Result<Ac
     Ok(Action::await_change())
 }
 
-async fn report<P, C>(
-    ctx: &Context<P, C>,
-    cc: &ConsensusCluster,
-    applied: Option<Applied>,
-) -> Result<(), Error> {
+async fn report<M>(ctx: &Context<M>, cc: &ConsensusCluster, applied: Option<Applied>) -> Result<(), Error> {
     let Some(applied) = applied else { return Ok(()) };
     let (reason, action, verb) = match applied.change {
         Change::Created => ("Created", "Create", "created"),
@@ -362,8 +378,8 @@ fn metrics_key(cc: &ConsensusCluster) -> String {
     format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any())
 }
 
-async fn publish<P, C>(
-    ctx: &Context<P, C>,
+async fn publish<M>(
+    ctx: &Context<M>,
     cc: &ConsensusCluster,
     type_: EventType,
     reason: &str,
@@ -373,8 +389,8 @@ async fn publish<P, C>(
     publish_about(ctx, cc, type_, reason, action, note, None).await
 }
 
-async fn publish_about<P, C>(
-    ctx: &Context<P, C>,
+async fn publish_about<M>(
+    ctx: &Context<M>,
     cc: &ConsensusCluster,
     type_: EventType,
     reason: &str,

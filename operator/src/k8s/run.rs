@@ -21,9 +21,9 @@ use tracing::{info, warn};
 use super::events::Events;
 use super::http::{Health, serve};
 use super::leader::Election;
-use super::members::{EtcdChanges, EtcdProbe};
 use super::metrics::Metrics;
 use super::reconcile::{Context, error_policy, reconcile};
+use crate::membership::EtcdMembers;
 use crate::resources::labels;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -111,8 +111,7 @@ fn controller(
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Events::new(client.clone(), reporter),
-        probe: EtcdProbe::default(),
-        changes: EtcdChanges,
+        members: EtcdMembers::default(),
         metrics,
     });
     // Only objects we made: a cluster-wide watch of every Service and ConfigMap would cost

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::jiff::Timestamp;
 
+use super::Seen;
 use super::workload::Workload;
-use crate::membership::{MemberOps, MembershipError};
-use crate::plan::{Observed, Step};
+use crate::membership::{EtcdMembers, Members, MembershipError};
+use crate::plan::Step;
 
 /// Exit status of a run killed by the fault point, distinct from any error exit.
 pub const FAULT_EXIT: i32 = 86;
@@ -21,8 +22,6 @@ pub enum StepError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     Local(#[from] super::LocalError),
-    #[error("no healthy member to send the change to")]
-    NoHealthyMember,
 }
 
 /// The step name after which this run should die, from `CONSENSUS_OPERATOR_FAULT_AFTER`.
@@ -61,39 +60,25 @@ impl Events {
     }
 }
 
-/// Connects to the leader, which carries out every membership change: a call sent to
-/// another member is forwarded, and a member the change removes never passes the answer
-/// back (the call then hangs until its timeout). Without a known leader, the healthy voters.
-async fn ops(workload: &Workload, observed: &Observed) -> Result<MemberOps, StepError> {
-    let members: Vec<&crate::plan::ObservedMember> = observed.members.iter().flatten().collect();
-    let leader = observed.leader.and_then(|id| members.iter().find(|m| m.id == id)).map(|m| m.name.as_str());
-    let healthy_voters: Vec<&str> =
-        members.iter().filter(|m| m.healthy && !m.is_learner).map(|m| m.name.as_str()).collect();
-    let url_of = |name: &str| workload.members().iter().find(|m| m.name == name).map(|m| m.client_url());
-    let endpoints: Vec<String> = match leader.and_then(url_of) {
-        Some(url) => vec![url],
-        None => healthy_voters.into_iter().filter_map(url_of).collect(),
-    };
-    if endpoints.is_empty() {
-        return Err(StepError::NoHealthyMember);
-    }
-    Ok(MemberOps::connect(&endpoints).await?)
-}
-
-/// Carries out one membership step; the caller retries a failure on the next reconcile,
-/// which is safe because every operation is idempotent.
+/// Carries out one membership step at the leader's own address (a change sent to another
+/// member is forwarded, but a member the change removes never passes the answer back, and
+/// MoveLeader is refused off the leader). The caller retries a failure on the next
+/// reconcile, which is safe because every operation is idempotent.
 pub async fn membership_step(
     workload: &mut Workload,
     events: &mut Events,
+    members: &EtcdMembers,
     cluster: &str,
     step: &Step,
-    observed: &Observed,
+    seen: &Seen,
 ) -> Result<(), StepError> {
+    let observed = &seen.observed;
+    let leader_url = || seen.leader_url.as_deref().ok_or(MembershipError::NoLeader);
     let leader = observed.leader.map(|id| observed.member_name(id)).unwrap_or_default();
     match step {
         Step::AddLearner { name } => {
             let member = workload.reserve(name)?;
-            let id = ops(workload, observed).await?.add_learner(&member.peer_url()).await?;
+            let id = members.add_learner(leader_url()?, &member.peer_url()).await?;
             workload.added(name)?;
             events.emit("MemberAdded", &format!("{name} id={id:x} peer={} as a learner", member.peer_url()));
         }
@@ -115,19 +100,19 @@ pub async fn membership_step(
                     ),
                 );
             }
-            ops(workload, observed).await?.change_voters(voters).await?;
+            members.change_voters(leader_url()?, voters).await?;
             let names: Vec<String> = voters.iter().map(|id| observed.member_name(*id)).collect();
             events.emit("VotersChanged", &format!("voters={} ({})", voters.len(), names.join(",")));
         }
         Step::TransferLeadership { to } => {
-            ops(workload, observed).await?.move_leader(*to).await?;
+            members.move_leader(leader_url()?, *to).await?;
             events.emit(
                 "LeadershipTransferred",
                 &format!("from={leader} to={} id={to:x}", observed.member_name(*to)),
             );
         }
         Step::RemoveMember { id, name } => {
-            ops(workload, observed).await?.remove(*id).await?;
+            members.remove(leader_url()?, *id).await?;
             events.emit("MemberRemoved", &format!("{name} id={id:x} leader={leader}"));
         }
         Step::DeleteVolume { name } => {

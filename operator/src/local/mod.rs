@@ -1,12 +1,11 @@
 //! The embedded platform: one ConsensusCluster from a file, its members as `consensus-node`
-//! processes on loopback, driven by the same planner as on Kubernetes. Observe (Status and
-//! MemberList on every member), plan, act, write the status; every second and whenever the
-//! file changes.
+//! processes on loopback, driven by the same planner as on Kubernetes through the same
+//! boundary (`platform`): observe (every member on its own port, by the shared observer),
+//! plan, act, write the status; every second and whenever the file changes.
 
 mod act;
 mod atomic;
 mod error;
-mod observe;
 mod process;
 mod spec_file;
 mod status_file;
@@ -26,7 +25,9 @@ pub use error::LocalError;
 use spec_file::{Declared, SpecFile};
 use workload::Workload;
 
-use crate::plan::{self, Step};
+use crate::membership::{EtcdMembers, Members, Target, observe};
+use crate::plan::{self, Observed, Step};
+use crate::platform::{self, Platform, Round};
 
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// After a step that changed the membership, the next one is looked for this soon: the
@@ -125,6 +126,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
         previous: status_file::read(&status_path),
         status_path,
         workload,
+        members: EtcdMembers::default(),
         events,
         fault_after: act::fault_after(),
         last_step: None,
@@ -163,11 +165,91 @@ struct Operator {
     previous: Option<ConsensusClusterStatus>,
     status_path: PathBuf,
     workload: Workload,
+    members: EtcdMembers,
     events: act::Events,
     /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the step after which this run dies, for tests.
     fault_after: Option<String>,
     last_step: Option<Step>,
     announced: bool,
+}
+
+/// What one local round saw.
+pub struct Seen {
+    observed: Observed,
+    /// The client URL the leader answered on, where leader-only changes go.
+    leader_url: Option<String>,
+}
+
+impl AsRef<Observed> for Seen {
+    fn as_ref(&self) -> &Observed {
+        &self.observed
+    }
+}
+
+impl Platform for Operator {
+    type Observation = Seen;
+    type Error = act::StepError;
+
+    async fn observe(&mut self) -> Result<Seen, act::StepError> {
+        let targets: Vec<Target> = self
+            .workload
+            .members()
+            .iter()
+            .map(|m| Target { name: m.name.clone(), client_url: m.client_url() })
+            .collect();
+        let answers = self.members.ask(&targets).await;
+        // Reserved members too: a learner added but not started is listed by peer URL only.
+        let known = self.workload.known();
+        let view = observe::combine(&answers, |peer_url| {
+            known.iter().find(|k| k.peer_url() == peer_url).map(|k| k.name.clone())
+        });
+        let mut observed = Observed {
+            generation: Some(self.declaration.generation),
+            workload_replicas: self.workload.replicas(),
+            volumes: self.workload.volumes(),
+            lost_data: self.workload.lost_data(),
+            ..Observed::default()
+        };
+        platform::fill(&mut observed, &view);
+        Ok(Seen { observed, leader_url: view.leader_url })
+    }
+
+    async fn act(&mut self, seen: &Seen, step: &Step) -> Result<(), act::StepError> {
+        let new = self.last_step.as_ref() != Some(step);
+        self.last_step = Some(step.clone());
+        match step {
+            Step::RefuseSpec { reason } if new => {
+                tracing::warn!("refusing the spec, changing nothing: {reason}");
+            }
+            Step::CreateWorkload { replicas } => {
+                tracing::info!(replicas, "creating the members");
+                self.workload.create(&self.declaration.name, *replicas)?;
+            }
+            Step::Wait { reason } if new => tracing::info!("waiting: {reason}"),
+            Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
+            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => {}
+            Step::AddLearner { .. }
+            | Step::ResizeWorkload { .. }
+            | Step::ChangeVoters { .. }
+            | Step::TransferLeadership { .. }
+            | Step::RemoveMember { .. }
+            | Step::DeleteVolume { .. } => {
+                act::membership_step(
+                    &mut self.workload,
+                    &mut self.events,
+                    &self.members,
+                    &self.declaration.name,
+                    step,
+                    seen,
+                )
+                .await?;
+                if self.fault_after.as_deref() == Some(step.name()) {
+                    act::die_after(step);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Operator {
@@ -178,23 +260,29 @@ impl Operator {
         if let Err(err) = self.workload.supervise() {
             tracing::warn!("{err}");
         }
-        let answers = observe::ask_all(self.workload.members()).await;
-        let mut observed = observe::combine(
-            &answers,
-            &self.workload.known(),
-            Some(self.declaration.generation),
-            self.workload.replicas(),
-        );
-        observed.volumes = self.workload.volumes();
-        observed.lost_data = self.workload.lost_data();
-        let step = match &self.declaration.refused {
-            Some(reason) => Step::RefuseSpec { reason: reason.clone() },
-            None => plan::plan(&self.declaration.spec, &observed),
+        let (spec, refused) = (self.declaration.spec.clone(), self.declaration.refused.clone());
+        let decide = |observed: &Observed| match refused {
+            Some(reason) => Step::RefuseSpec { reason },
+            None => plan::plan(&spec, observed),
         };
-        let changed = self.act(&step, &observed).await;
+        let Round { observation, step, acted } = match platform::round(self, decide).await {
+            Ok(round) => round,
+            Err(err) => {
+                tracing::warn!("observing the members: {err}; retrying on the next reconcile");
+                return false;
+            }
+        };
+        let changed = match acted {
+            // Creating starts members that take a while to answer: no reason to look sooner.
+            Ok(()) => step.changes_cluster() && !matches!(step, Step::CreateWorkload { .. }),
+            Err(err) => {
+                tracing::warn!(step = step.name(), "{err}; retrying on the next reconcile");
+                false
+            }
+        };
         let status = plan::status(
             &self.declaration.spec,
-            &observed,
+            &observation.observed,
             &step,
             self.previous.as_ref(),
             Time(Timestamp::now()),
@@ -208,50 +296,6 @@ impl Operator {
         let scaling = status.phase == Some(consensus_crds::Phase::Scaling);
         self.previous = Some(status);
         changed || scaling
-    }
-
-    /// Carries out `step`; true when it changed the cluster.
-    async fn act(&mut self, step: &Step, observed: &plan::Observed) -> bool {
-        let new = self.last_step.as_ref() != Some(step);
-        if step.changes_cluster() && !matches!(step, Step::CreateWorkload { .. }) {
-            self.last_step = Some(step.clone());
-            let done = act::membership_step(
-                &mut self.workload,
-                &mut self.events,
-                &self.declaration.name,
-                step,
-                observed,
-            )
-            .await;
-            match done {
-                Ok(()) => {
-                    if self.fault_after.as_deref() == Some(step.name()) {
-                        act::die_after(step);
-                    }
-                    return true;
-                }
-                Err(err) => {
-                    tracing::warn!(step = step.name(), "{err}; retrying on the next reconcile");
-                    return false;
-                }
-            }
-        }
-        match step {
-            Step::RefuseSpec { reason } if new => {
-                tracing::warn!("refusing the spec, changing nothing: {reason}");
-            }
-            Step::CreateWorkload { replicas } => {
-                tracing::info!(replicas, "creating the members");
-                if let Err(err) = self.workload.create(&self.declaration.name, *replicas) {
-                    tracing::error!("creating the members: {err}");
-                }
-            }
-            Step::Wait { reason } if new => tracing::info!("waiting: {reason}"),
-            Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
-            _ => {}
-        }
-        self.last_step = Some(step.clone());
-        false
     }
 
     /// Once the cluster first serves, the endpoints and a command to try them.

@@ -125,19 +125,29 @@ pub fn client_service_name(cluster: &str) -> String {
     format!("{cluster}-client")
 }
 
-/// Where clients (and the operator) reach the cluster from inside Kubernetes.
-pub fn client_endpoint(cluster: &str, namespace: &str) -> String {
-    format!("http://{}.{namespace}.svc:{CLIENT_PORT}", client_service_name(cluster))
-}
-
 fn member_host(cluster: &str, namespace: &str, member: &str) -> String {
     format!("{member}.{}.{namespace}.svc", peer_service_name(cluster))
+}
+
+/// One member's own client URL, through the headless peer Service: it resolves to that
+/// pod alone, ready or not, where the client Service picks any ready member.
+pub fn member_client_url(cluster: &str, namespace: &str, member: &str) -> String {
+    format!("http://{}:{CLIENT_PORT}", member_host(cluster, namespace, member))
 }
 
 /// The peer URL a member advertises and the others reach it at: what the initial member
 /// list names, and what a member is added to the membership with before its pod starts.
 pub fn peer_url(cluster: &str, namespace: &str, member: &str) -> String {
     format!("http://{}:{PEER_PORT}", member_host(cluster, namespace, member))
+}
+
+/// The member whose peer URL (as [`peer_url`] makes them) is `url`, if it is one of this
+/// cluster's: how a member added but not started yet, which etcd lists without a name, is
+/// told apart from the others.
+pub fn member_of_peer_url(cluster: &str, namespace: &str, url: &str) -> Option<String> {
+    let host = url.strip_prefix("http://")?;
+    let member = host.split('.').next()?;
+    (peer_url(cluster, namespace, member) == url).then(|| member.to_owned())
 }
 
 /// The node's exit code when its data directory has lost the data its membership says it
@@ -149,3 +159,22 @@ pub const LOST_DATA_EXIT_CODE: i32 = 78;
 /// Part of the termination message the node writes when it exits with
 /// [`LOST_DATA_EXIT_CODE`]; either one identifies a lost-data exit.
 pub const LOST_DATA_MESSAGE: &str = "lost its data";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unstarted_member_is_named_by_its_peer_url_only_when_it_is_ours() {
+        let url = peer_url("demo", "ns", "demo-3");
+        assert_eq!(url, "http://demo-3.demo-peer.ns.svc:2380");
+        assert_eq!(member_of_peer_url("demo", "ns", &url).as_deref(), Some("demo-3"));
+        assert_eq!(member_of_peer_url("other", "ns", &url), None);
+        assert_eq!(member_of_peer_url("demo", "ns", "http://127.0.0.1:2380"), None);
+    }
+
+    #[test]
+    fn a_members_own_client_url_is_its_name_under_the_peer_service() {
+        assert_eq!(member_client_url("demo", "ns", "demo-0"), "http://demo-0.demo-peer.ns.svc:2379");
+    }
+}

@@ -223,5 +223,3 @@ impl Drop for Local {
         self.kill_all();
     }
 }
-
-pub use consensus_e2e::load::{Sampler, Writer};

@@ -3,6 +3,8 @@
 //! status), POST and DELETE the way the API server does for what the operator uses, and
 //! records every request so a test can read them back as a story.
 
+pub mod members;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
