@@ -11,7 +11,8 @@ use consensus_operator::k8s::members::{
     MemberChanges, MemberProbe, Membership, MembershipError, ReportedMember,
 };
 use consensus_operator::k8s::metrics::Metrics;
-use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
+use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
+use consensus_operator::plan::Step;
 use consensus_operator::resources::{InitialClusterState, Members};
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
@@ -24,6 +25,8 @@ use support::{
 const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
 const CLIENT: &str = "/api/v1/namespaces/default/services/demo-client";
 const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
+/// What the members' response headers carry.
+const CLUSTER_ID: u64 = 0xc1d;
 
 /// What the members answer, and who asked.
 struct FakeMembers {
@@ -48,7 +51,8 @@ impl FakeMembers {
                 raft_index: Some(42),
             })
             .collect();
-        Self { answer: Some(Membership { members, leader: Some(0x10) }), asked: Mutex::default() }
+        let membership = Membership { members, leader: Some(0x10), cluster_id: Some(CLUSTER_ID) };
+        Self { answer: Some(membership), asked: Mutex::default() }
     }
 }
 
@@ -96,15 +100,47 @@ fn cluster(spec: Value, finalizer: bool) -> ConsensusCluster {
 }
 
 fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers, NoChanges>> {
+    context_with(client, members, NoChanges)
+}
+
+fn context_with<C: MemberChanges>(
+    client: Client,
+    members: FakeMembers,
+    changes: C,
+) -> Arc<Context<FakeMembers, C>> {
     let reporter =
         Reporter { controller: "consensus-operator".into(), instance: Some("consensus-operator-0".into()) };
     Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
         probe: members,
-        changes: NoChanges,
+        changes,
         metrics: Metrics::shared(),
     })
+}
+
+/// Members that refuse every change, as a follower refuses MoveLeader.
+struct RefusedChanges;
+
+impl RefusedChanges {
+    fn refused(change: &'static str) -> MembershipError {
+        MembershipError::Change { change, endpoint: "demo-client".into(), source: "not the leader".into() }
+    }
+}
+
+impl MemberChanges for RefusedChanges {
+    async fn add_learner(&self, _: &str, _: &str) -> Result<u64, MembershipError> {
+        Err(Self::refused("MemberAdd"))
+    }
+    async fn change_voters(&self, _: &str, _: &[u64]) -> Result<(), MembershipError> {
+        Err(Self::refused("ChangeVoters"))
+    }
+    async fn move_leader(&self, _: &str, _: u64) -> Result<(), MembershipError> {
+        Err(Self::refused("MoveLeader"))
+    }
+    async fn remove(&self, _: &str, _: u64) -> Result<(), MembershipError> {
+        Err(Self::refused("MemberRemove"))
+    }
 }
 
 /// The objects of a running 3-member cluster, as the operator applied them.
@@ -334,6 +370,90 @@ async fn a_steady_cluster_reports_members_zones_and_leader_under_the_status_fiel
         ]
     );
     assert_eq!(condition(status, "Available")["status"], "True");
+    assert_eq!(status["clusterId"], "c1d", "from the members' response headers");
+}
+
+#[tokio::test]
+async fn a_status_that_is_already_there_is_not_written_again() {
+    let mut cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects.clone()));
+    reconcile(Arc::new(cc.clone()), context(client, FakeMembers::healthy(3))).await.expect("reconciles");
+    let written = only(&api.requests(), "PATCH", &format!("{CC}/status")).body["status"].clone();
+
+    // The next reconcile (a requeue, the members busy with writes) sees its own status.
+    cc.status = Some(serde_json::from_value(written).expect("a status"));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let mut busy = FakeMembers::healthy(3);
+    for (member, applied) in busy.answer.as_mut().expect("members").members.iter_mut().zip([9000, 8990, 8950])
+    {
+        member.applied_index = Some(applied);
+        member.raft_index = Some(9000);
+    }
+    reconcile(Arc::new(cc), context(client, busy)).await.expect("reconciles");
+
+    let writes: Vec<String> = api.writes().iter().map(Recorded::line).collect();
+    assert!(!writes.contains(&format!("PATCH {CC}/status")), "status written again: {writes:?}");
+}
+
+#[tokio::test]
+async fn a_status_write_of_the_statefulset_controller_is_no_update_of_ours() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    // Between the operator's look at the StatefulSet and its apply, the StatefulSet
+    // controller counts the ready pods, which moves the resourceVersion.
+    api.meanwhile(&format!("GET {PODS}"), STS, json!({"replicas": 3, "readyReplicas": 3}));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::healthy(3))).await.expect("reconciles");
+
+    assert!(api.object(STS).expect("sts")["status"]["readyReplicas"] == 3, "the controller wrote status");
+    assert!(events(&api.requests()).is_empty(), "{:?}", events(&api.requests()));
+}
+
+#[tokio::test]
+async fn a_failed_event_publish_neither_stops_the_applies_nor_the_status() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, vec![]));
+    api.refuse("POST", EVENTS, 403);
+
+    let result = reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await;
+
+    // Counted as failed (and retried), with the cause the metric names.
+    assert_eq!(result.expect_err("the reconcile fails").metric_label(), "event");
+    let writes: Vec<String> = api.writes().iter().filter(|r| r.path != EVENTS).map(Recorded::line).collect();
+    assert_eq!(
+        writes,
+        [CONFIG, PEER, CLIENT, PDB, STS, &format!("{CC}/status")].map(|path| format!("PATCH {path}"))
+    );
+}
+
+#[tokio::test]
+async fn a_refused_membership_change_is_in_status_and_an_event() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let ctx = context_with(client, FakeMembers::healthy(3), RefusedChanges);
+
+    let result = converge_with(&cc, &ctx, |_| Step::TransferLeadership { to: 0x11 }).await;
+
+    assert_eq!(result.expect_err("the reconcile fails").metric_label(), "membership");
+    let requests = api.requests();
+    let reported: Vec<_> = events(&requests).into_iter().map(|(t, r, _)| format!("{t} {r}")).collect();
+    assert_eq!(reported, ["Warning MembershipChangeFailed"]);
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    let progressing = condition(status, "Progressing");
+    assert_eq!(
+        (progressing["status"].as_str(), progressing["reason"].as_str()),
+        (Some("False"), Some("StepFailed"))
+    );
+    let message = progressing["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("TransferLeadership failed and is retried: ")
+            && message.contains("not the leader"),
+        "{message}"
+    );
+    assert_eq!(status["leader"], "demo-0", "the rest of status is what was observed");
 }
 
 #[tokio::test]

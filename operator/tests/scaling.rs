@@ -123,7 +123,7 @@ fn member(i: u64, is_learner: bool, started: bool) -> ReportedMember {
 fn membership(voters: Range<u64>, learners: Range<u64>, leader: u64) -> Membership {
     let members =
         voters.map(|i| member(i, false, true)).chain(learners.map(|i| member(i, true, true))).collect();
-    Membership { members, leader: Some(id(leader)) }
+    Membership { members, leader: Some(id(leader)), cluster_id: Some(0x5eed) }
 }
 
 fn cluster(replicas: i32) -> ConsensusCluster {

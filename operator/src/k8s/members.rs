@@ -26,6 +26,8 @@ pub struct ReportedMember {
 pub struct Membership {
     pub members: Vec<ReportedMember>,
     pub leader: Option<u64>,
+    /// From the MemberList response header: the Raft cluster these members form.
+    pub cluster_id: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +162,8 @@ impl MemberProbe for EtcdProbe {
         };
         let mut client = Client::connect([endpoint], Some(self.options())).await.map_err(unreachable)?;
         let list = client.member_list().await.map_err(unreachable)?;
-        let mut membership = Membership::default();
+        let mut membership =
+            Membership { cluster_id: list.header().map(|h| h.cluster_id()), ..Membership::default() };
         let mut seen_leaders = Vec::new();
         // All at once: a member that is down costs one timeout, not one per member.
         let statuses =

@@ -191,11 +191,12 @@ impl Operator {
             Some(reason) => Step::RefuseSpec { reason: reason.clone() },
             None => plan::plan(&self.declaration.spec, &observed),
         };
-        let changed = self.act(&step, &observed).await;
+        let acted = self.act(&step, &observed).await;
         let status = plan::status(
             &self.declaration.spec,
             &observed,
             &step,
+            acted.as_ref().err().map(String::as_str),
             self.previous.as_ref(),
             Time(Timestamp::now()),
         );
@@ -207,11 +208,11 @@ impl Operator {
         // what it waits for takes milliseconds to a few seconds, not a reconcile period each.
         let scaling = status.phase == Some(consensus_crds::Phase::Scaling);
         self.previous = Some(status);
-        changed || scaling
+        acted.unwrap_or(false) || scaling
     }
 
-    /// Carries out `step`; true when it changed the cluster.
-    async fn act(&mut self, step: &Step, observed: &plan::Observed) -> bool {
+    /// Carries out `step`; true when it changed the cluster, the failure when it failed.
+    async fn act(&mut self, step: &Step, observed: &plan::Observed) -> Result<bool, String> {
         let new = self.last_step.as_ref() != Some(step);
         if step.changes_cluster() && !matches!(step, Step::CreateWorkload { .. }) {
             self.last_step = Some(step.clone());
@@ -228,11 +229,11 @@ impl Operator {
                     if self.fault_after.as_deref() == Some(step.name()) {
                         act::die_after(step);
                     }
-                    return true;
+                    return Ok(true);
                 }
                 Err(err) => {
                     tracing::warn!(step = step.name(), "{err}; retrying on the next reconcile");
-                    return false;
+                    return Err(err.to_string());
                 }
             }
         }
@@ -242,8 +243,10 @@ impl Operator {
             }
             Step::CreateWorkload { replicas } => {
                 tracing::info!(replicas, "creating the members");
+                self.last_step = Some(step.clone());
                 if let Err(err) = self.workload.create(&self.declaration.name, *replicas) {
                     tracing::error!("creating the members: {err}");
+                    return Err(format!("creating the members: {err}"));
                 }
             }
             Step::Wait { reason } if new => tracing::info!("waiting: {reason}"),
@@ -251,7 +254,7 @@ impl Operator {
             _ => {}
         }
         self.last_step = Some(step.clone());
-        false
+        Ok(false)
     }
 
     /// Once the cluster first serves, the endpoints and a command to try them.
