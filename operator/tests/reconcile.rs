@@ -541,6 +541,21 @@ async fn deleting_a_cluster_with_reclaim_policy_delete_deletes_its_volumes() {
     assert_eq!(events(&api.requests())[0].1, "VolumesDeleted");
 }
 
+#[tokio::test]
+async fn the_operator_refuses_to_start_without_its_crd() {
+    const ALL: &str = "/apis/consensus.dev/v1alpha1/consensusclusters";
+    let (client, _api) = FakeApi::start(vec![]);
+    consensus_operator::k8s::require_crd(&client).await.expect("served");
+
+    let (client, api) = FakeApi::start(vec![]);
+    api.refuse("GET", ALL, 404);
+    let error = consensus_operator::k8s::require_crd(&client).await.expect_err("no CRD");
+    let message = format!("{error:#}");
+    assert!(message.contains("consensusclusters.consensus.dev is not installed"), "{message}");
+    assert!(message.contains("kubectl apply -k manifests/"), "{message}");
+    assert_eq!(api.requests()[0].query.get("limit").map(String::as_str), Some("1"), "one object is enough");
+}
+
 /// Every request of every scenario above is one the operator's ClusterRole allows.
 #[tokio::test]
 async fn the_cluster_role_allows_every_request_the_reconciler_makes() {

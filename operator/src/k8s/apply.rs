@@ -55,7 +55,7 @@ where
 /// StatefulSet controller with every status write), and an apply that changed nothing of
 /// ours is not an update. Not the managedFields either: their timestamps have a one-second
 /// resolution, so two changes within a second would look like none.
-pub fn managed_content(object: &impl Serialize) -> u64 {
+pub fn managed_content<T: Serialize>(object: &T) -> u64 {
     let mut value = serde_json::to_value(object).unwrap_or_default();
     if let Some(fields) = value.as_object_mut() {
         fields.remove("status");

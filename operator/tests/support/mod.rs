@@ -206,9 +206,14 @@ impl State {
     fn answer(&mut self, request: &Recorded) -> (StatusCode, Value) {
         let line = request.line();
         if let Some(&code) = self.refused.get(&line) {
+            let reason = match code {
+                403 => "Forbidden",
+                404 => "NotFound",
+                _ => "InternalError",
+            };
             let status = json!({
                 "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("{line} refused by the test"), "reason": "Forbidden", "code": code,
+                "message": format!("{line} refused by the test"), "reason": reason, "code": code,
             });
             return (StatusCode::from_u16(code).expect("an HTTP status"), status);
         }
