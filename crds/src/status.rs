@@ -52,7 +52,10 @@ pub struct ConsensusClusterStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
     /// Available, Progressing, Degraded, QuorumLost, ZoneFaultTolerant, BackupSucceeded.
+    // A map keyed by type under server-side apply: each writer (the planner, backups) owns
+    // the conditions it writes, instead of the whole list going to whoever applied last.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The newest successful backup.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,9 +99,12 @@ pub struct MemberStatus {
     pub zone: Option<String>,
     /// The member answers, its pod is ready and it knows the leader.
     pub healthy: bool,
-    /// Highest Raft log index the member has applied to its key-value store.
+    /// It has applied the leader's log to within 100 entries, the margin learners are
+    /// promoted within; absent when it or the leader reported no index.
+    // Not the index itself: it moves with every write, and a status that changes with
+    // every write is written, and wakes its watchers, with every write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub applied_index: Option<u64>,
+    pub caught_up: Option<bool>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

@@ -193,6 +193,15 @@ fn schema_has_scale_and_status_subresources_and_printer_columns() {
 }
 
 #[test]
+fn conditions_merge_by_type_under_server_side_apply() {
+    let conditions = node(&schema(), &["status", "conditions"]).clone();
+    assert_eq!(conditions["x-kubernetes-list-type"], "map", "{conditions}");
+    assert_eq!(conditions["x-kubernetes-list-map-keys"], json!(["type"]));
+    // A map key must be required, or the API server refuses the CRD.
+    assert!(conditions["items"]["required"].as_array().is_some_and(|r| r.contains(&json!("type"))));
+}
+
+#[test]
 fn committed_crd_matches_the_rust_types() {
     let generated = serde_yaml::to_string(&ConsensusCluster::crd()).expect("crd renders");
     assert!(

@@ -54,7 +54,7 @@ fn full_spec(replicas: i32, labels: BTreeMap<String, String>, auto_restore: bool
     }
 }
 
-fn full_status(applied: u64) -> ConsensusClusterStatus {
+fn full_status(caught_up: bool) -> ConsensusClusterStatus {
     let time = Time(Timestamp::from_second(1_790_000_000).expect("valid timestamp"));
     ConsensusClusterStatus {
         observed_generation: Some(4),
@@ -68,7 +68,7 @@ fn full_status(applied: u64) -> ConsensusClusterStatus {
             role: MemberRole::Leader,
             zone: Some("zone-a".into()),
             healthy: true,
-            applied_index: Some(applied),
+            caught_up: Some(caught_up),
         }],
         leader: Some("demo-0".into()),
         cluster_id: Some("cdf818194e3a8c32".into()),
@@ -106,8 +106,8 @@ proptest! {
     }
 
     #[test]
-    fn status_round_trips_through_json_and_yaml(applied in any::<u64>()) {
-        let status = full_status(applied);
+    fn status_round_trips_through_json_and_yaml(caught_up in any::<bool>()) {
+        let status = full_status(caught_up);
         let json: ConsensusClusterStatus = serde_json::from_str(&serde_json::to_string(&status).unwrap()).unwrap();
         prop_assert_eq!(&json, &status);
         let yaml: ConsensusClusterStatus = serde_yaml::from_str(&serde_yaml::to_string(&status).unwrap()).unwrap();
@@ -117,10 +117,10 @@ proptest! {
 
 #[test]
 fn status_uses_the_field_names_of_the_kubernetes_conventions() {
-    let json = serde_json::to_value(full_status(42)).unwrap();
+    let json = serde_json::to_value(full_status(true)).unwrap();
     assert_eq!(json["observedGeneration"], 4);
     assert_eq!(json["readyReplicas"], 3);
-    assert_eq!(json["members"][0]["appliedIndex"], 42);
+    assert_eq!(json["members"][0]["caughtUp"], true);
     assert_eq!(json["members"][0]["role"], "Leader");
     assert_eq!(json["conditions"][0]["type"], "Available");
     assert_eq!(json["conditions"][0]["lastTransitionTime"], "2026-09-21T14:13:20Z");

@@ -311,11 +311,13 @@ fn condition(
 
 /// The status for this reconcile: phase, members, leader and conditions, keeping each
 /// condition's `lastTransitionTime` from `previous` while its status is unchanged, and the
-/// fields other parts of the operator own (selector, backups) as they were.
+/// fields other parts of the operator own (selector, backups) as they were. `failure` is
+/// why carrying out `step` failed, when it did.
 pub fn status(
     spec: &ConsensusClusterSpec,
     observed: &Observed,
     step: &Step,
+    failure: Option<&str>,
     previous: Option<&ConsensusClusterStatus>,
     now: Time,
 ) -> ConsensusClusterStatus {
@@ -359,7 +361,7 @@ pub fn status(
             },
             zone: m.zone.clone(),
             healthy: m.healthy,
-            applied_index: m.applied_index,
+            caught_up: log_caught_up(m, observed.leader_raft_index),
         })
         .collect();
     // Sorted, so an unchanged cluster writes an unchanged status.
@@ -367,7 +369,7 @@ pub fn status(
 
     let conditions = vec![
         available(health.as_ref(), observed),
-        progressing(&situation, step, stuck),
+        progressing(&situation, step, failure, stuck),
         degraded(&situation, step, quorum_lost, stuck),
         quorum_lost_condition(&situation, quorum_lost, established),
         zone_condition(observed),
@@ -468,8 +470,13 @@ fn learners_stuck(situation: &Situation, previous: Option<&ConsensusClusterStatu
     })
 }
 
-fn progressing(situation: &Situation, step: &Step, stuck: bool) -> NewCondition {
+fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck: bool) -> NewCondition {
     const TYPE: &str = condition::PROGRESSING;
+    if let Some(failure) = failure {
+        // Not progressing until a retry succeeds; the message is what a person fixes.
+        let message = format!("{} failed and is retried: {failure}", step.name());
+        return condition(TYPE, false, "StepFailed", message);
+    }
     match (step, situation) {
         (Step::RefuseSpec { reason }, _) => condition(
             TYPE,
@@ -611,7 +618,7 @@ fn zone_condition(observed: &Observed) -> NewCondition {
 
 #[path = "plan_scaling.rs"]
 mod scaling;
-pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, ordinal};
+pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, log_caught_up, ordinal};
 
 #[cfg(test)]
 #[path = "plan_tests.rs"]

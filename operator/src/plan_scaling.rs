@@ -49,14 +49,16 @@ fn wanted(name: &str, replicas: i32) -> bool {
     ordinal(name).is_some_and(|(_, n)| i64::from(n) < i64::from(replicas))
 }
 
-/// Whether a learner's log is close enough to the leader's to be promoted.
+/// Whether a learner is healthy and its log close enough to the leader's to be promoted.
 pub fn caught_up(member: &ObservedMember, leader_raft_index: Option<u64>) -> bool {
-    match (member.applied_index, leader_raft_index) {
-        (Some(applied), Some(leader)) => {
-            member.healthy && applied.saturating_add(LEARNER_CAUGHT_UP_ENTRIES) >= leader
-        }
-        _ => false,
-    }
+    member.healthy && log_caught_up(member, leader_raft_index) == Some(true)
+}
+
+/// Whether a member has applied the leader's log up to `LEARNER_CAUGHT_UP_ENTRIES`;
+/// `None` when either index is unknown. Status reports it for every member, by the same
+/// margin the promotion of learners uses.
+pub fn log_caught_up(member: &ObservedMember, leader_raft_index: Option<u64>) -> Option<bool> {
+    Some(member.applied_index?.saturating_add(LEARNER_CAUGHT_UP_ENTRIES) >= leader_raft_index?)
 }
 
 fn blocked(reason: String) -> Option<Change> {

@@ -217,16 +217,16 @@ fn a_new_member_that_never_starts_stops_the_change_and_scaling_back_cancels_it()
     let observed = model.observe();
     let at = |s: i64| Time(Timestamp::from_second(s).expect("time"));
     // Within the grace a member that does not answer yet may just be starting.
-    let first = status(&spec(5), &observed, &last, None, at(1));
+    let first = status(&spec(5), &observed, &last, None, None, at(1));
     let progressing =
         first.conditions.iter().find(|c| c.type_ == condition::PROGRESSING).expect("progressing");
     assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "WaitingForLearners"));
     let later = at(1 + LEARNER_START_GRACE_SECONDS);
-    let status = status(&spec(5), &observed, &last, Some(&first), later.clone());
+    let status = status(&spec(5), &observed, &last, None, Some(&first), later.clone());
     let find = |t: &str| status.conditions.iter().find(|c| c.type_ == t).expect("condition").clone();
     assert_eq!(status.phase, Some(Phase::Scaling));
     // Once stuck, it stays reported so (no flapping back to progressing).
-    let again = super::super::status(&spec(5), &observed, &last, Some(&status), at(100));
+    let again = super::super::status(&spec(5), &observed, &last, None, Some(&status), at(100));
     assert_eq!(again, status);
     assert_eq!(
         (find(condition::PROGRESSING).status.as_str(), find(condition::PROGRESSING).reason.as_str()),
@@ -261,7 +261,8 @@ fn the_step_in_progress_is_reported() {
     let model = Model::running(3);
     let observed = model.observe();
     let step = plan(&spec(5), &observed);
-    let status = status(&spec(5), &observed, &step, None, Time(Timestamp::from_second(1).expect("time")));
+    let status =
+        status(&spec(5), &observed, &step, None, None, Time(Timestamp::from_second(1).expect("time")));
     let progressing =
         status.conditions.iter().find(|c| c.type_ == condition::PROGRESSING).expect("progressing");
     assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "AddLearner"));

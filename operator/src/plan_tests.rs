@@ -48,7 +48,7 @@ fn find<'a>(status: &'a ConsensusClusterStatus, type_: &str) -> &'a Condition {
 }
 
 fn status_now(spec: &ConsensusClusterSpec, observed: &Observed) -> ConsensusClusterStatus {
-    status(spec, observed, &plan(spec, observed), None, at(1000))
+    status(spec, observed, &plan(spec, observed), None, None, at(1000))
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn creates_the_declared_members_when_nothing_exists() {
     let observed = Observed { generation: Some(1), ..Observed::default() };
     let step = plan(&spec(3), &observed);
     assert_eq!(step, Step::CreateWorkload { replicas: 3 });
-    let status = status(&spec(3), &observed, &step, None, at(1000));
+    let status = status(&spec(3), &observed, &step, None, None, at(1000));
     assert_eq!(status.phase, Some(Phase::Pending));
     assert_eq!(find(&status, condition::PROGRESSING).status, "True");
     assert_eq!(find(&status, condition::AVAILABLE).reason, "NotCreated");
@@ -84,12 +84,55 @@ fn a_healthy_cluster_at_its_size_is_steady_and_running() {
 }
 
 #[test]
+fn status_stays_the_same_under_steady_writes_and_says_who_lags() {
+    // The same cluster a few seconds and thousands of writes later: every index moved, the
+    // followers a few entries behind the leader, as they are under load.
+    let before = status_now(&spec(3), &running(3));
+    let mut busy = running(3);
+    busy.leader_raft_index = Some(48_210);
+    for (member, applied) in busy.members.iter_mut().flatten().zip([48_209, 48_190, 48_130]) {
+        member.applied_index = Some(applied);
+    }
+    let after = status(&spec(3), &busy, &plan(&spec(3), &busy), None, Some(&before), at(1030));
+    assert_eq!(after, before, "nothing but the indexes changed, so status must not");
+    assert!(after.members.iter().all(|m| m.caught_up == Some(true)), "{:?}", after.members);
+
+    // A member replaying its log is told apart, and one that does not answer is unknown.
+    let mut lagging = busy.clone();
+    let members = lagging.members.as_mut().expect("members");
+    members[1].applied_index = Some(48_210 - LEARNER_CAUGHT_UP_ENTRIES - 1);
+    members[2].applied_index = None;
+    let lagging = status(&spec(3), &lagging, &Step::Steady, None, Some(&before), at(1030));
+    let caught_up: Vec<Option<bool>> = lagging.members.iter().map(|m| m.caught_up).collect();
+    assert_eq!(caught_up, [Some(true), Some(false), None]);
+}
+
+#[test]
+fn a_failed_step_is_reported_with_its_cause_and_progress_resumes_after() {
+    let mut observed = running(3);
+    observed.members.as_mut().expect("members")[2].is_learner = true;
+    observed.workload_replicas = Some(3);
+    let step = Step::ChangeVoters { voters: vec![1, 2, 3] };
+    let failed = status(&spec(3), &observed, &step, Some("connection refused"), None, at(1000));
+    let progressing = find(&failed, condition::PROGRESSING);
+    assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("False", "StepFailed"));
+    assert_eq!(progressing.message, "ChangeVoters failed and is retried: connection refused");
+    // Everything else is still what was observed.
+    assert_eq!(failed.leader.as_deref(), Some("demo-0"));
+    assert_eq!(find(&failed, condition::AVAILABLE).status, "True");
+
+    let retried = status(&spec(3), &observed, &step, None, Some(&failed), at(1010));
+    let progressing = find(&retried, condition::PROGRESSING);
+    assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "ChangeVoters"));
+}
+
+#[test]
 fn an_even_replica_count_on_a_running_cluster_changes_nothing_and_says_why() {
     let observed = running(3);
     let step = plan(&spec(4), &observed);
     assert!(matches!(&step, Step::RefuseSpec { reason } if reason.contains("odd number")), "{step:?}");
     assert!(!step.changes_cluster());
-    let status = status(&spec(4), &observed, &step, None, at(1000));
+    let status = status(&spec(4), &observed, &step, None, None, at(1000));
     let degraded = find(&status, condition::DEGRADED);
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
     assert_eq!(status.phase, Some(Phase::Degraded));
@@ -110,12 +153,12 @@ fn members_without_a_leader_are_bootstrapping_the_first_time_and_lost_quorum_aft
     observed.leader = None;
     let step = plan(&spec(3), &observed);
     assert!(matches!(step, Step::Wait { .. }));
-    let first = status(&spec(3), &observed, &step, None, at(1000));
+    let first = status(&spec(3), &observed, &step, None, None, at(1000));
     assert_eq!(first.phase, Some(Phase::Bootstrapping));
     assert_eq!(find(&first, condition::QUORUM_LOST).status, "False");
 
     let was_running = status_now(&spec(3), &running(3));
-    let later = status(&spec(3), &observed, &step, Some(&was_running), at(2000));
+    let later = status(&spec(3), &observed, &step, None, Some(&was_running), at(2000));
     assert_eq!(later.phase, Some(Phase::QuorumLost));
     assert_eq!(find(&later, condition::QUORUM_LOST).status, "True");
     assert_eq!(find(&later, condition::DEGRADED).reason, "QuorumLost");
@@ -129,7 +172,7 @@ fn one_member_down_is_degraded_but_available() {
     }
     let step = plan(&spec(3), &observed);
     assert!(matches!(&step, Step::Wait { reason } if reason.contains("demo-2")), "{step:?}");
-    let status = status(&spec(3), &observed, &step, None, at(1000));
+    let status = status(&spec(3), &observed, &step, None, None, at(1000));
     assert_eq!(status.phase, Some(Phase::Degraded));
     assert_eq!(status.ready_replicas, 2);
     assert_eq!(find(&status, condition::AVAILABLE).status, "True");
@@ -166,15 +209,15 @@ fn zone_fault_tolerance_needs_a_quorum_outside_every_zone() {
 #[test]
 fn transition_times_are_kept_while_a_condition_keeps_its_status() {
     let observed = running(3);
-    let first = status(&spec(3), &observed, &Step::Steady, None, at(1000));
-    let again = status(&spec(3), &observed, &Step::Steady, Some(&first), at(2000));
+    let first = status(&spec(3), &observed, &Step::Steady, None, None, at(1000));
+    let again = status(&spec(3), &observed, &Step::Steady, None, Some(&first), at(2000));
     assert_eq!(first, again);
     let mut down = running(3);
     if let Some(members) = down.members.as_mut() {
         members[2].healthy = false;
     }
     let step = plan(&spec(3), &down);
-    let changed = status(&spec(3), &down, &step, Some(&first), at(3000));
+    let changed = status(&spec(3), &down, &step, None, Some(&first), at(3000));
     assert_eq!(find(&changed, condition::DEGRADED).last_transition_time, at(3000));
     assert_eq!(find(&changed, condition::AVAILABLE).last_transition_time, at(1000));
 }
@@ -191,7 +234,7 @@ fn conditions_other_parts_own_are_kept() {
         observed_generation: Some(1),
         last_transition_time: at(5),
     });
-    let next = status(&spec(3), &running(3), &Step::Steady, Some(&previous), at(9000));
+    let next = status(&spec(3), &running(3), &Step::Steady, None, Some(&previous), at(9000));
     assert_eq!(next.selector.as_deref(), Some("app=demo"));
     assert_eq!(find(&next, condition::BACKUP_SUCCEEDED).last_transition_time, at(5));
 }
@@ -271,7 +314,7 @@ proptest! {
         let step = plan(&spec, &observed);
         prop_assert!(matches!(step, Step::RefuseSpec { .. }), "{:?}", step);
         prop_assert!(!step.changes_cluster());
-        let status = status(&spec, &observed, &step, None, at(1));
+        let status = status(&spec, &observed, &step, None, None, at(1));
         let degraded = find(&status, condition::DEGRADED);
         prop_assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "InvalidSpec"));
     }
@@ -334,8 +377,8 @@ proptest! {
     #[test]
     fn an_unchanged_observation_keeps_every_transition_time(spec in arb_spec(), observed in arb_observed()) {
         let step = plan(&spec, &observed);
-        let first = status(&spec, &observed, &step, None, at(1));
-        let second = status(&spec, &observed, &step, Some(&first), at(2));
+        let first = status(&spec, &observed, &step, None, None, at(1));
+        let second = status(&spec, &observed, &step, None, Some(&first), at(2));
         prop_assert_eq!(first, second);
     }
 }

@@ -290,3 +290,52 @@ fn a_new_member_that_never_starts_keeps_the_old_voters_and_scaling_back_cancels_
     assert!(!events.iter().any(|e| e.contains("VotersChanged")), "{events:#?}");
     assert!(!local.state().join("demo").join("demo-4").exists());
 }
+
+/// Issue 12, item 4: status changes with the cluster, not with every write. The local
+/// operator rewrites its status file every second, so what it holds is what status would
+/// be each time; on Kubernetes an unchanged status is not written and wakes no reconcile.
+#[test]
+fn status_stays_the_same_while_four_clients_write_as_fast_as_they_can() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let runtime = runtime();
+    let mut local = Local::new();
+    local.start(None);
+    let steady = local.wait_for_voters(3);
+    let endpoints = original_endpoints(&local);
+    let writers: Vec<Writer> = (0..4).map(|_| Writer::start(&runtime, endpoints.clone())).collect();
+
+    let status_file = local.state().join("demo.status.yaml");
+    let written = || std::fs::metadata(&status_file).and_then(|m| m.modified()).ok();
+    let (mut seen, mut rewrites, mut last_written) = (vec![steady], 0, written());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if written() != last_written {
+            (rewrites, last_written) = (rewrites + 1, written());
+        }
+        if let Some(status) = local.status()
+            && seen.last() != Some(&status)
+        {
+            seen.push(status);
+        }
+    }
+    for writer in &writers {
+        writer.stop();
+    }
+    let acknowledged: usize =
+        writers.iter().map(|w| w.acknowledged.lock().map(|a| a.len()).unwrap_or(0)).sum();
+    eprintln!(
+        "{acknowledged} writes acknowledged in 10 s; {} distinct statuses in {rewrites} rewrites",
+        seen.len()
+    );
+    assert!(acknowledged > 100, "the load hardly ran: {acknowledged} writes");
+    // Written once a second while it reconciles: a stalled operator would prove nothing.
+    assert!(rewrites >= 5, "the status was rewritten {rewrites} times in 10 s\n{}", local.log());
+    assert_eq!(seen.len(), 1, "status changed under load: {seen:#?}");
+    // Not asserted: on two loaded cores the slower follower, which no commit waits for, may
+    // fall behind, and an unknown leader index (seen twice in about fifteen runs, cause not
+    // yet found) makes every member unknown; the plan tests pin the rule itself.
+    let caught_up: Vec<(&str, Option<bool>)> =
+        seen[0].members.iter().map(|m| (m.name.as_str(), m.caught_up)).collect();
+    eprintln!("caught up: {caught_up:?}");
+}

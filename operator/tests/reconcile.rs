@@ -9,7 +9,8 @@ use std::sync::Arc;
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER, STATUS_FIELD_MANAGER};
 use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::metrics::Metrics;
-use consensus_operator::k8s::reconcile::{Context, FINALIZER, reconcile};
+use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
+use consensus_operator::plan::Step;
 use consensus_operator::resources::{InitialClusterState, Members};
 use kube::Client;
 use kube::runtime::events::Reporter;
@@ -369,6 +370,89 @@ async fn members_that_lost_quorum_are_in_status_as_they_answer() {
 }
 
 #[tokio::test]
+async fn a_status_that_is_already_there_is_not_written_again() {
+    let mut cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects.clone()));
+    reconcile(Arc::new(cc.clone()), context(client, healthy(3))).await.expect("reconciles");
+    let written = only(&api.requests(), "PATCH", &format!("{CC}/status")).body["status"].clone();
+
+    // The next reconcile (a requeue, the members busy with writes) sees its own status.
+    cc.status = Some(serde_json::from_value(written).expect("a status"));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let mut busy = members(3);
+    for (member, applied) in busy.iter_mut().zip([9000, 8990, 8950]) {
+        member.applied_index = applied;
+        member.raft_index = 9000;
+    }
+    let busy = FakeMembers::answering(Cluster { members: busy, leader: Some(0x10) });
+    reconcile(Arc::new(cc), context(client, busy)).await.expect("reconciles");
+
+    let writes: Vec<String> = api.writes().iter().map(Recorded::line).collect();
+    assert!(!writes.contains(&format!("PATCH {CC}/status")), "status written again: {writes:?}");
+}
+
+#[tokio::test]
+async fn a_status_write_of_the_statefulset_controller_is_no_update_of_ours() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    // Between the operator's look at the StatefulSet and its apply, the StatefulSet
+    // controller counts the ready pods, which moves the resourceVersion.
+    api.meanwhile(&format!("GET {PODS}"), STS, json!({"replicas": 3, "readyReplicas": 3}));
+
+    reconcile(Arc::new(cc), context(client, healthy(3))).await.expect("reconciles");
+
+    assert!(api.object(STS).expect("sts")["status"]["readyReplicas"] == 3, "the controller wrote status");
+    assert!(events(&api.requests()).is_empty(), "{:?}", events(&api.requests()));
+}
+
+#[tokio::test]
+async fn a_failed_event_publish_neither_stops_the_applies_nor_the_status() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, vec![]));
+    api.refuse("POST", EVENTS, 403);
+
+    let result = reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await;
+
+    // Counted as failed (and retried), with the cause the metric names.
+    assert_eq!(result.expect_err("the reconcile fails").metric_label(), "event");
+    let writes: Vec<String> = api.writes().iter().filter(|r| r.path != EVENTS).map(Recorded::line).collect();
+    assert_eq!(
+        writes,
+        [CONFIG, PEER, CLIENT, PDB, STS, &format!("{CC}/status")].map(|path| format!("PATCH {path}"))
+    );
+}
+
+#[tokio::test]
+async fn a_refused_membership_change_is_in_status_and_an_event() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let ctx = context(client, healthy(3).refusing());
+
+    let result = converge_with(&cc, &ctx, |_| Step::TransferLeadership { to: 0x11 }).await;
+
+    assert_eq!(result.expect_err("the reconcile fails").metric_label(), "membership");
+    let requests = api.requests();
+    let reported: Vec<_> = events(&requests).into_iter().map(|(t, r, _)| format!("{t} {r}")).collect();
+    assert_eq!(reported, ["Warning MembershipChangeFailed"]);
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    let progressing = condition(status, "Progressing");
+    assert_eq!(
+        (progressing["status"].as_str(), progressing["reason"].as_str()),
+        (Some("False"), Some("StepFailed"))
+    );
+    let message = progressing["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("TransferLeadership failed and is retried: ")
+            && message.contains("not caught up"),
+        "{message}"
+    );
+    assert_eq!(status["leader"], "demo-0", "the rest of status is what was observed");
+}
+
+#[tokio::test]
 async fn once_a_leader_is_seen_new_members_join_instead_of_bootstrapping() {
     let cc = cluster(json!({"replicas": 3}), true);
     let objects = running_cluster_objects(&cc, InitialClusterState::New);
@@ -451,6 +535,21 @@ async fn deleting_a_cluster_with_reclaim_policy_delete_deletes_its_volumes() {
         ]
     );
     assert_eq!(events(&api.requests())[0].1, "VolumesDeleted");
+}
+
+#[tokio::test]
+async fn the_operator_refuses_to_start_without_its_crd() {
+    const ALL: &str = "/apis/consensus.dev/v1alpha1/consensusclusters";
+    let (client, _api) = FakeApi::start(vec![]);
+    consensus_operator::k8s::require_crd(&client).await.expect("served");
+
+    let (client, api) = FakeApi::start(vec![]);
+    api.refuse("GET", ALL, 404);
+    let error = consensus_operator::k8s::require_crd(&client).await.expect_err("no CRD");
+    let message = format!("{error:#}");
+    assert!(message.contains("consensusclusters.consensus.dev is not installed"), "{message}");
+    assert!(message.contains("kubectl apply -k manifests/"), "{message}");
+    assert_eq!(api.requests()[0].query.get("limit").map(String::as_str), Some("1"), "one object is enough");
 }
 
 /// Every request of every scenario above is one the operator's ClusterRole allows.

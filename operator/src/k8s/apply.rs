@@ -1,6 +1,7 @@
 //! Act: server-side apply of the desired objects, reporting what each apply did.
 
 use std::fmt::Debug;
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use consensus_crds::FIELD_MANAGER;
 use k8s_openapi::NamespaceResourceScope;
@@ -41,12 +42,69 @@ where
     let api: Api<K> = Api::namespaced(client.clone(), &object.namespace().unwrap_or_default());
     let after = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object)).await?;
     let kind = <K as k8s_openapi::Resource>::KIND;
-    // The API server does not write an apply that changes nothing, so an unchanged
-    // resourceVersion means there is nothing to report.
-    let change = match seen.versions.get(&object_key(kind, &name)) {
+    let change = match seen.managed.get(&object_key(kind, &name)) {
         None => Change::Created,
-        Some(before) if after.resource_version().as_ref() != Some(before) => Change::Updated,
+        Some(before) if *before != managed_content(&after) => Change::Updated,
         Some(_) => return Ok(None),
     };
     Ok(Some(Applied { change, kind, name, reference: after.object_ref(&()) }))
+}
+
+/// A digest of what an apply of ours can change: the object without its status and the
+/// server's bookkeeping. Not the resourceVersion: other controllers move it too (the
+/// StatefulSet controller with every status write), and an apply that changed nothing of
+/// ours is not an update. Not the managedFields either: their timestamps have a one-second
+/// resolution, so two changes within a second would look like none.
+pub fn managed_content<T: Serialize>(object: &T) -> u64 {
+    let mut value = serde_json::to_value(object).unwrap_or_default();
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("status");
+    }
+    if let Some(meta) = value.get_mut("metadata").and_then(serde_json::Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    let mut hasher = DefaultHasher::new();
+    // serde_json's maps are ordered by key, so equal objects hash equally.
+    value.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+
+    use super::*;
+
+    fn stateful_set(replicas: i32) -> StatefulSet {
+        StatefulSet {
+            metadata: ObjectMeta {
+                name: Some("demo".into()),
+                resource_version: Some("7".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(StatefulSetSpec { replicas: Some(replicas), ..StatefulSetSpec::default() }),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn only_what_an_apply_sets_counts_as_a_change() {
+        let before = stateful_set(3);
+        let mut controller_wrote = before.clone();
+        controller_wrote.metadata.resource_version = Some("9".into());
+        controller_wrote.metadata.managed_fields = Some(vec![ManagedFieldsEntry {
+            manager: Some("kube-controller-manager".into()),
+            subresource: Some("status".into()),
+            ..ManagedFieldsEntry::default()
+        }]);
+        controller_wrote.status =
+            Some(StatefulSetStatus { ready_replicas: Some(2), ..StatefulSetStatus::default() });
+        assert_eq!(managed_content(&controller_wrote), managed_content(&before));
+        assert_ne!(managed_content(&stateful_set(5)), managed_content(&before));
+        let mut labelled = before.clone();
+        labelled.metadata.labels = Some([("team".to_owned(), "db".to_owned())].into());
+        assert_ne!(managed_content(&labelled), managed_content(&before));
+    }
 }

@@ -10,6 +10,7 @@ pub mod metrics;
 mod observe;
 pub mod reconcile;
 mod run;
+mod triggers;
 
 pub use error::Error;
-pub use run::{RunArgs, run};
+pub use run::{RunArgs, require_crd, run};

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use consensus_crds::ConsensusCluster;
-use k8s_openapi::Resource as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStateTerminated, Node, PersistentVolumeClaim, Pod, Service,
@@ -12,9 +11,11 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
 use tracing::debug;
 
 use super::Error;
+use super::apply::managed_content;
 use crate::membership::observe::combine;
 use crate::membership::{Members, Target};
 use crate::plan::{Observed, ObservedMember};
@@ -28,9 +29,9 @@ use crate::resources::{
 #[derive(Debug, Clone, Default)]
 pub struct Observation {
     pub observed: Observed,
-    /// `resourceVersion` of each owned object that exists, by `Kind/name`: an apply that
-    /// changes it created or changed something worth an Event.
-    pub versions: BTreeMap<String, String>,
+    /// `apply::managed_content` of each owned object that exists, by `Kind/name`: an apply
+    /// that changes it created or changed something worth an Event.
+    pub managed: BTreeMap<String, u64>,
     /// The first members have formed the cluster; members started from now on join it.
     pub bootstrapped: bool,
     /// Names of the member pods that exist, running or not: a volume is in use until its
@@ -48,6 +49,10 @@ impl AsRef<Observed> for Observation {
 
 pub fn object_key(kind: &str, name: &str) -> String {
     format!("{kind}/{name}")
+}
+
+fn managed_entry<K: k8s_openapi::Resource + ResourceExt + Serialize>(object: &K) -> (String, u64) {
+    (object_key(K::KIND, &object.name_any()), managed_content(object))
 }
 
 pub async fn observe(
@@ -74,21 +79,17 @@ pub async fn observe(
         .as_ref()
         .and_then(|cm| cm.data.as_ref()?.get(INITIAL_CLUSTER_STATE_KEY))
         .is_some_and(|state| state == InitialClusterState::Existing.as_str());
-    for meta in [
-        stateful_set.as_ref().map(|o| (StatefulSet::KIND, o.meta())),
-        config_map.as_ref().map(|o| (ConfigMap::KIND, o.meta())),
-        peer.as_ref().map(|o| (Service::KIND, o.meta())),
-        client_service.as_ref().map(|o| (Service::KIND, o.meta())),
-        budget.as_ref().map(|o| (PodDisruptionBudget::KIND, o.meta())),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let (kind, meta) = meta;
-        if let (Some(name), Some(version)) = (&meta.name, &meta.resource_version) {
-            observation.versions.insert(object_key(kind, name), version.clone());
-        }
-    }
+    observation.managed.extend(
+        [
+            stateful_set.as_ref().map(managed_entry),
+            config_map.as_ref().map(managed_entry),
+            peer.as_ref().map(managed_entry),
+            client_service.as_ref().map(managed_entry),
+            budget.as_ref().map(managed_entry),
+        ]
+        .into_iter()
+        .flatten(),
+    );
 
     let Some(stateful_set) = stateful_set else {
         // Nothing runs yet: no pods to look at and no members to ask.

@@ -1,7 +1,7 @@
 //! One reconcile: observe -> plan -> act, then status. Level-triggered: every reconcile
 //! starts from what it observes, so a crash between two steps is harmless.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use consensus_crds::{ConsensusCluster, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy};
@@ -85,17 +85,20 @@ pub async fn converge_with<M: membership::Members>(
     ctx: &Context<M>,
     decide: impl FnOnce(&Observed) -> Step,
 ) -> Result<Action, Error> {
-    let Round { observation, step, acted } = platform::round(&mut Kubernetes { cc, ctx }, decide).await?;
-    if let Err(error) = acted {
-        if let Error::Membership(cause) = &error {
-            let note = format!("{step:?} failed, retried on the next reconcile: {cause}");
-            publish(ctx, cc, EventType::Warning, "MembershipChangeFailed", "ChangeMembership", note).await?;
-        }
-        return Err(error);
+    let mut kubernetes = Kubernetes { cc, ctx, events: EventLog::about(&ctx.recorder, cc) };
+    let Round { observation, step, acted } = platform::round(&mut kubernetes, decide).await?;
+    let events = kubernetes.events;
+    if let Err(Error::Membership(cause)) = &acted {
+        let note = format!("{step:?} failed, retried on the next reconcile: {cause}");
+        events.publish(EventType::Warning, "MembershipChangeFailed", "ChangeMembership", note, None).await;
     }
-
-    let status = patch_status(ctx, cc, &observation, &step).await?;
+    // Status is written whatever became of the step, and says so when it failed: a reconcile
+    // that stopped half-way must not leave the status of the one before in place.
+    let failure = acted.as_ref().err().map(ToString::to_string);
+    let status = update_status(ctx, cc, &observation, &step, failure.as_deref()).await?;
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
+    acted?;
+    events.finish()?;
     Ok(Action::requeue(match step {
         Step::Steady => STEADY_RECHECK,
         // A refused spec changes only when the resource does, which triggers a reconcile.
@@ -115,6 +118,7 @@ pub async fn converge_with<M: membership::Members>(
 struct Kubernetes<'a, M> {
     cc: &'a ConsensusCluster,
     ctx: &'a Context<M>,
+    events: EventLog<'a>,
 }
 
 impl<M: membership::Members> Platform for Kubernetes<'_, M> {
@@ -125,25 +129,26 @@ impl<M: membership::Members> Platform for Kubernetes<'_, M> {
         observe(&self.ctx.client, &self.ctx.members, self.cc).await
     }
 
+    /// Applies the objects and carries out `step`, each change reported as an Event as it
+    /// happens, so a failure half-way still leaves a true record.
     async fn act(&mut self, observation: &Observation, step: &Step) -> Result<(), Error> {
-        let (cc, ctx) = (self.cc, self.ctx);
+        let (cc, ctx, events) = (self.cc, self.ctx, &self.events);
         info!(cluster = %cc.name_any(), ?step, "planned");
         if let Step::RefuseSpec { reason } = step {
             // The cluster keeps running as it is: nothing is applied, only reported.
-            publish(ctx, cc, EventType::Warning, "InvalidSpec", "Refuse", reason.clone()).await?;
+            events.publish(EventType::Warning, "InvalidSpec", "Refuse", reason.clone(), None).await;
         }
         if let Some(members) = workload_members(step, observation) {
             // Configuration and Services first, so members started by the StatefulSet find
-            // their configuration and their peers' names in place. Each change is reported as
-            // it happens, so a failure half-way still leaves a true record.
+            // their configuration and their peers' names in place.
             let (desired, seen) = (resources::desired(cc, members)?, observation);
-            report(ctx, cc, apply(&ctx.client, &desired.config_map, seen).await?).await?;
-            report(ctx, cc, apply(&ctx.client, &desired.peer_service, seen).await?).await?;
-            report(ctx, cc, apply(&ctx.client, &desired.client_service, seen).await?).await?;
-            report(ctx, cc, apply(&ctx.client, &desired.pod_disruption_budget, seen).await?).await?;
-            report(ctx, cc, apply(&ctx.client, &desired.stateful_set, seen).await?).await?;
+            events.applied(apply(&ctx.client, &desired.config_map, seen).await?).await;
+            events.applied(apply(&ctx.client, &desired.peer_service, seen).await?).await;
+            events.applied(apply(&ctx.client, &desired.client_service, seen).await?).await;
+            events.applied(apply(&ctx.client, &desired.pod_disruption_budget, seen).await?).await;
+            events.applied(apply(&ctx.client, &desired.stateful_set, seen).await?).await;
         }
-        act(cc, ctx, observation, step).await
+        act(cc, ctx, events, observation, step).await
     }
 }
 
@@ -184,6 +189,7 @@ fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
 async fn act<M: membership::Members>(
     cc: &ConsensusCluster,
     ctx: &Context<M>,
+    events: &EventLog<'_>,
     observation: &Observation,
     step: &Step,
 ) -> Result<(), Error> {
@@ -199,7 +205,7 @@ async fn act<M: membership::Members>(
     // which every spec and status change moves.
     let normal =
         |reason: &'static str, action: &'static str, note: String, related: Option<ObjectReference>| {
-            publish_about(ctx, cc, EventType::Normal, reason, action, note, related)
+            events.publish(EventType::Normal, reason, action, note, related)
         };
     let pod = |member: &str| Some(reference::<Pod>(&namespace, member));
     match step {
@@ -208,7 +214,7 @@ async fn act<M: membership::Members>(
             let id = ctx.members.add_learner(leader()?, &peer_url).await?;
             let note =
                 format!("added {name} (id {id:x}) as a learner at {peer_url}; it catches up before it votes");
-            normal("MemberAdded", "AddLearner", note, pod(name)).await
+            normal("MemberAdded", "AddLearner", note, pod(name)).await;
         }
         Step::ChangeVoters { voters } => {
             ctx.members.change_voters(leader()?, voters).await?;
@@ -221,7 +227,7 @@ async fn act<M: membership::Members>(
                     "learner {} caught up (applied index {applied}, leader at {leader}) and now votes",
                     learner.name
                 );
-                normal("LearnerCaughtUp", "ChangeVoters", note, pod(&learner.name)).await?;
+                normal("LearnerCaughtUp", "ChangeVoters", note, pod(&learner.name)).await;
             }
             let names: Vec<String> = voters.iter().map(|id| observed.member_name(*id)).collect();
             let note = format!(
@@ -229,27 +235,27 @@ async fn act<M: membership::Members>(
                 voters.len(),
                 names.join(", ")
             );
-            normal("VotersChanged", "ChangeVoters", note, None).await
+            normal("VotersChanged", "ChangeVoters", note, None).await;
         }
         Step::TransferLeadership { to } => {
             ctx.members.move_leader(leader()?, *to).await?;
             let from = observed.leader.map_or_else(|| "the leader".to_owned(), |id| observed.member_name(id));
             let to = observed.member_name(*to);
             let note = format!("moved leadership from {from} to {to}");
-            normal("LeadershipTransferred", "TransferLeadership", note, pod(&to)).await
+            normal("LeadershipTransferred", "TransferLeadership", note, pod(&to)).await;
         }
         Step::RemoveMember { id, name } => {
             ctx.members.remove(leader()?, *id).await?;
             let note = format!("removed {name} (id {id:x}) from the membership");
-            normal("MemberRemoved", "RemoveMember", note, pod(name)).await
+            normal("MemberRemoved", "RemoveMember", note, pod(name)).await;
         }
         Step::ResizeWorkload { replicas } => match observed.workload_replicas {
             // Applied above; a repeat after a crash changes nothing and says nothing.
-            Some(before) if before == *replicas => Ok(()),
+            Some(before) if before == *replicas => {}
             before => {
                 let before = before.map_or_else(|| "no".to_owned(), |b| b.to_string());
                 let note = format!("StatefulSet {cluster}: {before} -> {replicas} replicas");
-                normal("Resized", "Resize", note, Some(reference::<StatefulSet>(&namespace, &cluster))).await
+                normal("Resized", "Resize", note, Some(reference::<StatefulSet>(&namespace, &cluster))).await;
             }
         },
         Step::DeleteVolume { name } => {
@@ -267,10 +273,11 @@ async fn act<M: membership::Members>(
             }
             let note = format!("deleted {claim}, the volume of removed member {name}");
             let related = Some(reference::<PersistentVolumeClaim>(&namespace, &claim));
-            normal("VolumeDeleted", "DeleteVolume", note, related).await
+            normal("VolumeDeleted", "DeleteVolume", note, related).await;
         }
-        Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => Ok(()),
+        Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
     }
+    Ok(())
 }
 
 /// Why `member`'s volume must not be deleted yet, if it must not: a volume deleted under a
@@ -306,16 +313,22 @@ fn reference<K: k8s_openapi::Resource>(namespace: &str, name: &str) -> ObjectRef
     }
 }
 
-async fn patch_status<M>(
+/// Writes the status of this reconcile unless the cluster already shows it: a write that
+/// changes nothing still wakes every watcher of the resource.
+async fn update_status<M>(
     ctx: &Context<M>,
     cc: &ConsensusCluster,
     observation: &Observation,
     step: &Step,
+    failure: Option<&str>,
 ) -> Result<ConsensusClusterStatus, Error> {
     let name = cc.name_any();
     let now = Time(Timestamp::now());
-    let mut status = plan::status(&cc.spec, &observation.observed, step, cc.status.as_ref(), now);
+    let mut status = plan::status(&cc.spec, &observation.observed, step, failure, cc.status.as_ref(), now);
     status.selector = Some(labels::selector_string(&name));
+    if cc.status.as_ref() == Some(&status) {
+        return Ok(status);
+    }
     let body = serde_json::json!({
         "apiVersion": ConsensusCluster::api_version(&()),
         "kind": ConsensusCluster::kind(&()),
@@ -358,54 +371,73 @@ async fn clean_up<M>(cc: &ConsensusCluster, ctx: &Context<M>) -> Result<Action, 
                 ("VolumesDeleted", format!("deleted {} ({})", names.len(), names.join(", ")))
             }
         };
-        publish(ctx, cc, EventType::Normal, reason, "Delete", note).await?;
+        let events = EventLog::about(&ctx.recorder, cc);
+        events.publish(EventType::Normal, reason, "Delete", note, None).await;
+        // Retried before the finalizer goes: the record of what became of the volumes is
+        // the one thing left of the cluster.
+        events.finish()?;
     }
     ctx.metrics.set_phase(&metrics_key(cc), None);
     Ok(Action::await_change())
-}
-
-async fn report<M>(ctx: &Context<M>, cc: &ConsensusCluster, applied: Option<Applied>) -> Result<(), Error> {
-    let Some(applied) = applied else { return Ok(()) };
-    let (reason, action, verb) = match applied.change {
-        Change::Created => ("Created", "Create", "created"),
-        Change::Updated => ("Updated", "Update", "updated"),
-    };
-    let note = format!("{verb} {} {}", applied.kind, applied.name);
-    publish_about(ctx, cc, EventType::Normal, reason, action, note, Some(applied.reference)).await
 }
 
 fn metrics_key(cc: &ConsensusCluster) -> String {
     format!("{}/{}", cc.namespace().unwrap_or_default(), cc.name_any())
 }
 
-async fn publish<M>(
-    ctx: &Context<M>,
-    cc: &ConsensusCluster,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) -> Result<(), Error> {
-    publish_about(ctx, cc, type_, reason, action, note, None).await
+/// The Events of one reconcile. A failed publish does not stop the reconcile: what it
+/// reports has happened, and the status written after must say so. The first failure is
+/// kept and returned by `finish`, so the reconcile is retried and counted as failed.
+struct EventLog<'a> {
+    recorder: &'a Events,
+    regarding: ObjectReference,
+    failed: Mutex<Option<kube::Error>>,
 }
 
-async fn publish_about<M>(
-    ctx: &Context<M>,
-    cc: &ConsensusCluster,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-    related: Option<ObjectReference>,
-) -> Result<(), Error> {
-    let event = Event {
-        type_,
-        reason: reason.to_owned(),
-        note: Some(truncate(note, 1024)),
-        action: action.to_owned(),
-        secondary: related,
-    };
-    ctx.recorder.publish(&event, &cc.object_ref(&())).await.map_err(Error::Event)
+impl<'a> EventLog<'a> {
+    fn about(recorder: &'a Events, cc: &ConsensusCluster) -> Self {
+        Self { recorder, regarding: cc.object_ref(&()), failed: Mutex::default() }
+    }
+
+    async fn publish(
+        &self,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        related: Option<ObjectReference>,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(truncate(note, 1024)),
+            action: action.to_owned(),
+            secondary: related,
+        };
+        if let Err(error) = self.recorder.publish(&event, &self.regarding).await {
+            warn!(%error, reason, "publishing an event failed");
+            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+            failed.get_or_insert(error);
+        }
+    }
+
+    /// The Event for an object an apply created or changed.
+    async fn applied(&self, applied: Option<Applied>) {
+        let Some(applied) = applied else { return };
+        let (reason, action, verb) = match applied.change {
+            Change::Created => ("Created", "Create", "created"),
+            Change::Updated => ("Updated", "Update", "updated"),
+        };
+        let note = format!("{verb} {} {}", applied.kind, applied.name);
+        self.publish(EventType::Normal, reason, action, note, Some(applied.reference)).await;
+    }
+
+    fn finish(self) -> Result<(), Error> {
+        match self.failed.into_inner().unwrap_or_else(PoisonError::into_inner) {
+            Some(error) => Err(Error::Event(error)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Events carry at most 1 kB of note; cut on a character boundary.

@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context as _, anyhow};
 use consensus_crds::ConsensusCluster;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
 use kube::runtime::events::Reporter;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -23,6 +23,7 @@ use super::http::{Health, serve};
 use super::leader::Election;
 use super::metrics::Metrics;
 use super::reconcile::{Context, error_policy, reconcile};
+use super::triggers;
 use crate::membership::EtcdMembers;
 use crate::resources::labels;
 
@@ -49,8 +50,9 @@ pub async fn run(
     let client = Client::try_default()
         .await
         .context("no Kubernetes API in reach: run in a cluster or set KUBECONFIG")?;
+    require_crd(&client).await?;
     let metrics = Metrics::shared();
-    let health = Arc::new(Health { metrics: metrics.clone(), leading: Default::default() });
+    let health = Arc::new(Health::new(metrics.clone()));
 
     let (stop, stopping) = watch::channel(false);
     tokio::spawn(async move {
@@ -82,7 +84,7 @@ pub async fn run(
     info!(identity = %args.identity, "leading: reconciling ConsensusClusters");
     health.leading.store(true, Ordering::Relaxed);
 
-    let controller = controller(client, metrics, &args.identity, stopped(stopping.clone()));
+    let controller = controller(client, metrics, health.clone(), &args.identity, stopped(stopping.clone()));
     let outcome = match election.as_mut() {
         Some(election) => tokio::select! {
             () = controller => Ok(()),
@@ -101,9 +103,24 @@ pub async fn run(
     outcome
 }
 
+/// Fails unless the API server serves ConsensusClusters: without the CRD every watch fails
+/// for ever, and a replica that says so at start and exits is plainer than one that runs.
+pub async fn require_crd(client: &Client) -> anyhow::Result<()> {
+    let crd = format!("{}.{}", ConsensusCluster::plural(&()), ConsensusCluster::group(&()));
+    match Api::<ConsensusCluster>::all(client.clone()).list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_not_found() => Err(anyhow!(
+            "the CustomResourceDefinition {crd} is not installed: kubectl apply -k manifests/ \
+             (or kubectl apply -f manifests/crds/)"
+        )),
+        Err(error) => Err(error).with_context(|| format!("listing {crd} to check that the CRD is served")),
+    }
+}
+
 fn controller(
     client: Client,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     identity: &str,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> impl Future<Output = ()> {
@@ -117,11 +134,16 @@ fn controller(
     // Only objects we made: a cluster-wide watch of every Service and ConfigMap would cost
     // memory for nothing.
     let ours = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
-    Controller::new(Api::<ConsensusCluster>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<StatefulSet>::all(client.clone()), ours.clone())
-        .owns(Api::<Service>::all(client.clone()), ours.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), ours.clone())
-        .owns(Api::<ConfigMap>::all(client), ours)
+    let (clusters, changed) = triggers::clusters(Api::all(client.clone()), health.clone());
+    Controller::for_stream(changed, clusters)
+        .owns_stream(triggers::stateful_sets(Api::all(client.clone()), ours.clone(), health.clone()))
+        .owns_stream(triggers::owned(Api::<Service>::all(client.clone()), ours.clone(), health.clone()))
+        .owns_stream(triggers::owned(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            ours.clone(),
+            health.clone(),
+        ))
+        .owns_stream(triggers::owned(Api::<ConfigMap>::all(client), ours, health))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

@@ -272,7 +272,8 @@ impl Operator {
                 return false;
             }
         };
-        let changed = match acted {
+        let failure = acted.as_ref().err().map(ToString::to_string);
+        let changed = match &acted {
             // Creating starts members that take a while to answer: no reason to look sooner.
             Ok(()) => step.changes_cluster() && !matches!(step, Step::CreateWorkload { .. }),
             Err(err) => {
@@ -284,6 +285,7 @@ impl Operator {
             &self.declaration.spec,
             &observation.observed,
             &step,
+            failure.as_deref(),
             self.previous.as_ref(),
             Time(Timestamp::now()),
         );

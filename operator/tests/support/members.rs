@@ -58,8 +58,6 @@ impl FakeMembers {
     }
 
     /// Refusing every change, as a cluster whose learner is not caught up does.
-    // Each test crate compiles this module on its own; only scaling.rs needs this.
-    #[allow(dead_code)]
     pub fn refusing(self) -> Self {
         Self { refuse: true, ..self }
     }

@@ -143,6 +143,11 @@ struct State {
     applied: BTreeMap<String, Value>,
     requests: Vec<Recorded>,
     next_version: u64,
+    /// `METHOD /path` answered with this HTTP status instead, as a server that refuses it.
+    refused: BTreeMap<String, u16>,
+    /// Status writes of other controllers, each made once, when the request `METHOD /path`
+    /// arrives: (that request, the object's path, its new status).
+    meanwhile: Vec<(String, String, Value)>,
 }
 
 pub struct FakeApi {
@@ -201,6 +206,28 @@ impl State {
     }
 
     fn answer(&mut self, request: &Recorded) -> (StatusCode, Value) {
+        let line = request.line();
+        if let Some(&code) = self.refused.get(&line) {
+            let reason = match code {
+                403 => "Forbidden",
+                404 => "NotFound",
+                _ => "InternalError",
+            };
+            let status = json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": format!("{line} refused by the test"), "reason": reason, "code": code,
+            });
+            return (StatusCode::from_u16(code).expect("an HTTP status"), status);
+        }
+        let (now, later) =
+            std::mem::take(&mut self.meanwhile).into_iter().partition(|(when, _, _)| *when == line);
+        self.meanwhile = later;
+        for (_, path, status) in now {
+            let mut object = self.objects.get(&path).cloned().expect("the object another controller writes");
+            object["status"] = status;
+            let uid = object["metadata"].get("uid").cloned();
+            self.store(&path, object, uid);
+        }
         let path = request.path.as_str();
         match request.method.as_str() {
             "GET" => match self.objects.get(path) {
@@ -335,6 +362,22 @@ impl FakeApi {
 
     pub fn object(&self, path: &str) -> Option<Value> {
         self.state.lock().expect("state").objects.get(path).cloned()
+    }
+
+    /// The server answers `method path` with `code` from now on.
+    // Each test crate compiles this module on its own; only reconcile.rs needs this.
+    #[allow(dead_code)]
+    pub fn refuse(&self, method: &str, path: &str, code: u16) {
+        self.state.lock().expect("state").refused.insert(format!("{method} {path}"), code);
+    }
+
+    /// Another controller writes `status` on the object at `path` (the StatefulSet
+    /// controller counting ready pods) just before the server answers `when`
+    /// (`METHOD /path`): between two requests of the operator's, as on a live server.
+    // Each test crate compiles this module on its own; only reconcile.rs needs this.
+    #[allow(dead_code)]
+    pub fn meanwhile(&self, when: &str, path: &str, status: Value) {
+        self.state.lock().expect("state").meanwhile.push((when.to_owned(), path.to_owned(), status));
     }
 
     /// What another controller does behind the operator's back (the StatefulSet controller
