@@ -444,3 +444,41 @@ fn scenario_8_a_deleted_cluster_leaves_its_volumes_as_the_reclaim_policy_says() 
         volume_claims(&dropped).is_empty().then_some(())
     });
 }
+
+/// The operator's reconciles so far, as the replica holding the Lease counts them.
+fn reconciles_of(holder: &str) -> f64 {
+    let pod =
+        pods(OPERATOR_NAMESPACE, OPERATOR_LABEL).into_iter().find(|p| p.name == holder).expect("holder pod");
+    let metrics = http_get(&format!("{}:8080", pod.ip), "/metrics").expect("the operator's /metrics");
+    metric_sum(&metrics, "consensus_operator_reconciles_total")
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_9_four_clients_writing_as_fast_as_they_can_do_not_keep_the_operator_busy() {
+    let _timer = Timer::start("9 reconciles under write load");
+    let holder = deploy_operator();
+    let cluster = Cluster::create("cc-quiet", "demo", THREE);
+    cluster.wait_running(3);
+    // Settled: the reconciles the creation started are over once two reads agree.
+    let before = wait_until(DEADLINE, "the operator to settle", || {
+        let first = reconciles_of(&holder);
+        std::thread::sleep(Duration::from_secs(3));
+        (reconciles_of(&holder) == first).then_some(first)
+    });
+
+    let runtime = runtime();
+    let endpoints = original_endpoints(&cluster);
+    let writers: Vec<Writer> = (0..4).map(|_| Writer::start(&runtime, endpoints.clone())).collect();
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(60), "30 s of writes", || {
+        (started.elapsed() >= Duration::from_secs(30)).then_some(())
+    });
+    writers.iter().for_each(Writer::stop);
+    let during = reconciles_of(&holder) - before;
+    let written: usize = writers.iter().map(|w| w.acknowledged.lock().expect("lock").len()).sum();
+    eprintln!("4 clients, 30 s: {written} writes acknowledged, {during} reconciles (all clusters)");
+    assert!(written > 0, "no write was acknowledged");
+    assert!(during <= 20.0, "{during} reconciles during 30 s of writes");
+    cluster.wait_running(3);
+}
