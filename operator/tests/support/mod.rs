@@ -21,6 +21,7 @@ pub const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
 pub const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
 pub const PODS: &str = "/api/v1/namespaces/default/pods";
 pub const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+pub const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
 /// The one request made with `method` to `path`.
