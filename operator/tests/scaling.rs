@@ -2,6 +2,8 @@
 //! does to the StatefulSet, the ConfigMap, the volumes and the membership, and what it
 //! reports. The step is passed in (`converge_with`), so these pin the Kubernetes side of
 //! each step whatever the planner decides; the planner's order is its own tests' business.
+//! The disruption budget's walk is the exception: the budget must hold along the order the
+//! planner actually takes, so there the planner takes every step.
 
 mod support;
 
@@ -12,7 +14,7 @@ use consensus_crds::{ConsensusCluster, FIELD_MANAGER};
 use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
-use consensus_operator::plan::{Observed, Step};
+use consensus_operator::plan::{Observed, Step, ordinal, plan, quorum};
 use consensus_operator::resources::{Guarded, InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::Reporter;
@@ -461,4 +463,137 @@ async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_los
     assert_eq!(observed.volumes, ["demo-0", "demo-1", "demo-2", "demo-3", "demo-4"]);
     assert_eq!(observed.leader_raft_index, Some(LEADER_RAFT_INDEX + 7));
     assert_eq!(observed.lost_data, ["demo-1", "demo-2"]);
+}
+
+/// The cluster the planner drives in the walk below: what the members answer, and the pods
+/// and volume claims the StatefulSet controller keeps, each changed the way the step the
+/// operator just took changes them.
+struct World {
+    members: Cluster,
+    /// The StatefulSet runs `demo-0 .. demo-{pods - 1}`.
+    pods: u64,
+}
+
+impl World {
+    fn voters(&self) -> usize {
+        self.members.members.iter().filter(|m| !m.is_learner).count()
+    }
+
+    fn take(&mut self, step: &Step, api: &FakeApi) {
+        match step {
+            Step::AddLearner { name } => {
+                let (_, i) = ordinal(name).expect("a member name");
+                self.members.members.push(member(u64::from(i), true, false));
+            }
+            Step::ResizeWorkload { replicas } => {
+                let replicas = u64::try_from(*replicas).expect("not negative");
+                for i in self.pods..replicas {
+                    api.put(pod(i));
+                    api.put(claim(&format!("data-demo-{i}")));
+                    // Started on its pod, the learner is caught up by the next reconcile.
+                    for started in self.members.members.iter_mut().filter(|m| m.id == id(i)) {
+                        (started.started, started.answers) = (true, true);
+                    }
+                }
+                for i in replicas..self.pods {
+                    api.vanish(&format!("{PODS}/demo-{i}"));
+                }
+                self.pods = replicas;
+            }
+            Step::ChangeVoters { voters } => {
+                for m in &mut self.members.members {
+                    m.is_learner = !voters.contains(&m.id);
+                }
+            }
+            Step::TransferLeadership { to } => self.members.leader = Some(*to),
+            Step::RemoveMember { id, .. } => self.members.members.retain(|m| m.id != *id),
+            // Volumes are deleted by the operator itself, on the fake API server.
+            Step::DeleteVolume { .. }
+            | Step::CreateWorkload { .. }
+            | Step::RefuseSpec { .. }
+            | Step::Wait { .. }
+            | Step::Steady => {}
+        }
+    }
+}
+
+/// `status.disruptionsAllowed` as the disruption controller works it out for `budget` with
+/// `ready` member pods Ready: `minAvailable` is taken as it is, `maxUnavailable` from the
+/// StatefulSet's `replicas` (the expected count its scale gives).
+fn disruptions_allowed(budget: &Value, ready: u64, replicas: u64) -> i64 {
+    let spec = &budget["spec"];
+    let desired_healthy = match (spec["minAvailable"].as_i64(), spec["maxUnavailable"].as_i64()) {
+        (Some(min), None) => min,
+        (None, Some(max)) => i64::try_from(replicas).expect("small") - max,
+        other => panic!("a budget sets one of minAvailable and maxUnavailable, as a number: {other:?}"),
+    };
+    (i64::try_from(ready).expect("small") - desired_healthy).max(0)
+}
+
+#[tokio::test]
+async fn the_disruption_budget_never_spares_more_than_the_voters_through_3_5_3() {
+    // kubectl scale cc/demo --replicas=5, then back to 3, the planner taking every step.
+    let (client, api) = FakeApi::start(objects(&cluster(3), 3, 3, 0..3, 0..3));
+    let mut world = World { members: membership(0..3, 0..0, 0), pods: 3 };
+    let ctx = context(client, FakeMembers::answering(world.members.clone()));
+
+    let mut walked = Vec::new();
+    for replicas in [5, 3] {
+        let cc = cluster(replicas);
+        loop {
+            let (voters_before, pods_before) = (world.voters(), world.pods);
+            let planned = Mutex::new(None);
+            let before = api.requests().len();
+            converge_with(&cc, &ctx, |observed| {
+                let step = plan(&cc.spec, observed);
+                *planned.lock().expect("lock") = Some(step.clone());
+                step
+            })
+            .await
+            .expect("reconciles");
+            let step = planned.into_inner().expect("lock").expect("planned");
+            let requests = api.requests().split_off(before);
+            only(&requests, "PATCH", PDB);
+            world.take(&step, &api);
+            ctx.members.now(world.members.clone());
+
+            // The budget holds from its apply, before the step's change, to the next
+            // reconcile's: over the voters before the change and after it, and over every
+            // pod the StatefulSet ran meanwhile, all of them Ready at worst.
+            let voters = voters_before.min(world.voters());
+            let budget = api.object(PDB).expect("the budget exists");
+            let allowed = disruptions_allowed(&budget, pods_before.max(world.pods), world.pods);
+            let spare = i64::try_from(voters - quorum(voters)).expect("small");
+            assert!(
+                allowed <= spare,
+                "after {step:?} the budget {} allows {allowed} evictions with {voters} voters",
+                budget["spec"]
+            );
+            walked.push(format!("{} {allowed}", step.name()));
+            if step == Step::Steady {
+                break;
+            }
+            assert!(walked.len() < 20, "the walk does not converge: {walked:?}");
+        }
+    }
+    // Every step taken, and the evictions allowed while it held: one while three vote,
+    // two only once five do.
+    assert_eq!(
+        walked,
+        [
+            "AddLearner 1",
+            "AddLearner 1",
+            "ResizeWorkload 1",
+            "ChangeVoters 1",
+            "Steady 2",
+            "ChangeVoters 1",
+            "RemoveMember 1",
+            "RemoveMember 1",
+            "ResizeWorkload 1",
+            "DeleteVolume 1",
+            "DeleteVolume 1",
+            "Steady 1",
+        ]
+    );
+    assert_allowed_by_cluster_role(&api.requests());
 }

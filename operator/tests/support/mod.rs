@@ -345,4 +345,13 @@ impl FakeApi {
     pub fn vanish(&self, path: &str) {
         self.state.lock().expect("state").objects.remove(path);
     }
+
+    /// The other way round: an object another controller created (the StatefulSet
+    /// controller's pods and volume claims), there without a request of ours.
+    // Each test crate compiles this module on its own; only scaling.rs needs this.
+    #[allow(dead_code)]
+    pub fn put(&self, object: Value) {
+        let mut state = self.state.lock().expect("state");
+        state.store(&path_of(&object), object, None);
+    }
 }
