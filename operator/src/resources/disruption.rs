@@ -17,8 +17,8 @@ use crate::plan::{Observed, Step, quorum};
 /// desiredHealthy). `AlwaysAllow` would let a drain evict every pod that is not Ready, and
 /// during an election (right after the leader's node was drained, say) no member knows a
 /// leader, so none is Ready: the drain could then take caught-up voters and the quorum with
-/// them. The cost, a crash-looping member holding up a drain while another is down, is
-/// the moment a drain is unsafe anyway.
+/// them. The cost: a crash-looping member holds up a drain only while another member is
+/// down too, when the budget has nothing left to give anyway.
 const UNHEALTHY_POD_EVICTION_POLICY: &str = "IfHealthyBudget";
 
 /// What a budget guards while it is in force, from this reconcile's apply to the next.
