@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use consensus_crds::ConsensusCluster;
-use consensus_operator::resources::{Desired, InitialClusterState, Members, desired};
+use consensus_operator::resources::{Desired, Guarded, InitialClusterState, Members, desired};
 
 const HEADER: &str = "# Built by consensus-operator's resource builders for the sample of the same name\n\
 # (namespace default, a fixed uid). Regenerate: UPDATE_GOLDEN=1 cargo test -p consensus-operator --test golden\n";
@@ -45,7 +45,10 @@ fn built_for(sample: &Path) -> Desired {
     let mut cluster: ConsensusCluster = serde_yaml::from_str(&text).expect("sample is a ConsensusCluster");
     cluster.metadata.namespace.get_or_insert_with(|| "default".to_owned());
     cluster.metadata.uid = Some(UID.to_owned());
-    let members = Members { replicas: cluster.spec.replicas, state: InitialClusterState::New };
+    // As first created: no member has answered yet, so no voter is known to spare.
+    let replicas = cluster.spec.replicas;
+    let guarded = Guarded { pods: replicas, voters: None };
+    let members = Members { replicas, state: InitialClusterState::New, guarded };
     desired(&cluster, members).expect("builds")
 }
 

@@ -11,19 +11,18 @@ use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
 use consensus_operator::plan::Step;
-use consensus_operator::resources::{InitialClusterState, Members};
+use consensus_operator::resources::{Guarded, InitialClusterState, Members};
 use kube::Client;
 use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use support::members::{CLUSTER_ID, Cluster, FakeMembers, Member};
 use support::{
-    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
+    CC, CONFIG, EVENTS, FakeApi, NS, PDB, PODS, PVCS, Recorded, STS, applied_objects,
     assert_allowed_by_cluster_role, only,
 };
 
 const PEER: &str = "/api/v1/namespaces/default/services/demo-peer";
 const CLIENT: &str = "/api/v1/namespaces/default/services/demo-client";
-const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
 
 /// `demo-0` .. `demo-{n-1}`, all answering, `demo-0` leading.
 fn healthy(n: u64) -> FakeMembers {
@@ -74,9 +73,13 @@ fn context(client: Client, members: FakeMembers) -> Arc<Context<FakeMembers>> {
     })
 }
 
-/// The objects of a running 3-member cluster, as the operator applied them.
+/// The objects of a running 3-member cluster, as the operator applied them: with `new`
+/// while no member had answered (so no voter was known to spare), `existing` once three
+/// voters had.
 fn running_cluster_objects(cc: &ConsensusCluster, state: InitialClusterState) -> Vec<Value> {
-    let mut objects = applied_objects(cc, Members { replicas: 3, state });
+    let voters = (state == InitialClusterState::Existing).then_some(3);
+    let guarded = Guarded { pods: 3, voters };
+    let mut objects = applied_objects(cc, Members { replicas: 3, state, guarded });
     for (i, zone) in ["zone-a", "zone-b", "zone-c"].iter().enumerate() {
         objects.push(json!({
             "apiVersion": "v1", "kind": "Pod",
@@ -194,7 +197,10 @@ async fn the_first_reconcile_creates_every_object_and_reports_pending() {
          demo-2=http://demo-2.demo-peer.default.svc:2380"
     );
     assert_eq!(only(&requests, "PATCH", PEER).body["spec"]["publishNotReadyAddresses"], true);
-    assert_eq!(only(&requests, "PATCH", PDB).body["spec"]["maxUnavailable"], 1);
+    // No member has answered, so no voter is known to be spare: no eviction yet.
+    let budget = &only(&requests, "PATCH", PDB).body["spec"];
+    assert_eq!((&budget["minAvailable"], &budget["maxUnavailable"]), (&json!(3), &Value::Null));
+    assert_eq!(budget["unhealthyPodEvictionPolicy"], "IfHealthyBudget");
 
     let created: Vec<_> = events(&requests).into_iter().map(|(t, r, n)| format!("{t} {r}: {n}")).collect();
     assert_eq!(
@@ -462,8 +468,13 @@ async fn once_a_leader_is_seen_new_members_join_instead_of_bootstrapping() {
 
     let requests = api.requests();
     assert_eq!(only(&requests, "PATCH", CONFIG).body["data"]["initial-cluster-state"], "existing");
+    // Three voters answer for the first time: one of them can be spared now.
+    assert_eq!(only(&requests, "PATCH", PDB).body["spec"]["minAvailable"], 2);
     let reported: Vec<_> = events(&requests).into_iter().map(|(_, r, n)| format!("{r}: {n}")).collect();
-    assert_eq!(reported, ["Updated: updated ConfigMap demo-config"]);
+    assert_eq!(
+        reported,
+        ["Updated: updated ConfigMap demo-config", "Updated: updated PodDisruptionBudget demo"]
+    );
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 //! does to the StatefulSet, the ConfigMap, the volumes and the membership, and what it
 //! reports. The step is passed in (`converge_with`), so these pin the Kubernetes side of
 //! each step whatever the planner decides; the planner's order is its own tests' business.
+//! The disruption budget's walk is the exception: the budget must hold along the order the
+//! planner actually takes, so there the planner takes every step.
 
 mod support;
 
@@ -12,14 +14,14 @@ use consensus_crds::{ConsensusCluster, FIELD_MANAGER};
 use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
-use consensus_operator::plan::{Observed, Step};
-use consensus_operator::resources::{InitialClusterState, Members, desired};
+use consensus_operator::plan::{Observed, Step, ordinal, plan, quorum};
+use consensus_operator::resources::{Guarded, InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use support::members::{Asked, Cluster, FakeMembers, Member};
 use support::{
-    CC, CONFIG, EVENTS, FakeApi, NS, PODS, PVCS, Recorded, STS, applied_objects,
+    CC, CONFIG, EVENTS, FakeApi, NS, PDB, PODS, PVCS, Recorded, STS, applied_objects,
     assert_allowed_by_cluster_role, only,
 };
 
@@ -96,9 +98,17 @@ fn claim(name: &str) -> Value {
 }
 
 /// The cluster resource, its objects as applied for `replicas` members that have formed
-/// the cluster, the pods `pods` and the volumes `volumes`.
-fn objects(cc: &ConsensusCluster, replicas: i32, pods: Range<u64>, volumes: Range<u64>) -> Vec<Value> {
-    let mut objects = applied_objects(cc, Members { replicas, state: InitialClusterState::Existing });
+/// the cluster, `voters` of them voting, the pods `pods` and the volumes `volumes`.
+fn objects(
+    cc: &ConsensusCluster,
+    replicas: i32,
+    voters: usize,
+    pods: Range<u64>,
+    volumes: Range<u64>,
+) -> Vec<Value> {
+    let guarded = Guarded { pods: replicas, voters: Some(voters) };
+    let mut objects =
+        applied_objects(cc, Members { replicas, state: InitialClusterState::Existing, guarded });
     objects.push(serde_json::to_value(cc).expect("serializes"));
     objects.extend(pods.map(pod));
     objects.extend(volumes.map(|i| claim(&format!("data-demo-{i}"))));
@@ -147,7 +157,7 @@ fn initial_cluster(n: u64) -> String {
 async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset() {
     // kubectl scale cc/demo --replicas=5 on a running 3-member cluster.
     let cc = cluster(5);
-    let (client, api) = FakeApi::start(objects(&cc, 3, 0..3, 0..3));
+    let (client, api) = FakeApi::start(objects(&cc, 3, 3, 0..3, 0..3));
     let ctx = context(client, FakeMembers::answering(membership(0..3, 0..0, 0)));
 
     // 1. demo-3 is added as a learner, at the peer URL its pod will advertise, before
@@ -196,8 +206,9 @@ async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset
     assert_eq!(sts.body["spec"]["replicas"], 5);
     // Only the replicas change: the rest is what was applied at 3, so the operator keeps
     // owning every field it owned and no pod template changes (no rolling restart).
+    let guarded = Guarded { pods: 3, voters: Some(3) };
     let mut at_three = serde_json::to_value(
-        desired(&cc, Members { replicas: 3, state: InitialClusterState::Existing })
+        desired(&cc, Members { replicas: 3, state: InitialClusterState::Existing, guarded })
             .expect("builds")
             .stateful_set,
     )
@@ -225,7 +236,7 @@ async fn scaling_up_adds_each_new_member_as_a_learner_then_grows_the_statefulset
 #[tokio::test]
 async fn a_voter_change_promotes_the_caught_up_learners_in_one_step_and_says_so() {
     let cc = cluster(5);
-    let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
+    let (client, api) = FakeApi::start(objects(&cc, 5, 3, 0..5, 0..5));
     let ctx = context(client, FakeMembers::answering(membership(0..3, 3..5, 0)));
 
     let voters: Vec<u64> = (0..5).map(id).collect();
@@ -248,7 +259,7 @@ async fn a_voter_change_promotes_the_caught_up_learners_in_one_step_and_says_so(
 #[tokio::test]
 async fn a_refused_voter_change_is_a_warning_and_claims_nothing() {
     let cc = cluster(5);
-    let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
+    let (client, api) = FakeApi::start(objects(&cc, 5, 3, 0..5, 0..5));
     let members = FakeMembers::answering(membership(0..3, 3..5, 0)).refusing();
     let ctx = context(client, members);
 
@@ -267,7 +278,7 @@ async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then
     // kubectl scale cc/demo --replicas=3 on a running 5-member cluster led by demo-4,
     // one of the two members that leave.
     let cc = cluster(3);
-    let (client, api) = FakeApi::start(objects(&cc, 5, 0..5, 0..5));
+    let (client, api) = FakeApi::start(objects(&cc, 5, 5, 0..5, 0..5));
     let ctx = context(client, FakeMembers::answering(membership(0..5, 0..0, 4)));
 
     // 1. Leadership moves to a member that stays.
@@ -280,9 +291,12 @@ async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then
     ctx.members.now(membership(0..5, 0..0, 0));
     let voters: Vec<u64> = (0..3).map(id).collect();
     let changed = act(&cc, &ctx, &api, Step::ChangeVoters { voters: voters.clone() }).await;
+    // The disruption budget is lowered to what three voters spare before the change is made.
+    assert_eq!(only(&changed, "PATCH", PDB).body["spec"]["minAvailable"], 5 - 1);
     assert_eq!(
         events(&changed),
         [
+            "Normal Updated: updated PodDisruptionBudget demo",
             "Normal VotersChanged: the 3 voters are now demo-0, demo-1, demo-2, changed in one joint-consensus step"
         ]
     );
@@ -323,6 +337,9 @@ async fn scaling_down_moves_leadership_off_removes_members_shrinks_and_only_then
     let deleted_4 = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
     assert_eq!(deletes(&deleted_3), [format!("DELETE {PVCS}/data-demo-3")]);
     assert_eq!(deletes(&deleted_4), [format!("DELETE {PVCS}/data-demo-4")]);
+    // The budget stops counting the two pods once they are gone (its Event is a repeat of
+    // the one above, counted in that Event's series).
+    assert_eq!(only(&deleted_3, "PATCH", PDB).body["spec"]["minAvailable"], 3 - 1);
     assert_eq!(
         events(&deleted_3),
         ["Normal VolumeDeleted: deleted data-demo-3, the volume of removed member demo-3"]
@@ -358,7 +375,7 @@ async fn a_volume_is_never_deleted_while_its_member_could_still_need_it() {
     ];
     for (case, replicas, pods, answer) in cases {
         let cc = cluster(3);
-        let (client, api) = FakeApi::start(objects(&cc, replicas, pods, 0..4));
+        let (client, api) = FakeApi::start(objects(&cc, replicas, 3, pods, 0..4));
         let ctx = context(client, answer.map_or_else(FakeMembers::unreachable, FakeMembers::answering));
 
         let requests = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-3".into() }).await;
@@ -373,7 +390,7 @@ async fn a_volume_is_never_deleted_while_its_member_could_still_need_it() {
 async fn a_volume_already_deleted_is_done_not_an_error() {
     // The operator died after the DELETE and before its Event: the next reconcile finishes.
     let cc = cluster(3);
-    let (client, api) = FakeApi::start(objects(&cc, 3, 0..3, 0..3));
+    let (client, api) = FakeApi::start(objects(&cc, 3, 3, 0..3, 0..3));
     let ctx = context(client, FakeMembers::answering(membership(0..3, 0..0, 0)));
 
     let requests = act(&cc, &ctx, &api, Step::DeleteVolume { name: "demo-4".into() }).await;
@@ -387,7 +404,7 @@ async fn an_even_replica_count_never_writes_the_statefulset() {
     // kubectl scale cc/demo --replicas=4 on a 5-member cluster, past admission.
     let running = cluster(5);
     let cc = cluster(4);
-    let mut objects = objects(&running, 5, 0..5, 0..5);
+    let mut objects = objects(&running, 5, 5, 0..5, 0..5);
     objects.retain(|o| o["kind"] != "ConsensusCluster");
     objects.push(serde_json::to_value(&cc).expect("serializes"));
     let (client, api) = FakeApi::start(objects);
@@ -411,7 +428,7 @@ async fn an_even_replica_count_never_writes_the_statefulset() {
 #[tokio::test]
 async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_lost_their_data() {
     let cc = cluster(5);
-    let mut objects = objects(&cc, 5, 0..1, 0..5);
+    let mut objects = objects(&cc, 5, 5, 0..1, 0..5);
     // A claim of something else in the namespace, with the same labels.
     objects.push(claim("scratch"));
     // demo-1 crashed with the node's lost-data exit code; demo-2 said so in its
@@ -446,4 +463,137 @@ async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_los
     assert_eq!(observed.volumes, ["demo-0", "demo-1", "demo-2", "demo-3", "demo-4"]);
     assert_eq!(observed.leader_raft_index, Some(LEADER_RAFT_INDEX + 7));
     assert_eq!(observed.lost_data, ["demo-1", "demo-2"]);
+}
+
+/// The cluster the planner drives in the walk below: what the members answer, and the pods
+/// and volume claims the StatefulSet controller keeps, each changed the way the step the
+/// operator just took changes them.
+struct World {
+    members: Cluster,
+    /// The StatefulSet runs `demo-0 .. demo-{pods - 1}`.
+    pods: u64,
+}
+
+impl World {
+    fn voters(&self) -> usize {
+        self.members.members.iter().filter(|m| !m.is_learner).count()
+    }
+
+    fn take(&mut self, step: &Step, api: &FakeApi) {
+        match step {
+            Step::AddLearner { name } => {
+                let (_, i) = ordinal(name).expect("a member name");
+                self.members.members.push(member(u64::from(i), true, false));
+            }
+            Step::ResizeWorkload { replicas } => {
+                let replicas = u64::try_from(*replicas).expect("not negative");
+                for i in self.pods..replicas {
+                    api.put(pod(i));
+                    api.put(claim(&format!("data-demo-{i}")));
+                    // Started on its pod, the learner is caught up by the next reconcile.
+                    for started in self.members.members.iter_mut().filter(|m| m.id == id(i)) {
+                        (started.started, started.answers) = (true, true);
+                    }
+                }
+                for i in replicas..self.pods {
+                    api.vanish(&format!("{PODS}/demo-{i}"));
+                }
+                self.pods = replicas;
+            }
+            Step::ChangeVoters { voters } => {
+                for m in &mut self.members.members {
+                    m.is_learner = !voters.contains(&m.id);
+                }
+            }
+            Step::TransferLeadership { to } => self.members.leader = Some(*to),
+            Step::RemoveMember { id, .. } => self.members.members.retain(|m| m.id != *id),
+            // Volumes are deleted by the operator itself, on the fake API server.
+            Step::DeleteVolume { .. }
+            | Step::CreateWorkload { .. }
+            | Step::RefuseSpec { .. }
+            | Step::Wait { .. }
+            | Step::Steady => {}
+        }
+    }
+}
+
+/// `status.disruptionsAllowed` as the disruption controller works it out for `budget` with
+/// `ready` member pods Ready: `minAvailable` is taken as it is, `maxUnavailable` from the
+/// StatefulSet's `replicas` (the expected count its scale gives).
+fn disruptions_allowed(budget: &Value, ready: u64, replicas: u64) -> i64 {
+    let spec = &budget["spec"];
+    let desired_healthy = match (spec["minAvailable"].as_i64(), spec["maxUnavailable"].as_i64()) {
+        (Some(min), None) => min,
+        (None, Some(max)) => i64::try_from(replicas).expect("small") - max,
+        other => panic!("a budget sets one of minAvailable and maxUnavailable, as a number: {other:?}"),
+    };
+    (i64::try_from(ready).expect("small") - desired_healthy).max(0)
+}
+
+#[tokio::test]
+async fn the_disruption_budget_never_spares_more_than_the_voters_through_3_5_3() {
+    // kubectl scale cc/demo --replicas=5, then back to 3, the planner taking every step.
+    let (client, api) = FakeApi::start(objects(&cluster(3), 3, 3, 0..3, 0..3));
+    let mut world = World { members: membership(0..3, 0..0, 0), pods: 3 };
+    let ctx = context(client, FakeMembers::answering(world.members.clone()));
+
+    let mut walked = Vec::new();
+    for replicas in [5, 3] {
+        let cc = cluster(replicas);
+        loop {
+            let (voters_before, pods_before) = (world.voters(), world.pods);
+            let planned = Mutex::new(None);
+            let before = api.requests().len();
+            converge_with(&cc, &ctx, |observed| {
+                let step = plan(&cc.spec, observed);
+                *planned.lock().expect("lock") = Some(step.clone());
+                step
+            })
+            .await
+            .expect("reconciles");
+            let step = planned.into_inner().expect("lock").expect("planned");
+            let requests = api.requests().split_off(before);
+            only(&requests, "PATCH", PDB);
+            world.take(&step, &api);
+            ctx.members.now(world.members.clone());
+
+            // The budget holds from its apply, before the step's change, to the next
+            // reconcile's: over the voters before the change and after it, and over every
+            // pod the StatefulSet ran meanwhile, all of them Ready at worst.
+            let voters = voters_before.min(world.voters());
+            let budget = api.object(PDB).expect("the budget exists");
+            let allowed = disruptions_allowed(&budget, pods_before.max(world.pods), world.pods);
+            let spare = i64::try_from(voters - quorum(voters)).expect("small");
+            assert!(
+                allowed <= spare,
+                "after {step:?} the budget {} allows {allowed} evictions with {voters} voters",
+                budget["spec"]
+            );
+            walked.push(format!("{} {allowed}", step.name()));
+            if step == Step::Steady {
+                break;
+            }
+            assert!(walked.len() < 20, "the walk does not converge: {walked:?}");
+        }
+    }
+    // Every step taken, and the evictions allowed while it held: one while three vote,
+    // two only once five do.
+    assert_eq!(
+        walked,
+        [
+            "AddLearner 1",
+            "AddLearner 1",
+            "ResizeWorkload 1",
+            "ChangeVoters 1",
+            "Steady 2",
+            "ChangeVoters 1",
+            "RemoveMember 1",
+            "RemoveMember 1",
+            "ResizeWorkload 1",
+            "DeleteVolume 1",
+            "DeleteVolume 1",
+            "Steady 1",
+        ]
+    );
+    assert_allowed_by_cluster_role(&api.requests());
 }

@@ -24,7 +24,7 @@ use super::observe::{Observation, observe};
 use crate::membership::{self, MembershipError};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
-use crate::resources::{self, BuildError, InitialClusterState, Members, labels};
+use crate::resources::{self, BuildError, Guarded, InitialClusterState, Members, labels};
 
 /// Held on every ConsensusCluster until its deletion has been handled (volumes kept or
 /// deleted as `spec.storage.reclaimPolicy` says, and reported).
@@ -154,17 +154,13 @@ impl<M: membership::Members> Platform for Kubernetes<'_, M> {
 
 /// The member set the objects are applied for in this reconcile, `None` to apply nothing.
 fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
-    match step {
-        Step::RefuseSpec { .. } => None,
-        Step::CreateWorkload { replicas } => {
-            Some(Members { replicas: *replicas, state: InitialClusterState::New })
-        }
+    let (replicas, state) = match step {
+        Step::RefuseSpec { .. } => return None,
+        Step::CreateWorkload { replicas } => (*replicas, InitialClusterState::New),
         // The ConfigMap lists every member the StatefulSet will run, and a member started
         // now joins the running cluster: with `new` and an empty volume it would found a
         // second one.
-        Step::ResizeWorkload { replicas } => {
-            Some(Members { replicas: *replicas, state: InitialClusterState::Existing })
-        }
+        Step::ResizeWorkload { replicas } => (*replicas, InitialClusterState::Existing),
         // Everything but the member count is kept converged with the spec; the count is
         // the planner's to change, one step at a time.
         Step::Wait { .. }
@@ -173,15 +169,16 @@ fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
         | Step::ChangeVoters { .. }
         | Step::TransferLeadership { .. }
         | Step::RemoveMember { .. }
-        | Step::DeleteVolume { .. } => observation.observed.workload_replicas.map(|replicas| Members {
-            replicas,
-            state: if observation.bootstrapped {
-                InitialClusterState::Existing
-            } else {
-                InitialClusterState::New
-            },
-        }),
-    }
+        | Step::DeleteVolume { .. } => (
+            observation.observed.workload_replicas?,
+            if observation.bootstrapped { InitialClusterState::Existing } else { InitialClusterState::New },
+        ),
+    };
+    // Applied before the step is carried out, so the budget already covers its outcome. An
+    // eviction is refused while the disruption controller has not caught up with a changed
+    // budget (status.observedGeneration behind), so a lowered one holds from the apply on.
+    let guarded = Guarded::for_step(&observation.observed, observation.pods.len(), replicas, step);
+    Some(Members { replicas, state, guarded })
 }
 
 /// What a step does beyond applying the objects: membership changes through the members,

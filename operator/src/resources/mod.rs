@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::Resource;
 
 pub use config::{INITIAL_CLUSTER_KEY, INITIAL_CLUSTER_STATE_KEY, InitialClusterState};
+pub use disruption::Guarded;
 pub use statefulset::volume_claim_name;
 
 pub const CLIENT_PORT: i32 = 2379;
@@ -39,11 +40,13 @@ pub struct Desired {
 }
 
 /// The member set the objects are built for. Replicas is a parameter rather than read
-/// from the spec because the planner, not the spec, decides when the workload changes size.
+/// from the spec because the planner, not the spec, decides when the workload changes size;
+/// likewise the voters the disruption budget guards come from the membership, not the spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Members {
     pub replicas: i32,
     pub state: InitialClusterState,
+    pub guarded: Guarded,
 }
 
 pub fn desired(cluster: &ConsensusCluster, members: Members) -> Result<Desired, BuildError> {
@@ -52,7 +55,7 @@ pub fn desired(cluster: &ConsensusCluster, members: Members) -> Result<Desired, 
         config_map: config::config_map(&cluster, members),
         peer_service: services::peer(&cluster),
         client_service: services::client(&cluster),
-        pod_disruption_budget: disruption::budget(&cluster, members.replicas),
+        pod_disruption_budget: disruption::budget(&cluster, members.guarded),
         stateful_set: statefulset::stateful_set(&cluster, members.replicas),
     })
 }

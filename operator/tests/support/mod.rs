@@ -21,6 +21,7 @@ pub const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
 pub const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
 pub const PODS: &str = "/api/v1/namespaces/default/pods";
 pub const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
+pub const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
 /// The one request made with `method` to `path`.
@@ -386,5 +387,14 @@ impl FakeApi {
     #[allow(dead_code)]
     pub fn vanish(&self, path: &str) {
         self.state.lock().expect("state").objects.remove(path);
+    }
+
+    /// The other way round: an object another controller created (the StatefulSet
+    /// controller's pods and volume claims), there without a request of ours.
+    // Each test crate compiles this module on its own; only scaling.rs needs this.
+    #[allow(dead_code)]
+    pub fn put(&self, object: Value) {
+        let mut state = self.state.lock().expect("state");
+        state.store(&path_of(&object), object, None);
     }
 }
