@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::rc::Rc;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::{TestNamespace, kubectl, kubectl_json, kubectl_ok, repo_root, wait_until};
@@ -160,7 +159,7 @@ pub fn metric_sum(exposition: &str, series: &str) -> f64 {
 
 /// A ConsensusCluster named `name` in a test namespace, which goes with the last cluster in it.
 pub struct Cluster {
-    pub namespace: Rc<TestNamespace>,
+    pub namespace: Arc<TestNamespace>,
     pub name: String,
 }
 
@@ -173,7 +172,7 @@ impl Cluster {
     }
 
     pub fn in_namespace(namespace: TestNamespace, name: &str) -> Self {
-        Self { namespace: Rc::new(namespace), name: name.to_owned() }
+        Self { namespace: Arc::new(namespace), name: name.to_owned() }
     }
 
     /// Another cluster, `name`, in the same namespace (not applied yet).

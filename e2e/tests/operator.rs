@@ -111,6 +111,43 @@ fn original_endpoints(cluster: &Cluster) -> Vec<String> {
     (0..3).map(|i| endpoints[&format!("{}-{i}", cluster.name)].clone()).collect()
 }
 
+/// Samples the PodDisruptionBudget against the voters until `stop` is set: each sample is the
+/// budget's `status.disruptionsAllowed` (only once the disruption controller has seen its
+/// current spec: before that the API server refuses every eviction) and the fewer of the voter
+/// counts MemberList gave just before and just after it. Returns the samples taken and those
+/// that allowed more evictions than the voters can spare.
+fn sample_budget(
+    cluster: &Cluster,
+    endpoint: &str,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (usize, Vec<(i64, usize)>) {
+    let voters = || {
+        let listed = etcdctl_try(endpoint, &["member", "list", "-w", "json"]).ok()?;
+        let listed: serde_json::Value = serde_json::from_str(&listed).ok()?;
+        let members = listed["members"].as_array()?;
+        Some(members.iter().filter(|m| m["isLearner"] != true).count())
+    };
+    let (mut taken, mut over) = (0, Vec::new());
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let before = voters();
+        let budget = kubectl(&["-n", cluster.ns(), "get", "pdb", &cluster.name, "-o", "json"], None);
+        let after = voters();
+        let (Some(before), Some(after), true) = (before, after, budget.ok) else { continue };
+        let budget: serde_json::Value = serde_json::from_str(&budget.stdout).expect("PDB JSON");
+        if budget["status"]["observedGeneration"] != budget["metadata"]["generation"] {
+            continue;
+        }
+        let allowed = budget["status"]["disruptionsAllowed"].as_i64().unwrap_or(0);
+        let voters = before.min(after);
+        let spare = voters - (voters / 2 + 1);
+        taken += 1;
+        if allowed > i64::try_from(spare).unwrap_or(i64::MAX) {
+            over.push((allowed, voters));
+        }
+    }
+    (taken, over)
+}
+
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
 fn scenario_2_kubectl_scale_to_five_and_back_under_load_never_has_an_even_voter_count() {
@@ -122,17 +159,26 @@ fn scenario_2_kubectl_scale_to_five_and_back_under_load_never_has_an_even_voter_
     let endpoints = original_endpoints(&cluster);
     let writer = Writer::start(&runtime, endpoints.clone());
     let sampler = Sampler::start(&runtime, endpoints.clone(), SAMPLE_EVERY);
+    let stop_budget = std::sync::atomic::AtomicBool::new(false);
 
-    cluster.kubectl(&["scale", "cc/demo", "--replicas=5"]);
-    cluster.wait_running(5);
-    assert_eq!(volume_claims(&cluster).len(), 5);
-    cluster.kubectl(&["scale", "cc/demo", "--replicas=3"]);
-    cluster.wait_running(3);
-    // The removed members' volumes go once their pods have; the three that stay keep theirs.
-    let expected: BTreeSet<String> = (0..3).map(|i| format!("data-demo-{i}")).collect();
-    wait_until(DEADLINE, "the removed members' volumes to be deleted", || {
-        (volume_claims(&cluster) == expected).then_some(())
+    let (budget_samples, over_budget) = std::thread::scope(|scope| {
+        let budget = scope.spawn(|| sample_budget(&cluster, &endpoints[0], &stop_budget));
+        cluster.kubectl(&["scale", "cc/demo", "--replicas=5"]);
+        cluster.wait_running(5);
+        assert_eq!(volume_claims(&cluster).len(), 5);
+        cluster.kubectl(&["scale", "cc/demo", "--replicas=3"]);
+        cluster.wait_running(3);
+        // The removed members' volumes go once their pods have; the three that stay keep theirs.
+        let expected: BTreeSet<String> = (0..3).map(|i| format!("data-demo-{i}")).collect();
+        wait_until(DEADLINE, "the removed members' volumes to be deleted", || {
+            (volume_claims(&cluster) == expected).then_some(())
+        });
+        stop_budget.store(true, std::sync::atomic::Ordering::Relaxed);
+        budget.join().expect("the budget sampler")
     });
+    eprintln!("disruption budget: {budget_samples} samples, {} over voters minus quorum", over_budget.len());
+    assert!(over_budget.is_empty(), "(disruptionsAllowed, voters) over the voters' spare: {over_budget:?}");
+    assert!(budget_samples > 0, "the budget was never sampled");
 
     writer.stop();
     let samples = sampler.stop();
