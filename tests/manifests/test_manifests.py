@@ -188,8 +188,11 @@ OPERATOR_PERMISSIONS = {
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 
-# kube-lease-manager reads the Lease, creates it once, and renews it by patch.
-LEADER_ELECTION_PERMISSIONS = {("coordination.k8s.io", "leases"): {"get", "create", "patch"}}
+# kube-lease-manager reads the Lease, creates it once, and renews it by patch; a standby
+# watches it (list, watch) to take it the moment its holder gives it up (k8s/leader.rs).
+LEADER_ELECTION_PERMISSIONS = {
+    ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "patch"}
+}
 
 
 def granted(path):
