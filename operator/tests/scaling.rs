@@ -12,7 +12,7 @@ use consensus_crds::{ConsensusCluster, FIELD_MANAGER};
 use consensus_operator::k8s::events::Events;
 use consensus_operator::k8s::metrics::Metrics;
 use consensus_operator::k8s::reconcile::{Context, FINALIZER, converge_with, reconcile};
-use consensus_operator::plan::{Observed, Step};
+use consensus_operator::plan::{self, Observed, Step};
 use consensus_operator::resources::{InitialClusterState, Members, desired};
 use kube::Client;
 use kube::runtime::events::Reporter;
@@ -446,4 +446,92 @@ async fn observation_reports_volumes_the_leaders_raft_index_and_members_that_los
     assert_eq!(observed.volumes, ["demo-0", "demo-1", "demo-2", "demo-3", "demo-4"]);
     assert_eq!(observed.leader_raft_index, Some(LEADER_RAFT_INDEX + 7));
     assert_eq!(observed.lost_data, ["demo-1", "demo-2"]);
+}
+
+/// `demo-i`'s pod with its one container in `state`, having last stopped with the node's
+/// lost-data exit, as the kubelet reports it from then on (`lastState` outlives restarts).
+fn after_lost_data_exit(i: u64, state: Value) -> Value {
+    let mut pod = pod(i);
+    pod["metadata"]["uid"] = json!(format!("pod-uid-{i}"));
+    pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    pod["status"]["containerStatuses"] = json!([{
+        "name": "consensus-node", "image": "node", "imageID": "", "ready": false, "restartCount": 6,
+        "state": state,
+        "lastState": {"terminated": {"exitCode": 78, "message": "member 12 (\"demo-2\") lost its data: ..."}},
+    }]);
+    pod
+}
+
+/// One reconcile deciding with the planner; the step it took and the requests it made.
+async fn planned(cc: &ConsensusCluster, ctx: &Context<FakeMembers>, api: &FakeApi) -> (Step, Vec<Recorded>) {
+    let before = api.requests().len();
+    let step: Mutex<Option<Step>> = Mutex::default();
+    converge_with(cc, ctx, |observed| {
+        let planned = plan::plan(&cc.spec, observed);
+        *step.lock().expect("lock") = Some(planned.clone());
+        planned
+    })
+    .await
+    .expect("reconciles");
+    (step.into_inner().expect("lock").expect("decided"), api.requests().split_off(before))
+}
+
+#[tokio::test]
+async fn a_member_that_lost_its_data_is_replaced_once_and_its_pod_restarted_at_once() {
+    let cc = cluster(3);
+    let back_off = json!({"waiting": {"reason": "CrashLoopBackOff"}});
+    let mut objects = objects(&cc, 3, 0..2, 0..3);
+    objects.push(after_lost_data_exit(2, back_off.clone()));
+    let (client, api) = FakeApi::start(objects.clone());
+    let mut members = membership(0..3, 0..0, 0);
+    members.members[2].answers = false;
+    let ctx = context(client, FakeMembers::answering(members));
+
+    // 1. Its old id leaves the membership.
+    let (step, _) = planned(&cc, &ctx, &api).await;
+    assert_eq!(step, Step::RemoveMember { id: id(2), name: "demo-2".into() });
+
+    // 2. The same name is added as a learner, and its pod, which the kubelet would hold in
+    //    back-off for minutes, is deleted (only the one observed) so it joins now.
+    ctx.members.now(membership(0..2, 0..0, 0));
+    let (step, requests) = planned(&cc, &ctx, &api).await;
+    assert_eq!(step, Step::AddLearner { name: "demo-2".into() });
+    assert_eq!(deletes(&requests), [format!("DELETE {PODS}/demo-2")]);
+    let delete = only(&requests, "DELETE", &format!("{PODS}/demo-2"));
+    assert_eq!(delete.body["preconditions"]["uid"], "pod-uid-2");
+    let added = events(&requests);
+    assert!(added.iter().any(|e| e.starts_with("Normal MemberAdded: added demo-2 (id 14)")), "{added:?}");
+    assert_allowed_by_cluster_role(&requests);
+    let new_id = 0x14;
+
+    // 3. The new member is listed under the name while its pod still shows the lost-data
+    //    exit: still in back-off, or running again with the exit as its last state. Either
+    //    way it is the replacement, waited for or promoted, never removed again.
+    for (state, answers, expected) in [
+        (back_off, false, None),
+        (json!({"running": {"startedAt": "2026-12-01T10:00:00Z"}}), true, Some(vec![id(0), id(1), new_id])),
+    ] {
+        let mut objects = objects.clone();
+        objects.retain(|o| o["metadata"]["name"] != "demo-2" || o["kind"] != "Pod");
+        let mut pod = after_lost_data_exit(2, state);
+        if answers {
+            pod["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        }
+        objects.push(pod);
+        let (client, api) = FakeApi::start(objects);
+        let mut members = membership(0..2, 0..0, 0);
+        members.members.push(Member { id: new_id, answers, started: answers, ..member(2, true, true) });
+        let ctx = context(client, FakeMembers::answering(members));
+        let (step, requests) = planned(&cc, &ctx, &api).await;
+        match expected {
+            Some(voters) => assert_eq!(step, Step::ChangeVoters { voters }),
+            None => assert!(matches!(step, Step::Wait { .. }), "{step:?}"),
+        }
+        assert!(deletes(&requests).is_empty(), "{step:?}: nothing deleted: {:?}", deletes(&requests));
+        assert!(
+            !ctx.members.changes().iter().any(|c| matches!(c, Asked::Remove { .. })),
+            "the replacement is not removed: {:?}",
+            ctx.members.changes()
+        );
+    }
 }
