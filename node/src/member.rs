@@ -558,9 +558,9 @@ impl Node {
         // again under its id): added first, it catches up and then replaces the old voter in
         // one joint change, so the voter count never passes through an even number. Raft
         // messages carry their target id, so the new member never answers for the old one.
-        if !sharing.is_empty()
-            && !(learner && sharing.iter().all(|m| !m.is_learner && !self.healthy_voter(m.id)))
-        {
+        let replaces_silent_voters =
+            learner && sharing.iter().all(|m| !m.is_learner && !self.healthy_voter(m.id));
+        if !sharing.is_empty() && !replaces_silent_voters {
             return Err(ServerError::PeerUrlExists);
         }
         // The log index makes the id new even for peer URLs a removed member once had, so a
