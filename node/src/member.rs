@@ -171,6 +171,8 @@ pub async fn ask_roster(peer: &Member) -> Result<(u64, Vec<MemberInfo>), ServerE
 
 /// gRPC metadata key carrying the sender's cluster id on every peer request.
 pub const CLUSTER_ID_HEADER: &str = "x-consensus-cluster-id";
+/// gRPC metadata key carrying the member id a Raft message is meant for.
+pub const TARGET_MEMBER_HEADER: &str = "x-consensus-target-member";
 
 async fn call_forward(
     mut client: RaftPeerClient<Channel>,
@@ -549,7 +551,16 @@ impl Node {
         learner: bool,
     ) -> Result<ForwardResponse, ServerError> {
         let members = self.members();
-        if members.iter().any(|m| m.member.peer_urls.iter().any(|u| peer_urls.contains(u))) {
+        let sharing: Vec<&MemberInfo> =
+            members.iter().filter(|m| m.member.peer_urls.iter().any(|u| peer_urls.contains(u))).collect();
+        // A peer URL names one running member. The exception is a learner taking the place
+        // of voters that no longer answer there (a voter whose volume was wiped cannot run
+        // again under its id): added first, it catches up and then replaces the old voter in
+        // one joint change, so the voter count never passes through an even number. Raft
+        // messages carry their target id, so the new member never answers for the old one.
+        let replaces_silent_voters =
+            learner && sharing.iter().all(|m| !m.is_learner && !self.healthy_voter(m.id));
+        if !sharing.is_empty() && !replaces_silent_voters {
             return Err(ServerError::PeerUrlExists);
         }
         // The log index makes the id new even for peer URLs a removed member once had, so a

@@ -16,7 +16,7 @@ use crate::api::authority::AuthorityFix;
 use crate::api::cluster::ClusterService;
 use crate::api::kv::KvService;
 use crate::api::maintenance::{MaintenanceService, VERSION};
-use crate::api::peer::{PeerService, check_cluster_id};
+use crate::api::peer::{PeerService, check_peer_request};
 use crate::api::watch::WatchService;
 use crate::health;
 use crate::kv::MvccStore;
@@ -180,13 +180,18 @@ async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
                 continue;
             }
             let peer = Member { name: name.clone(), peer_urls: vec![url.clone()], client_urls: Vec::new() };
-            if let Ok((cluster_id, members)) = crate::member::ask_roster(&peer).await
-                && let Some(own) = members
-                    .iter()
-                    .find(|m| m.member.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
-            {
-                refuse_lost_voter(own)?;
-                return Ok(Identity { name: config.name.clone(), member_id: own.id, cluster_id });
+            let Ok((cluster_id, members)) = crate::member::ask_roster(&peer).await else { continue };
+            let own: Vec<&crate::member::MemberInfo> = members
+                .iter()
+                .filter(|m| m.member.peer_urls.iter().any(|u| config.advertise_peer_urls.contains(u)))
+                .collect();
+            // Two ids at these peer URLs: the voter that lost its data and the learner added
+            // to replace it. The learner is this member; the old voter's id is refused.
+            if let Some(joining) = own.iter().find(|m| refuse_lost_voter(m).is_ok()) {
+                return Ok(Identity { name: config.name.clone(), member_id: joining.id, cluster_id });
+            }
+            if let Some(lost) = own.first() {
+                refuse_lost_voter(lost)?;
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -324,7 +329,7 @@ pub async fn run(
         let service = tonic::service::interceptor::InterceptedService::new(
             RaftPeerServer::new(PeerService::new(node.clone(), dir.join("snap-incoming")))
                 .max_decoding_message_size(64 << 20),
-            check_cluster_id(node.identity.cluster_id),
+            check_peer_request(node.identity.cluster_id, node.identity.member_id),
         );
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move {

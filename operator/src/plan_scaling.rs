@@ -7,8 +7,10 @@
 //!   learner has caught up, the whole new voter set in one joint-consensus step;
 //! - scale down: leadership off the leaving members, the staying voters in one step, then
 //!   the (now learner) leavers removed, the members stopped, their volumes deleted;
-//! - a member that lost its data: its old id removed, the same name added again as a
-//!   learner (a new id), promoted like any new learner. Never bootstrapped afresh.
+//! - a member that lost its data: the same name added again as a learner (a new id at the
+//!   same peer URL) while the old voter is still listed, then, once caught up, put in the
+//!   old voter's place in one joint-consensus step (3 voters stay 3, never 2), and the old
+//!   id, a learner now, removed last. Never bootstrapped afresh.
 
 use std::collections::BTreeSet;
 
@@ -97,13 +99,11 @@ fn plan_change(replicas: i32, observed: &Observed, health: &Health<'_>) -> Optio
         // learner cannot lead, so this view is stale and no change is planned from it.
         return blocked(format!("{} is reported both as leader and as a learner", leader.name));
     }
-    let lost = |m: &ObservedMember| observed.lost_data.contains(&m.name);
     let voters: Vec<&ObservedMember> = members.iter().filter(|m| !m.is_learner).collect();
 
-    // A member that lost its data goes first: its old identity must leave before the same
-    // name joins again as a new member.
-    if let Some(broken) = members.iter().find(|m| lost(m) && wanted(&m.name, replicas)) {
-        return remove_lost(broken, leader, &voters, health);
+    // A member that lost its data goes first, before any change of size.
+    if let Some(change) = replace_lost(replicas, observed, leader, &voters, health) {
+        return change;
     }
 
     // Scale down: everything listed beyond the declared size (or lost and not wanted) leaves.
@@ -212,34 +212,113 @@ fn plan_change(replicas: i32, observed: &Observed, health: &Health<'_>) -> Optio
     None
 }
 
-/// Removes the old identity of a member that lost its data, once that cannot cost quorum.
-fn remove_lost(
-    broken: &ObservedMember,
+/// The next step of replacing a member that lost its data, `None` when none is under way.
+///
+/// Two members listed under one name are a replacement under way: the old identity and the
+/// learner added at the same peer URL. The one that answers is the member that runs there;
+/// when neither does, the voter is the old one (the node refuses to run a voter's id on an
+/// empty volume, and the new member starts as a learner). The old voter is swapped for the
+/// caught-up learner in one step, so the voter count never changes, and the old id, left a
+/// learner by that step, is removed last.
+fn replace_lost(
+    replicas: i32,
+    observed: &Observed,
     leader: &ObservedMember,
     voters: &[&ObservedMember],
     health: &Health<'_>,
-) -> Option<Change> {
+) -> Option<Option<Change>> {
+    let members = health.members;
+    for name in members.iter().map(|m| &m.name).filter(|n| wanted(n, replicas)) {
+        let listed: Vec<&ObservedMember> = members.iter().filter(|m| &m.name == name).collect();
+        let [a, b] = listed[..] else { continue };
+        let (voter, learner) = match (a.is_learner, b.is_learner) {
+            (false, true) => (a, b),
+            (true, false) => (b, a),
+            _ if a.healthy != b.healthy => {
+                let stale = if a.healthy { b } else { a };
+                return Some(remove_stale(stale, leader));
+            }
+            _ => {
+                return Some(blocked(format!(
+                    "{name} is listed twice ({:x}, {:x}) and neither answers; waiting for the one that runs there",
+                    a.id, b.id
+                )));
+            }
+        };
+        if voter.healthy {
+            return Some(remove_stale(learner, leader));
+        }
+        return Some(swap(voter, learner, observed, voters));
+    }
+    let broken =
+        members.iter().find(|m| observed.lost_data.contains(&m.name) && wanted(&m.name, replicas))?;
     if broken.is_learner {
-        return Some(Change::Act(Step::RemoveMember { id: broken.id, name: broken.name.clone() }));
+        // A learner holds no vote: its old id simply goes, and the name is added again.
+        return Some(Some(Change::Act(Step::RemoveMember { id: broken.id, name: broken.name.clone() })));
     }
     if broken.id == leader.id {
         // It answers as leader, so it is not as lost as reported: move leadership first.
         let others = voters.iter().filter(|m| m.healthy && m.id != broken.id);
-        return match others.min_by_key(|m| (std::cmp::Reverse(m.applied_index), m.name.as_str())) {
+        return Some(match others.min_by_key(|m| (std::cmp::Reverse(m.applied_index), m.name.as_str())) {
             Some(to) => Some(Change::Act(Step::TransferLeadership { to: to.id })),
             None => blocked(format!("{} lost its data but no other voter is healthy", broken.name)),
-        };
+        });
     }
-    let remaining = voters.len() - 1;
-    let healthy_remaining = health.healthy_voters - usize::from(broken.healthy);
-    if remaining == 0 || healthy_remaining < quorum(remaining) {
+    // The new identity joins while the old voter is still listed: removing the old one
+    // first would leave an even number of voters until the new one caught up.
+    Some(Some(Change::Act(Step::AddLearner { name: broken.name.clone() })))
+}
+
+/// The learner that replaces `old` takes its vote in one joint-consensus step, once it
+/// has caught up and the new voter set has a healthy quorum.
+fn swap(
+    old: &ObservedMember,
+    new: &ObservedMember,
+    observed: &Observed,
+    voters: &[&ObservedMember],
+) -> Option<Change> {
+    if !caught_up(new, observed.leader_raft_index) {
+        let state = match new.applied_index {
+            Some(applied) if new.healthy => format!("has applied {applied}"),
+            _ => "does not answer yet".to_owned(),
+        };
+        return Some(Change::Blocked {
+            reason: format!(
+                "{} ({:x}) replaces {:x}, which lost its data, and {state}; it takes the old vote once \
+                 caught up, so the {} voters stay {} throughout",
+                new.name,
+                new.id,
+                old.id,
+                voters.len(),
+                voters.len()
+            ),
+            not_catching_up: if new.healthy { Vec::new() } else { vec![new.name.clone()] },
+        });
+    }
+    let staying: Vec<&ObservedMember> =
+        voters.iter().copied().filter(|m| m.id != old.id).chain(std::iter::once(new)).collect();
+    let healthy = staying.iter().filter(|m| m.healthy).count();
+    if healthy < quorum(staying.len()) {
         return blocked(format!(
-            "{} lost its data, but removing it would leave {healthy_remaining} healthy of {remaining} \
-             voters, short of a quorum",
-            broken.name
+            "{} would replace {:x} as a voter, but only {healthy} of the {} voters after it would be healthy",
+            new.name,
+            old.id,
+            staying.len()
         ));
     }
-    Some(Change::Act(Step::RemoveMember { id: broken.id, name: broken.name.clone() }))
+    Some(Change::Act(Step::ChangeVoters { voters: sorted_ids(&staying) }))
+}
+
+/// The old identity of a replaced member, a learner: it holds no vote and goes.
+fn remove_stale(stale: &ObservedMember, leader: &ObservedMember) -> Option<Change> {
+    if stale.is_learner && stale.id != leader.id {
+        return Some(Change::Act(Step::RemoveMember { id: stale.id, name: stale.name.clone() }));
+    }
+    blocked(format!(
+        "{} is listed twice and {:x}, the identity that does not answer, is a voter; waiting for it to be \
+         replaced by the one that runs",
+        stale.name, stale.id
+    ))
 }
 
 /// The first member of a cluster of `replicas` that is not listed, named after the others.

@@ -224,11 +224,12 @@ fn a_member_whose_data_is_wiped_rejoins_as_a_new_member_of_the_same_cluster() {
         },
         || {
             let s = local.wait_for_voters(3);
-            s.members.iter().any(|m| m.name == name && m.id != old_id).then_some(s)
+            let listed: Vec<_> = s.members.iter().filter(|m| m.name == name).collect();
+            (listed.len() == 1 && listed[0].id != old_id).then_some(s)
         },
     );
     writer.stop();
-    sampler.stop();
+    let samples = sampler.stop();
     let (acknowledged, missing) = writer.missing(&runtime, original_endpoints(&local));
     let new_id = after.members.iter().find(|m| m.name == name).map(|m| m.id.clone()).unwrap_or_default();
     eprintln!(
@@ -237,8 +238,30 @@ fn a_member_whose_data_is_wiped_rejoins_as_a_new_member_of_the_same_cluster() {
     );
     assert_eq!(after.cluster_id, before.cluster_id, "the cluster id changed");
     let events = local.events();
-    assert!(events.iter().any(|e| e.contains(&format!("MemberRemoved {name} id={old_id}"))), "{events:#?}");
-    assert!(events.iter().any(|e| e.contains(&format!("MemberAdded {name}"))), "{events:#?}");
+    // The new member first, then its vote in place of the old one, then the old id: never
+    // two voters while the new one catches up.
+    let at = |what: &str| events.iter().position(|e| e.contains(what));
+    let (added, swapped, removed) = (
+        at(&format!("MemberAdded {name}")),
+        at(" VotersChanged "),
+        at(&format!("MemberRemoved {name} id={old_id}")),
+    );
+    assert!(added.is_some() && swapped.is_some() && removed.is_some(), "{events:#?}");
+    assert!(added < swapped && swapped < removed, "{events:#?}");
+    assert!(samples.taken > 50, "the sampler hardly ran: {samples:?}");
+    assert!(samples.min_voters >= 3, "fewer than 3 voters seen: {samples:?}");
+    // MemberList lists a voter of either configuration as a voter, so during the one
+    // joint step (old voters {a, b, lost}, new {a, b, new}, each of 3, a quorum of each
+    // needed) it names four. That is the only even count allowed: no voter configuration
+    // is even (the node refuses an even ChangeVoters, and no voter was removed).
+    let hex = |id: &str| u64::from_str_radix(id, 16).expect("a hex member id");
+    let joint = |ids: &[u64]| ids.len() == 4 && ids.contains(&hex(&old_id)) && ids.contains(&hex(&new_id));
+    assert!(
+        samples.even.iter().all(|(voters, ids)| *voters == 4 && joint(ids)),
+        "even voter counts seen outside the joint step: {:?}",
+        samples.even
+    );
+    assert_eq!(samples.cluster_ids.len(), 1, "{:?}", samples.cluster_ids);
     assert!(missing.is_empty(), "{} acknowledged writes missing", missing.len());
 }
 

@@ -597,3 +597,104 @@ async fn the_disruption_budget_never_spares_more_than_the_voters_through_3_5_3()
     );
     assert_allowed_by_cluster_role(&api.requests());
 }
+
+/// `demo-i`'s pod with its one container in `state`, having last stopped with the node's
+/// lost-data exit, as the kubelet reports it from then on (`lastState` outlives restarts).
+fn after_lost_data_exit(i: u64, state: Value) -> Value {
+    let mut pod = pod(i);
+    pod["metadata"]["uid"] = json!(format!("pod-uid-{i}"));
+    pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    pod["status"]["containerStatuses"] = json!([{
+        "name": "consensus-node", "image": "node", "imageID": "", "ready": false, "restartCount": 6,
+        "state": state,
+        "lastState": {"terminated": {"exitCode": 78, "message": "member 12 (\"demo-2\") lost its data: ..."}},
+    }]);
+    pod
+}
+
+/// One reconcile deciding with the planner; the step it took and the requests it made.
+async fn planned(cc: &ConsensusCluster, ctx: &Context<FakeMembers>, api: &FakeApi) -> (Step, Vec<Recorded>) {
+    let before = api.requests().len();
+    let step: Mutex<Option<Step>> = Mutex::default();
+    converge_with(cc, ctx, |observed| {
+        let planned = plan(&cc.spec, observed);
+        *step.lock().expect("lock") = Some(planned.clone());
+        planned
+    })
+    .await
+    .expect("reconciles");
+    (step.into_inner().expect("lock").expect("decided"), api.requests().split_off(before))
+}
+
+#[tokio::test]
+async fn a_member_that_lost_its_data_is_replaced_once_and_its_pod_restarted_at_once() {
+    let cc = cluster(3);
+    let back_off = json!({"waiting": {"reason": "CrashLoopBackOff"}});
+    let running = json!({"running": {"startedAt": "2026-12-01T10:00:00Z"}});
+    let new_id = 0x13;
+    // The cluster with demo-2's pod in `state` after its lost-data exit, its old voter
+    // (not answering) and, when `new` says so, the learner added in its place.
+    let reconcile = |state: &Value, new: Option<Member>, old_is_learner: bool| {
+        let mut objects = objects(&cc, 3, 3, 0..2, 0..3);
+        let mut pod = after_lost_data_exit(2, state.clone());
+        if new.as_ref().is_some_and(|m| m.answers) {
+            pod["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+        }
+        objects.push(pod);
+        let (client, api) = FakeApi::start(objects);
+        let mut members = membership(0..3, 0..0, 0);
+        members.members[2].answers = false;
+        members.members[2].is_learner = old_is_learner;
+        members.members.extend(new);
+        (context(client, FakeMembers::answering(members)), api)
+    };
+    let new_member = |answers: bool, is_learner: bool| Member {
+        id: new_id,
+        answers,
+        started: answers,
+        ..member(2, is_learner, true)
+    };
+
+    // 1. The same name is added as a learner while the old voter is still listed, and its
+    //    pod, which the kubelet would hold in back-off for minutes, is deleted (only the
+    //    one observed) so it joins now.
+    let (ctx, api) = reconcile(&back_off, None, false);
+    let (step, requests) = planned(&cc, &ctx, &api).await;
+    assert_eq!(step, Step::AddLearner { name: "demo-2".into() });
+    assert_eq!(deletes(&requests), [format!("DELETE {PODS}/demo-2")]);
+    let delete = only(&requests, "DELETE", &format!("{PODS}/demo-2"));
+    assert_eq!(delete.body["preconditions"]["uid"], "pod-uid-2");
+    let added = events(&requests);
+    assert!(added.iter().any(|e| e.starts_with("Normal MemberAdded: added demo-2 (id 13)")), "{added:?}");
+    assert_allowed_by_cluster_role(&requests);
+
+    // 2. The new member is listed under the name while its pod still shows the lost-data
+    //    exit: still in back-off, or running again with the exit as its last state. Either
+    //    way it is the replacement, waited for or swapped in for the old voter in one step
+    //    (3 voters stay 3), never removed again.
+    for (state, answers, expected) in [
+        (&back_off, false, None),
+        (&running, true, Some(Step::ChangeVoters { voters: vec![id(0), id(1), new_id] })),
+    ] {
+        let (ctx, api) = reconcile(state, Some(new_member(answers, true)), false);
+        let (step, requests) = planned(&cc, &ctx, &api).await;
+        match &expected {
+            Some(expected) => assert_eq!(&step, expected),
+            None => assert!(matches!(step, Step::Wait { .. }), "{step:?}"),
+        }
+        assert!(deletes(&requests).is_empty(), "{step:?}: nothing deleted: {:?}", deletes(&requests));
+        assert!(
+            !ctx.members
+                .changes()
+                .iter()
+                .any(|c| matches!(c, Asked::Remove { .. } | Asked::AddLearner { .. })),
+            "the replacement is neither removed nor added again: {:?}",
+            ctx.members.changes()
+        );
+    }
+
+    // 3. The old id, left a learner by that step, goes last.
+    let (ctx, api) = reconcile(&running, Some(new_member(true, false)), true);
+    let (step, _) = planned(&cc, &ctx, &api).await;
+    assert_eq!(step, Step::RemoveMember { id: id(2), name: "demo-2".into() });
+}

@@ -182,7 +182,7 @@ OPERATOR_PERMISSIONS = {
     ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
-    ("", "pods"): {"list"},
+    ("", "pods"): {"list", "delete"},
     ("", "persistentvolumeclaims"): {"list", "delete"},
     ("", "nodes"): {"get"},
     ("events.k8s.io", "events"): {"create", "patch"},

@@ -125,10 +125,14 @@ impl Cluster for ClusterService {
         if request.into_inner().linearizable {
             self.settle().await?;
         }
-        Ok(Response::new(MemberListResponse {
-            header: Some(self.node.current_header()?),
-            members: self.members(),
-        }))
+        let members = self.members();
+        if members.is_empty() {
+            // A member joining an existing cluster knows no membership until the leader's
+            // first message reaches it; an empty list would tell a client the cluster has
+            // no members (etcd fetches the membership before it serves at all).
+            return Err(Status::unavailable("etcdserver: this member has not received the membership yet"));
+        }
+        Ok(Response::new(MemberListResponse { header: Some(self.node.current_header()?), members }))
     }
 
     async fn member_promote(

@@ -29,18 +29,31 @@ impl PeerService {
 }
 
 /// Refuses peer requests from members of another cluster: a member that kept the data of
-/// an old cluster, or was pointed at the wrong peers, must not join this one's Raft.
-pub fn check_cluster_id(cluster_id: u64) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+/// an old cluster, or was pointed at the wrong peers, must not join this one's Raft. And
+/// refuses Raft messages meant for another member id at this address (see
+/// `raft::network::tag_target`).
+pub fn check_peer_request(
+    cluster_id: u64,
+    member_id: u64,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |request: Request<()>| {
-        let theirs = request.metadata().get(crate::member::CLUSTER_ID_HEADER).and_then(|v| v.to_str().ok());
-        match theirs {
-            Some(id) if u64::from_str_radix(id, 16).ok() != Some(cluster_id) => {
-                Err(Status::failed_precondition(format!(
-                    "request from a member of cluster {id}; this member belongs to cluster {cluster_id:x}"
-                )))
-            }
-            _ => Ok(request),
+        let header = |key| request.metadata().get(key).and_then(|v| v.to_str().ok());
+        if let Some(id) = header(crate::member::CLUSTER_ID_HEADER)
+            && u64::from_str_radix(id, 16).ok() != Some(cluster_id)
+        {
+            return Err(Status::failed_precondition(format!(
+                "request from a member of cluster {id}; this member belongs to cluster {cluster_id:x}"
+            )));
         }
+        if let Some(target) = header(crate::member::TARGET_MEMBER_HEADER)
+            && u64::from_str_radix(target, 16).ok() != Some(member_id)
+        {
+            // Unavailable: to the sender, member `target` is not reachable here.
+            return Err(Status::unavailable(format!(
+                "message for member {target}; this is member {member_id:x}"
+            )));
+        }
+        Ok(request)
     }
 }
 

@@ -61,10 +61,20 @@ impl PeerNetwork {
 }
 
 /// Marks `request` as coming from a member of `cluster_id`; members of other clusters
-/// refuse it (see `api::peer::check_cluster_id`).
+/// refuse it (see `api::peer::check_peer_request`).
 pub fn tag_cluster<T>(request: &mut tonic::Request<T>, cluster_id: u64) {
     if let Ok(value) = format!("{cluster_id:x}").parse() {
         request.metadata_mut().insert(crate::member::CLUSTER_ID_HEADER, value);
+    }
+}
+
+/// Marks a Raft message as meant for member `target`; any other member refuses it. Two ids
+/// can share a peer URL (a learner replacing a voter that lost its data, at the same
+/// address): without this the new member would answer the old one's votes and appends, and
+/// the leader would count them as the old voter's, a vote with a log it never had.
+fn tag_target<T>(request: &mut tonic::Request<T>, target: u64) {
+    if let Ok(value) = format!("{target:x}").parse() {
+        request.metadata_mut().insert(crate::member::TARGET_MEMBER_HEADER, value);
     }
 }
 
@@ -111,6 +121,11 @@ fn status_error(status: tonic::Status) -> RpcError {
 }
 
 impl PeerClient {
+    fn tag<T>(&self, request: &mut tonic::Request<T>) {
+        tag_cluster(request, self.cluster_id);
+        tag_target(request, self.target);
+    }
+
     fn client(&self) -> Result<RaftPeerClient<Channel>, RpcError> {
         self.client.clone().map_err(|e| unreachable(format!("peer {}: {e}", self.target_name)))
     }
@@ -132,7 +147,7 @@ impl PeerClient {
         let payload = encode(request).map_err(network)?;
         let mut request = tonic::Request::new(RaftMessage { payload });
         request.set_timeout(timeout);
-        tag_cluster(&mut request, self.cluster_id);
+        self.tag(&mut request);
         let started = Instant::now();
         let reply = send(self.client()?, request).await.map_err(status_error)?;
         self.metrics.peer_round_trip(self.target, started.elapsed());
@@ -172,7 +187,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             let messages = input
                 .filter_map(|rpc| async move { encode(&rpc).ok().map(|payload| RaftMessage { payload }) });
             let mut request = tonic::Request::new(messages);
-            tag_cluster(&mut request, self.cluster_id);
+            self.tag(&mut request);
             let _ = option;
             let replies = client.stream_append(request).await.map_err(status_error)?.into_inner();
             let results = replies.map(|reply| {
@@ -232,7 +247,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             snapshot_chunks(snapshot.snapshot.path.clone(), header).map_err(|e| as_streaming(network(e)))?;
         let mut client = self.client().map_err(as_streaming)?;
         let mut request = tonic::Request::new(tokio_stream::iter(chunks));
-        tag_cluster(&mut request, self.cluster_id);
+        self.tag(&mut request);
         let send = async move { client.install_snapshot(request).await };
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),

@@ -39,6 +39,10 @@ pub struct Observation {
     pub pods: BTreeSet<String>,
     /// The client URL the leader answered on, where leader-only changes go.
     pub leader_url: Option<String>,
+    /// Uid by name of the member pods whose node is down after its lost-data exit: the
+    /// kubelet holds such a pod in back-off (up to five minutes), so once the member is
+    /// added again it is deleted to start at once.
+    pub lost_data_pods: BTreeMap<String, String>,
 }
 
 impl AsRef<Observed> for Observation {
@@ -99,8 +103,11 @@ pub async fn observe(
 
     let pods = member_pods(client, &namespace, &name, &cc.spec.placement.zone_topology_key).await?;
     observation.pods = pods.keys().cloned().collect();
-    observation.observed.lost_data =
-        pods.iter().filter(|(_, pod)| pod.lost_data).map(|(name, _)| name.clone()).collect();
+    observation.lost_data_pods = pods
+        .iter()
+        .filter(|(_, pod)| pod.lost_data)
+        .map(|(name, pod)| (name.clone(), pod.uid.clone()))
+        .collect();
     observation.observed.volumes = member_volumes(client, &namespace, &name).await?;
     // Every member the StatefulSet runs, each on its own name under the peer Service, which
     // publishes members before they are ready: the client Service has no endpoint during
@@ -118,16 +125,18 @@ pub async fn observe(
     }
     let mut view = combine(&answers, |peer_url| resources::member_of_peer_url(&name, &namespace, peer_url));
     view.members = view.members.map(|listed| join(listed, &pods));
+    observation.observed.lost_data = lost_voters(view.members.as_deref().unwrap_or_default(), &pods);
     observation.bootstrapped |= view.leader.is_some();
     platform::fill(&mut observation.observed, &view);
     observation.leader_url = view.leader_url;
     Ok(observation)
 }
 
-/// A member pod's readiness, the zone of its node, and whether its node stopped because
+/// A member pod's readiness, the zone of its node, and whether its node is down because
 /// its data is gone.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct PodView {
+    uid: String,
     ready: bool,
     zone: Option<String>,
     lost_data: bool,
@@ -149,17 +158,41 @@ async fn member_volumes(client: &Client, namespace: &str, cluster: &str) -> Resu
     Ok(members)
 }
 
-/// The node's lost-data exit, now or as the last termination of a restarting container.
+/// Whether the node is down now (terminated, or waiting to be restarted) and its latest
+/// exit was the lost-data one. A running container is not lost whatever its last
+/// termination says: the kubelet keeps `lastState` after the restart, and the member that
+/// runs now is the new one that joined in the lost one's place.
 fn lost_data(pod: &Pod) -> bool {
     let is_lost = |t: &ContainerStateTerminated| {
         t.exit_code == LOST_DATA_EXIT_CODE
             || t.message.as_deref().is_some_and(|m| m.contains(LOST_DATA_MESSAGE))
     };
     pod.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).any(|c| {
-        let now = c.state.as_ref().and_then(|s| s.terminated.as_ref());
-        let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
-        now.into_iter().chain(last).any(is_lost)
+        let now = c.state.as_ref();
+        if now.is_some_and(|s| s.running.is_some()) {
+            return false;
+        }
+        let latest = now
+            .and_then(|s| s.terminated.as_ref())
+            .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()));
+        latest.is_some_and(is_lost)
     })
+}
+
+/// The members that lost their data: the pod under the name is down after the lost-data
+/// exit and the membership still lists that name as a voter. The node exits so only as a
+/// voter that has run before (a learner joins empty by design), so once the name is
+/// listed as a learner, the new member the planner added, the old identity is forgotten
+/// even while the pod still sits in back-off.
+fn lost_voters(members: &[ObservedMember], pods: &BTreeMap<String, PodView>) -> Vec<String> {
+    let mut lost: Vec<String> = members
+        .iter()
+        .filter(|m| !m.is_learner && pods.get(&m.name).is_some_and(|p| p.lost_data))
+        .map(|m| m.name.clone())
+        .collect();
+    lost.sort();
+    lost.dedup();
+    lost
 }
 
 async fn member_pods(
@@ -190,7 +223,8 @@ async fn member_pods(
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        views.insert(pod.name_any(), PodView { ready, zone, lost_data: lost_data(&pod) });
+        let uid = pod.uid().unwrap_or_default();
+        views.insert(pod.name_any(), PodView { uid, ready, zone, lost_data: lost_data(&pod) });
     }
     Ok(views)
 }
@@ -224,12 +258,56 @@ mod tests {
         let members =
             vec![reported(1, "demo-0", true), reported(2, "demo-1", true), reported(3, "demo-2", false)];
         let pods = BTreeMap::from([
-            ("demo-0".to_owned(), PodView { ready: true, zone: Some("a".into()), lost_data: false }),
-            ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()), lost_data: false }),
-            ("demo-2".to_owned(), PodView { ready: true, zone: None, lost_data: false }),
+            ("demo-0".to_owned(), PodView { ready: true, zone: Some("a".into()), ..PodView::default() }),
+            ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()), ..PodView::default() }),
+            ("demo-2".to_owned(), PodView { ready: true, zone: None, ..PodView::default() }),
         ]);
         let members = join(members, &pods);
         assert_eq!(members.iter().map(|m| m.healthy).collect::<Vec<_>>(), [true, false, false]);
         assert_eq!(members[0].zone.as_deref(), Some("a"));
+    }
+
+    /// A pod whose one container is in `state`, having last stopped as `last`.
+    fn pod_in(state: serde_json::Value, last: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "demo-2"},
+            "status": {"containerStatuses": [{
+                "name": "consensus-node", "image": "node", "imageID": "", "ready": false,
+                "restartCount": 4, "state": state, "lastState": last,
+            }]},
+        }))
+        .expect("a pod")
+    }
+
+    #[test]
+    fn a_member_is_lost_while_it_is_down_after_the_lost_data_exit_not_once_it_runs_again() {
+        let exited = |code: i32, message: &str| serde_json::json!({"terminated": {"exitCode": code, "message": message}});
+        let back_off = serde_json::json!({"waiting": {"reason": "CrashLoopBackOff"}});
+        let running = serde_json::json!({"running": {"startedAt": "2026-12-01T10:00:00Z"}});
+        assert!(lost_data(&pod_in(back_off.clone(), exited(78, ""))));
+        assert!(lost_data(&pod_in(back_off.clone(), exited(1, "member 12 (\"demo-2\") lost its data: ..."))));
+        assert!(lost_data(&pod_in(exited(78, ""), serde_json::json!({}))));
+        // The kubelet keeps the last termination after the restart: the member running now
+        // is the one added in the lost one's place, and must not be removed for it.
+        assert!(!lost_data(&pod_in(running, exited(78, ""))));
+        // Terminated now for another reason: its latest exit decides, not an older one.
+        assert!(!lost_data(&pod_in(exited(1, "panic"), exited(78, ""))));
+        assert!(!lost_data(&pod_in(back_off, exited(1, "panic"))));
+    }
+
+    #[test]
+    fn a_lost_member_is_forgotten_once_its_name_is_listed_as_the_new_learner() {
+        let member = |id, is_learner| ObservedMember {
+            id,
+            name: "demo-2".to_owned(),
+            is_learner,
+            healthy: false,
+            zone: None,
+            applied_index: None,
+        };
+        let pods = BTreeMap::from([("demo-2".to_owned(), PodView { lost_data: true, ..PodView::default() })]);
+        assert_eq!(lost_voters(&[member(0x12, false)], &pods), ["demo-2"]);
+        assert!(lost_voters(&[member(0x99, true)], &pods).is_empty(), "the replacement is not lost");
+        assert!(lost_voters(&[], &pods).is_empty(), "a name not listed has nothing to remove");
     }
 }

@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -209,8 +209,14 @@ async fn act<M: membership::Members>(
         Step::AddLearner { name } => {
             let peer_url = resources::peer_url(&cluster, &namespace, name);
             let id = ctx.members.add_learner(leader()?, &peer_url).await?;
-            let note =
+            let mut note =
                 format!("added {name} (id {id:x}) as a learner at {peer_url}; it catches up before it votes");
+            if let Some(uid) = observation.lost_data_pods.get(name) {
+                restart_pod(&ctx.client, &namespace, name, uid).await?;
+                note.push_str(
+                    "; its pod, held in back-off after the lost-data exit, was deleted to start now",
+                );
+            }
             normal("MemberAdded", "AddLearner", note, pod(name)).await;
         }
         Step::ChangeVoters { voters } => {
@@ -275,6 +281,22 @@ async fn act<M: membership::Members>(
         Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
     }
     Ok(())
+}
+
+/// Deletes the pod `name` that was observed with `uid`, for the StatefulSet to create it
+/// again on the same volume. The uid precondition spares a pod created since: it already
+/// started after the change this restart is for.
+async fn restart_pod(client: &Client, namespace: &str, name: &str, uid: &str) -> Result<(), Error> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions { uid: Some(uid.to_owned()), resource_version: None }),
+        ..DeleteParams::default()
+    };
+    match Api::<Pod>::namespaced(client.clone(), namespace).delete(name, &params).await {
+        Ok(_) => Ok(()),
+        // Gone or replaced meanwhile: either way it starts afresh.
+        Err(kube::Error::Api(status)) if status.is_not_found() || status.is_conflict() => Ok(()),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Why `member`'s volume must not be deleted yet, if it must not: a volume deleted under a

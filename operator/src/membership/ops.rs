@@ -71,9 +71,11 @@ impl MemberOps {
     }
 
     /// Adds the member with `peer_url` as a learner (MemberAdd --learner) and returns its id;
-    /// when a member with that peer URL exists already, returns its id and changes nothing.
+    /// when a learner with that peer URL exists already, returns its id and changes nothing.
+    /// A voter at that URL is not the one asked for: it is the member that lost its data,
+    /// which the new learner replaces.
     pub async fn add_learner(&mut self, peer_url: &str) -> Result<u64, MembershipError> {
-        if let Some(id) = self.member_with_peer_url(peer_url).await? {
+        if let Some(id) = self.learner_with_peer_url(peer_url).await? {
             return Ok(id);
         }
         let added = self.client.member_add([peer_url], Some(MemberAddOptions::new().with_is_learner())).await;
@@ -81,13 +83,13 @@ impl MemberOps {
             Ok(response) => match response.member() {
                 Some(member) => Ok(member.id()),
                 // An answer without the member: ask the list, which is the truth anyway.
-                None => self.member_with_peer_url(peer_url).await?.ok_or_else(|| MembershipError::Refused {
+                None => self.learner_with_peer_url(peer_url).await?.ok_or_else(|| MembershipError::Refused {
                     operation: "MemberAdd",
                     message: "the answer named no member and none has the peer URL".to_owned(),
                 }),
             },
             // Someone (an earlier call whose answer we lost) added it meanwhile.
-            Err(err) => match self.member_with_peer_url(peer_url).await? {
+            Err(err) => match self.learner_with_peer_url(peer_url).await? {
                 Some(id) => Ok(id),
                 None => Err(self.etcd_error("MemberAdd", err)),
             },
@@ -133,8 +135,12 @@ impl MemberOps {
         Ok(self.list().await?.iter().map(etcd_client::Member::id).collect())
     }
 
-    async fn member_with_peer_url(&mut self, peer_url: &str) -> Result<Option<u64>, MembershipError> {
-        Ok(self.list().await?.iter().find(|m| m.peer_urls().iter().any(|u| u == peer_url)).map(|m| m.id()))
+    async fn learner_with_peer_url(&mut self, peer_url: &str) -> Result<Option<u64>, MembershipError> {
+        let listed = self.list().await?;
+        Ok(listed
+            .iter()
+            .find(|m| m.is_learner() && m.peer_urls().iter().any(|u| u == peer_url))
+            .map(|m| m.id()))
     }
 
     fn etcd_error(&self, operation: &'static str, err: etcd_client::Error) -> MembershipError {
