@@ -113,9 +113,15 @@ fn original_endpoints(cluster: &Cluster) -> Vec<String> {
 
 /// Samples the PodDisruptionBudget against the voters until `stop` is set: each sample is the
 /// budget's `status.disruptionsAllowed` (only once the disruption controller has seen its
-/// current spec: before that the API server refuses every eviction) and the fewer of the voter
-/// counts MemberList gave just before and just after it. Returns the samples taken and those
-/// that allowed more evictions than the voters can spare.
+/// current spec: before that the API server refuses every eviction) and the voter counts
+/// MemberList gave just before and just after it. The budget was read at one moment between
+/// the two; when they differ, a change of the voters fell between the reads, and the budget
+/// read may be the one from before it (the operator lowers the budget in the same reconcile,
+/// before the change: a CI run caught a budget of 2 read just before that, with 5 voters
+/// before and 3 after). So a sample counts against the budget only with the voters both
+/// reads agree it had at least: the larger count. A budget that stays too high while the
+/// voters stay put, the defect this guards against, fails on every such sample. Returns the
+/// samples taken and those that allowed more evictions than the voters can spare.
 fn sample_budget(
     cluster: &Cluster,
     endpoint: &str,
@@ -138,7 +144,7 @@ fn sample_budget(
             continue;
         }
         let allowed = budget["status"]["disruptionsAllowed"].as_i64().unwrap_or(0);
-        let voters = before.min(after);
+        let voters = before.max(after);
         let spare = voters - (voters / 2 + 1);
         taken += 1;
         if allowed > i64::try_from(spare).unwrap_or(i64::MAX) {
