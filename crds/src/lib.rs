@@ -4,6 +4,7 @@
 //! `manifests/crds/`, and `make test` fails when the two disagree.
 
 mod duration;
+pub mod quantity;
 mod reference;
 mod spec;
 mod status;

@@ -50,6 +50,7 @@ pub const CRON_PATTERN: &str = r"^(@(yearly|annually|monthly|weekly|daily|midnig
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".status.version"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -117,6 +118,11 @@ pub struct StorageSpec {
     /// What happens to member volumes when the ConsensusCluster is deleted.
     #[serde(default)]
     pub reclaim_policy: VolumeReclaimPolicy,
+
+    /// What a new cluster does with member volumes an earlier cluster of the same name left
+    /// behind (kept by `reclaimPolicy: Retain`).
+    #[serde(default)]
+    pub existing_volumes: ExistingVolumePolicy,
 }
 
 impl Default for StorageSpec {
@@ -125,6 +131,7 @@ impl Default for StorageSpec {
             size: default_storage_size(),
             storage_class_name: None,
             reclaim_policy: VolumeReclaimPolicy::default(),
+            existing_volumes: ExistingVolumePolicy::default(),
         }
     }
 }
@@ -139,6 +146,18 @@ pub enum VolumeReclaimPolicy {
     #[default]
     Retain,
     Delete,
+}
+
+/// Volumes older than the resource hold another cluster's data: its members, its log and its
+/// cluster id. Starting members on them resurrects that cluster, which is a decision about
+/// data, so it is never taken silently.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExistingVolumePolicy {
+    /// Create nothing while such volumes exist; the Degraded condition names them.
+    #[default]
+    Refuse,
+    /// Start the members on them: the earlier cluster resumes with its data and cluster id.
+    Adopt,
 }
 
 /// Scheduling of members.

@@ -51,6 +51,10 @@ pub struct ConsensusClusterStatus {
     /// Raft cluster id (hex), stable for the cluster's lifetime; changes only on restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// `spec.version` once every member runs the template that carries it: during a rolling
+    /// update, the version the update started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Available, Progressing, Degraded, QuorumLost, ZoneFaultTolerant, BackupSucceeded.
     // A map keyed by type under server-side apply: each writer (the planner, backups) owns
     // the conditions it writes, instead of the whole list going to whoever applied last.
@@ -76,6 +80,9 @@ pub enum Phase {
     Running,
     /// A membership change is in flight.
     Scaling,
+    /// Members are restarted one at a time onto a changed template (version, image,
+    /// resources), followers first, each once the one before has caught up.
+    Updating,
     /// Serving, but below the declared health (a member down, an invalid spec refused).
     Degraded,
     /// No quorum: writes impossible.

@@ -189,7 +189,7 @@ fn schema_has_scale_and_status_subresources_and_printer_columns() {
         .iter()
         .map(|c| c["name"].as_str().expect("column name"))
         .collect();
-    assert_eq!(columns, ["Replicas", "Ready", "Leader", "Phase", "Age"]);
+    assert_eq!(columns, ["Replicas", "Ready", "Leader", "Phase", "Version", "Age"]);
 }
 
 #[test]

@@ -17,6 +17,7 @@ fn full_spec(replicas: i32, labels: BTreeMap<String, String>, auto_restore: bool
             size: "20Gi".into(),
             storage_class_name: Some("fast-ssd".into()),
             reclaim_policy: VolumeReclaimPolicy::Delete,
+            existing_volumes: ExistingVolumePolicy::Adopt,
         },
         resources: None,
         placement: PlacementSpec {
@@ -72,6 +73,7 @@ fn full_status(caught_up: bool) -> ConsensusClusterStatus {
         }],
         leader: Some("demo-0".into()),
         cluster_id: Some("cdf818194e3a8c32".into()),
+        version: Some("1.2.3".into()),
         conditions: vec![Condition {
             type_: condition::AVAILABLE.into(),
             status: "True".into(),

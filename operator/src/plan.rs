@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 
 use consensus_crds::{
-    ConsensusClusterSpec, ConsensusClusterStatus, MemberRole, MemberStatus, Phase, condition, validate_spec,
+    ConsensusClusterSpec, ConsensusClusterStatus, ExistingVolumePolicy, MemberRole, MemberStatus, Phase,
+    condition, validate_spec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -37,6 +38,14 @@ pub struct Observed {
     /// volume under a member the cluster lists). A member added again by `AddLearner` is no
     /// longer in it: it joins with a new id.
     pub lost_data: Vec<String>,
+    /// A cluster has run under this resource (its id is in status): members created again
+    /// rejoin it from their volumes and never found a new one.
+    pub established: bool,
+    /// Member volumes older than the resource, left by an earlier cluster of the same name.
+    pub kept_volumes: Vec<String>,
+    /// Spec changes the platform cannot carry out, each with why; the rest of the spec is
+    /// still converged.
+    pub refused_changes: Vec<String>,
 }
 
 impl Observed {
@@ -63,6 +72,10 @@ pub struct ObservedMember {
     /// `None` when the member's node has no zone label (every member on one machine, locally).
     pub zone: Option<String>,
     pub applied_index: Option<u64>,
+    /// Whether it runs an older template than the workload's (version, image, resources):
+    /// due to be restarted onto the new one. `None` while that is not known (the workload's
+    /// controller has not worked out its new template yet).
+    pub outdated: Option<bool>,
 }
 
 /// The single next thing the platform should do.
@@ -70,8 +83,10 @@ pub struct ObservedMember {
 pub enum Step {
     /// An invalid spec reached us: change nothing.
     RefuseSpec { reason: String },
-    /// The first members bootstrap together, as one cluster of `replicas` voters.
-    CreateWorkload { replicas: i32 },
+    /// The workload, with `replicas` members. With `bootstrap` they found a new cluster
+    /// together; without, a cluster has run here before and they rejoin it from their
+    /// volumes (a deleted StatefulSet, adopted volumes).
+    CreateWorkload { replicas: i32, bootstrap: bool },
     /// MemberAdd --learner with that member's peer URL (the platform knows it by name).
     AddLearner { name: String },
     /// StatefulSet replicas, or the number of member processes locally.
@@ -84,6 +99,9 @@ pub enum Step {
     RemoveMember { id: u64, name: String },
     /// The PVC (data directory locally) of a member that is gone.
     DeleteVolume { name: String },
+    /// Restarts member `name` onto the workload's current template, on its own volume (its
+    /// pod deleted, for the StatefulSet to create it again).
+    UpdateMember { name: String },
     /// Nothing to do until the situation changes; `reason` says what we wait for.
     Wait { reason: String },
     /// The cluster is in its declared shape.
@@ -100,7 +118,8 @@ impl Step {
             | Step::ChangeVoters { .. }
             | Step::TransferLeadership { .. }
             | Step::RemoveMember { .. }
-            | Step::DeleteVolume { .. } => true,
+            | Step::DeleteVolume { .. }
+            | Step::UpdateMember { .. } => true,
             Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => false,
         }
     }
@@ -116,6 +135,7 @@ impl Step {
             Step::TransferLeadership { .. } => "TransferLeadership",
             Step::RemoveMember { .. } => "RemoveMember",
             Step::DeleteVolume { .. } => "DeleteVolume",
+            Step::UpdateMember { .. } => "UpdateMember",
             Step::Wait { .. } => "Wait",
             Step::Steady => "Steady",
         }
@@ -183,6 +203,8 @@ impl<'a> Health<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Situation {
     InvalidSpec(String),
+    /// Volumes of an earlier cluster of this name exist and the spec does not adopt them.
+    KeptVolumes(Vec<String>),
     NotCreated,
     /// The membership is being changed towards the spec; this is its next step.
     Changing(Step),
@@ -203,6 +225,10 @@ enum Situation {
         expected: i32,
     },
     MembersUnhealthy(Vec<String>),
+    /// A rolling update onto a changed template; this is its next step.
+    Updating(Step),
+    /// A rolling update waits for the member restarted last (or another) to catch up.
+    UpdateBlocked(String),
     Steady,
 }
 
@@ -211,6 +237,9 @@ fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
     if !problems.is_empty() {
         let reasons: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Situation::InvalidSpec(reasons.join("; "));
+    }
+    if refuses_kept_volumes(spec, observed) {
+        return Situation::KeptVolumes(observed.kept_volumes.clone());
     }
     let Some(current) = observed.workload_replicas else {
         return Situation::NotCreated;
@@ -239,7 +268,61 @@ fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
     if !unhealthy.is_empty() {
         return Situation::MembersUnhealthy(unhealthy.into_iter().map(str::to_owned).collect());
     }
-    Situation::Steady
+    next_update(observed, &health).unwrap_or(Situation::Steady)
+}
+
+/// Whether volumes an earlier cluster of this name left hold up everything: nothing is
+/// created or applied while they exist, unless the spec adopts them. Once a cluster has run
+/// under this resource, its volumes are its own.
+pub fn refuses_kept_volumes(spec: &ConsensusClusterSpec, observed: &Observed) -> bool {
+    !observed.established
+        && !observed.kept_volumes.is_empty()
+        && spec.storage.existing_volumes == ExistingVolumePolicy::Refuse
+}
+
+/// The next step of a rolling update, one member at a time: followers first, the leader
+/// last once leadership has moved to an updated follower, and each only while every member
+/// is caught up with the leader. A restarted member is healthy as soon as it knows the
+/// leader, but it may still be replaying its log: restarting the next one then would leave
+/// fewer caught-up members than a quorum needs for a while.
+fn next_update(observed: &Observed, health: &Health<'_>) -> Option<Situation> {
+    let members = health.members;
+    let outdated: Vec<&ObservedMember> = members.iter().filter(|m| m.outdated == Some(true)).collect();
+    // Nothing is restarted on a guess: while any member's template is not known, the
+    // update waits (the next observation knows).
+    if outdated.is_empty() || members.iter().any(|m| m.outdated.is_none()) {
+        return None;
+    }
+    let updated = members.len() - outdated.len();
+    let behind: Vec<&str> = members
+        .iter()
+        .filter(|m| log_caught_up(m, observed.leader_raft_index) != Some(true))
+        .map(|m| m.name.as_str())
+        .collect();
+    if !behind.is_empty() {
+        return Some(Situation::UpdateBlocked(format!(
+            "{updated} of {} members run the new template; waiting for {} to catch up with the leader \
+             before restarting the next",
+            members.len(),
+            behind.join(", ")
+        )));
+    }
+    let leader = health.leader?;
+    let by_ordinal = |m: &&&ObservedMember| scaling::ordinal(&m.name).map(|(_, n)| n);
+    if let Some(follower) = outdated.iter().filter(|m| m.id != leader.id).max_by_key(by_ordinal) {
+        return Some(Situation::Updating(Step::UpdateMember { name: follower.name.clone() }));
+    }
+    // Only the leader is left: an updated voter takes over first, so the restart costs an
+    // election nobody waits for instead of a leaderless election timeout.
+    let successor = members
+        .iter()
+        .filter(|m| !m.is_learner && m.id != leader.id && m.healthy && m.outdated == Some(false))
+        .max_by_key(|m| (m.applied_index, std::cmp::Reverse(m.name.as_str())));
+    Some(Situation::Updating(match successor {
+        Some(to) => Step::TransferLeadership { to: to.id },
+        // A single member has nobody to hand over to: it is unavailable while it restarts.
+        None => Step::UpdateMember { name: leader.name.clone() },
+    }))
 }
 
 impl Situation {
@@ -262,8 +345,17 @@ impl Situation {
             Situation::MembersUnhealthy(names) => {
                 format!("waiting for {} to become healthy again", names.join(", "))
             }
-            Situation::InvalidSpec(reason) => reason.clone(),
-            Situation::NotCreated | Situation::Steady | Situation::Changing(_) => String::new(),
+            Situation::InvalidSpec(reason) | Situation::UpdateBlocked(reason) => reason.clone(),
+            Situation::KeptVolumes(names) => format!(
+                "volumes of an earlier cluster named like this one exist ({}); they hold its data and \
+                 cluster id, so nothing is created. Delete them (kubectl delete pvc {}), or set \
+                 spec.storage.existingVolumes to Adopt to resume that cluster on them",
+                names.join(", "),
+                names.join(" ")
+            ),
+            Situation::NotCreated | Situation::Steady | Situation::Changing(_) | Situation::Updating(_) => {
+                String::new()
+            }
         }
     }
 }
@@ -272,9 +364,14 @@ impl Situation {
 pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
     match assess(spec, observed) {
         Situation::InvalidSpec(reason) => Step::RefuseSpec { reason },
-        Situation::NotCreated => Step::CreateWorkload { replicas: spec.replicas },
+        Situation::NotCreated => Step::CreateWorkload {
+            replicas: spec.replicas,
+            // Adopted volumes hold a cluster's data: their members resume it, and a member
+            // without one joins them rather than founding a second cluster.
+            bootstrap: !observed.established && observed.kept_volumes.is_empty(),
+        },
         Situation::Steady => Step::Steady,
-        Situation::Changing(step) => step,
+        Situation::Changing(step) | Situation::Updating(step) => step,
         waiting => Step::Wait { reason: waiting.wait_reason() },
     }
 }
@@ -287,7 +384,12 @@ fn was_established(previous: Option<&ConsensusClusterStatus>) -> bool {
             || matches!(
                 p.phase,
                 Some(
-                    Phase::Running | Phase::Degraded | Phase::Scaling | Phase::QuorumLost | Phase::Restoring
+                    Phase::Running
+                        | Phase::Degraded
+                        | Phase::Scaling
+                        | Phase::Updating
+                        | Phase::QuorumLost
+                        | Phase::Restoring
                 )
             )
     })
@@ -337,10 +439,12 @@ pub fn status(
         Phase::Pending
     } else if !has_quorum {
         Phase::Bootstrapping
-    } else if matches!(step, Step::Steady) {
+    } else if matches!(step, Step::Steady) && observed.refused_changes.is_empty() {
         Phase::Running
     } else if matches!(situation, Situation::Changing(_) | Situation::ChangeBlocked { .. }) {
         Phase::Scaling
+    } else if matches!(situation, Situation::Updating(_) | Situation::UpdateBlocked(_)) {
+        Phase::Updating
     } else {
         Phase::Degraded
     };
@@ -370,7 +474,7 @@ pub fn status(
     let conditions = vec![
         available(health.as_ref(), observed),
         progressing(&situation, step, failure, stuck),
-        degraded(&situation, step, quorum_lost, stuck),
+        degraded(&situation, observed, step, quorum_lost, stuck),
         quorum_lost_condition(&situation, quorum_lost, established),
         zone_condition(observed),
     ];
@@ -400,10 +504,17 @@ pub fn status(
             .cluster_id
             .map(|id| format!("{id:x}"))
             .or_else(|| previous.and_then(|p| p.cluster_id.clone())),
+        version: running_version(spec, observed).or_else(|| previous.and_then(|p| p.version.clone())),
         conditions,
         last_backup: previous.and_then(|p| p.last_backup.clone()),
         next_backup: previous.and_then(|p| p.next_backup.clone()),
     }
+}
+
+/// `spec.version`, once every member is known to run the template that carries it.
+fn running_version(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<String> {
+    let members = observed.members.as_deref().filter(|m| !m.is_empty())?;
+    members.iter().all(|m| m.outdated == Some(false)).then(|| spec.version.clone())?
 }
 
 fn to_condition(
@@ -484,8 +595,20 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
             "InvalidSpec",
             format!("the spec is refused and nothing is changed: {reason}"),
         ),
-        (Step::CreateWorkload { replicas }, _) => {
+        (Step::CreateWorkload { replicas, bootstrap: true }, _) => {
             condition(TYPE, true, "Creating", format!("creating {replicas} members that bootstrap together"))
+        }
+        (Step::CreateWorkload { replicas, bootstrap: false }, _) => condition(
+            TYPE,
+            true,
+            "Recreating",
+            format!("creating {replicas} members that rejoin the cluster from their volumes"),
+        ),
+        (Step::Wait { reason }, Situation::KeptVolumes(_)) => {
+            condition(TYPE, false, "KeptVolumes", reason.clone())
+        }
+        (Step::Wait { reason }, Situation::UpdateBlocked(_)) => {
+            condition(TYPE, true, "WaitingForCatchUp", reason.clone())
         }
         (Step::Wait { reason }, Situation::ChangeBlocked { .. }) => {
             // A new member that has not answered within its grace will not start answering
@@ -502,7 +625,8 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
             | Step::ChangeVoters { .. }
             | Step::TransferLeadership { .. }
             | Step::RemoveMember { .. }
-            | Step::DeleteVolume { .. },
+            | Step::DeleteVolume { .. }
+            | Step::UpdateMember { .. },
             _,
         ) => condition(TYPE, true, step.name(), describe(step)),
         (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
@@ -519,14 +643,23 @@ fn describe(step: &Step) -> String {
         Step::ChangeVoters { voters } => {
             format!("changing the voters to {} members ({}) in one step", voters.len(), ids(voters))
         }
-        Step::TransferLeadership { to } => format!("moving leadership to {to:x} before the leader leaves"),
+        Step::TransferLeadership { to } => {
+            format!("moving leadership to {to:x} before the leader leaves or restarts")
+        }
         Step::RemoveMember { id, name } => format!("removing member {name} ({id:x})"),
         Step::DeleteVolume { name } => format!("deleting the volume of {name}"),
+        Step::UpdateMember { name } => format!("restarting {name} onto the new template"),
         other => other.name().to_owned(),
     }
 }
 
-fn degraded(situation: &Situation, step: &Step, quorum_lost: bool, stuck: bool) -> NewCondition {
+fn degraded(
+    situation: &Situation,
+    observed: &Observed,
+    step: &Step,
+    quorum_lost: bool,
+    stuck: bool,
+) -> NewCondition {
     const TYPE: &str = condition::DEGRADED;
     // The step, not only the spec, decides: a platform refuses what it cannot even parse.
     if let Step::RefuseSpec { reason } = step {
@@ -556,6 +689,10 @@ fn degraded(situation: &Situation, step: &Step, quorum_lost: bool, stuck: bool) 
         }
         Situation::MembershipMismatch { .. } => {
             condition(TYPE, true, "MembershipMismatch", situation.wait_reason())
+        }
+        Situation::KeptVolumes(_) => condition(TYPE, true, "KeptVolumes", situation.wait_reason()),
+        _ if !observed.refused_changes.is_empty() => {
+            condition(TYPE, true, "ChangeRefused", observed.refused_changes.join("; "))
         }
         _ => condition(TYPE, false, "AsDeclared", "nothing is wrong that the operator can see"),
     }

@@ -67,6 +67,7 @@ impl Model {
                             healthy: runs,
                             zone: None,
                             applied_index: runs.then_some(1000),
+                            outdated: Some(false),
                         }
                     })
                     .collect(),
@@ -76,6 +77,8 @@ impl Model {
             leader_raft_index: Some(1000),
             volumes: self.volumes.iter().cloned().collect(),
             lost_data: self.lost.iter().cloned().collect(),
+            established: true,
+            ..Observed::default()
         }
     }
 
@@ -142,6 +145,9 @@ impl Model {
                 );
                 assert!(!self.members.iter().any(|m| &m.1 == name), "deleting the volume of member {name}");
                 self.volumes.remove(name);
+            }
+            Step::UpdateMember { name } => {
+                panic!("restarting {name}, though every member runs the current template")
             }
             Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
         }

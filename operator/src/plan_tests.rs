@@ -27,6 +27,7 @@ fn member(id: u64, healthy: bool, zone: Option<&str>) -> ObservedMember {
         healthy,
         zone: zone.map(str::to_owned),
         applied_index: Some(10),
+        outdated: Some(false),
     }
 }
 
@@ -39,7 +40,8 @@ fn running(n: u64) -> Observed {
         cluster_id: Some(0xabc),
         leader_raft_index: Some(10),
         volumes: (0..n).map(|i| format!("demo-{i}")).collect(),
-        lost_data: Vec::new(),
+        established: true,
+        ..Observed::default()
     }
 }
 
@@ -55,7 +57,7 @@ fn status_now(spec: &ConsensusClusterSpec, observed: &Observed) -> ConsensusClus
 fn creates_the_declared_members_when_nothing_exists() {
     let observed = Observed { generation: Some(1), ..Observed::default() };
     let step = plan(&spec(3), &observed);
-    assert_eq!(step, Step::CreateWorkload { replicas: 3 });
+    assert_eq!(step, Step::CreateWorkload { replicas: 3, bootstrap: true });
     let status = status(&spec(3), &observed, &step, None, None, at(1000));
     assert_eq!(status.phase, Some(Phase::Pending));
     assert_eq!(find(&status, condition::PROGRESSING).status, "True");
@@ -239,6 +241,117 @@ fn conditions_other_parts_own_are_kept() {
     assert_eq!(find(&next, condition::BACKUP_SUCCEEDED).last_transition_time, at(5));
 }
 
+#[test]
+fn a_cluster_that_ran_is_created_again_to_rejoin_never_to_bootstrap() {
+    // The StatefulSet was deleted while the status still shows the cluster id: members
+    // started with `new` on empty volumes would found a second cluster under the old name.
+    let observed = Observed { generation: Some(4), established: true, ..Observed::default() };
+    let step = plan(&spec(3), &observed);
+    assert_eq!(step, Step::CreateWorkload { replicas: 3, bootstrap: false });
+    let status = status(&spec(3), &observed, &step, None, None, at(1000));
+    assert_eq!(find(&status, condition::PROGRESSING).reason, "Recreating");
+}
+
+#[test]
+fn volumes_an_earlier_cluster_left_are_refused_by_name_unless_the_spec_adopts_them() {
+    let kept = vec!["data-demo-0".to_owned(), "data-demo-1".to_owned()];
+    let observed = Observed { generation: Some(1), kept_volumes: kept, ..Observed::default() };
+    let step = plan(&spec(3), &observed);
+    assert!(matches!(&step, Step::Wait { .. }), "{step:?}");
+    assert!(!step.changes_cluster());
+    let status = status(&spec(3), &observed, &step, None, None, at(1000));
+    let degraded = find(&status, condition::DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "KeptVolumes"));
+    assert!(degraded.message.contains("data-demo-0, data-demo-1"), "{}", degraded.message);
+    assert!(degraded.message.contains("existingVolumes"), "{}", degraded.message);
+    assert_eq!(find(&status, condition::PROGRESSING).status, "False");
+
+    let mut adopting = spec(3);
+    adopting.storage.existing_volumes = ExistingVolumePolicy::Adopt;
+    // Adopted: the members resume the earlier cluster, and a member without a volume joins it.
+    assert_eq!(plan(&adopting, &observed), Step::CreateWorkload { replicas: 3, bootstrap: false });
+}
+
+#[test]
+fn a_refused_spec_change_is_reported_while_the_rest_of_the_spec_converges() {
+    let mut observed = running(3);
+    observed.refused_changes.push("spec.storage.size 1Gi is smaller than the volumes' 2Gi".to_owned());
+    assert_eq!(plan(&spec(3), &observed), Step::Steady);
+    let status = status_now(&spec(3), &observed);
+    let degraded = find(&status, condition::DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ChangeRefused"));
+    assert!(degraded.message.contains("smaller than"), "{}", degraded.message);
+    assert_eq!((status.phase, status.observed_generation), (Some(Phase::Degraded), Some(1)));
+}
+
+/// `running(n)` with the members listed in `outdated` on the old template.
+fn updating(n: u64, outdated: &[u64]) -> Observed {
+    let mut observed = running(n);
+    for member in observed.members.iter_mut().flatten() {
+        member.outdated = Some(outdated.contains(&member.id));
+    }
+    observed
+}
+
+#[test]
+fn a_rolling_update_goes_follower_by_follower_and_the_leader_last_after_handing_over() {
+    let mut spec = spec(3);
+    spec.version = Some("1.1.0".to_owned());
+    let previous =
+        ConsensusClusterStatus { version: Some("1.0.0".to_owned()), ..status_now(&spec, &running(3)) };
+    // demo-0 (id 1) leads; every member runs the old template. The highest follower first.
+    let observed = updating(3, &[1, 2, 3]);
+    let step = plan(&spec, &observed);
+    assert_eq!(step, Step::UpdateMember { name: "demo-2".into() });
+    let first = status(&spec, &observed, &step, None, Some(&previous), at(1000));
+    assert_eq!(first.phase, Some(Phase::Updating));
+    assert_eq!(first.version.as_deref(), Some("1.0.0"), "not updated until every member is");
+
+    // demo-2 is back and healthy but still replaying its log: the next one waits.
+    let mut observed = updating(3, &[1, 2]);
+    observed.members.as_mut().unwrap()[2].applied_index = Some(3);
+    observed.leader_raft_index = Some(500);
+    observed.members.as_mut().unwrap()[0].applied_index = Some(500);
+    observed.members.as_mut().unwrap()[1].applied_index = Some(500);
+    let step = plan(&spec, &observed);
+    let Step::Wait { reason } = &step else { panic!("{step:?}") };
+    assert!(reason.contains("demo-2") && reason.contains("catch up"), "{reason}");
+    let waiting = status(&spec, &observed, &step, None, Some(&previous), at(1000));
+    assert_eq!(
+        (waiting.phase, find(&waiting, condition::PROGRESSING).reason.as_str()),
+        (Some(Phase::Updating), "WaitingForCatchUp")
+    );
+
+    // Caught up: the other follower.
+    assert_eq!(plan(&spec, &updating(3, &[1, 2])), Step::UpdateMember { name: "demo-1".into() });
+    // Only the leader is left: leadership moves to an updated voter first ...
+    assert_eq!(plan(&spec, &updating(3, &[1])), Step::TransferLeadership { to: 2 });
+    // ... and once demo-1 leads, demo-0 is a follower like any other.
+    let mut handed_over = updating(3, &[1]);
+    handed_over.leader = Some(2);
+    assert_eq!(plan(&spec, &handed_over), Step::UpdateMember { name: "demo-0".into() });
+    // Done: the new version is what the cluster runs.
+    let done = updating(3, &[]);
+    assert_eq!(plan(&spec, &done), Step::Steady);
+    let finished = status(&spec, &done, &Step::Steady, None, Some(&previous), at(1000));
+    assert_eq!((finished.phase, finished.version.as_deref()), (Some(Phase::Running), Some("1.1.0")));
+}
+
+#[test]
+fn a_member_down_stops_the_rolling_update_and_so_does_a_template_not_yet_known() {
+    let mut down = updating(3, &[1, 2]);
+    down.members.as_mut().unwrap()[2].healthy = false;
+    assert!(matches!(plan(&spec(3), &down), Step::Wait { .. }));
+    let mut unknown = updating(3, &[2, 3]);
+    unknown.members.as_mut().unwrap()[0].outdated = None;
+    assert_eq!(plan(&spec(3), &unknown), Step::Steady);
+}
+
+#[test]
+fn a_single_member_restarts_in_place_having_nobody_to_hand_over_to() {
+    assert_eq!(plan(&spec(1), &updating(1, &[1])), Step::UpdateMember { name: "demo-0".into() });
+}
+
 fn arb_spec() -> impl Strategy<Value = ConsensusClusterSpec> {
     let schedule = prop_oneof![
         Just(None),
@@ -261,16 +374,22 @@ pub(super) fn arb_valid_spec() -> impl Strategy<Value = ConsensusClusterSpec> {
 
 fn arb_member(id: u64) -> impl Strategy<Value = ObservedMember> {
     let zone = prop_oneof![Just(None), Just(Some("a")), Just(Some("b")), Just(Some("c")), Just(Some("d"))];
-    (any::<bool>(), prop::bool::weighted(0.8), zone, prop::option::of(0u64..100)).prop_map(
-        move |(is_learner, healthy, zone, applied_index)| ObservedMember {
+    (
+        any::<bool>(),
+        prop::bool::weighted(0.8),
+        zone,
+        prop::option::of(0u64..100),
+        prop::option::of(any::<bool>()),
+    )
+        .prop_map(move |(is_learner, healthy, zone, applied_index, outdated)| ObservedMember {
             id,
             name: format!("m-{id}"),
             is_learner: is_learner && id.is_multiple_of(3),
             healthy,
             zone: zone.map(str::to_owned),
             applied_index,
-        },
-    )
+            outdated,
+        })
 }
 
 fn arb_members() -> impl Strategy<Value = Vec<ObservedMember>> {
@@ -284,15 +403,32 @@ pub(super) fn arb_observed() -> impl Strategy<Value = Observed> {
         prop::option::of(arb_members()),
         prop::option::of(0u64..11),
         prop::option::of(any::<u64>()),
+        (any::<bool>(), prop::bool::weighted(0.2)),
+        prop::option::of(0u64..110),
     )
-        .prop_map(|(generation, workload_replicas, members, leader, cluster_id)| Observed {
-            generation,
-            workload_replicas,
-            members,
-            leader,
-            cluster_id,
-            ..Observed::default()
-        })
+        .prop_map(
+            |(
+                generation,
+                workload_replicas,
+                members,
+                leader,
+                cluster_id,
+                (established, kept),
+                leader_raft_index,
+            )| {
+                Observed {
+                    generation,
+                    workload_replicas,
+                    members,
+                    leader,
+                    cluster_id,
+                    leader_raft_index,
+                    established,
+                    kept_volumes: if kept { vec!["data-m-0".to_owned()] } else { Vec::new() },
+                    ..Observed::default()
+                }
+            },
+        )
 }
 
 fn brute_force_zone_fault_tolerant(members: &[ObservedMember]) -> bool {
@@ -325,14 +461,40 @@ proptest! {
         if matches!(step, Step::CreateWorkload { .. }) {
             prop_assert_eq!(observed.workload_replicas, None);
             prop_assert!(validate_spec(&spec).is_empty());
-            prop_assert_eq!(step, Step::CreateWorkload { replicas: spec.replicas });
+            // Founding a cluster only where none has run and no earlier one left volumes.
+            let bootstrap = !observed.established && observed.kept_volumes.is_empty();
+            prop_assert_eq!(step, Step::CreateWorkload { replicas: spec.replicas, bootstrap });
+            prop_assert!(bootstrap || observed.established, "kept volumes are adopted only when asked");
         }
     }
 
     #[test]
     fn the_workload_is_created_only_when_missing(spec in arb_spec(), observed in arb_observed()) {
-        if observed.workload_replicas.is_none() && validate_spec(&spec).is_empty() {
-            prop_assert_eq!(plan(&spec, &observed), Step::CreateWorkload { replicas: spec.replicas });
+        let refused_volumes = !observed.established && !observed.kept_volumes.is_empty();
+        if observed.workload_replicas.is_none() && validate_spec(&spec).is_empty() && !refused_volumes {
+            let created = matches!(plan(&spec, &observed), Step::CreateWorkload { replicas, .. } if replicas == spec.replicas);
+            prop_assert!(created);
+        }
+    }
+
+    /// A rolling update restarts one member at a time and only while the cluster can spare
+    /// it: every member healthy and caught up, and never the leader while a follower is
+    /// left to restart or an updated voter could take over.
+    #[test]
+    fn a_member_is_restarted_only_when_every_member_is_healthy_and_caught_up(
+        spec in arb_valid_spec(),
+        observed in arb_observed(),
+    ) {
+        if let Step::UpdateMember { name } = plan(&spec, &observed) {
+            let members = observed.members.as_deref().unwrap_or_default();
+            prop_assert!(members.iter().all(|m| m.healthy && log_caught_up(m, observed.leader_raft_index) == Some(true)));
+            let restarted = members.iter().find(|m| m.name == name).expect("a listed member");
+            prop_assert_eq!(restarted.outdated, Some(true));
+            prop_assert!(members.iter().all(|m| m.outdated.is_some()), "nothing is restarted on a guess");
+            if Some(restarted.id) == observed.leader {
+                let voters = members.iter().filter(|m| !m.is_learner).count();
+                prop_assert_eq!(voters, 1, "the leader restarts only with nobody to hand over to: {:?}", members);
+            }
         }
     }
 

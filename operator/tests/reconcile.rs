@@ -146,8 +146,9 @@ async fn the_first_reconcile_creates_every_object_and_reports_pending() {
 
     reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
 
-    // Looks at what exists, then applies configuration, Services, budget and StatefulSet,
-    // each followed by its event, and finally reports status.
+    // Looks at what exists (volumes an earlier cluster of this name left, pods a deleted
+    // StatefulSet left running), then applies configuration, Services, budget and
+    // StatefulSet, each followed by its event, and finally reports status.
     assert_eq!(
         api.story(),
         [
@@ -156,6 +157,8 @@ async fn the_first_reconcile_creates_every_object_and_reports_pending() {
             format!("GET {PEER}"),
             format!("GET {CLIENT}"),
             format!("GET {PDB}"),
+            format!("GET {PVCS}"),
+            format!("GET {PODS}"),
             format!("PATCH {CONFIG}"),
             format!("POST {EVENTS}"),
             format!("PATCH {PEER}"),
@@ -561,6 +564,172 @@ async fn the_operator_refuses_to_start_without_its_crd() {
     assert!(message.contains("consensusclusters.consensus.dev is not installed"), "{message}");
     assert!(message.contains("kubectl apply -k manifests/"), "{message}");
     assert_eq!(api.requests()[0].query.get("limit").map(String::as_str), Some("1"), "one object is enough");
+}
+
+/// The claims of a running 3-member cluster, each `size`, in StorageClass `local`, which
+/// allows expansion as `expandable` says.
+fn claims(size: &str, expandable: bool) -> Vec<Value> {
+    let mut objects: Vec<Value> = (0..3)
+        .map(|i| {
+            json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": format!("data-demo-{i}"), "namespace": NS,
+                             "labels": {"app.kubernetes.io/name": "consensus-node", "app.kubernetes.io/instance": "demo"}},
+                "spec": {"storageClassName": "local", "resources": {"requests": {"storage": size}}},
+            })
+        })
+        .collect();
+    objects.push(json!({
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "local"}, "provisioner": "example.com/local", "allowVolumeExpansion": expandable,
+    }));
+    objects
+}
+
+/// A running 3-member cluster made from `before`, reconciled with `after`'s spec.
+async fn edited(before: Value, after: Value, expandable: bool) -> Vec<Recorded> {
+    let running = cluster(before, true);
+    let mut objects = running_cluster_objects(&running, InitialClusterState::Existing);
+    objects.extend(claims("1Gi", expandable));
+    let cc = cluster(after, true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    reconcile(Arc::new(cc), context(client, healthy(3))).await.expect("reconciles");
+    api.requests()
+}
+
+#[tokio::test]
+async fn a_larger_size_patches_each_claim_then_re_creates_the_statefulset_around_its_pods() {
+    let requests =
+        edited(json!({"replicas": 3}), json!({"replicas": 3, "storage": {"size": "2Gi"}}), true).await;
+
+    for i in 0..3 {
+        let patch = only(&requests, "PATCH", &format!("{PVCS}/data-demo-{i}"));
+        assert_eq!(patch.content_type, "application/merge-patch+json");
+        assert_eq!(patch.body, json!({"spec": {"resources": {"requests": {"storage": "2Gi"}}}}));
+    }
+    // Deleted with its pods orphaned, so they run on; applied again on the next round, with
+    // the new template (an apply now would meet the immutable template and a 422).
+    let delete = only(&requests, "DELETE", STS);
+    assert_eq!(delete.body["propagationPolicy"], "Orphan");
+    assert!(!requests.iter().any(|r| r.is_apply() && r.path == STS), "the StatefulSet was applied");
+    let reported = events(&requests);
+    let resized = reported.iter().find(|(_, reason, _)| reason == "VolumesResized").expect("an event");
+    assert!(resized.2.contains("requested 2Gi for data-demo-0, data-demo-1, data-demo-2"), "{}", resized.2);
+    assert_allowed_by_cluster_role(&requests);
+}
+
+#[tokio::test]
+async fn without_the_stateful_set_the_workload_is_as_large_as_its_orphaned_pods_say() {
+    let running = cluster(json!({"replicas": 3}), true);
+    let mut objects = running_cluster_objects(&running, InitialClusterState::Existing);
+    objects.retain(|o| o["kind"] != "StatefulSet");
+    let cc = cluster(json!({"replicas": 3, "storage": {"size": "2Gi"}}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+
+    reconcile(Arc::new(cc), context(client, healthy(3))).await.expect("reconciles");
+
+    let requests = api.requests();
+    let applied = only(&requests, "PATCH", STS);
+    assert_eq!(applied.body["spec"]["replicas"], 3);
+    assert_eq!(
+        applied.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "2Gi"
+    );
+    assert_eq!(only(&requests, "PATCH", CONFIG).body["data"]["initial-cluster-state"], "existing");
+}
+
+#[tokio::test]
+async fn a_class_change_is_refused_and_said_while_the_rest_of_the_spec_still_applies() {
+    let requests = edited(
+        json!({"replicas": 3}),
+        json!({"replicas": 3, "storage": {"storageClassName": "fast"}, "podTemplate": {"labels": {"team": "a"}}}),
+        true,
+    )
+    .await;
+
+    let applied = only(&requests, "PATCH", STS);
+    let template = &applied.body["spec"]["volumeClaimTemplates"][0]["spec"];
+    assert_eq!(template["storageClassName"], Value::Null, "the volume template changed: {template}");
+    assert_eq!(template["resources"]["requests"]["storage"], "1Gi");
+    assert_eq!(applied.body["spec"]["template"]["metadata"]["labels"]["team"], "a", "the rest is applied");
+    assert!(!requests.iter().any(|r| r.method == "DELETE" || r.path.starts_with(&format!("{PVCS}/"))));
+    let refused = events(&requests).into_iter().find(|(_, reason, _)| reason == "StorageChangeRefused");
+    let (type_, _, note) = refused.expect("a StorageChangeRefused event");
+    assert_eq!(type_, "Warning");
+    assert!(note.contains("from the default class to \"fast\""), "{note}");
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(condition(status, "Degraded")["reason"], "ChangeRefused");
+    assert_eq!(status["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn a_larger_size_in_a_class_without_expansion_is_refused() {
+    let requests =
+        edited(json!({"replicas": 3}), json!({"replicas": 3, "storage": {"size": "2Gi"}}), false).await;
+    assert!(!requests.iter().any(|r| r.method == "DELETE"), "nothing is deleted");
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    let degraded = condition(status, "Degraded");
+    assert_eq!(degraded["reason"], "ChangeRefused");
+    assert!(degraded["message"].as_str().unwrap_or_default().contains("does not allow volume expansion"));
+}
+
+#[tokio::test]
+async fn a_member_on_an_old_template_is_restarted_by_deleting_its_pod_as_observed() {
+    let cc = cluster(json!({"replicas": 3}), true);
+    let objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let uid = api.object(&format!("{PODS}/demo-1")).expect("pod")["metadata"]["uid"].clone();
+    let ctx = context(client, healthy(3));
+
+    converge_with(&cc, &ctx, |_| Step::UpdateMember { name: "demo-1".into() }).await.expect("reconciles");
+
+    let requests = api.requests();
+    let delete = only(&requests, "DELETE", &format!("{PODS}/demo-1"));
+    // A pod made since (the StatefulSet's own) is not deleted again.
+    assert_eq!(delete.body["preconditions"]["uid"], uid);
+    let updated = events(&requests).into_iter().find(|(_, reason, _)| reason == "MemberUpdated");
+    assert!(updated.is_some_and(|(_, _, note)| note.contains("demo-1")));
+    assert_allowed_by_cluster_role(&requests);
+}
+
+#[tokio::test]
+async fn a_cluster_whose_id_is_in_status_is_created_again_to_join_never_to_bootstrap() {
+    let mut cc = cluster(json!({"replicas": 3}), true);
+    cc.status = Some(serde_json::from_value(json!({"clusterId": "c1"})).expect("a status"));
+    let (client, api) = FakeApi::start(with_cluster(&cc, vec![]));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
+
+    assert_eq!(only(&api.requests(), "PATCH", CONFIG).body["data"]["initial-cluster-state"], "existing");
+}
+
+#[tokio::test]
+async fn volumes_older_than_the_resource_are_refused_and_nothing_is_created() {
+    let mut cc = cluster(json!({"replicas": 3}), true);
+    cc.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(1_800_000_000).expect("a time"),
+    ));
+    let mut kept = volumes();
+    for claim in &mut kept {
+        claim["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+    }
+    // The earlier cluster's pods still run (it was deleted with its dependents orphaned):
+    // a StatefulSet applied for them would start members on its volumes all the same.
+    let orphans = running_cluster_objects(&cc, InitialClusterState::Existing);
+    kept.extend(orphans.into_iter().filter(|o| o["kind"] == "Pod" || o["kind"] == "Node"));
+    let (client, api) = FakeApi::start(with_cluster(&cc, kept));
+
+    reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
+
+    let requests = api.requests();
+    let changes: Vec<String> = requests.iter().filter(|r| r.method != "GET").map(Recorded::line).collect();
+    assert_eq!(changes, [format!("PATCH {CC}/status")], "only the status is written");
+    let status = &requests.last().expect("requests").body["status"];
+    let degraded = condition(status, "Degraded");
+    assert_eq!(degraded["reason"], "KeptVolumes");
+    assert!(
+        degraded["message"].as_str().unwrap_or_default().contains("data-demo-0, data-demo-1, data-demo-2")
+    );
 }
 
 /// Every request of every scenario above is one the operator's ClusterRole allows.

@@ -507,8 +507,10 @@ impl World {
             }
             Step::TransferLeadership { to } => self.members.leader = Some(*to),
             Step::RemoveMember { id, .. } => self.members.members.retain(|m| m.id != *id),
-            // Volumes are deleted by the operator itself, on the fake API server.
+            // Volumes are deleted, and pods restarted, by the operator itself on the fake API
+            // server; the pods in this world never fall behind their template.
             Step::DeleteVolume { .. }
+            | Step::UpdateMember { .. }
             | Step::CreateWorkload { .. }
             | Step::RefuseSpec { .. }
             | Step::Wait { .. }

@@ -172,18 +172,21 @@ def test_images_are_the_ones_make_images_tags_with_the_workspace_version():
 
 # What the operator's code does, resource by resource: the controller's watches (list,
 # watch), observation (get, list), server-side apply (create on first apply, patch),
-# the finalizer (patch), status (patch), Events, and volume clean-up. A verb added here
+# the finalizer (patch), status (patch), Events, volume clean-up and expansion (claims
+# patched, the StorageClass read, the StatefulSet deleted orphaning its pods to be applied
+# again with the new template), and member restarts (pods deleted). A verb added here
 # without code that needs it, or code that needs one missing here, is a mistake.
 OPERATOR_PERMISSIONS = {
     ("consensus.dev", "consensusclusters"): {"list", "watch", "patch"},
     ("consensus.dev", "consensusclusters/status"): {"patch"},
     ("consensus.dev", "consensusclusters/finalizers"): {"update"},
-    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list", "delete"},
-    ("", "persistentvolumeclaims"): {"list", "delete"},
+    ("", "persistentvolumeclaims"): {"list", "patch", "delete"},
+    ("storage.k8s.io", "storageclasses"): {"get"},
     ("", "nodes"): {"get"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }

@@ -8,7 +8,6 @@ pub mod dns;
 pub mod dns_server;
 pub mod provisioner;
 pub mod provisioning;
-pub mod quantity;
 
 use std::fmt::Debug;
 use std::hash::Hash;

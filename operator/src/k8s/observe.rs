@@ -1,7 +1,7 @@
 //! Observe: what exists on the API server and what the members report, turned into the
 //! planner's `Observed`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use consensus_crds::ConsensusCluster;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStateTerminated, Node, PersistentVolumeClaim, Pod, Service,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -18,8 +19,9 @@ use super::Error;
 use super::apply::managed_content;
 use crate::membership::observe::combine;
 use crate::membership::{Members, Target};
-use crate::plan::{Observed, ObservedMember};
+use crate::plan::{Observed, ObservedMember, ordinal};
 use crate::platform;
+use crate::resources::storage::{self, StorageChange, Volume};
 use crate::resources::{
     self, INITIAL_CLUSTER_STATE_KEY, InitialClusterState, LOST_DATA_EXIT_CODE, LOST_DATA_MESSAGE,
     client_service_name, config_map_name, labels, peer_service_name, volume_claim_name,
@@ -34,15 +36,21 @@ pub struct Observation {
     pub managed: BTreeMap<String, u64>,
     /// The first members have formed the cluster; members started from now on join it.
     pub bootstrapped: bool,
-    /// Names of the member pods that exist, running or not: a volume is in use until its
-    /// pod is gone.
-    pub pods: BTreeSet<String>,
+    /// Uid by name of the member pods that exist, running or not: a volume is in use until
+    /// its pod is gone.
+    pub pods: BTreeMap<String, String>,
     /// The client URL the leader answered on, where leader-only changes go.
     pub leader_url: Option<String>,
     /// Uid by name of the member pods whose node is down after its lost-data exit: the
     /// kubelet holds such a pod in back-off (up to five minutes), so once the member is
     /// added again it is deleted to start at once.
     pub lost_data_pods: BTreeMap<String, String>,
+    /// The StatefulSet's volume template, and what it needs for `spec.storage`.
+    pub volume_template: Option<Volume>,
+    pub storage: StorageChange,
+    /// The StatefulSet is being deleted (re-created for a new volume template, or by a
+    /// person): it is applied again only once it is gone.
+    pub stateful_set_deleting: bool,
 }
 
 impl AsRef<Observed> for Observation {
@@ -67,7 +75,12 @@ pub async fn observe(
     let name = cc.name_any();
     let namespace = cc.namespace().unwrap_or_default();
     let mut observation = Observation {
-        observed: Observed { generation: cc.meta().generation, ..Observed::default() },
+        observed: Observed {
+            generation: cc.meta().generation,
+            // Once a cluster id is reported, a cluster has run here, whatever is deleted later.
+            established: cc.status.as_ref().is_some_and(|s| s.cluster_id.is_some()),
+            ..Observed::default()
+        },
         ..Observation::default()
     };
 
@@ -79,10 +92,11 @@ pub async fn observe(
     let client_service = services.get_opt(&client_service_name(&name)).await?;
     let budget = Api::<PodDisruptionBudget>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
 
-    observation.bootstrapped = config_map
-        .as_ref()
-        .and_then(|cm| cm.data.as_ref()?.get(INITIAL_CLUSTER_STATE_KEY))
-        .is_some_and(|state| state == InitialClusterState::Existing.as_str());
+    observation.bootstrapped = observation.observed.established
+        || config_map
+            .as_ref()
+            .and_then(|cm| cm.data.as_ref()?.get(INITIAL_CLUSTER_STATE_KEY))
+            .is_some_and(|state| state == InitialClusterState::Existing.as_str());
     observation.managed.extend(
         [
             stateful_set.as_ref().map(managed_entry),
@@ -95,24 +109,51 @@ pub async fn observe(
         .flatten(),
     );
 
-    let Some(stateful_set) = stateful_set else {
-        // Nothing runs yet: no pods to look at and no members to ask.
-        return Ok(observation);
-    };
-    observation.observed.workload_replicas = stateful_set.spec.as_ref().and_then(|s| s.replicas);
-
+    let claims = member_claims(client, &namespace, &name).await?;
+    observation.observed.volumes = claims.iter().map(|c| c.member.clone()).collect();
+    let created = cc.meta().creation_timestamp.as_ref().map(|t| t.0);
+    observation.observed.kept_volumes = claims
+        .iter()
+        .filter(|c| c.created.is_some_and(|claim| created.is_some_and(|cluster| claim < cluster)))
+        .map(|c| c.name.clone())
+        .collect();
     let pods = member_pods(client, &namespace, &name, &cc.spec.placement.zone_topology_key).await?;
-    observation.pods = pods.keys().cloned().collect();
+    observation.pods = pods.iter().map(|(name, pod)| (name.clone(), pod.uid.clone())).collect();
     observation.lost_data_pods = pods
         .iter()
         .filter(|(_, pod)| pod.lost_data)
         .map(|(name, pod)| (name.clone(), pod.uid.clone()))
         .collect();
-    observation.observed.volumes = member_volumes(client, &namespace, &name).await?;
+    observation.observed.workload_replicas = match &stateful_set {
+        Some(sts) => sts.spec.as_ref().and_then(|s| s.replicas),
+        // Deleted around its running pods (orphaned, to change its volume template): as many
+        // members as the pods say, so the StatefulSet applied again runs the same ones. Pods
+        // being deleted are not running on: they went with the StatefulSet.
+        None => pods
+            .iter()
+            .filter(|(_, pod)| !pod.terminating)
+            .filter_map(|(pod, _)| ordinal(pod).filter(|(prefix, _)| *prefix == name))
+            .map(|(_, last)| i32::try_from(last).unwrap_or(i32::MAX).saturating_add(1))
+            .max(),
+    };
+    let Some(workload) = observation.observed.workload_replicas else {
+        // Nothing runs yet: no members to ask.
+        return Ok(observation);
+    };
+    let revision = stateful_set.as_ref().and_then(current_revision);
+    if let Some(sts) = &stateful_set {
+        observation.stateful_set_deleting = sts.metadata.deletion_timestamp.is_some();
+        let template = volume_template(sts);
+        observation.storage = storage_change(client, cc, &template, &claims).await?;
+        observation.volume_template = Some(template);
+        if let StorageChange::Refuse(why) = &observation.storage {
+            observation.observed.refused_changes.push(why.clone());
+        }
+    }
     // Every member the StatefulSet runs, each on its own name under the peer Service, which
     // publishes members before they are ready: the client Service has no endpoint during
     // bootstrap and quorum loss, exactly when the members' own word matters most.
-    let targets: Vec<Target> = (0..observation.observed.workload_replicas.unwrap_or(0))
+    let targets: Vec<Target> = (0..workload)
         .map(|ordinal| {
             let member = format!("{name}-{ordinal}");
             Target { client_url: resources::member_client_url(&name, &namespace, &member), name: member }
@@ -124,7 +165,7 @@ pub async fn observe(
         debug!(cluster = %name, "no member answered");
     }
     let mut view = combine(&answers, |peer_url| resources::member_of_peer_url(&name, &namespace, peer_url));
-    view.members = view.members.map(|listed| join(listed, &pods));
+    view.members = view.members.map(|listed| join(listed, &pods, revision.as_deref()));
     observation.observed.lost_data = lost_voters(view.members.as_deref().unwrap_or_default(), &pods);
     observation.bootstrapped |= view.leader.is_some();
     platform::fill(&mut observation.observed, &view);
@@ -140,22 +181,84 @@ struct PodView {
     ready: bool,
     zone: Option<String>,
     lost_data: bool,
+    /// The StatefulSet template revision the pod was made from.
+    revision: Option<String>,
+    terminating: bool,
 }
 
-/// Members whose volume exists. The claims carry the StatefulSet template's labels, which
-/// are the cluster's selector; a claim is a member's only if it has that member's name.
-async fn member_volumes(client: &Client, namespace: &str, cluster: &str) -> Result<Vec<String>, Error> {
+/// A member's volume claim.
+struct MemberClaim {
+    name: String,
+    member: String,
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    volume: Volume,
+}
+
+/// The members' claims, sorted by member. The claims carry the StatefulSet template's
+/// labels, which are the cluster's selector; a claim is a member's only if it has that
+/// member's name.
+async fn member_claims(client: &Client, namespace: &str, cluster: &str) -> Result<Vec<MemberClaim>, Error> {
     let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(&labels::selector_string(cluster)))
         .await?;
     let prefix = volume_claim_name("");
-    let mut members: Vec<String> = claims
+    let mut members: Vec<MemberClaim> = claims
         .iter()
-        .filter_map(|claim| claim.name_any().strip_prefix(&prefix).map(str::to_owned))
-        .filter(|member| !member.is_empty())
+        .filter_map(|claim| {
+            let name = claim.name_any();
+            let member = name.strip_prefix(&prefix).filter(|m| !m.is_empty())?.to_owned();
+            let spec = claim.spec.as_ref();
+            let size = spec
+                .and_then(|s| s.resources.as_ref()?.requests.as_ref()?.get("storage"))
+                .map(|q| q.0.clone());
+            let class = spec.and_then(|s| s.storage_class_name.clone());
+            let created = claim.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            Some(MemberClaim { name, member, created, volume: Volume { size, class } })
+        })
         .collect();
-    members.sort();
+    members.sort_by(|a, b| a.member.cmp(&b.member));
     Ok(members)
+}
+
+/// `spec.storage` against the StatefulSet's volume template and the members' claims. The
+/// StorageClass is read only when the claims would have to grow.
+async fn storage_change(
+    client: &Client,
+    cc: &ConsensusCluster,
+    template: &Volume,
+    claims: &[MemberClaim],
+) -> Result<StorageChange, Error> {
+    let by_name: Vec<(String, Volume)> = claims.iter().map(|c| (c.name.clone(), c.volume.clone())).collect();
+    let change = storage::change(&cc.spec.storage, template, &by_name, None);
+    let class_decides =
+        matches!(&change, StorageChange::Refuse(_)) && cc.spec.storage.storage_class_name == template.class;
+    if !class_decides {
+        return Ok(change);
+    }
+    // Refused without knowing the class: it may allow expansion. Every claim of a cluster
+    // comes from one template, so one class decides.
+    let Some(class) = claims.iter().find_map(|c| c.volume.class.clone()) else { return Ok(change) };
+    let expandable = Api::<StorageClass>::all(client.clone())
+        .get_opt(&class)
+        .await?
+        .and_then(|c| c.allow_volume_expansion);
+    Ok(storage::change(&cc.spec.storage, template, &by_name, Some(expandable.unwrap_or(false))))
+}
+
+/// The size and class the StatefulSet's `data` volume template asks for.
+fn volume_template(sts: &StatefulSet) -> Volume {
+    let spec = sts.spec.as_ref().and_then(|s| s.volume_claim_templates.as_ref()?.first()?.spec.as_ref());
+    Volume {
+        size: spec.and_then(|s| s.resources.as_ref()?.requests.as_ref()?.get("storage")).map(|q| q.0.clone()),
+        class: spec.and_then(|s| s.storage_class_name.clone()),
+    }
+}
+
+/// The StatefulSet's current template revision, once its controller has seen its latest
+/// spec: before that the revision it reports is the one before the change.
+fn current_revision(sts: &StatefulSet) -> Option<String> {
+    let status = sts.status.as_ref()?;
+    (status.observed_generation? >= sts.metadata.generation?).then(|| status.update_revision.clone())?
 }
 
 /// Whether the node is down now (terminated, or waiting to be restarted) and its latest
@@ -224,19 +327,34 @@ async fn member_pods(
             .and_then(|s| s.conditions.as_ref())
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         let uid = pod.uid().unwrap_or_default();
-        views.insert(pod.name_any(), PodView { uid, ready, zone, lost_data: lost_data(&pod) });
+        let revision = pod.labels().get(REVISION_LABEL).cloned();
+        let terminating = pod.metadata.deletion_timestamp.is_some();
+        let view = PodView { uid, ready, zone, lost_data: lost_data(&pod), revision, terminating };
+        views.insert(pod.name_any(), view);
     }
     Ok(views)
 }
 
-/// Members as Raft reports them, with their pods' word on readiness and zone. A member
-/// is healthy only if both agree: Raft can see a member whose pod is being deleted.
-fn join(members: Vec<ObservedMember>, pods: &BTreeMap<String, PodView>) -> Vec<ObservedMember> {
+/// The label the StatefulSet controller gives each pod: the revision it was made from.
+const REVISION_LABEL: &str = "controller-revision-hash";
+
+/// Members as Raft reports them, with their pods' word on readiness, zone and template. A
+/// member is healthy only if both agree: Raft can see a member whose pod is being deleted.
+/// `revision` is the StatefulSet's current one, `None` while it is not known.
+fn join(
+    members: Vec<ObservedMember>,
+    pods: &BTreeMap<String, PodView>,
+    revision: Option<&str>,
+) -> Vec<ObservedMember> {
     members
         .into_iter()
         .map(|member| {
             let pod = pods.get(&member.name).cloned().unwrap_or_default();
-            ObservedMember { healthy: member.healthy && pod.ready, zone: pod.zone, ..member }
+            let outdated = match (revision, pod.revision.as_deref()) {
+                (Some(current), Some(made_from)) => Some(current != made_from),
+                _ => None,
+            };
+            ObservedMember { healthy: member.healthy && pod.ready, zone: pod.zone, outdated, ..member }
         })
         .collect()
 }
@@ -254,6 +372,7 @@ mod tests {
             healthy,
             zone: None,
             applied_index: Some(7),
+            outdated: None,
         };
         let members =
             vec![reported(1, "demo-0", true), reported(2, "demo-1", true), reported(3, "demo-2", false)];
@@ -262,9 +381,39 @@ mod tests {
             ("demo-1".to_owned(), PodView { ready: false, zone: Some("b".into()), ..PodView::default() }),
             ("demo-2".to_owned(), PodView { ready: true, zone: None, ..PodView::default() }),
         ]);
-        let members = join(members, &pods);
+        let members = join(members, &pods, None);
         assert_eq!(members.iter().map(|m| m.healthy).collect::<Vec<_>>(), [true, false, false]);
         assert_eq!(members[0].zone.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn a_member_is_outdated_when_its_pod_was_made_from_another_revision_than_the_current() {
+        let member = |id, name: &str| ObservedMember {
+            id,
+            name: name.to_owned(),
+            is_learner: false,
+            healthy: true,
+            zone: None,
+            applied_index: Some(7),
+            outdated: None,
+        };
+        let pod = |revision: Option<&str>| PodView {
+            ready: true,
+            revision: revision.map(str::to_owned),
+            ..PodView::default()
+        };
+        let pods = BTreeMap::from([
+            ("demo-0".to_owned(), pod(Some("demo-7d9f"))),
+            ("demo-1".to_owned(), pod(Some("demo-5c4b"))),
+            ("demo-2".to_owned(), pod(None)),
+        ]);
+        let members = vec![member(1, "demo-0"), member(2, "demo-1"), member(3, "demo-2")];
+        let outdated =
+            |revision| join(members.clone(), &pods, revision).iter().map(|m| m.outdated).collect::<Vec<_>>();
+        assert_eq!(outdated(Some("demo-5c4b")), [Some(true), Some(false), None]);
+        // The StatefulSet controller has not worked out the new revision yet: nobody is
+        // known to be behind, nor known to be current.
+        assert_eq!(outdated(None), [None, None, None]);
     }
 
     /// A pod whose one container is in `state`, having last stopped as `last`.
@@ -304,6 +453,7 @@ mod tests {
             healthy: false,
             zone: None,
             applied_index: None,
+            outdated: None,
         };
         let pods = BTreeMap::from([("demo-2".to_owned(), PodView { lost_data: true, ..PodView::default() })]);
         assert_eq!(lost_voters(&[member(0x12, false)], &pods), ["demo-2"]);

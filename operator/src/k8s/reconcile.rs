@@ -4,12 +4,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use consensus_crds::{ConsensusCluster, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy};
+use consensus_crds::{
+    ConsensusCluster, ConsensusClusterSpec, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy,
+};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -24,6 +26,7 @@ use super::observe::{Observation, observe};
 use crate::membership::{self, MembershipError};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
+use crate::resources::storage::StorageChange;
 use crate::resources::{self, BuildError, Guarded, InitialClusterState, Members, labels};
 
 /// Held on every ConsensusCluster until its deletion has been handled (volumes kept or
@@ -109,7 +112,8 @@ pub async fn converge_with<M: membership::Members>(
         | Step::ChangeVoters { .. }
         | Step::TransferLeadership { .. }
         | Step::RemoveMember { .. }
-        | Step::DeleteVolume { .. } => STEP_RECHECK,
+        | Step::DeleteVolume { .. }
+        | Step::UpdateMember { .. } => STEP_RECHECK,
     }))
 }
 
@@ -138,25 +142,56 @@ impl<M: membership::Members> Platform for Kubernetes<'_, M> {
             // The cluster keeps running as it is: nothing is applied, only reported.
             events.publish(EventType::Warning, "InvalidSpec", "Refuse", reason.clone(), None).await;
         }
-        if let Some(members) = workload_members(step, observation) {
+        if let Some(members) = workload_members(&cc.spec, step, observation) {
             // Configuration and Services first, so members started by the StatefulSet find
             // their configuration and their peers' names in place.
-            let (desired, seen) = (resources::desired(cc, members)?, observation);
+            let carried_out = storage_as_carried_out(cc, observation);
+            let (desired, seen) = (resources::desired(&carried_out, members)?, observation);
             events.applied(apply(&ctx.client, &desired.config_map, seen).await?).await;
             events.applied(apply(&ctx.client, &desired.peer_service, seen).await?).await;
             events.applied(apply(&ctx.client, &desired.client_service, seen).await?).await;
             events.applied(apply(&ctx.client, &desired.pod_disruption_budget, seen).await?).await;
+            if observation.stateful_set_deleting {
+                // Applied again once it is gone; its pods run on meanwhile.
+                info!(cluster = %cc.name_any(), "the StatefulSet is being deleted; re-created when it is gone");
+                return Ok(());
+            }
+            if change_volume_template(cc, ctx, events, &observation.storage).await? {
+                // The step is planned again from what the next round sees.
+                return Ok(());
+            }
             events.applied(apply(&ctx.client, &desired.stateful_set, seen).await?).await;
         }
         act(cc, ctx, events, observation, step).await
     }
 }
 
+/// The resource with `spec.storage` as the StatefulSet can have it: a refused change leaves
+/// its volume template as it is (the API server refuses any change of it), so the rest of
+/// the spec still applies.
+fn storage_as_carried_out(cc: &ConsensusCluster, observation: &Observation) -> ConsensusCluster {
+    let mut cc = cc.clone();
+    if let (StorageChange::Refuse(_), Some(template)) = (&observation.storage, &observation.volume_template) {
+        if let Some(size) = &template.size {
+            cc.spec.storage.size.clone_from(size);
+        }
+        cc.spec.storage.storage_class_name.clone_from(&template.class);
+    }
+    cc
+}
+
 /// The member set the objects are applied for in this reconcile, `None` to apply nothing.
-fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
+fn workload_members(spec: &ConsensusClusterSpec, step: &Step, observation: &Observation) -> Option<Members> {
+    if plan::refuses_kept_volumes(spec, &observation.observed) {
+        // Objects applied now would start members on another cluster's volumes.
+        return None;
+    }
     let (replicas, state) = match step {
         Step::RefuseSpec { .. } => return None,
-        Step::CreateWorkload { replicas } => (*replicas, InitialClusterState::New),
+        Step::CreateWorkload { replicas, bootstrap: true } => (*replicas, InitialClusterState::New),
+        // A cluster has run here: members on kept volumes resume it, and a member without
+        // one must join them, never found a cluster of its own.
+        Step::CreateWorkload { replicas, bootstrap: false } => (*replicas, InitialClusterState::Existing),
         // The ConfigMap lists every member the StatefulSet will run, and a member started
         // now joins the running cluster: with `new` and an empty volume it would found a
         // second one.
@@ -169,7 +204,8 @@ fn workload_members(step: &Step, observation: &Observation) -> Option<Members> {
         | Step::ChangeVoters { .. }
         | Step::TransferLeadership { .. }
         | Step::RemoveMember { .. }
-        | Step::DeleteVolume { .. } => (
+        | Step::DeleteVolume { .. }
+        | Step::UpdateMember { .. } => (
             observation.observed.workload_replicas?,
             if observation.bootstrapped { InitialClusterState::Existing } else { InitialClusterState::New },
         ),
@@ -278,9 +314,71 @@ async fn act<M: membership::Members>(
             let related = Some(reference::<PersistentVolumeClaim>(&namespace, &claim));
             normal("VolumeDeleted", "DeleteVolume", note, related).await;
         }
+        Step::UpdateMember { name } => {
+            let Some(uid) = observation.pods.get(name) else {
+                // Gone already: the StatefulSet creates it from the current template.
+                return Ok(());
+            };
+            restart_pod(&ctx.client, &namespace, name, uid).await?;
+            let note = format!(
+                "restarted {name} onto the StatefulSet's new template, on its own volume; the next member \
+                 follows once it has caught up"
+            );
+            normal("MemberUpdated", "UpdateMember", note, pod(name)).await;
+        }
         Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
     }
     Ok(())
+}
+
+/// Carries out a change of the StatefulSet's volume template: the claims raised first,
+/// then the StatefulSet deleted with its pods orphaned, to be applied again (with the new
+/// template) once it is gone. True when the StatefulSet is being re-created, so nothing
+/// more is done this round. A refused change is reported here and applied as kept.
+async fn change_volume_template<M>(
+    cc: &ConsensusCluster,
+    ctx: &Context<M>,
+    events: &EventLog<'_>,
+    storage: &StorageChange,
+) -> Result<bool, Error> {
+    let (name, namespace) = (cc.name_any(), cc.namespace().unwrap_or_default());
+    let stateful_set = Some(reference::<StatefulSet>(&namespace, &name));
+    let mut note = match storage {
+        StorageChange::None => return Ok(false),
+        StorageChange::Refuse(why) => {
+            events
+                .publish(
+                    EventType::Warning,
+                    "StorageChangeRefused",
+                    "ChangeStorage",
+                    why.clone(),
+                    stateful_set,
+                )
+                .await;
+            return Ok(false);
+        }
+        StorageChange::Recreate => "the volumes already are as spec.storage says".to_owned(),
+        StorageChange::Expand { claims, size } => {
+            let api = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+            let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": size}}}});
+            for claim in claims {
+                api.patch(claim, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+            }
+            format!("requested {size} for {}; their StorageClass expands them", claims.join(", "))
+        }
+    };
+    let orphan =
+        DeleteParams { propagation_policy: Some(PropagationPolicy::Orphan), ..DeleteParams::default() };
+    match Api::<StatefulSet>::namespaced(ctx.client.clone(), &namespace).delete(&name, &orphan).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.is_not_found() => {}
+        Err(error) => return Err(error.into()),
+    }
+    note.push_str(&format!(
+        "; StatefulSet {name} is re-created with the new volume template, its pods running on meanwhile"
+    ));
+    events.publish(EventType::Normal, "VolumesResized", "ChangeStorage", note, stateful_set).await;
+    Ok(true)
 }
 
 /// Deletes the pod `name` that was observed with `uid`, for the StatefulSet to create it
@@ -309,7 +407,7 @@ fn volume_in_use(cluster: &str, member: &str, observation: &Observation) -> Opti
     if members.iter().any(|m| m.name == member) {
         return Some(format!("{member} is still in the membership"));
     }
-    if observation.pods.contains(member) {
+    if observation.pods.contains_key(member) {
         return Some(format!("the pod {member} still exists"));
     }
     let ordinal = member.strip_prefix(cluster).and_then(|rest| rest.strip_prefix('-'))?.parse::<i32>();

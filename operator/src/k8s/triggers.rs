@@ -57,8 +57,9 @@ where
     changes_that_matter(watched(K::KIND, api, config, health), managed_content::<K>)
 }
 
-/// The StatefulSets whose applied content or count of ready members changed, or that were
-/// deleted: members becoming ready is what a starting cluster or a scale waits for.
+/// The StatefulSets whose applied content, count of ready members or current template
+/// revision changed, or that were deleted: members becoming ready is what a starting
+/// cluster or a scale waits for, and a new revision what starts a rolling update.
 pub fn stateful_sets(
     api: Api<StatefulSet>,
     config: watcher::Config,
@@ -69,7 +70,7 @@ pub fn stateful_sets(
 }
 
 fn stateful_set_fingerprint(sts: &StatefulSet) -> u64 {
-    let ready = sts.status.as_ref().map(|s| (s.replicas, s.ready_replicas));
+    let ready = sts.status.as_ref().map(|s| (s.replicas, s.ready_replicas, &s.update_revision));
     let mut hasher = DefaultHasher::new();
     (managed_content(sts), ready).hash(&mut hasher);
     hasher.finish()
@@ -200,8 +201,8 @@ mod tests {
     }
 
     #[test]
-    fn a_statefulset_passes_when_members_become_ready_not_for_other_status_writes() {
-        let sts = |version: &str, ready: i32, observed_generation: i64| StatefulSet {
+    fn a_statefulset_passes_when_members_become_ready_or_its_template_revision_changes() {
+        let sts = |version: &str, ready: i32, observed_generation: i64, revision: &str| StatefulSet {
             metadata: ObjectMeta {
                 name: Some("demo".into()),
                 resource_version: Some(version.into()),
@@ -213,15 +214,21 @@ mod tests {
                 replicas: 3,
                 ready_replicas: Some(ready),
                 observed_generation: Some(observed_generation),
+                update_revision: Some(revision.into()),
                 ..StatefulSetStatus::default()
             }),
         };
-        let events =
-            vec![Event::Apply(sts("1", 2, 1)), Event::Apply(sts("2", 2, 2)), Event::Apply(sts("3", 3, 2))];
+        let events = vec![
+            Event::Apply(sts("1", 2, 1, "demo-a")),
+            Event::Apply(sts("2", 2, 2, "demo-a")),
+            Event::Apply(sts("3", 3, 2, "demo-a")),
+            // A new template worked out: a rolling update starts.
+            Event::Apply(sts("4", 3, 3, "demo-b")),
+        ];
         let versions: Vec<String> = passed(events, stateful_set_fingerprint)
             .iter()
             .map(|o| o.resource_version().unwrap_or_default())
             .collect();
-        assert_eq!(versions, ["1", "3"]);
+        assert_eq!(versions, ["1", "3", "4"]);
     }
 }

@@ -119,7 +119,12 @@ pub async fn membership_step(
             workload.delete_volume(name)?;
             events.emit("VolumeDeleted", name);
         }
-        Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
+        // Locally no member is ever outdated, so no update is planned (see `observe`).
+        Step::RefuseSpec { .. }
+        | Step::CreateWorkload { .. }
+        | Step::Wait { .. }
+        | Step::Steady
+        | Step::UpdateMember { .. } => {}
     }
     Ok(())
 }

@@ -203,14 +203,24 @@ impl Platform for Operator {
         let view = observe::combine(&answers, |peer_url| {
             known.iter().find(|k| k.peer_url() == peer_url).map(|k| k.name.clone())
         });
+        let volumes = self.workload.volumes();
         let mut observed = Observed {
             generation: Some(self.declaration.generation),
             workload_replicas: self.workload.replicas(),
-            volumes: self.workload.volumes(),
+            // Data directories without a record of the members that made them are another
+            // cluster's (or one whose record was lost): its data, not ours to start on.
+            kept_volumes: if self.workload.replicas().is_none() { volumes.clone() } else { Vec::new() },
+            volumes,
             lost_data: self.workload.lost_data(),
+            established: self.previous.as_ref().is_some_and(|s| s.cluster_id.is_some()),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);
+        // Every member runs the consensus-node binary this operator was started with: there
+        // is no template for a member to fall behind.
+        for member in observed.members.iter_mut().flatten() {
+            member.outdated = Some(false);
+        }
         Ok(Seen { observed, leader_url: view.leader_url })
     }
 
@@ -221,13 +231,14 @@ impl Platform for Operator {
             Step::RefuseSpec { reason } if new => {
                 tracing::warn!("refusing the spec, changing nothing: {reason}");
             }
-            Step::CreateWorkload { replicas } => {
-                tracing::info!(replicas, "creating the members");
-                self.workload.create(&self.declaration.name, *replicas)?;
+            Step::CreateWorkload { replicas, bootstrap } => {
+                tracing::info!(replicas, bootstrap, "creating the members");
+                self.workload.create(&self.declaration.name, *replicas, *bootstrap)?;
             }
             Step::Wait { reason } if new => tracing::info!("waiting: {reason}"),
             Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
-            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => {}
+            // Never planned locally: every member runs this operator's consensus-node.
+            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady | Step::UpdateMember { .. } => {}
             Step::AddLearner { .. }
             | Step::ResizeWorkload { .. }
             | Step::ChangeVoters { .. }

@@ -140,7 +140,9 @@ impl Workload {
 
     /// Records `replicas` members of cluster `name` on free loopback ports, then starts them
     /// all with the same initial cluster, so they bootstrap together.
-    pub fn create(&mut self, name: &str, replicas: i32) -> Result<(), LocalError> {
+    /// `bootstrap`: the members found a new cluster; without, they rejoin the one their
+    /// data directories hold (`--initial-cluster-state existing`).
+    pub fn create(&mut self, name: &str, replicas: i32, bootstrap: bool) -> Result<(), LocalError> {
         let count = usize::try_from(replicas).unwrap_or(0);
         let ports = free_ports(count * 3).map_err(LocalError::Ports)?;
         let members: Vec<MemberRecord> = ports
@@ -151,7 +153,7 @@ impl Workload {
                 client_port: p[0],
                 peer_port: p[1],
                 metrics_port: p[2],
-                join_existing: false,
+                join_existing: !bootstrap,
             })
             .collect();
         // Unique per creation: member and cluster ids derive from it, so a cluster created

@@ -124,6 +124,8 @@ pub fn combine(answers: &[Answer], name_of: impl Fn(&str) -> Option<String>) -> 
                 healthy: answer.is_some_and(|a| a.leader != 0),
                 zone: None,
                 applied_index: answer.map(|a| a.applied_index),
+                // What a member runs is the platform's to say.
+                outdated: None,
             }
         })
         .collect();

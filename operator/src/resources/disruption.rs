@@ -50,6 +50,11 @@ impl Guarded {
                 Step::RemoveMember { id, .. } if members.iter().any(|m| m.id == *id && !m.is_learner) => {
                     now - 1
                 }
+                // A voter restarted on purpose is a disruption the budget must already count
+                // when a drain asks at the same moment: one voter fewer spares one fewer.
+                Step::UpdateMember { name } if members.iter().any(|m| &m.name == name && !m.is_learner) => {
+                    now - 1
+                }
                 _ => now,
             };
             now.min(after)
@@ -103,6 +108,7 @@ mod tests {
             healthy: true,
             zone: None,
             applied_index: Some(1),
+            outdated: Some(false),
         };
         Observed {
             workload_replicas: Some(workload),
@@ -156,6 +162,18 @@ mod tests {
     }
 
     #[test]
+    fn a_voter_about_to_be_restarted_counts_as_disrupted_already() {
+        // Three voters, all Ready, demo-1 about to be restarted onto a new template: a drain
+        // asking at that moment gets nothing, since the restart takes the one to spare.
+        let restarting = Step::UpdateMember { name: "demo-1".into() };
+        let guarded = Guarded::for_step(&observed(3, 0, 3), 3, 3, &restarting);
+        assert_eq!(allowed(guarded.min_available(), 3), 0);
+        // Five voters: one of the two is left.
+        let guarded = Guarded::for_step(&observed(5, 0, 5), 5, 5, &restarting);
+        assert_eq!(allowed(guarded.min_available(), 5), 1);
+    }
+
+    #[test]
     fn pods_the_statefulset_has_yet_to_start_or_stop_are_counted() {
         // Growing 3 -> 5: the two new pods count before they exist.
         assert_eq!(
@@ -185,6 +203,7 @@ mod tests {
             (0..members.max(1)).prop_map(|id| Step::RemoveMember { id, name: format!("demo-{id}") }),
             (1..=9i32).prop_map(|replicas| Step::ResizeWorkload { replicas }),
             Just(Step::AddLearner { name: "demo-9".into() }),
+            (0..members.max(1)).prop_map(|id| Step::UpdateMember { name: format!("demo-{id}") }),
         ]
     }
 

@@ -6,6 +6,7 @@ mod disruption;
 pub mod labels;
 mod services;
 mod statefulset;
+pub mod storage;
 
 use consensus_crds::{ConsensusCluster, ConsensusClusterSpec};
 use k8s_openapi::api::apps::v1::StatefulSet;

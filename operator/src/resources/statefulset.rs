@@ -50,8 +50,12 @@ pub(super) fn stateful_set(cluster: &Cluster<'_>, replicas: i32) -> StatefulSet 
             // The first members must run together to elect a leader, and a member is ready
             // only once there is one: ordered start-up would wait forever on member 0.
             pod_management_policy: Some("Parallel".to_owned()),
+            // The operator rolls members itself (`Step::UpdateMember`): followers first and
+            // the leader last, each once the one before has caught up. The controller's own
+            // rolling update goes by ordinal and moves on as soon as a pod is Ready, which a
+            // member is while it still replays its log.
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".to_owned()),
+                type_: Some("OnDelete".to_owned()),
                 rolling_update: None,
             }),
             persistent_volume_claim_retention_policy: Some(retention),

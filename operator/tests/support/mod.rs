@@ -155,8 +155,9 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
 }
 
-const PLURALS: [(&str, &str); 9] = [
+const PLURALS: [(&str, &str); 10] = [
     ("ConsensusCluster", "consensusclusters"),
+    ("StorageClass", "storageclasses"),
     ("StatefulSet", "statefulsets"),
     ("Service", "services"),
     ("ConfigMap", "configmaps"),

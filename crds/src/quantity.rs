@@ -1,5 +1,6 @@
 //! Comparing Kubernetes resource quantities (`1Gi`, `500M`, `1.5Gi`, `1e9`), which volume
-//! expansion needs: a claim's request is compared with its volume's capacity. k8s-openapi keeps
+//! expansion needs: the operator compares `spec.storage.size` with the members' claims, and
+//! the test cluster's provisioner a claim's request with its volume's capacity. k8s-openapi keeps
 //! a `Quantity` as its string, so the comparison parses the canonical grammar of
 //! apimachinery's `resource.Quantity` into thousandths of a unit (storage is never fractional
 //! below that, and 'm' is the smallest suffix).
