@@ -25,16 +25,28 @@ pub struct Writer {
 
 impl Writer {
     pub fn start(runtime: &tokio::runtime::Runtime, endpoints: Vec<String>) -> Self {
+        Self::following(runtime, move || endpoints.clone())
+    }
+
+    /// Like `start`, with the endpoints asked of `endpoints` (which may block) whenever it
+    /// connects: members whose address changes (pods restarted one by one) keep being written to.
+    pub fn following(
+        runtime: &tokio::runtime::Runtime,
+        endpoints: impl Fn() -> Vec<String> + Send + Sync + 'static,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acknowledged = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(Mutex::new(0));
         let (s, a, f) = (stop.clone(), acknowledged.clone(), failed.clone());
+        let endpoints = Arc::new(endpoints);
         runtime.spawn(async move {
             let mut n = 0u64;
             let mut client = None;
             while !s.load(Ordering::Relaxed) {
                 if client.is_none() {
-                    client = connect(&endpoints).await;
+                    let ask = endpoints.clone();
+                    let now = tokio::task::spawn_blocking(move || ask()).await.unwrap_or_default();
+                    client = connect(&now).await;
                 }
                 let Some(c) = client.as_mut() else {
                     tokio::time::sleep(Duration::from_millis(50)).await;

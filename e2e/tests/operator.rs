@@ -6,7 +6,7 @@
 //! this machine routes to on the local control plane (`make e2e-local`); on kind, run from a
 //! node.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use consensus_e2e::load::{Sampler, Writer};
@@ -27,7 +27,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_1_the_three_member_sample_runs_across_three_zones_and_says_so() {
+fn scenario_01_the_three_member_sample_runs_across_three_zones_and_says_so() {
     let _timer = Timer::start("1 three-member sample");
     let holder = deploy_operator();
 
@@ -76,7 +76,7 @@ fn scenario_1_the_three_member_sample_runs_across_three_zones_and_says_so() {
     // What a platform team sees first: the printer columns and the events.
     let table = cluster.kubectl(&["get", "cc"]);
     let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "REPLICAS", "READY", "LEADER", "PHASE", "AGE"], "{table}");
+    assert_eq!(header, ["NAME", "REPLICAS", "READY", "LEADER", "PHASE", "VERSION", "AGE"], "{table}");
     let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     let leader = status["leader"].as_str().expect("leader");
     assert_eq!(row[..5], ["demo", "3", "3", leader, "Running"], "{table}");
@@ -156,7 +156,7 @@ fn sample_budget(
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_2_kubectl_scale_to_five_and_back_under_load_never_has_an_even_voter_count() {
+fn scenario_02_kubectl_scale_to_five_and_back_under_load_never_has_an_even_voter_count() {
     let _timer = Timer::start("2 scale 3 -> 5 -> 3 under load");
     deploy_operator();
     let cluster = Cluster::create("cc-scale", "demo", THREE);
@@ -214,7 +214,7 @@ fn scenario_2_kubectl_scale_to_five_and_back_under_load_never_has_an_even_voter_
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_3_an_even_member_count_is_refused_by_the_api_server_and_changes_nothing() {
+fn scenario_03_an_even_member_count_is_refused_by_the_api_server_and_changes_nothing() {
     let _timer = Timer::start("3 --replicas=4 refused");
     deploy_operator();
     let cluster = Cluster::create("cc-even", "demo", THREE);
@@ -235,7 +235,7 @@ fn scenario_3_an_even_member_count_is_refused_by_the_api_server_and_changes_noth
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_4_the_leaders_pod_deleted_comes_back_on_its_volume_and_no_write_is_lost() {
+fn scenario_04_the_leaders_pod_deleted_comes_back_on_its_volume_and_no_write_is_lost() {
     let _timer = Timer::start("4 leader pod deleted");
     deploy_operator();
     let cluster = Cluster::create("cc-leader", "demo", THREE);
@@ -301,7 +301,7 @@ fn standby_of(holder: &str) -> String {
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_5_the_active_operator_killed_in_the_middle_of_a_scale_is_replaced_by_the_standby() {
+fn scenario_05_the_active_operator_killed_in_the_middle_of_a_scale_is_replaced_by_the_standby() {
     let _timer = Timer::start("5 operator killed mid-scale");
     let holder = deploy_operator();
     let cluster = Cluster::create("cc-failover", "demo", THREE);
@@ -378,7 +378,7 @@ fn node_power(node: &str, on: bool) {
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_6_a_lost_node_turns_its_member_unhealthy_and_the_cluster_serves_on_without_it() {
+fn scenario_06_a_lost_node_turns_its_member_unhealthy_and_the_cluster_serves_on_without_it() {
     let _timer = Timer::start("6 node lost and back");
     deploy_operator();
     let cluster = Cluster::create("cc-node", "demo", THREE);
@@ -435,7 +435,7 @@ fn scenario_6_a_lost_node_turns_its_member_unhealthy_and_the_cluster_serves_on_w
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_7_the_restricted_pod_security_standard_admits_members_and_operator() {
+fn scenario_07_the_restricted_pod_security_standard_admits_members_and_operator() {
     let _timer = Timer::start("7 restricted namespaces");
     deploy_operator();
     // The operator's own namespace enforces it (manifests/namespace.yaml), so its pods were
@@ -465,7 +465,7 @@ fn scenario_7_the_restricted_pod_security_standard_admits_members_and_operator()
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_8_a_deleted_cluster_leaves_its_volumes_as_the_reclaim_policy_says() {
+fn scenario_08_a_deleted_cluster_leaves_its_volumes_as_the_reclaim_policy_says() {
     let _timer = Timer::start("8 delete cc");
     deploy_operator();
     let namespace = TestNamespace::create("cc-delete");
@@ -507,7 +507,7 @@ fn reconciles_of(holder: &str) -> f64 {
 
 #[test]
 #[ignore = "needs a Kubernetes cluster: make e2e-local"]
-fn scenario_9_four_clients_writing_as_fast_as_they_can_do_not_keep_the_operator_busy() {
+fn scenario_09_four_clients_writing_as_fast_as_they_can_do_not_keep_the_operator_busy() {
     let _timer = Timer::start("9 reconciles under write load");
     let holder = deploy_operator();
     let cluster = Cluster::create("cc-quiet", "demo", THREE);
@@ -533,4 +533,424 @@ fn scenario_9_four_clients_writing_as_fast_as_they_can_do_not_keep_the_operator_
     assert!(written > 0, "no write was acknowledged");
     assert!(during <= 20.0, "{during} reconciles during 30 s of writes");
     cluster.wait_running(3);
+}
+
+/// (name, id, is learner) of each member MemberList reports; `None` while `endpoint` does
+/// not answer.
+fn member_ids(endpoint: &str) -> Option<Vec<(String, u64, bool)>> {
+    let listed = etcdctl_try(endpoint, &["member", "list", "-w", "json"]).ok()?;
+    let listed: serde_json::Value = serde_json::from_str(&listed).ok()?;
+    let members = listed["members"].as_array()?;
+    let member = |m: &serde_json::Value| {
+        let name = m["name"].as_str().unwrap_or_default().to_owned();
+        (name, m["ID"].as_u64().unwrap_or_default(), m["isLearner"] == true)
+    };
+    Some(members.iter().map(member).collect())
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_10_a_member_whose_volume_and_pod_are_deleted_comes_back_fresh_with_no_even_voter_count() {
+    let _timer = Timer::start("10 member volume lost");
+    deploy_operator();
+    let cluster = Cluster::create("cc-lostdata", "demo", THREE);
+    let before = cluster.wait_running(3);
+    let cluster_id = before["clusterId"].as_str().expect("clusterId").to_owned();
+    let leader = before["leader"].as_str().expect("leader").to_owned();
+    let victim = cluster.pods().into_iter().find(|p| p.name != leader).expect("a follower");
+    let survivors: Vec<String> = cluster
+        .endpoints()
+        .into_iter()
+        .filter(|(name, _)| *name != victim.name)
+        .map(|(_, endpoint)| endpoint)
+        .collect();
+    let listed = member_ids(&survivors[0]).expect("MemberList");
+    let old_id = listed.into_iter().find(|m| m.0 == victim.name).expect("listed").1;
+    let claim = format!("data-{}", victim.name);
+    let old_claim = cluster.kubectl(&["get", "pvc", &claim, "-o", "jsonpath={.metadata.uid}"]);
+    let runtime = runtime();
+    let writer = Writer::start(&runtime, survivors.clone());
+    let sampler = Sampler::start(&runtime, survivors.clone(), SAMPLE_EVERY);
+
+    // The disk is gone: its claim (held until the pod lets go) and then the pod. The
+    // StatefulSet starts the member again on a new, empty volume; the node refuses to vote
+    // with an empty log under the old id, and the operator replaces it.
+    cluster.kubectl(&["delete", "pvc", &claim, "--wait=false"]);
+    cluster.kubectl(&["delete", "pod", &victim.name, "--wait=false"]);
+    let replaced = wait_until(DEADLINE, &format!("{} replaced under a new id", victim.name), || {
+        let status = cluster.status();
+        let ids = member_ids(&survivors[0])?;
+        let new = ids.iter().find(|m| m.0 == victim.name && m.1 != old_id && !m.2)?;
+        let old_gone = !ids.iter().any(|m| m.1 == old_id);
+        (old_gone && ids.len() == 3 && status["phase"] == "Running").then_some(new.1)
+    });
+    let after = cluster.wait_running(3);
+    writer.stop();
+    let samples = sampler.stop();
+    let (acknowledged, missing) = writer.missing(&runtime, survivors);
+    let new_claim = cluster.kubectl(&["get", "pvc", &claim, "-o", "jsonpath={.metadata.uid}"]);
+    eprintln!(
+        "{} lost its volume: {old_id:x} -> {replaced:x}, {} MemberList samples (voters {}..{}), \
+         {acknowledged} writes acknowledged, {} missing",
+        victim.name,
+        samples.taken,
+        samples.min_voters,
+        samples.max_voters,
+        missing.len()
+    );
+    assert_ne!(new_claim, old_claim, "the member came back on the old volume");
+    assert_eq!(after["clusterId"].as_str(), Some(cluster_id.as_str()), "a new cluster was founded");
+    assert_eq!(samples.cluster_ids.len(), 1, "cluster ids seen: {:?}", samples.cluster_ids);
+    assert!(samples.even.is_empty(), "an even number of voters was seen: {:?}", samples.even);
+    assert!(samples.taken > 0, "MemberList was never sampled");
+    assert!(missing.is_empty(), "{} of {acknowledged} acknowledged writes are missing", missing.len());
+    let events = cluster.events().join("\n");
+    for reason in ["MemberAdded", "VotersChanged", "MemberRemoved"] {
+        assert!(events.contains(reason), "no {reason} event:\n{events}");
+    }
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_11_kubectl_drain_waits_while_the_other_voters_would_not_keep_a_quorum() {
+    let _timer = Timer::start("11 drain against the budget");
+    deploy_operator();
+    let cluster = Cluster::create("cc-drain", "demo", THREE);
+    let status = cluster.wait_running(3);
+    let leader = status["leader"].as_str().expect("leader").to_owned();
+    let followers: Vec<_> = cluster.pods().into_iter().filter(|p| p.name != leader).collect();
+    let (first, second) = (followers[0].clone(), followers[1].clone());
+    let selector = format!("--pod-selector=app.kubernetes.io/instance={}", cluster.name);
+    let drain = |node: &str, timeout: &str| {
+        kubectl(&["drain", node, &selector, "--ignore-daemonsets", "--delete-emptydir-data", timeout], None)
+    };
+    let _uncordon = Uncordon(vec![first.node.clone(), second.node.clone()]);
+
+    // The first node goes: one voter to spare. Its member cannot come back elsewhere (its
+    // volume lives on that node), so it stays away while the node is cordoned.
+    let drained = drain(&first.node, "--timeout=120s");
+    assert!(drained.ok, "draining {} failed: {}{}", first.node, drained.stdout, drained.stderr);
+    wait_until(DEADLINE, &format!("{} reported unhealthy", first.name), || {
+        let status = cluster.status();
+        let member = status["members"].as_array()?.iter().find(|m| m["name"] == first.name.as_str())?.clone();
+        (member["healthy"] == false).then_some(())
+    });
+    // The second would leave one voter of three: the budget refuses and the drain waits.
+    let refused = drain(&second.node, "--timeout=20s");
+    assert!(!refused.ok, "draining {} went through with {} down", second.node, first.name);
+    assert!(refused.stderr.contains("disruption budget"), "not refused by the budget: {}", refused.stderr);
+    assert!(cluster.pods().iter().any(|p| p.name == second.name && p.ready), "{} was evicted", second.name);
+    let (available, _, _) = cluster.condition("Available").expect("Available");
+    assert_eq!(available, "True", "the cluster lost its quorum");
+
+    // The first node back: its member returns, and the second drain goes through.
+    kubectl_ok(&["uncordon", &first.node], None);
+    cluster.wait_running(3);
+    let drained = drain(&second.node, "--timeout=120s");
+    assert!(drained.ok, "draining {} failed: {}{}", second.node, drained.stdout, drained.stderr);
+    kubectl_ok(&["uncordon", &second.node], None);
+    cluster.wait_running(3);
+}
+
+/// Nodes uncordoned when the scenario ends, pass or fail.
+struct Uncordon(Vec<String>);
+
+impl Drop for Uncordon {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let out = kubectl(&["uncordon", node], None);
+            if !out.ok {
+                eprintln!("uncordon {node}: {}", out.stderr);
+            }
+        }
+    }
+}
+
+/// The claims of the cluster's members: name -> (requested, capacity).
+fn claim_sizes(cluster: &Cluster) -> Vec<(String, String, String)> {
+    let selector = format!("app.kubernetes.io/instance={}", cluster.name);
+    let claims = kubectl_json(&["-n", cluster.ns(), "get", "pvc", "-l", &selector]);
+    claims["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            (
+                text(&c["metadata"]["name"]),
+                text(&c["spec"]["resources"]["requests"]["storage"]),
+                text(&c["status"]["capacity"]["storage"]),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_12_a_larger_volume_size_is_carried_out_in_place_and_a_class_change_is_refused_and_said() {
+    let _timer = Timer::start("12 spec.storage edits");
+    deploy_operator();
+    let cluster = Cluster::create("cc-storage", "demo", THREE);
+    cluster.wait_running(3);
+    let uids: BTreeSet<String> = cluster.pods().into_iter().map(|p| p.uid).collect();
+    let old_set = cluster.kubectl(&["get", "statefulset", "demo", "-o", "jsonpath={.metadata.uid}"]);
+
+    // Larger: every claim expanded where it is, the StatefulSet made again with the new
+    // template around the pods, which keep running.
+    cluster.kubectl(&["patch", "cc", "demo", "--type=merge", "-p", r#"{"spec":{"storage":{"size":"2Gi"}}}"#]);
+    wait_until(DEADLINE, "the volumes expanded to 2Gi", || {
+        let sizes = claim_sizes(&cluster);
+        (sizes.len() == 3 && sizes.iter().all(|(_, request, capacity)| request == "2Gi" && capacity == "2Gi"))
+            .then_some(())
+    });
+    let template = wait_until(DEADLINE, "the StatefulSet re-created with a 2Gi template", || {
+        let sts = kubectl(&["-n", cluster.ns(), "get", "statefulset", "demo", "-o", "json"], None);
+        let sts: serde_json::Value = serde_json::from_str(&sts.stdout).ok()?;
+        let size = sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].clone();
+        (sts["metadata"]["uid"] != old_set.as_str() && size == "2Gi").then_some(size)
+    });
+    let status = cluster.wait_running(3);
+    let now: BTreeSet<String> = cluster.pods().into_iter().map(|p| p.uid).collect();
+    assert_eq!(now, uids, "members were restarted for the expansion");
+    assert_eq!(status["observedGeneration"], cluster.resource()["metadata"]["generation"]);
+    assert!(cluster.events().iter().any(|e| e.starts_with("VolumesResized")), "no VolumesResized event");
+
+    // Another class: no volume can move, so it is refused, said, and nothing else stops.
+    cluster.kubectl(&[
+        "patch",
+        "cc",
+        "demo",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"storage":{"storageClassName":"fast"}}}"#,
+    ]);
+    let generation = cluster.resource()["metadata"]["generation"].clone();
+    let message = wait_until(DEADLINE, "the class change refused in Degraded", || {
+        let status = cluster.status();
+        let (degraded, reason, message) = condition(&status, "Degraded")?;
+        (degraded == "True" && reason == "ChangeRefused" && status["observedGeneration"] == generation)
+            .then_some(message)
+    });
+    assert!(message.contains("StorageClass"), "{message}");
+    assert!(
+        cluster.events().iter().any(|e| e.starts_with("StorageChangeRefused")),
+        "no StorageChangeRefused event"
+    );
+    let sts = kubectl_json(&["-n", cluster.ns(), "get", "statefulset", "demo"]);
+    assert!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"] != "fast", "{sts}");
+    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], template);
+
+    // Set back: nothing is wrong any more.
+    cluster.kubectl(&[
+        "patch",
+        "cc",
+        "demo",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/storage/storageClassName"}]"#,
+    ]);
+    wait_until(DEADLINE, "Degraded False again", || {
+        let (degraded, _, _) = cluster.condition("Degraded")?;
+        (degraded == "False").then_some(())
+    });
+    cluster.wait_running(3);
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_13_a_new_version_rolls_one_member_at_a_time_followers_first_and_the_leader_last() {
+    let _timer = Timer::start("13 rolling update");
+    deploy_operator();
+    let cluster = Cluster::create("cc-update", "demo", &format!("{THREE}  version: \"0.1.0\"\n"));
+    let status = cluster.wait_running(3);
+    wait_until(DEADLINE, "status.version 0.1.0", || (cluster.status()["version"] == "0.1.0").then_some(()));
+    let first_leader = status["leader"].as_str().expect("leader").to_owned();
+    let old: BTreeMap<String, String> = cluster.pods().into_iter().map(|p| (p.name, p.uid)).collect();
+    let runtime = runtime();
+    let following = cluster.sibling(&cluster.name);
+    let writer = Writer::following(&runtime, move || following.endpoints().into_values().collect());
+
+    cluster.kubectl(&["patch", "cc", "demo", "--type=merge", "-p", r#"{"spec":{"version":"0.1.1"}}"#]);
+    // Watched to the end: the order pods are replaced in, and never two members down at once.
+    let mut replaced: Vec<String> = Vec::new();
+    let mut most_down = 0;
+    wait_until(Duration::from_secs(400), "every member on 0.1.1", || {
+        let status = cluster.status();
+        let down = status["members"].as_array()?.iter().filter(|m| m["healthy"] != true).count();
+        most_down = most_down.max(down);
+        for pod in cluster.pods() {
+            if old.get(&pod.name).is_some_and(|uid| *uid != pod.uid) && !replaced.contains(&pod.name) {
+                replaced.push(pod.name);
+            }
+        }
+        (status["version"] == "0.1.1" && status["phase"] == "Running" && replaced.len() == 3).then_some(())
+    });
+    writer.stop();
+    let endpoints: Vec<String> = cluster.endpoints().into_values().collect();
+    let (acknowledged, missing) = writer.missing(&runtime, endpoints);
+    eprintln!(
+        "rolling update: replaced {replaced:?} (leader was {first_leader}), at most {most_down} member down, \
+         {acknowledged} writes acknowledged, {} missing",
+        missing.len()
+    );
+    assert_eq!(replaced.last(), Some(&first_leader), "the leader was not restarted last: {replaced:?}");
+    assert!(most_down <= 1, "{most_down} members were down at once");
+    assert!(acknowledged > 0, "no write was acknowledged during the update");
+    assert!(missing.is_empty(), "{} of {acknowledged} acknowledged writes are missing", missing.len());
+    let events = cluster.events();
+    let updated: Vec<&String> = events.iter().filter(|e| e.starts_with("MemberUpdated")).collect();
+    assert_eq!(updated.len(), 3, "{events:#?}");
+    let handed_over =
+        events.iter().position(|e| e.starts_with("LeadershipTransferred")).expect("a hand-over");
+    let last_update = events.iter().rposition(|e| e.starts_with("MemberUpdated")).expect("updates");
+    assert!(handed_over < last_update, "leadership moved after the leader restarted: {events:#?}");
+    for pod in
+        kubectl_json(&["-n", cluster.ns(), "get", "pods", "-l", "app.kubernetes.io/instance=demo"])["items"]
+            .as_array()
+            .expect("pods")
+    {
+        assert_eq!(
+            pod["metadata"]["labels"]["app.kubernetes.io/version"], "0.1.1",
+            "{}",
+            pod["metadata"]["name"]
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_14_a_cluster_that_ran_never_bootstraps_again_and_kept_volumes_are_adopted_only_when_asked() {
+    let _timer = Timer::start("14 never bootstrapped twice");
+    deploy_operator();
+    let cluster = Cluster::create("cc-rebirth", "demo", THREE);
+    let status = cluster.wait_running(3);
+    let cluster_id = status["clusterId"].as_str().expect("clusterId").to_owned();
+    etcdctl(&cluster.endpoints()["demo-0"], &["put", "/e2e/before", "kept"]);
+
+    // While no operator runs, its StatefulSet and ConfigMap are deleted, pods and all, and
+    // one member's disk is wiped. Made again, the members come back into the same cluster,
+    // never founding one: started as founders (`new`), the member on the wiped disk would
+    // take its old id and vote with an empty log; joining instead, it is refused and
+    // replaced under a new id.
+    let leader = status["leader"].as_str().expect("leader").to_owned();
+    let emptied = cluster.pods().into_iter().find(|p| p.name != leader).expect("a follower").name;
+    let old_ids = member_ids(&cluster.endpoints()[&leader]).expect("MemberList");
+    let operator = StoppedOperator::stop();
+    cluster.kubectl(&["delete", "statefulset", "demo"]);
+    cluster.kubectl(&["delete", "configmap", "demo-config"]);
+    wait_until(DEADLINE, "the member pods gone", || {
+        let left =
+            kubectl_json(&["-n", cluster.ns(), "get", "pods", "-l", "app.kubernetes.io/instance=demo"]);
+        left["items"].as_array().is_some_and(Vec::is_empty).then_some(())
+    });
+    wipe_volume(&cluster, &format!("data-{emptied}"));
+    drop(operator);
+    let back = wait_until(DEADLINE, "the members back", || {
+        let status = cluster.status();
+        let pods = cluster.pods();
+        let up = pods.len() == 3 && pods.iter().all(|p| p.ready);
+        (up && status["phase"] == "Running" && status["readyReplicas"] == 3).then_some(status)
+    });
+    assert_eq!(back["clusterId"].as_str(), Some(cluster_id.as_str()), "a second cluster was founded");
+    let config =
+        cluster.kubectl(&["get", "configmap", "demo-config", "-o", "jsonpath={.data.initial-cluster-state}"]);
+    assert_eq!(config, "existing");
+    let endpoint = cluster.endpoints()[&leader].clone();
+    let new_ids = wait_until(DEADLINE, &format!("{emptied} replaced under a new id"), || {
+        let ids = member_ids(&endpoint)?;
+        let voters = ids.iter().filter(|m| !m.2).count();
+        let renewed = ids.iter().any(|m| m.0 == emptied && !old_ids.contains(m));
+        (ids.len() == 3 && voters == 3 && renewed).then_some(ids)
+    });
+    for (name, id, _) in &old_ids {
+        let now = new_ids.iter().find(|m| &m.0 == name).map(|m| m.1);
+        assert_eq!(now == Some(*id), *name != emptied, "{name}: {old_ids:?} -> {new_ids:?}");
+    }
+    assert_eq!(etcdctl(&endpoint, &["get", "--print-value-only", "/e2e/before"]).trim(), "kept");
+
+    // Deleted and declared again under the same name: the volumes it kept hold the old
+    // cluster, so nothing is created until the spec says to adopt them.
+    cluster.kubectl(&["delete", "cc", "demo", "--timeout=120s"]);
+    wait_until(DEADLINE, "the pods gone", || cluster.pods().is_empty().then_some(()));
+    cluster.apply(THREE);
+    let message = wait_until(DEADLINE, "the kept volumes refused", || {
+        let (degraded, reason, message) = cluster.condition("Degraded")?;
+        (degraded == "True" && reason == "KeptVolumes").then_some(message)
+    });
+    for claim in ["data-demo-0", "data-demo-1", "data-demo-2"] {
+        assert!(message.contains(claim), "{claim} not named: {message}");
+    }
+    let sets = kubectl_json(&["-n", cluster.ns(), "get", "statefulsets"]);
+    assert_eq!(sets["items"].as_array().map_or(0, Vec::len), 0, "members were created: {sets}");
+
+    cluster.apply(&format!("{THREE}    existingVolumes: Adopt\n"));
+    let adopted = cluster.wait_running(3);
+    assert_eq!(
+        adopted["clusterId"].as_str(),
+        Some(cluster_id.as_str()),
+        "the adopted volumes were not resumed"
+    );
+    let endpoint = cluster.endpoints()["demo-2"].clone();
+    assert_eq!(etcdctl(&endpoint, &["get", "--print-value-only", "/e2e/before"]).trim(), "kept");
+}
+
+/// The operator scaled to no replicas for the length of a scenario step, and back to two
+/// when it ends, pass or fail.
+struct StoppedOperator;
+
+impl StoppedOperator {
+    fn stop() -> Self {
+        kubectl_ok(
+            &["-n", OPERATOR_NAMESPACE, "scale", "deployment/consensus-operator", "--replicas=0"],
+            None,
+        );
+        wait_until(DEADLINE, "no operator pod", || {
+            pods(OPERATOR_NAMESPACE, OPERATOR_LABEL).is_empty().then_some(())
+        });
+        StoppedOperator
+    }
+}
+
+impl Drop for StoppedOperator {
+    fn drop(&mut self) {
+        let scale = ["-n", OPERATOR_NAMESPACE, "scale", "deployment/consensus-operator", "--replicas=2"];
+        let rollout = [
+            "-n",
+            OPERATOR_NAMESPACE,
+            "rollout",
+            "status",
+            "deployment/consensus-operator",
+            "--timeout=180s",
+        ];
+        for args in [&scale[..], &rollout[..]] {
+            let out = kubectl(args, None);
+            if !out.ok {
+                eprintln!("kubectl {}: {}", args.join(" "), out.stderr);
+            }
+        }
+    }
+}
+
+/// Empties the directory behind `claim`'s volume, as a disk replaced under a member would
+/// be. On the local control plane volumes are directories on this machine; on kind they are
+/// inside the node container.
+fn wipe_volume(cluster: &Cluster, claim: &str) {
+    let volume = cluster.kubectl(&["get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}"]);
+    let pv = kubectl_json(&["get", "pv", &volume]);
+    let path =
+        pv["spec"]["local"]["path"].as_str().or(pv["spec"]["hostPath"]["path"].as_str()).expect("a path");
+    let script = format!("find '{path}' -mindepth 1 -delete");
+    let out = match std::env::var("LOCAL_CLUSTER_STATE") {
+        Ok(_) => std::process::Command::new("sh").args(["-c", &script]).output(),
+        Err(_) => {
+            let node = pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+                ["values"][0]
+                .as_str()
+                .expect("the volume's node")
+                .to_owned();
+            std::process::Command::new("docker").args(["exec", &node, "sh", "-c", &script]).output()
+        }
+    };
+    let out = out.expect("the wipe could not be started");
+    assert!(out.status.success(), "wiping {path}: {}", String::from_utf8_lossy(&out.stderr));
 }
