@@ -227,6 +227,10 @@ pub struct BackupSpec {
     /// Which snapshots are kept.
     #[serde(default)]
     pub retention: RetentionSpec,
+
+    /// No scheduled backup is started while true; backups already taken are kept.
+    #[serde(default)]
+    pub suspend: bool,
 }
 
 /// Exactly one destination is set.
@@ -309,8 +313,8 @@ fn default_volume_path() -> String {
     "/".to_owned()
 }
 
-/// Snapshots beyond either limit are deleted after each successful backup; the newest
-/// snapshot is never deleted.
+/// Snapshots beyond the limits are deleted after each successful backup; the newest
+/// verified snapshot (the newest of all while none is verified) is never deleted.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetentionSpec {
@@ -322,11 +326,15 @@ pub struct RetentionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = crate::duration::DURATION_PATTERN))]
     pub max_age: Option<String>,
+    /// Keep only the newest snapshot of each hour for a day, of each day for a week and of
+    /// each week for a month (maxCount and maxAge still apply).
+    #[serde(default)]
+    pub tiered: bool,
 }
 
 impl Default for RetentionSpec {
     fn default() -> Self {
-        Self { max_count: default_retention_count(), max_age: None }
+        Self { max_count: default_retention_count(), max_age: None, tiered: false }
     }
 }
 

@@ -71,7 +71,8 @@ mod tests {
                     s3: None,
                     volume: Some(VolumeDestination { claim_name: "backups".into(), path: "/".into() }),
                 },
-                retention: RetentionSpec { max_count: 3, max_age: max_age.map(str::to_owned) },
+                retention: RetentionSpec { max_count: 3, max_age: max_age.map(str::to_owned), tiered: false },
+                suspend: false,
             }),
             ..spec(3)
         }

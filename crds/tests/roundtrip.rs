@@ -44,7 +44,8 @@ fn full_spec(replicas: i32, labels: BTreeMap<String, String>, auto_restore: bool
                 }),
                 volume: None,
             },
-            retention: RetentionSpec { max_count: 30, max_age: Some("30d".into()) },
+            retention: RetentionSpec { max_count: 30, max_age: Some("30d".into()), tiered: true },
+            suspend: auto_restore,
         }),
         recovery: RecoverySpec { auto_restore, quorum_loss_timeout: "15m".into() },
         pod_template: PodTemplateOverrides {

@@ -2,6 +2,7 @@
 //! key-value store with etcd's semantics, and etcd's v3 gRPC API.
 
 pub mod api;
+pub mod backup;
 pub mod health;
 pub mod kv;
 pub mod lease;

@@ -26,6 +26,49 @@ enum Command {
     /// Build a member's data directory from a snapshot, as the first state of a NEW cluster.
     #[command(long_about = RESTORE_HELP)]
     Restore(RestoreArgs),
+    /// Stream a member's snapshot to an S3-compatible bucket or a directory, with a manifest.
+    #[command(long_about = BACKUP_HELP)]
+    Backup(BackupArgs),
+}
+
+const BACKUP_HELP: &str = "\
+Stream one member's snapshot (Maintenance.Snapshot) to --to, as <name>.snapshot, and write
+<name>.json beside it: SHA-256 and size of the stored bytes, the revision, HashKV at that
+revision, cluster and member id, version, time. The snapshot's own checksum is checked before
+the upload completes, so nothing partial or corrupt is ever stored under the name. Prints the
+manifest. The stored object restores as it is: consensus-node restore --snapshot FILE.
+
+--to s3://BUCKET/PREFIX takes its credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY;
+--to file:///DIR writes into a directory.";
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// Client URL of the member to take the snapshot from (a follower spares the leader).
+    #[arg(long, env = "BACKUP_ENDPOINT")]
+    endpoint: String,
+    /// s3://BUCKET/PREFIX or file:///DIR.
+    #[arg(long, env = "BACKUP_TO")]
+    to: consensus_node::backup::Destination,
+    /// The backup's name: <name>.snapshot and <name>.json.
+    #[arg(long, env = "BACKUP_NAME")]
+    name: String,
+    /// S3 endpoint for stores other than AWS (http:// allowed).
+    #[arg(long, env = "BACKUP_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "BACKUP_S3_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// endpoint/bucket/key addressing (most self-hosted stores need it).
+    #[arg(long, env = "BACKUP_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// After storing, keep at most this many backups in --to (none deleted without it).
+    #[arg(long, env = "BACKUP_RETAIN_COUNT")]
+    retain_count: Option<usize>,
+    /// ... and none older than this many seconds (the newest verified one always stays).
+    #[arg(long, env = "BACKUP_RETAIN_MAX_AGE_SECONDS", requires = "retain_count")]
+    retain_max_age_seconds: Option<u64>,
+    /// ... and only the newest of each hour for a day, each day for a week, each week for a month.
+    #[arg(long, env = "BACKUP_RETAIN_TIERED", requires = "retain_count")]
+    retain_tiered: bool,
 }
 
 const RESTORE_HELP: &str = "\
@@ -363,5 +406,27 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DevCluster(args) => dev_cluster(args).await,
         Command::Restore(args) => restore(args),
+        Command::Backup(args) => backup(args).await,
     }
+}
+
+async fn backup(args: BackupArgs) -> anyhow::Result<()> {
+    let config = consensus_node::backup::BackupConfig {
+        endpoint: args.endpoint,
+        destination: args.to,
+        s3: consensus_node::backup::S3Options {
+            endpoint: args.s3_endpoint,
+            region: args.s3_region,
+            path_style: args.s3_path_style,
+        },
+        name: args.name,
+        retention: args.retain_count.map(|max_count| consensus_node::backup::retention::Policy {
+            max_count,
+            max_age: args.retain_max_age_seconds.map(Duration::from_secs),
+            tiered: args.retain_tiered,
+        }),
+    };
+    let report = consensus_node::backup::backup(&config).await?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
 }

@@ -471,16 +471,17 @@ pub fn status(
     // Sorted, so an unchanged cluster writes an unchanged status.
     members.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let conditions = vec![
+    let mut conditions = vec![
         available(health.as_ref(), observed),
         progressing(&situation, step, failure, stuck),
         degraded(&situation, observed, step, quorum_lost, stuck),
         quorum_lost_condition(&situation, quorum_lost, established),
         zone_condition(observed),
     ];
+    conditions.extend(backup_condition(spec));
     let mut conditions: Vec<Condition> =
         conditions.into_iter().map(|c| to_condition(c, observed.generation, previous, &now)).collect();
-    // Conditions this planner does not decide (backups) stay as their owners wrote them.
+    // Conditions this planner does not decide stay as their owners wrote them.
     if let Some(previous) = previous {
         let ours = [
             condition::AVAILABLE,
@@ -488,6 +489,7 @@ pub fn status(
             condition::DEGRADED,
             condition::QUORUM_LOST,
             condition::ZONE_FAULT_TOLERANT,
+            condition::BACKUP_SUCCEEDED,
         ];
         conditions.extend(previous.conditions.iter().filter(|c| !ours.contains(&c.type_.as_str())).cloned());
     }
@@ -711,6 +713,20 @@ fn quorum_lost_condition(situation: &Situation, quorum_lost: bool, established: 
     } else {
         condition(TYPE, false, "Bootstrapping", "the cluster has not had a leader yet")
     }
+}
+
+/// `spec.backup` is declared but no operator code takes scheduled backups yet: said where a
+/// platform team looks, rather than left to look as if it were done.
+fn backup_condition(spec: &ConsensusClusterSpec) -> Option<NewCondition> {
+    spec.backup.as_ref()?;
+    Some(condition(
+        condition::BACKUP_SUCCEEDED,
+        false,
+        "NotScheduled",
+        "spec.backup is declared, but this operator does not take scheduled backups yet: none has \
+         been taken for it. Take one with `consensus-node backup --endpoint MEMBER --to DESTINATION \
+         --name NAME` (it writes the snapshot and its manifest, and prunes with --retain-count)",
+    ))
 }
 
 fn zone_condition(observed: &Observed) -> NewCondition {

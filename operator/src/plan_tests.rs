@@ -228,17 +228,18 @@ fn transition_times_are_kept_while_a_condition_keeps_its_status() {
 fn conditions_other_parts_own_are_kept() {
     let mut previous = status_now(&spec(3), &running(3));
     previous.selector = Some("app=demo".to_owned());
+    // A condition another controller (or a person's tooling) keeps on the resource.
     previous.conditions.push(Condition {
-        type_: condition::BACKUP_SUCCEEDED.to_owned(),
+        type_: "example.com/Audited".to_owned(),
         status: "True".to_owned(),
-        reason: "Uploaded".to_owned(),
+        reason: "Reviewed".to_owned(),
         message: String::new(),
         observed_generation: Some(1),
         last_transition_time: at(5),
     });
     let next = status(&spec(3), &running(3), &Step::Steady, None, Some(&previous), at(9000));
     assert_eq!(next.selector.as_deref(), Some("app=demo"));
-    assert_eq!(find(&next, condition::BACKUP_SUCCEEDED).last_transition_time, at(5));
+    assert_eq!(find(&next, "example.com/Audited").last_transition_time, at(5));
 }
 
 #[test]
@@ -282,6 +283,18 @@ fn a_refused_spec_change_is_reported_while_the_rest_of_the_spec_converges() {
     assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ChangeRefused"));
     assert!(degraded.message.contains("smaller than"), "{}", degraded.message);
     assert_eq!((status.phase, status.observed_generation), (Some(Phase::Degraded), Some(1)));
+}
+
+#[test]
+fn a_declared_backup_that_nothing_takes_says_so() {
+    let declared = status_now(&spec_with_schedule(3, "@daily"), &running(3));
+    let backup = find(&declared, condition::BACKUP_SUCCEEDED);
+    assert_eq!((backup.status.as_str(), backup.reason.as_str()), ("False", "NotScheduled"));
+    assert!(backup.message.contains("does not take scheduled backups yet"), "{}", backup.message);
+    assert_eq!(declared.next_backup, None, "no backup is promised");
+    // Without spec.backup there is nothing to say, and an old word about it goes.
+    let without = status(&spec(3), &running(3), &Step::Steady, None, Some(&declared), at(1001));
+    assert!(without.conditions.iter().all(|c| c.type_ != condition::BACKUP_SUCCEEDED));
 }
 
 /// `running(n)` with the members listed in `outdated` on the old template.

@@ -1,0 +1,293 @@
+//! `consensus-node backup`: one member's snapshot streamed straight to where backups live,
+//! an S3-compatible bucket or a directory, with a manifest beside it.
+//!
+//! The snapshot is the Maintenance.Snapshot stream, stored as it comes: the concatenated
+//! blobs are the snapshot file, which ends in the SHA-256 of what precedes it, so the stored
+//! object restores as it is (`consensus-node restore --snapshot`). That checksum is checked
+//! before the upload is completed, so a stream cut or corrupted on the way is never stored
+//! as a backup. Uploads are atomic: a multipart upload completed only at the end on S3, a
+//! staged file renamed into place in a directory; the manifest `<name>.json` is written
+//! after the object, so a manifest always names a complete object. The manifest carries
+//! what verification later compares: the HashKV of the store at the snapshot's revision as
+//! the member reported it when the snapshot was taken. With a retention policy, the backups
+//! beyond it are deleted after the new one is stored (`retention`), from the manifests in
+//! the destination: the command that writes backups is the one that prunes them, on both
+//! platforms.
+
+pub mod retention;
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_stream::StreamExt;
+use tonic::transport::Endpoint;
+
+use crate::proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use crate::proto::etcdserverpb::{HashKvRequest, SnapshotRequest, StatusRequest};
+
+/// The snapshot file's trailer: the SHA-256 of everything before it.
+const CHECKSUM_LEN: usize = 32;
+
+/// Where backups are written: `s3://bucket/prefix` or `file:///absolute/dir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    S3 { bucket: String, prefix: String },
+    Directory(std::path::PathBuf),
+}
+
+impl std::str::FromStr for Destination {
+    type Err = anyhow::Error;
+
+    fn from_str(url: &str) -> anyhow::Result<Self> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                bail!("{url:?} names no bucket: s3://BUCKET/PREFIX");
+            }
+            return Ok(Self::S3 { bucket: bucket.to_owned(), prefix: prefix.trim_matches('/').to_owned() });
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            let path = std::path::PathBuf::from(path);
+            if !path.is_absolute() {
+                bail!("{url:?}: a directory destination is file:///ABSOLUTE/PATH");
+            }
+            return Ok(Self::Directory(path));
+        }
+        bail!("{url:?} is neither s3://BUCKET/PREFIX nor file:///DIR")
+    }
+}
+
+/// How to reach an S3-compatible store; the credentials come from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), never from flags a process list shows.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// For stores other than AWS (`http://minio:9000`); `http://` is allowed.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// `endpoint/bucket/key` addressing, which most self-hosted stores need.
+    pub path_style: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    /// Client URL of the member to take the snapshot from.
+    pub endpoint: String,
+    pub destination: Destination,
+    pub s3: S3Options,
+    /// The backup's name: the object is `<name>.snapshot`, its manifest `<name>.json`.
+    pub name: String,
+    /// Applied to the destination's backups once this one is stored; `None` keeps them all.
+    pub retention: Option<retention::Policy>,
+}
+
+/// What `backup` did: printed as JSON for whoever ran it (the operator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub manifest: Manifest,
+    /// Names of the backups retention deleted.
+    pub pruned: Vec<String>,
+}
+
+/// What is stored beside each backup, and what `backup` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub name: String,
+    /// Where the object is: `s3://bucket/key` or `file:///path`.
+    pub location: String,
+    /// SHA-256 (hex) of the stored bytes.
+    pub sha256: String,
+    pub size_bytes: u64,
+    /// The store revision the snapshot holds.
+    pub revision: i64,
+    /// HashKV at `revision` as the member reported it right after the snapshot.
+    pub hash_kv: u32,
+    /// The compacted revision HashKV reported.
+    pub compact_revision: i64,
+    /// Hex, as etcdctl prints it.
+    pub cluster_id: String,
+    pub member_id: String,
+    pub member_version: String,
+    /// When the snapshot was taken (RFC 3339, UTC).
+    pub taken: String,
+    /// Set once the backup was restored and compared; absent until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+}
+
+/// The object store and the key prefix of `destination`.
+fn open(destination: &Destination, s3: &S3Options) -> anyhow::Result<(Arc<dyn ObjectStore>, String, String)> {
+    match destination {
+        Destination::Directory(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let store = LocalFileSystem::new_with_prefix(dir)
+                .with_context(|| format!("opening {}", dir.display()))?;
+            Ok((Arc::new(store), String::new(), format!("file://{}", dir.display())))
+        }
+        Destination::S3 { bucket, prefix } => {
+            let mut builder = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .with_region(&s3.region)
+                .with_virtual_hosted_style_request(!s3.path_style);
+            if let Some(endpoint) = &s3.endpoint {
+                builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+            }
+            let store = builder.build().with_context(|| format!("configuring s3://{bucket}"))?;
+            Ok((Arc::new(store), prefix.clone(), format!("s3://{bucket}")))
+        }
+    }
+}
+
+fn key(prefix: &str, file: &str) -> ObjectPath {
+    if prefix.is_empty() { ObjectPath::from(file) } else { ObjectPath::from(format!("{prefix}/{file}")) }
+}
+
+/// Takes the backup: the snapshot streamed into the destination, then its manifest, then
+/// retention.
+pub async fn backup(config: &BackupConfig) -> anyhow::Result<Report> {
+    // HTTPS to a store uses rustls with ring; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (store, prefix, root) = open(&config.destination, &config.s3)?;
+    // Reached, allowed and there before the member is asked for anything: a wrong bucket,
+    // endpoint or key fails here, and never after a snapshot was taken for nothing.
+    store.list_with_delimiter(Some(&ObjectPath::from(prefix.as_str()))).await.with_context(|| {
+        format!("{root}/{prefix} cannot be listed (is the bucket there, and the credentials right?)")
+    })?;
+    let channel = Endpoint::from_shared(config.endpoint.clone())
+        .with_context(|| format!("{:?} is not a URL", config.endpoint))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", config.endpoint))?;
+    let mut maintenance = MaintenanceClient::new(channel);
+    let status = maintenance.status(StatusRequest {}).await.context("Status")?.into_inner();
+    let header = status.header.unwrap_or_default();
+
+    let object = key(&prefix, &format!("{}.snapshot", config.name));
+    let mut stream = maintenance.snapshot(SnapshotRequest {}).await.context("Snapshot")?.into_inner();
+    let upload = store.put_multipart(&object).await.with_context(|| format!("starting {root}/{object}"))?;
+    let mut writer = WriteMultipart::new(upload);
+    let mut stored = Sha256::new();
+    let mut body = Sha256::new();
+    let mut size = 0u64;
+    let mut revision = 0;
+    // The last CHECKSUM_LEN bytes seen are held back from `body` until more arrive: they are
+    // the trailer only if nothing follows them.
+    let mut tail: Vec<u8> = Vec::new();
+    let streamed: anyhow::Result<()> = async {
+        while let Some(message) = stream.next().await {
+            let message = message.context("the snapshot stream broke off")?;
+            if let Some(header) = &message.header {
+                revision = header.revision;
+            }
+            stored.update(&message.blob);
+            size += message.blob.len() as u64;
+            tail.extend_from_slice(&message.blob);
+            if tail.len() > CHECKSUM_LEN {
+                let body_part = tail.len() - CHECKSUM_LEN;
+                body.update(&tail[..body_part]);
+                tail.drain(..body_part);
+            }
+            writer.write(&message.blob);
+        }
+        if tail.len() != CHECKSUM_LEN || body.clone().finalize().as_slice() != tail.as_slice() {
+            bail!("the snapshot's checksum does not match its content: not stored");
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(error) = streamed {
+        // Nothing half-written stays behind.
+        let _ = writer.abort().await;
+        return Err(error);
+    }
+    writer.finish().await.with_context(|| format!("completing {root}/{object}"))?;
+
+    let hash = maintenance.hash_kv(HashKvRequest { revision }).await.context("HashKV")?.into_inner();
+    let manifest = Manifest {
+        name: config.name.clone(),
+        location: format!("{root}/{object}"),
+        sha256: hex::encode(stored.finalize()),
+        size_bytes: size,
+        revision,
+        hash_kv: hash.hash,
+        compact_revision: hash.compact_revision,
+        cluster_id: format!("{:x}", header.cluster_id),
+        member_id: format!("{:x}", header.member_id),
+        member_version: status.version,
+        taken: jiff::Timestamp::now()
+            .round(jiff::Unit::Second)
+            .unwrap_or_else(|_| jiff::Timestamp::now())
+            .to_string(),
+        verified: None,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).context("encoding the manifest")?;
+    let manifest_key = key(&prefix, &format!("{}.json", config.name));
+    store
+        .put(&manifest_key, PutPayload::from(json))
+        .await
+        .with_context(|| format!("writing {root}/{manifest_key}"))?;
+    let pruned = match &config.retention {
+        Some(policy) => prune(store.as_ref(), &prefix, &root, policy).await?,
+        None => Vec::new(),
+    };
+    Ok(Report { manifest, pruned })
+}
+
+/// The backups under `prefix`, from their manifests; an object without a readable manifest
+/// is not ours to judge and is left alone.
+async fn stored(store: &dyn ObjectStore, prefix: &str) -> anyhow::Result<Vec<Manifest>> {
+    let listed: Vec<object_store::ObjectMeta> = store
+        .list(Some(&ObjectPath::from(prefix)))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .context("listing the backups")?;
+    let mut manifests = Vec::new();
+    for object in listed.iter().filter(|o| o.location.as_ref().ends_with(".json")) {
+        let bytes = store.get(&object.location).await?.bytes().await?;
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(manifest) => manifests.push(manifest),
+            Err(error) => {
+                tracing::warn!(object = %object.location, %error, "not a backup manifest; left alone")
+            }
+        }
+    }
+    Ok(manifests)
+}
+
+/// Deletes what `policy` does not keep, object before manifest, so a manifest never names
+/// a missing object for long; returns the names deleted.
+async fn prune(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    root: &str,
+    policy: &retention::Policy,
+) -> anyhow::Result<Vec<String>> {
+    let manifests = stored(store, prefix).await?;
+    let backups: Vec<retention::Stored> = manifests
+        .iter()
+        .filter_map(|m| {
+            let taken = m.taken.parse().ok()?;
+            Some(retention::Stored { name: m.name.clone(), taken, verified: m.verified })
+        })
+        .collect();
+    let doomed = retention::to_delete(&backups, policy, jiff::Timestamp::now());
+    for name in &doomed {
+        for file in [format!("{name}.snapshot"), format!("{name}.json")] {
+            let object = key(prefix, &file);
+            match store.delete(&object).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(error) => return Err(error).with_context(|| format!("deleting {root}/{object}")),
+            }
+        }
+    }
+    Ok(doomed.into_iter().collect())
+}

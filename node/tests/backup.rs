@@ -1,0 +1,239 @@
+//! `consensus-node backup` against a real S3-compatible server in-process (s3s-fs, its
+//! buckets directories under a temporary root) and a directory: the stored object is the
+//! snapshot as it is, its manifest says what it holds, it restores into a new cluster with
+//! every key, and bad input (wrong credentials, a missing bucket, an unreachable store or
+//! member) is a clear error that stores nothing.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use consensus_node::backup::{Manifest, Report};
+use sha2::{Digest, Sha256};
+use support::*;
+
+const ACCESS_KEY: &str = "backup-test-key";
+const SECRET_KEY: &str = "backup-test-secret";
+
+/// s3s-fs serving `root` on a free loopback port until the test's runtime ends.
+async fn s3_server(root: &Path) -> String {
+    let fs = s3s_fs::FileSystem::new(root).expect("an s3s-fs root");
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("a port");
+    let address = listener.local_addr().expect("its address");
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(socket);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    format!("http://{address}")
+}
+
+/// `consensus-node backup` with `args`, the test's S3 credentials in its environment.
+fn backup(args: &[&str], secret: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_consensus-node"))
+        .arg("backup")
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("consensus-node runs")
+}
+
+fn manifest(output: Output) -> Manifest {
+    report(output).manifest
+}
+
+fn report(output: Output) -> Report {
+    serde_json::from_str(ok(output).trim()).expect("the report on stdout")
+}
+
+/// A 3-member cluster holding `/a` .. and 100 keys of 2 KiB (several snapshot chunks).
+async fn cluster_with_data() -> (TestCluster, String) {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    let endpoints = cluster.endpoints();
+    ok(cluster.etcdctl(&endpoints, &["put", "/a", "1"]));
+    ok(cluster.etcdctl(&endpoints, &["put", "/a", "2"]));
+    let big = "v".repeat(2048);
+    for i in 0..100 {
+        put(&cluster.members[leader], &format!("/bulk/{i:03}"), &big).await.expect("put");
+    }
+    let follower = cluster.members[(leader + 1) % 3].client_url();
+    (cluster, follower)
+}
+
+/// Restores `snapshot` into a new one-member cluster and returns the keys under `/`.
+async fn restored_keys(snapshot: &Path) -> Vec<String> {
+    let mut restored = TestCluster::prepare_with_token(1, "from-backup");
+    let member = &restored.members[0];
+    let restore = [
+        "restore",
+        "--snapshot",
+        &snapshot.display().to_string(),
+        "--data-dir",
+        &member.data_dir.display().to_string(),
+        "--name",
+        &member.name,
+        "--initial-cluster",
+        &restored.initial_cluster(),
+        "--initial-cluster-token",
+        "from-backup",
+        "--initial-advertise-peer-urls",
+        &member.peer_url(),
+    ]
+    .map(str::to_owned);
+    ok(consensus_node(&restore.iter().map(String::as_str).collect::<Vec<_>>()));
+    restored.start_member(0);
+    restored.leader().await;
+    keys_with_prefix(&restored.members[0], "/").await.expect("the restored keys")
+}
+
+fn assert_stored_as_the_manifest_says(file: &Path, manifest: &Manifest) {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert_eq!(bytes.len() as u64, manifest.size_bytes);
+    assert_eq!(hex::encode(Sha256::digest(&bytes)), manifest.sha256);
+    let (body, checksum) = bytes.split_at(bytes.len() - 32);
+    assert_eq!(Sha256::digest(body).as_slice(), checksum, "stored as the snapshot file it is");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_to_s3_is_the_snapshot_with_its_manifest_and_restores_every_key() {
+    let (cluster, follower) = cluster_with_data().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
+    let s3 = s3_server(root.path()).await;
+    let revision = cluster.members[0].status().await.expect("status").header.expect("header").revision;
+
+    let args = ["--endpoint", &follower, "--to", "s3://backups/prod/demo", "--name", "demo-1"];
+    let manifest =
+        manifest(backup(&[&args[..], &["--s3-endpoint", &s3, "--s3-path-style"]].concat(), SECRET_KEY));
+
+    assert_eq!(manifest.location, "s3://backups/prod/demo/demo-1.snapshot");
+    assert!(manifest.revision >= revision, "revision {} before {revision}", manifest.revision);
+    assert!(manifest.size_bytes > 3 * 64 * 1024, "{} bytes", manifest.size_bytes);
+    assert!(!manifest.cluster_id.is_empty() && manifest.hash_kv != 0, "{manifest:?}");
+    let object = root.path().join("backups/prod/demo/demo-1.snapshot");
+    assert_stored_as_the_manifest_says(&object, &manifest);
+    let stored: Manifest = serde_json::from_slice(
+        &std::fs::read(root.path().join("backups/prod/demo/demo-1.json")).expect("the manifest object"),
+    )
+    .expect("a manifest");
+    assert_eq!(stored, manifest);
+
+    let keys = restored_keys(&object).await;
+    assert_eq!(keys.len(), 101, "{keys:?}");
+    assert_eq!(keys[0], "/a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_to_a_directory_lands_whole_under_its_name() {
+    let (_cluster, follower) = cluster_with_data().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let to = format!("file://{}", dir.path().join("nightly").display());
+
+    let manifest = manifest(backup(&["--endpoint", &follower, "--to", &to, "--name", "n1"], SECRET_KEY));
+
+    let object = dir.path().join("nightly/n1.snapshot");
+    assert_eq!(manifest.location, format!("{to}/n1.snapshot"));
+    assert_stored_as_the_manifest_says(&object, &manifest);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("nightly"))
+        .expect("the directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["n1.json", "n1.snapshot"], "nothing staged is left behind");
+    assert_eq!(restored_keys(&object).await.len(), 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_a_clear_error_and_stores_nothing() {
+    let (_cluster, follower) = cluster_with_data().await;
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
+    let s3 = s3_server(root.path()).await;
+    let to_s3 = |bucket: &str, endpoint: &str, secret: &str| {
+        let to = format!("s3://{bucket}/p");
+        let args = [
+            "--endpoint",
+            &follower,
+            "--to",
+            &to,
+            "--name",
+            "x",
+            "--s3-endpoint",
+            endpoint,
+            "--s3-path-style",
+        ];
+        backup(&args, secret)
+    };
+    let failed = |output: Output, expected: &str| {
+        assert!(!output.status.success(), "succeeded: {}", String::from_utf8_lossy(&output.stdout));
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(stderr.contains(expected), "{expected:?} not in: {stderr}");
+    };
+
+    failed(to_s3("backups", &s3, "wrong-secret"), "s3://backups/p cannot be listed");
+    failed(to_s3("no-such-bucket", &s3, SECRET_KEY), "s3://no-such-bucket");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    failed(to_s3("backups", &closed, SECRET_KEY), "s3://backups");
+    let unreachable_member = backup(
+        &[
+            "--endpoint",
+            &closed,
+            "--to",
+            &format!("file://{}", root.path().join("d").display()),
+            "--name",
+            "x",
+        ],
+        SECRET_KEY,
+    );
+    failed(unreachable_member, &format!("connecting to {closed}"));
+    failed(backup(&["--endpoint", &follower, "--to", "ftp://x", "--name", "x"], SECRET_KEY), "neither s3://");
+
+    // s3s-fs keeps its own bookkeeping in dot files; an object is any other file.
+    let visible =
+        |p: &std::path::PathBuf| p.file_name().is_some_and(|n| !n.to_string_lossy().starts_with('.'));
+    let left: Vec<_> = walk(root.path()).into_iter().filter(|p| p.is_file() && visible(p)).collect();
+    assert!(left.is_empty(), "something was stored: {left:?}");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_after_each_backup_keeps_the_newest_and_deletes_the_rest_whole() {
+    let (_cluster, follower) = cluster_with_data().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let to = format!("file://{}", dir.path().display());
+    let mut pruned = Vec::new();
+    for name in ["n1", "n2", "n3", "n4"] {
+        let args = ["--endpoint", &follower, "--to", &to, "--name", name, "--retain-count", "2"];
+        pruned.extend(report(backup(&args, SECRET_KEY)).pruned);
+    }
+    assert_eq!(pruned, ["n1", "n2"]);
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("the directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["n3.json", "n3.snapshot", "n4.json", "n4.snapshot"]);
+}
