@@ -206,8 +206,16 @@ fn scenario_02_kubectl_scale_to_five_and_back_under_load_never_has_an_even_voter
         missing.len(),
         &missing[..missing.len().min(10)]
     );
+    assert_events(
+        &cluster,
+        &["MemberAdded", "LearnerCaughtUp", "VotersChanged", "MemberRemoved", "VolumeDeleted"],
+    );
+}
+
+/// Every one of `reasons` is among the cluster's Events.
+fn assert_events(cluster: &Cluster, reasons: &[&str]) {
     let events = cluster.events().join("\n");
-    for reason in ["MemberAdded", "LearnerCaughtUp", "VotersChanged", "MemberRemoved", "VolumeDeleted"] {
+    for reason in reasons {
         assert!(events.contains(reason), "no {reason} event:\n{events}");
     }
 }
@@ -604,10 +612,7 @@ fn scenario_10_a_member_whose_volume_and_pod_are_deleted_comes_back_fresh_with_n
     assert!(samples.even.is_empty(), "an even number of voters was seen: {:?}", samples.even);
     assert!(samples.taken > 0, "MemberList was never sampled");
     assert!(missing.is_empty(), "{} of {acknowledged} acknowledged writes are missing", missing.len());
-    let events = cluster.events().join("\n");
-    for reason in ["MemberAdded", "VotersChanged", "MemberRemoved"] {
-        assert!(events.contains(reason), "no {reason} event:\n{events}");
-    }
+    assert_events(&cluster, &["MemberAdded", "VotersChanged", "MemberRemoved"]);
 }
 
 #[test]

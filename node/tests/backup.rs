@@ -36,6 +36,14 @@ async fn s3_server(root: &Path) -> String {
     format!("http://{address}")
 }
 
+/// An s3s-fs server with one bucket, `backups`, and its root directory.
+async fn s3_with_bucket() -> (tempfile::TempDir, String) {
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
+    let url = s3_server(root.path()).await;
+    (root, url)
+}
+
 /// `consensus-node backup` with `args`, the test's S3 credentials in its environment.
 fn backup(args: &[&str], secret: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_consensus-node"))
@@ -109,9 +117,7 @@ fn assert_stored_as_the_manifest_says(file: &Path, manifest: &Manifest) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_to_s3_is_the_snapshot_with_its_manifest_and_restores_every_key() {
     let (cluster, follower) = cluster_with_data().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
-    let s3 = s3_server(root.path()).await;
+    let (root, s3) = s3_with_bucket().await;
     let revision = cluster.members[0].status().await.expect("status").header.expect("header").revision;
 
     let args = ["--endpoint", &follower, "--to", "s3://backups/prod/demo", "--name", "demo-1"];
@@ -158,9 +164,7 @@ async fn a_backup_to_a_directory_lands_whole_under_its_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_a_clear_error_and_stores_nothing() {
     let (_cluster, follower) = cluster_with_data().await;
-    let root = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
-    let s3 = s3_server(root.path()).await;
+    let (root, s3) = s3_with_bucket().await;
     let to_s3 = |bucket: &str, endpoint: &str, secret: &str| {
         let to = format!("s3://{bucket}/p");
         let args = [
