@@ -137,7 +137,12 @@ impl Local {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        std::fs::write(&file, edited + "\n").expect("edit the file");
+        // Written aside and renamed over the file, as an editor saves: an operator starting
+        // at this moment must read the old file or the new one, never the empty file an
+        // in-place write leaves for an instant (it refuses to start on that, rightly).
+        let staged = self.dir.path().join(".cluster.yaml.edit");
+        std::fs::write(&staged, edited + "\n").expect("edit the file");
+        std::fs::rename(&staged, &file).expect("save the edit");
     }
 
     /// Members recorded by the operator: name -> (client URL, PID file).
