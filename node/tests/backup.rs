@@ -241,3 +241,25 @@ async fn retention_after_each_backup_keeps_the_newest_and_deletes_the_rest_whole
     names.sort();
     assert_eq!(names, ["n3.json", "n3.snapshot", "n4.json", "n4.snapshot"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_counts_only_the_backups_of_the_same_cluster() {
+    let (one, two) = (TestCluster::start(1), TestCluster::start(1));
+    one.leader().await;
+    two.leader().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let to = format!("file://{}", dir.path().display());
+    for (cluster, name) in [(&one, "one-1"), (&two, "two-1"), (&one, "one-2"), (&two, "two-2")] {
+        let endpoint = cluster.members[0].client_url();
+        ok(backup(
+            &["--endpoint", &endpoint, "--to", &to, "--name", name, "--retain-count", "1"],
+            SECRET_KEY,
+        ));
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("the directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["one-2.json", "one-2.snapshot", "two-2.json", "two-2.snapshot"]);
+}

@@ -266,6 +266,12 @@ fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
     }
     let unhealthy = health.unhealthy();
     if !unhealthy.is_empty() {
+        // A member that is down on an old template is restarted onto the current one first:
+        // that costs nothing not lost already, and rolling back a version that crash-loops
+        // takes it (nothing else replaces its pod).
+        if let Some(down) = health.members.iter().find(|m| !m.healthy && m.outdated == Some(true)) {
+            return Situation::Updating(Step::UpdateMember { name: down.name.clone() });
+        }
         return Situation::MembersUnhealthy(unhealthy.into_iter().map(str::to_owned).collect());
     }
     next_update(observed, &health).unwrap_or(Situation::Steady)

@@ -361,6 +361,19 @@ fn a_member_down_stops_the_rolling_update_and_so_does_a_template_not_yet_known()
 }
 
 #[test]
+fn a_member_down_on_an_old_template_is_restarted_first_so_a_bad_version_can_be_rolled_back() {
+    // 1.1.0 crash-loops on demo-2, the first restarted; the user sets the version back, so
+    // demo-2 is both down and on a template that is no longer current.
+    let mut rolled_back = updating(3, &[3]);
+    rolled_back.members.as_mut().unwrap()[2].healthy = false;
+    assert_eq!(plan(&spec(3), &rolled_back), Step::UpdateMember { name: "demo-2".into() });
+    // Down on the current template: nothing to restart it onto; it is waited for.
+    let mut down = updating(3, &[]);
+    down.members.as_mut().unwrap()[2].healthy = false;
+    assert!(matches!(plan(&spec(3), &down), Step::Wait { .. }));
+}
+
+#[test]
 fn a_single_member_restarts_in_place_having_nobody_to_hand_over_to() {
     assert_eq!(plan(&spec(1), &updating(1, &[1])), Step::UpdateMember { name: "demo-0".into() });
 }

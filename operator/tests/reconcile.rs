@@ -639,6 +639,27 @@ async fn without_the_stateful_set_the_workload_is_as_large_as_its_orphaned_pods_
 }
 
 #[tokio::test]
+async fn a_larger_size_waits_while_a_member_is_down_and_the_template_stays() {
+    let running = cluster(json!({"replicas": 3}), true);
+    let mut objects = running_cluster_objects(&running, InitialClusterState::Existing);
+    objects.extend(claims("1Gi", true));
+    // demo-2's pod is not Ready (restarting): re-made now, the StatefulSet would take its
+    // size from the pods that run.
+    for pod in objects.iter_mut().filter(|o| o["kind"] == "Pod" && o["metadata"]["name"] == "demo-2") {
+        pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+    }
+    let cc = cluster(json!({"replicas": 3, "storage": {"size": "2Gi"}}), true);
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+
+    reconcile(Arc::new(cc), context(client, healthy(3))).await.expect("reconciles");
+
+    let requests = api.requests();
+    assert!(!requests.iter().any(|r| r.method == "DELETE" || r.path.starts_with(&format!("{PVCS}/"))));
+    let template = &only(&requests, "PATCH", STS).body["spec"]["volumeClaimTemplates"][0]["spec"];
+    assert_eq!(template["resources"]["requests"]["storage"], "1Gi", "the template changed: {template}");
+}
+
+#[tokio::test]
 async fn a_class_change_is_refused_and_said_while_the_rest_of_the_spec_still_applies() {
     let requests = edited(
         json!({"replicas": 3}),

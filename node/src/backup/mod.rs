@@ -202,14 +202,24 @@ pub async fn backup(config: &BackupConfig) -> anyhow::Result<Report> {
         Ok(())
     }
     .await;
-    if let Err(error) = streamed {
-        // Nothing half-written stays behind.
-        let _ = writer.abort().await;
-        return Err(error);
-    }
+    // What verification will compare with, asked before the upload completes: a backup
+    // without it is not stored.
+    let hash = match streamed {
+        Ok(()) => {
+            maintenance.hash_kv(HashKvRequest { revision }).await.context("HashKV").map(|r| r.into_inner())
+        }
+        Err(error) => Err(error),
+    };
+    let hash = match hash {
+        Ok(hash) => hash,
+        Err(error) => {
+            // Nothing half-written stays behind.
+            let _ = writer.abort().await;
+            return Err(error);
+        }
+    };
     writer.finish().await.with_context(|| format!("completing {root}/{object}"))?;
 
-    let hash = maintenance.hash_kv(HashKvRequest { revision }).await.context("HashKV")?.into_inner();
     let manifest = Manifest {
         name: config.name.clone(),
         location: format!("{root}/{object}"),
@@ -229,32 +239,30 @@ pub async fn backup(config: &BackupConfig) -> anyhow::Result<Report> {
     };
     let json = serde_json::to_vec_pretty(&manifest).context("encoding the manifest")?;
     let manifest_key = key(&prefix, &format!("{}.json", config.name));
-    store
-        .put(&manifest_key, PutPayload::from(json))
-        .await
-        .with_context(|| format!("writing {root}/{manifest_key}"))?;
+    if let Err(error) = store.put(&manifest_key, PutPayload::from(json)).await {
+        // An object without its manifest is no backup, and retention would never see it.
+        let _ = store.delete(&object).await;
+        return Err(error).with_context(|| format!("writing {root}/{manifest_key}"));
+    }
     let pruned = match &config.retention {
-        Some(policy) => prune(store.as_ref(), &prefix, &root, policy).await?,
+        Some(policy) => prune(store.as_ref(), &prefix, &root, policy, &manifest.cluster_id).await?,
         None => Vec::new(),
     };
     Ok(Report { manifest, pruned })
 }
 
-/// The backups under `prefix`, from their manifests; an object without a readable manifest
-/// is not ours to judge and is left alone.
-async fn stored(store: &dyn ObjectStore, prefix: &str) -> anyhow::Result<Vec<Manifest>> {
-    let listed: Vec<object_store::ObjectMeta> = store
-        .list(Some(&ObjectPath::from(prefix)))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .context("listing the backups")?;
+/// The backups of cluster `cluster_id` directly under `prefix`, from their manifests. An
+/// object without a readable manifest, another cluster's backup sharing the place, or
+/// anything under a deeper prefix is not ours to judge and is left alone.
+async fn stored(store: &dyn ObjectStore, prefix: &str, cluster_id: &str) -> anyhow::Result<Vec<Manifest>> {
+    let listed =
+        store.list_with_delimiter(Some(&ObjectPath::from(prefix))).await.context("listing the backups")?;
     let mut manifests = Vec::new();
-    for object in listed.iter().filter(|o| o.location.as_ref().ends_with(".json")) {
+    for object in listed.objects.iter().filter(|o| o.location.as_ref().ends_with(".json")) {
         let bytes = store.get(&object.location).await?.bytes().await?;
         match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(manifest) => manifests.push(manifest),
+            Ok(manifest) if manifest.cluster_id == cluster_id => manifests.push(manifest),
+            Ok(_) => {}
             Err(error) => {
                 tracing::warn!(object = %object.location, %error, "not a backup manifest; left alone")
             }
@@ -263,15 +271,16 @@ async fn stored(store: &dyn ObjectStore, prefix: &str) -> anyhow::Result<Vec<Man
     Ok(manifests)
 }
 
-/// Deletes what `policy` does not keep, object before manifest, so a manifest never names
-/// a missing object for long; returns the names deleted.
+/// Deletes the backups of `cluster_id` that `policy` does not keep, object before manifest,
+/// so a manifest never names a missing object for long; returns the names deleted.
 async fn prune(
     store: &dyn ObjectStore,
     prefix: &str,
     root: &str,
     policy: &retention::Policy,
+    cluster_id: &str,
 ) -> anyhow::Result<Vec<String>> {
-    let manifests = stored(store, prefix).await?;
+    let manifests = stored(store, prefix, cluster_id).await?;
     let backups: Vec<retention::Stored> = manifests
         .iter()
         .filter_map(|m| {

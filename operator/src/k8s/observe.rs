@@ -140,7 +140,10 @@ pub async fn observe(
         // Nothing runs yet: no members to ask.
         return Ok(observation);
     };
-    let revision = stateful_set.as_ref().and_then(current_revision);
+    let version = labels::pod(&name, cc.spec.version.as_deref(), &cc.spec.pod_template.labels)
+        .get(labels::VERSION)
+        .cloned();
+    let revision = stateful_set.as_ref().and_then(|sts| current_revision(sts, version.as_deref()));
     if let Some(sts) = &stateful_set {
         observation.stateful_set_deleting = sts.metadata.deletion_timestamp.is_some();
         let template = volume_template(sts);
@@ -230,9 +233,7 @@ async fn storage_change(
 ) -> Result<StorageChange, Error> {
     let by_name: Vec<(String, Volume)> = claims.iter().map(|c| (c.name.clone(), c.volume.clone())).collect();
     let change = storage::change(&cc.spec.storage, template, &by_name, None);
-    let class_decides =
-        matches!(&change, StorageChange::Refuse(_)) && cc.spec.storage.storage_class_name == template.class;
-    if !class_decides {
+    if !matches!(&change, StorageChange::Refuse(_)) {
         return Ok(change);
     }
     // Refused without knowing the class: it may allow expansion. Every claim of a cluster
@@ -255,8 +256,17 @@ fn volume_template(sts: &StatefulSet) -> Volume {
 }
 
 /// The StatefulSet's current template revision, once its controller has seen its latest
-/// spec: before that the revision it reports is the one before the change.
-fn current_revision(sts: &StatefulSet) -> Option<String> {
+/// spec (before that it reports the revision before the change) and once that spec's pods
+/// carry the `version` label the spec asks for (before that the round that applies it is
+/// still to come): until then nobody is known to run the new template, nor known not to.
+fn current_revision(sts: &StatefulSet, version: Option<&str>) -> Option<String> {
+    let template_version = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref()?.labels.as_ref()?.get(labels::VERSION).cloned());
+    if template_version.as_deref() != version {
+        return None;
+    }
     let status = sts.status.as_ref()?;
     (status.observed_generation? >= sts.metadata.generation?).then(|| status.update_revision.clone())?
 }
@@ -339,7 +349,7 @@ async fn member_pods(
 const REVISION_LABEL: &str = "controller-revision-hash";
 
 /// Members as Raft reports them, with their pods' word on readiness, zone and template. A
-/// member is healthy only if both agree: Raft can see a member whose pod is being deleted.
+/// member is healthy only if both agree and its pod is not being deleted.
 /// `revision` is the StatefulSet's current one, `None` while it is not known.
 fn join(
     members: Vec<ObservedMember>,
@@ -354,7 +364,10 @@ fn join(
                 (Some(current), Some(made_from)) => Some(current != made_from),
                 _ => None,
             };
-            ObservedMember { healthy: member.healthy && pod.ready, zone: pod.zone, outdated, ..member }
+            // A pod being deleted still answers, and may still be Ready, until it stops: it is
+            // on its way down, and counting it healthy would let a second member go meanwhile.
+            let healthy = member.healthy && pod.ready && !pod.terminating;
+            ObservedMember { healthy, zone: pod.zone, outdated, ..member }
         })
         .collect()
 }
@@ -414,6 +427,42 @@ mod tests {
         // The StatefulSet controller has not worked out the new revision yet: nobody is
         // known to be behind, nor known to be current.
         assert_eq!(outdated(None), [None, None, None]);
+    }
+
+    #[test]
+    fn a_member_whose_pod_is_being_deleted_is_not_healthy_though_it_still_answers() {
+        let member = ObservedMember {
+            id: 1,
+            name: "demo-0".to_owned(),
+            is_learner: false,
+            healthy: true,
+            zone: None,
+            applied_index: Some(7),
+            outdated: None,
+        };
+        let going = PodView { ready: true, terminating: true, ..PodView::default() };
+        let pods = BTreeMap::from([("demo-0".to_owned(), going)]);
+        assert!(!join(vec![member], &pods, None)[0].healthy);
+    }
+
+    #[test]
+    fn the_revision_is_known_only_once_the_statefulset_carries_the_version_asked_for() {
+        let sts = |label: Option<&str>, observed: i64| -> StatefulSet {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "demo", "generation": 2},
+                "spec": {"selector": {}, "serviceName": "demo-peer", "template": {
+                    "metadata": {"labels": label.map(|v| serde_json::json!({"app.kubernetes.io/version": v}))},
+                }},
+                "status": {"replicas": 3, "observedGeneration": observed, "updateRevision": "demo-5c4b"},
+            }))
+            .expect("a StatefulSet")
+        };
+        assert_eq!(current_revision(&sts(Some("1.1.0"), 2), Some("1.1.0")).as_deref(), Some("demo-5c4b"));
+        // The round that changes spec.version sees the StatefulSet from before its apply.
+        assert_eq!(current_revision(&sts(Some("1.0.0"), 2), Some("1.1.0")), None);
+        // Applied, but its controller has not worked the new revision out yet.
+        assert_eq!(current_revision(&sts(Some("1.1.0"), 1), Some("1.1.0")), None);
+        assert_eq!(current_revision(&sts(None, 2), None).as_deref(), Some("demo-5c4b"));
     }
 
     /// A pod whose one container is in `state`, having last stopped as `last`.

@@ -145,7 +145,7 @@ impl<M: membership::Members> Platform for Kubernetes<'_, M> {
         if let Some(members) = workload_members(&cc.spec, step, observation) {
             // Configuration and Services first, so members started by the StatefulSet find
             // their configuration and their peers' names in place.
-            let carried_out = storage_as_carried_out(cc, observation);
+            let carried_out = storage_as_carried_out(cc, observation, step);
             let (desired, seen) = (resources::desired(&carried_out, members)?, observation);
             events.applied(apply(&ctx.client, &desired.config_map, seen).await?).await;
             events.applied(apply(&ctx.client, &desired.peer_service, seen).await?).await;
@@ -156,7 +156,9 @@ impl<M: membership::Members> Platform for Kubernetes<'_, M> {
                 info!(cluster = %cc.name_any(), "the StatefulSet is being deleted; re-created when it is gone");
                 return Ok(());
             }
-            if change_volume_template(cc, ctx, events, &observation.storage).await? {
+            if matches!(step, Step::Steady)
+                && change_volume_template(cc, ctx, events, &observation.storage).await?
+            {
                 // The step is planned again from what the next round sees.
                 return Ok(());
             }
@@ -166,12 +168,19 @@ impl<M: membership::Members> Platform for Kubernetes<'_, M> {
     }
 }
 
-/// The resource with `spec.storage` as the StatefulSet can have it: a refused change leaves
-/// its volume template as it is (the API server refuses any change of it), so the rest of
-/// the spec still applies.
-fn storage_as_carried_out(cc: &ConsensusCluster, observation: &Observation) -> ConsensusCluster {
+/// The resource with `spec.storage` as the StatefulSet can have it now: its volume template
+/// stays as it is (the API server refuses any change of it) while a change is refused, and
+/// while one waits for the cluster to be steady: re-creating the StatefulSet takes its
+/// replica count from the pods, which a step under way (a member restarting) makes too few.
+/// The rest of the spec still applies.
+fn storage_as_carried_out(cc: &ConsensusCluster, observation: &Observation, step: &Step) -> ConsensusCluster {
     let mut cc = cc.clone();
-    if let (StorageChange::Refuse(_), Some(template)) = (&observation.storage, &observation.volume_template) {
+    let keep = match observation.storage {
+        StorageChange::None => false,
+        StorageChange::Refuse(_) => true,
+        StorageChange::Expand { .. } | StorageChange::Recreate => !matches!(step, Step::Steady),
+    };
+    if let (true, Some(template)) = (keep, &observation.volume_template) {
         if let Some(size) = &template.size {
             cc.spec.storage.size.clone_from(size);
         }
@@ -188,10 +197,13 @@ fn workload_members(spec: &ConsensusClusterSpec, step: &Step, observation: &Obse
     }
     let (replicas, state) = match step {
         Step::RefuseSpec { .. } => return None,
-        Step::CreateWorkload { replicas, bootstrap: true } => (*replicas, InitialClusterState::New),
+        // The configuration may still say a leader was seen before status had a cluster id.
+        Step::CreateWorkload { replicas, bootstrap: true } if !observation.bootstrapped => {
+            (*replicas, InitialClusterState::New)
+        }
         // A cluster has run here: members on kept volumes resume it, and a member without
         // one must join them, never found a cluster of its own.
-        Step::CreateWorkload { replicas, bootstrap: false } => (*replicas, InitialClusterState::Existing),
+        Step::CreateWorkload { replicas, .. } => (*replicas, InitialClusterState::Existing),
         // The ConfigMap lists every member the StatefulSet will run, and a member started
         // now joins the running cluster: with `new` and an empty volume it would found a
         // second one.
