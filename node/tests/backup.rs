@@ -152,11 +152,7 @@ async fn a_backup_to_a_directory_lands_whole_under_its_name() {
     let object = dir.path().join("nightly/n1.snapshot");
     assert_eq!(manifest.location, format!("{to}/n1.snapshot"));
     assert_stored_as_the_manifest_says(&object, &manifest);
-    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("nightly"))
-        .expect("the directory")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = file_names(&dir.path().join("nightly"));
     assert_eq!(names, ["n1.json", "n1.snapshot"], "nothing staged is left behind");
     assert_eq!(restored_keys(&object).await.len(), 101);
 }
@@ -211,6 +207,16 @@ async fn bad_input_is_a_clear_error_and_stores_nothing() {
     assert!(left.is_empty(), "something was stored: {left:?}");
 }
 
+/// The names in `dir`, sorted.
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("the directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -234,11 +240,7 @@ async fn retention_after_each_backup_keeps_the_newest_and_deletes_the_rest_whole
         pruned.extend(report(backup(&args, SECRET_KEY)).pruned);
     }
     assert_eq!(pruned, ["n1", "n2"]);
-    let mut names: Vec<String> = std::fs::read_dir(dir.path())
-        .expect("the directory")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = file_names(dir.path());
     assert_eq!(names, ["n3.json", "n3.snapshot", "n4.json", "n4.snapshot"]);
 }
 
@@ -256,10 +258,6 @@ async fn retention_counts_only_the_backups_of_the_same_cluster() {
             SECRET_KEY,
         ));
     }
-    let mut names: Vec<String> = std::fs::read_dir(dir.path())
-        .expect("the directory")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = file_names(dir.path());
     assert_eq!(names, ["one-2.json", "one-2.snapshot", "two-2.json", "two-2.snapshot"]);
 }
