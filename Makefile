@@ -12,7 +12,7 @@ PY_PACKAGES := kubernetes-validate==1.37.0 jsonschema==4.26.0 pytest==9.2.0 PyYA
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CRD := manifests/crds/consensus.dev_consensusclusters.yaml
 
-.PHONY: all build test lint fmt crds crds-check deps apt-deps py-deps run e2e bench help
+.PHONY: all build test lint fmt crds crds-check deps apt-deps py-deps run run-backups e2e bench help
 
 all: build
 
@@ -73,6 +73,14 @@ test: deps lint crds-check
 run:
 	$(CARGO) build --locked -p consensus-operator -p consensus-node --bin consensus-operator --bin consensus-node
 	./target/debug/consensus-operator local -f manifests/samples/three-members.yaml --state-dir .state/local
+
+# The same with scheduled backups (manifests/samples/local-backups.yaml): one a minute into
+# .state/local-backups/volumes/backups/, each a snapshot and its manifest, the five newest
+# kept; status.lastBackup in .state/local-backups/backed-up.status.yaml, an event per backup
+# in backed-up.events. Restore one: consensus-node restore --snapshot FILE (see its --help).
+run-backups:
+	$(CARGO) build --locked -p consensus-operator -p consensus-node --bin consensus-operator --bin consensus-node
+	./target/debug/consensus-operator local -f manifests/samples/local-backups.yaml --state-dir .state/local-backups
 
 # Scenario tests against the cluster kubectl points at (kind works: kind create cluster).
 e2e:

@@ -67,6 +67,10 @@ pub struct ConsensusClusterStatus {
     /// When the next scheduled backup is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_backup: Option<Time>,
+    /// The schedule's slot the last scheduled backup was started for: each slot is started
+    /// once, also across operator restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled_backup: Option<Time>,
 }
 
 /// Summary of the cluster's state, shown by `kubectl get cc`.
@@ -121,13 +125,15 @@ pub enum MemberRole {
     Learner,
 }
 
-/// A snapshot that was written and verified.
+/// A snapshot that was written, its checksum checked.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupRecord {
+    /// The backup's name: the object `<name>.snapshot` beside its manifest `<name>.json`.
+    pub name: String,
     /// When the snapshot was taken.
     pub time: Time,
-    /// Where it was written (`s3://bucket/key` or `pvc://claim/path`).
+    /// Where it was written (`s3://bucket/key`, or `file:///path` on a volume).
     pub location: String,
     /// Key-value store revision the snapshot holds.
     pub revision: i64,

@@ -261,7 +261,7 @@ fn every_sample_passes_the_cel_rules_and_the_operators_own_checks() {
         assert_eq!(validate_spec(&cluster.spec), vec![], "{}", path.display());
         checked += 1;
     }
-    assert_eq!(checked, 3, "expected the three documented samples");
+    assert_eq!(checked, 4, "expected the four documented samples");
 }
 
 #[test]

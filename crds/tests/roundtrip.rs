@@ -84,13 +84,15 @@ fn full_status(caught_up: bool) -> ConsensusClusterStatus {
             last_transition_time: time.clone(),
         }],
         last_backup: Some(BackupRecord {
+            name: "demo-20260922T000000Z".into(),
             time: time.clone(),
-            location: "s3://platform-backups/prod/locks/demo-20260922T000000Z.db".into(),
+            location: "s3://platform-backups/prod/locks/demo-20260922T000000Z.snapshot".into(),
             revision: 1234,
             size_bytes: 65_536,
             sha256: "ab".repeat(32),
         }),
-        next_backup: Some(time),
+        next_backup: Some(time.clone()),
+        last_scheduled_backup: Some(time),
     }
 }
 

@@ -69,6 +69,10 @@ struct BackupArgs {
     /// ... and only the newest of each hour for a day, each day for a week, each week for a month.
     #[arg(long, env = "BACKUP_RETAIN_TIERED", requires = "retain_count")]
     retain_tiered: bool,
+    /// Also write the outcome to this file when done, as JSON: {"succeeded":{REPORT}} or
+    /// {"failed":{"error":"..."}} (for the operator: a Job's /dev/termination-log).
+    #[arg(long, env = "BACKUP_REPORT")]
+    report: Option<std::path::PathBuf>,
 }
 
 const RESTORE_HELP: &str = "\
@@ -426,7 +430,15 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
             tiered: args.retain_tiered,
         }),
     };
-    let report = consensus_node::backup::backup(&config).await?;
-    println!("{}", serde_json::to_string(&report)?);
+    let outcome = consensus_node::backup::backup(&config).await;
+    if let Some(path) = &args.report {
+        let written = match &outcome {
+            Ok(report) => consensus_node::backup::Outcome::Succeeded(report.clone()),
+            Err(error) => consensus_node::backup::Outcome::Failed { error: format!("{error:#}") },
+        };
+        std::fs::write(path, serde_json::to_vec(&written)?)
+            .with_context(|| format!("writing the report to {}", path.display()))?;
+    }
+    println!("{}", serde_json::to_string(&outcome?)?);
     Ok(())
 }

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use consensus_crds::ConsensusCluster;
+use consensus_operator::plan::backup::backup_name;
+use consensus_operator::resources::backup::{BackupJob, job};
 use consensus_operator::resources::{Desired, Guarded, InitialClusterState, Members, desired};
+use k8s_openapi::api::batch::v1::Job;
 
 const HEADER: &str = "# Built by consensus-operator's resource builders for the sample of the same name\n\
 # (namespace default, a fixed uid). Regenerate: UPDATE_GOLDEN=1 cargo test -p consensus-operator --test golden\n";
@@ -28,19 +31,22 @@ fn samples() -> Vec<PathBuf> {
     samples
 }
 
-fn render(built: &Desired) -> String {
-    let documents = [
+fn render((built, backup): &(Desired, Option<Job>)) -> String {
+    let mut documents = vec![
         serde_yaml::to_string(&built.config_map),
         serde_yaml::to_string(&built.peer_service),
         serde_yaml::to_string(&built.client_service),
         serde_yaml::to_string(&built.pod_disruption_budget),
         serde_yaml::to_string(&built.stateful_set),
     ];
+    documents.extend(backup.as_ref().map(serde_yaml::to_string));
     let documents: Vec<String> = documents.into_iter().map(|d| d.expect("serializes")).collect();
     format!("{HEADER}{}", documents.iter().map(|d| format!("---\n{d}")).collect::<String>())
 }
 
-fn built_for(sample: &Path) -> Desired {
+/// The objects, and for a sample with backups the Job of its first backup (taken from
+/// member 1 for the slot 2026-12-01T06:00:00Z).
+fn built_for(sample: &Path) -> (Desired, Option<Job>) {
     let text = std::fs::read_to_string(sample).expect("sample readable");
     let mut cluster: ConsensusCluster = serde_yaml::from_str(&text).expect("sample is a ConsensusCluster");
     cluster.metadata.namespace.get_or_insert_with(|| "default".to_owned());
@@ -49,7 +55,13 @@ fn built_for(sample: &Path) -> Desired {
     let replicas = cluster.spec.replicas;
     let guarded = Guarded { pods: replicas, voters: None };
     let members = Members { replicas, state: InitialClusterState::New, guarded };
-    desired(&cluster, members).expect("builds")
+    let slot = "2026-12-01T06:00:00Z".parse().expect("a time");
+    let name = cluster.metadata.name.clone().expect("a name");
+    let backup = backup_name(&name, slot);
+    let member = format!("{name}-1");
+    let run = BackupJob { backup: &backup, slot, attempt: 1, member: &member };
+    let job = cluster.spec.backup.is_some().then(|| job(&cluster, &run).expect("builds"));
+    (desired(&cluster, members).expect("builds"), job)
 }
 
 #[test]

@@ -508,9 +508,11 @@ impl World {
             Step::TransferLeadership { to } => self.members.leader = Some(*to),
             Step::RemoveMember { id, .. } => self.members.members.retain(|m| m.id != *id),
             // Volumes are deleted, and pods restarted, by the operator itself on the fake API
-            // server; the pods in this world never fall behind their template.
+            // server; the pods in this world never fall behind their template, and its
+            // clusters declare no backups.
             Step::DeleteVolume { .. }
             | Step::UpdateMember { .. }
+            | Step::TakeBackup { .. }
             | Step::CreateWorkload { .. }
             | Step::RefuseSpec { .. }
             | Step::Wait { .. }

@@ -17,9 +17,19 @@ KUBERNETES_VERSION = "1.33.0"
 CRD_PATH = ROOT / "crds" / "consensus.dev_consensusclusters.yaml"
 
 
+class Loader(yaml.SafeLoader):
+    """YAML as Kubernetes reads it: an unquoted RFC 3339 time is a string, not a date."""
+
+
+Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def documents(path):
     with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+        return [d for d in yaml.load_all(f, Loader=Loader) if d]
 
 
 def kustomizations():
@@ -185,7 +195,8 @@ OPERATOR_PERMISSIONS = {
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list", "delete"},
-    ("", "persistentvolumeclaims"): {"list", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "patch", "delete"},
+    ("batch", "jobs"): {"list", "watch", "create", "delete"},
     ("storage.k8s.io", "storageclasses"): {"get"},
     ("", "nodes"): {"get"},
     ("events.k8s.io", "events"): {"create", "patch"},

@@ -17,12 +17,13 @@
 pub mod retention;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
@@ -95,6 +96,14 @@ pub struct Report {
     pub pruned: Vec<String>,
 }
 
+/// What `backup --report FILE` writes when it is done, for the operator that ran it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Outcome {
+    Succeeded(Report),
+    Failed { error: String },
+}
+
 /// What is stored beside each backup, and what `backup` prints.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -132,7 +141,16 @@ fn open(destination: &Destination, s3: &S3Options) -> anyhow::Result<(Arc<dyn Ob
             Ok((Arc::new(store), String::new(), format!("file://{}", dir.display())))
         }
         Destination::S3 { bucket, prefix } => {
+            // A few quick retries ride out a blip; a store that stays away fails the run in
+            // seconds, not the minutes of the default, and the operator tries the run again
+            // with its own back-off, saying why in status meanwhile.
+            let retry = RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(20),
+                ..RetryConfig::default()
+            };
             let mut builder = AmazonS3Builder::from_env()
+                .with_retry(retry)
                 .with_bucket_name(bucket)
                 .with_region(&s3.region)
                 .with_virtual_hosted_style_request(!s3.path_style);

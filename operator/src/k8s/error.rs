@@ -14,6 +14,8 @@ pub enum Error {
     Serialize(#[from] serde_json::Error),
     #[error("changing the membership: {0}")]
     Membership(#[from] crate::membership::MembershipError),
+    #[error("starting a backup: {0}")]
+    Backup(String),
     #[error("adding or removing the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -26,6 +28,7 @@ impl Error {
             Self::Build(_) => "build",
             Self::Serialize(_) => "serialize",
             Self::Membership(_) => "membership",
+            Self::Backup(_) => "backup",
             Self::Finalizer(inner) => match inner.as_ref() {
                 // The reconcile's own error, wrapped by the finalizer helper: report its cause.
                 kube::runtime::finalizer::Error::ApplyFailed(e)

@@ -2,6 +2,7 @@
 //! and acts through server-side apply, Events and status.
 
 mod apply;
+mod backups;
 mod error;
 pub mod events;
 pub mod http;

@@ -10,15 +10,17 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use tracing::debug;
 
-use super::Error;
 use super::apply::managed_content;
+use super::{Error, backups};
 use crate::membership::observe::combine;
 use crate::membership::{Members, Target};
+use crate::plan::backup::RunOutcome;
 use crate::plan::{Observed, ObservedMember, ordinal};
 use crate::platform;
 use crate::resources::storage::{self, StorageChange, Volume};
@@ -51,6 +53,8 @@ pub struct Observation {
     /// The StatefulSet is being deleted (re-created for a new volume template, or by a
     /// person): it is applied again only once it is gone.
     pub stateful_set_deleting: bool,
+    /// Names of the backup Jobs whose run has ended, deleted when the next run starts.
+    pub ended_backup_jobs: Vec<String>,
 }
 
 impl AsRef<Observed> for Observation {
@@ -79,10 +83,22 @@ pub async fn observe(
             generation: cc.meta().generation,
             // Once a cluster id is reported, a cluster has run here, whatever is deleted later.
             established: cc.status.as_ref().is_some_and(|s| s.cluster_id.is_some()),
+            now: Timestamp::now(),
+            last_scheduled_backup: cc
+                .status
+                .as_ref()
+                .and_then(|s| s.last_scheduled_backup.as_ref())
+                .map(|t| t.0),
             ..Observed::default()
         },
         ..Observation::default()
     };
+    if cc.spec.backup.is_some() {
+        let runs = backups::observe(client, &namespace, &name).await?;
+        observation.ended_backup_jobs =
+            runs.iter().filter(|r| r.run.outcome != RunOutcome::Running).map(|r| r.name.clone()).collect();
+        observation.observed.backup_runs = runs.into_iter().map(|r| r.run).collect();
+    }
 
     let stateful_set = Api::<StatefulSet>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
     let config_map =

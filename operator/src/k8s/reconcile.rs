@@ -8,9 +8,9 @@ use consensus_crds::{
     ConsensusCluster, ConsensusClusterSpec, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy,
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -18,14 +18,16 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::Error;
 use super::apply::{Applied, Change, apply};
 use super::events::Events;
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
+use super::{Error, backups};
 use crate::membership::{self, MembershipError};
+use crate::plan::backup::{backup_name, outcome_event};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
+use crate::resources::backup::{BackupJob, job_name};
 use crate::resources::storage::StorageChange;
 use crate::resources::{self, BuildError, Guarded, InitialClusterState, Members, labels};
 
@@ -99,6 +101,10 @@ pub async fn converge_with<M: membership::Members>(
     // that stopped half-way must not leave the status of the one before in place.
     let failure = acted.as_ref().err().map(ToString::to_string);
     let status = update_status(ctx, cc, &observation, &step, failure.as_deref()).await?;
+    if let Some(event) = outcome_event(cc.status.as_ref(), &status) {
+        let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
+        events.publish(type_, event.reason, "Backup", event.message, None).await;
+    }
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
     acted?;
     events.finish()?;
@@ -106,7 +112,11 @@ pub async fn converge_with<M: membership::Members>(
         Step::Steady => STEADY_RECHECK,
         // A refused spec changes only when the resource does, which triggers a reconcile.
         Step::RefuseSpec { .. } => STEADY_RECHECK * 5,
-        Step::CreateWorkload { .. } | Step::ResizeWorkload { .. } | Step::Wait { .. } => PROGRESS_RECHECK,
+        // A backup's end comes through the watch on its Job; the recheck bounds a missed one.
+        Step::CreateWorkload { .. }
+        | Step::ResizeWorkload { .. }
+        | Step::Wait { .. }
+        | Step::TakeBackup { .. } => PROGRESS_RECHECK,
         // The next step of a membership change can usually follow at once.
         Step::AddLearner { .. }
         | Step::ChangeVoters { .. }
@@ -217,7 +227,8 @@ fn workload_members(spec: &ConsensusClusterSpec, step: &Step, observation: &Obse
         | Step::TransferLeadership { .. }
         | Step::RemoveMember { .. }
         | Step::DeleteVolume { .. }
-        | Step::UpdateMember { .. } => (
+        | Step::UpdateMember { .. }
+        | Step::TakeBackup { .. } => (
             observation.observed.workload_replicas?,
             if observation.bootstrapped { InitialClusterState::Existing } else { InitialClusterState::New },
         ),
@@ -338,6 +349,14 @@ async fn act<M: membership::Members>(
             );
             normal("MemberUpdated", "UpdateMember", note, pod(name)).await;
         }
+        Step::TakeBackup { slot, attempt, from } => {
+            let backup = backup_name(&cluster, *slot);
+            let run = BackupJob { backup: &backup, slot: *slot, attempt: *attempt, member: from };
+            backups::start(&ctx.client, cc, &run, &observation.ended_backup_jobs).await?;
+            let job = job_name(&cluster, *slot, *attempt);
+            let note = format!("backup {backup} (attempt {attempt}) is being taken from {from} by Job {job}");
+            normal("BackupStarted", "Backup", note, Some(reference::<Job>(&namespace, &job))).await;
+        }
         Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
     }
     Ok(())
@@ -452,7 +471,7 @@ async fn update_status<M>(
     failure: Option<&str>,
 ) -> Result<ConsensusClusterStatus, Error> {
     let name = cc.name_any();
-    let now = Time(Timestamp::now());
+    let now = Time(observation.observed.now);
     let mut status = plan::status(&cc.spec, &observation.observed, step, failure, cc.status.as_ref(), now);
     status.selector = Some(labels::selector_string(&name));
     if cc.status.as_ref() == Some(&status) {

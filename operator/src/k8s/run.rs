@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context as _, anyhow};
 use consensus_crds::ConsensusCluster;
 use futures::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
@@ -143,7 +144,8 @@ fn controller(
             ours.clone(),
             health.clone(),
         ))
-        .owns_stream(triggers::owned(Api::<ConfigMap>::all(client), ours, health))
+        .owns_stream(triggers::owned(Api::<ConfigMap>::all(client.clone()), ours.clone(), health.clone()))
+        .owns_stream(triggers::jobs(Api::<Job>::all(client), ours, health))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

@@ -13,6 +13,7 @@ use std::time::Instant;
 use consensus_crds::ConsensusCluster;
 use futures::{Stream, StreamExt, future};
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::batch::v1::Job;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{Predicate, WatchStreamExt, predicates};
@@ -67,6 +68,24 @@ pub fn stateful_sets(
 ) -> impl Stream<Item = Result<StatefulSet, watcher::Error>> {
     let kind = <StatefulSet as k8s_openapi::Resource>::KIND;
     changes_that_matter(watched(kind, api, config, health), stateful_set_fingerprint)
+}
+
+/// Backup Jobs, whenever one starts, ends or is deleted: the end of a backup is what its
+/// status and the next try wait for.
+pub fn jobs(
+    api: Api<Job>,
+    config: watcher::Config,
+    health: Arc<Health>,
+) -> impl Stream<Item = Result<Job, watcher::Error>> {
+    let kind = <Job as k8s_openapi::Resource>::KIND;
+    changes_that_matter(watched(kind, api, config, health), job_fingerprint)
+}
+
+fn job_fingerprint(job: &Job) -> u64 {
+    let progress = job.status.as_ref().map(|s| (s.active, s.succeeded, s.failed, s.ready));
+    let mut hasher = DefaultHasher::new();
+    progress.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn stateful_set_fingerprint(sts: &StatefulSet) -> u64 {

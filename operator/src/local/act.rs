@@ -22,6 +22,10 @@ pub enum StepError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     Local(#[from] super::LocalError),
+    #[error("a backup was planned but the spec declares none")]
+    NoBackupSpec,
+    #[error("member {0} is not among the running members")]
+    NoSuchMember(String),
 }
 
 /// The step name after which this run should die, from `CONSENSUS_OPERATOR_FAULT_AFTER`.
@@ -124,7 +128,8 @@ pub async fn membership_step(
         | Step::CreateWorkload { .. }
         | Step::Wait { .. }
         | Step::Steady
-        | Step::UpdateMember { .. } => {}
+        | Step::UpdateMember { .. }
+        | Step::TakeBackup { .. } => {}
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ pub enum LocalError {
     Ports(std::io::Error),
     #[error("starting member {member}: {source}")]
     Spawn { member: String, source: std::io::Error },
+    #[error("starting the run of backup {backup}: {source}")]
+    SpawnBackup { backup: String, source: std::io::Error },
     #[error("serializing the status: {0}")]
     SerializeStatus(serde_yaml::Error),
 }

@@ -5,6 +5,7 @@
 
 mod act;
 mod atomic;
+mod backups;
 mod error;
 mod process;
 mod spec_file;
@@ -26,8 +27,10 @@ use spec_file::{Declared, SpecFile};
 use workload::Workload;
 
 use crate::membership::{EtcdMembers, Members, Target, observe};
+use crate::plan::backup::{backup_name, outcome_event};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
+use crate::resources::backup::BackupJob;
 
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// After a step that changed the membership, the next one is looked for this soon: the
@@ -118,6 +121,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
         source,
     })?;
     let workload = Workload::open(&state_dir, &name, &node_bin)?;
+    let backups = backups::Backups::new(&state_dir, &name, &node_bin);
     let status_path = status_file::path(&state_dir, &name);
     let events = act::Events::new(&state_dir, &name);
     tracing::info!(cluster = %name, file = %args.file.display(), status = %status_path.display(), "local mode");
@@ -126,6 +130,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
         previous: status_file::read(&status_path),
         status_path,
         workload,
+        backups,
         members: EtcdMembers::default(),
         events,
         fault_after: act::fault_after(),
@@ -165,6 +170,7 @@ struct Operator {
     previous: Option<ConsensusClusterStatus>,
     status_path: PathBuf,
     workload: Workload,
+    backups: backups::Backups,
     members: EtcdMembers,
     events: act::Events,
     /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the step after which this run dies, for tests.
@@ -204,6 +210,7 @@ impl Platform for Operator {
             known.iter().find(|k| k.peer_url() == peer_url).map(|k| k.name.clone())
         });
         let volumes = self.workload.volumes();
+        let now = Timestamp::now();
         let mut observed = Observed {
             generation: Some(self.declaration.generation),
             workload_replicas: self.workload.replicas(),
@@ -213,6 +220,13 @@ impl Platform for Operator {
             volumes,
             lost_data: self.workload.lost_data(),
             established: self.previous.as_ref().is_some_and(|s| s.cluster_id.is_some()),
+            now,
+            last_scheduled_backup: self
+                .previous
+                .as_ref()
+                .and_then(|s| s.last_scheduled_backup.as_ref())
+                .map(|t| t.0),
+            backup_runs: self.backups.observe(now),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);
@@ -236,6 +250,17 @@ impl Platform for Operator {
                 self.workload.create(&self.declaration.name, *replicas, *bootstrap)?;
             }
             Step::Wait { reason } if new => tracing::info!("waiting: {reason}"),
+            Step::TakeBackup { slot, attempt, from } => {
+                let backup_spec =
+                    self.declaration.spec.backup.as_ref().ok_or(act::StepError::NoBackupSpec)?;
+                let member = self.workload.members().iter().find(|m| &m.name == from);
+                let endpoint = member.ok_or_else(|| act::StepError::NoSuchMember(from.clone()))?.client_url();
+                let cluster = &self.declaration.name;
+                let backup = backup_name(cluster, *slot);
+                let run = BackupJob { backup: &backup, slot: *slot, attempt: *attempt, member: from };
+                self.backups.start(backup_spec, cluster, &run, &endpoint, seen.observed.now)?;
+                self.events.emit("BackupStarted", &format!("{backup} attempt={attempt} from={from}"));
+            }
             Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
             // Never planned locally: every member runs this operator's consensus-node.
             Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady | Step::UpdateMember { .. } => {}
@@ -298,8 +323,11 @@ impl Operator {
             &step,
             failure.as_deref(),
             self.previous.as_ref(),
-            Time(Timestamp::now()),
+            Time(observation.observed.now),
         );
+        if let Some(event) = outcome_event(self.previous.as_ref(), &status) {
+            self.events.emit(event.reason, &event.message);
+        }
         if let Err(err) = status_file::write(&self.status_path, &status) {
             tracing::warn!("{err}");
         }

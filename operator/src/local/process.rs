@@ -27,7 +27,7 @@ impl Process {
     pub fn is_running(&mut self) -> bool {
         match self {
             Process::Child(child) => matches!(child.try_wait(), Ok(None)),
-            Process::Adopted { pid, data_dir } => runs_member(*pid, Path::new(data_dir.as_str())),
+            Process::Adopted { pid, data_dir } => runs_with_arg(*pid, Path::new(data_dir.as_str())),
         }
     }
 
@@ -75,14 +75,15 @@ pub fn send_signal(pid: u32, signal: i32) {
     }
 }
 
-/// Whether `pid` is a live (not zombie) process whose command line names `data_dir`, so a
-/// PID reused by an unrelated process is never taken for a member.
-pub fn runs_member(pid: u32, data_dir: &Path) -> bool {
+/// Whether `pid` is a live (not zombie) process with `arg` among its arguments (a member's
+/// data directory, a backup's report file), so a PID reused by an unrelated process is never
+/// taken for ours.
+pub fn runs_with_arg(pid: u32, arg: &Path) -> bool {
     let proc_dir = Path::new("/proc").join(pid.to_string());
     let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else { return false };
     let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else { return false };
     // The state follows the parenthesised command name, which may itself contain spaces.
     let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    let wanted = data_dir.as_os_str().as_encoded_bytes();
+    let wanted = arg.as_os_str().as_encoded_bytes();
     !zombie && cmdline.split(|b| *b == 0).any(|arg| arg == wanted)
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::LocalError;
 use super::atomic::write_atomically;
-use super::process::{Process, runs_member};
+use super::process::{Process, runs_with_arg};
 
 /// How long members get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -109,7 +109,7 @@ impl Workload {
             let pid = std::fs::read_to_string(self.pid_file(&member.name))
                 .ok()
                 .and_then(|text| text.trim().parse::<u32>().ok());
-            if let Some(pid) = pid.filter(|pid| runs_member(*pid, &data_dir)) {
+            if let Some(pid) = pid.filter(|pid| runs_with_arg(*pid, &data_dir)) {
                 tracing::info!(member = %member.name, pid, "adopting a member left running by an earlier run");
                 let data_dir = data_dir.to_string_lossy().into_owned();
                 self.processes.insert(member.name.clone(), Process::Adopted { pid, data_dir });

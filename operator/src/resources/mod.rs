@@ -1,6 +1,7 @@
 //! Pure builders of the objects a ConsensusCluster is made of. No I/O: the Kubernetes
 //! platform applies what these return, and the golden tests pin them down.
 
+pub mod backup;
 mod config;
 mod disruption;
 pub mod labels;
@@ -27,6 +28,8 @@ pub const METRICS_PORT: i32 = 2381;
 pub enum BuildError {
     #[error("the ConsensusCluster has no {0}; it must come from the API server")]
     MissingMetadata(&'static str),
+    #[error("a backup was planned for a ConsensusCluster without spec.backup")]
+    NoBackupSpec,
 }
 
 /// Everything one cluster is made of, in the order it is applied: configuration and

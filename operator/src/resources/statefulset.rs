@@ -110,15 +110,7 @@ fn pod_template(cluster: &Cluster<'_>) -> PodTemplateSpec {
             // Members find each other through DNS; Service variables only add noise that
             // grows with the namespace.
             enable_service_links: Some(false),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(USER_ID),
-                run_as_group: Some(USER_ID),
-                fs_group: Some(USER_ID),
-                fs_group_change_policy: Some("OnRootMismatch".to_owned()),
-                seccomp_profile: Some(runtime_default()),
-                ..PodSecurityContext::default()
-            }),
+            security_context: Some(pod_security_context()),
             topology_spread_constraints: Some(vec![
                 spread(&placement.zone_topology_key, placement.zone_spread, cluster.name),
                 spread(HOSTNAME_KEY, placement.zone_spread, cluster.name),
@@ -152,6 +144,31 @@ fn spread(key: &str, how: ZoneSpread, cluster: &str) -> TopologySpreadConstraint
             ..LabelSelector::default()
         }),
         ..TopologySpreadConstraint::default()
+    }
+}
+
+/// The image's user, as the restricted Pod Security Standard asks: member pods and backup
+/// runs alike.
+pub(super) fn pod_security_context() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(USER_ID),
+        run_as_group: Some(USER_ID),
+        fs_group: Some(USER_ID),
+        fs_group_change_policy: Some("OnRootMismatch".to_owned()),
+        seccomp_profile: Some(runtime_default()),
+        ..PodSecurityContext::default()
+    }
+}
+
+pub(super) fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { add: None, drop: Some(vec!["ALL".to_owned()]) }),
+        seccomp_profile: Some(runtime_default()),
+        ..SecurityContext::default()
     }
 }
 
@@ -212,14 +229,7 @@ fn container(cluster: &Cluster<'_>) -> Container {
         // Replaying a long log before the health port opens must not count as dead.
         startup_probe: Some(probe("/livez", 5, 60)),
         resources: spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { add: None, drop: Some(vec!["ALL".to_owned()]) }),
-            seccomp_profile: Some(runtime_default()),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(container_security_context()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: DATA_VOLUME.to_owned(),

@@ -59,13 +59,20 @@ pub struct Local {
     pub dir: tempfile::TempDir,
     pub node_bin: PathBuf,
     pub operator: Option<Child>,
+    /// Set in the operator's environment (and so its backup runs').
+    pub env: Vec<(String, String)>,
 }
 
 impl Local {
     pub fn new() -> Self {
+        Self::declaring(&std::fs::read_to_string(SAMPLE).expect("the sample"))
+    }
+
+    /// A cluster the test declares itself; it must be named `demo`.
+    pub fn declaring(cluster: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::copy(SAMPLE, dir.path().join("cluster.yaml")).expect("copying the sample");
-        Self { dir, node_bin: node_binary(), operator: None }
+        std::fs::write(dir.path().join("cluster.yaml"), cluster).expect("writing the cluster file");
+        Self { dir, node_bin: node_binary(), operator: None, env: Vec::new() }
     }
 
     pub fn state(&self) -> PathBuf {
@@ -95,6 +102,7 @@ impl Local {
         if let Some(fault) = fault {
             command.env("CONSENSUS_OPERATOR_FAULT_AFTER", fault);
         }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.operator = Some(command.spawn().expect("starting consensus-operator"));
     }
 
@@ -123,20 +131,20 @@ impl Local {
     }
 
     pub fn set_replicas(&self, replicas: i32) {
+        self.edit(|line| {
+            line.trim_start().starts_with("replicas:").then(|| {
+                let indent = &line[..line.len() - line.trim_start().len()];
+                format!("{indent}replicas: {replicas}")
+            })
+        });
+    }
+
+    /// Rewrites the cluster file, each line as `change` says (`None` keeps it).
+    pub fn edit(&self, change: impl Fn(&str) -> Option<String>) {
         let file = self.dir.path().join("cluster.yaml");
         let text = std::fs::read_to_string(&file).expect("read the file");
-        let edited: String = text
-            .lines()
-            .map(|l| {
-                if l.trim_start().starts_with("replicas:") {
-                    let indent = &l[..l.len() - l.trim_start().len()];
-                    format!("{indent}replicas: {replicas}")
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let edited: String =
+            text.lines().map(|l| change(l).unwrap_or_else(|| l.to_owned())).collect::<Vec<_>>().join("\n");
         // Written aside and renamed over the file, as an editor saves: an operator starting
         // at this moment must read the old file or the new one, never the empty file an
         // in-place write leaves for an instant (it refuses to start on that, rightly).
@@ -205,17 +213,23 @@ impl Local {
         }
     }
 
-    /// Kills the operator and every member process by PID.
+    /// Kills the operator, every member process and every backup run by PID.
     pub fn kill_all(&mut self) {
         if let Some(mut operator) = self.operator.take() {
             let _ = operator.kill();
             let _ = operator.wait();
         }
-        let Ok(entries) = std::fs::read_dir(self.state().join("demo")) else { return };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "pid")
-                && let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok())
+        let members = std::fs::read_dir(self.state().join("demo")).into_iter().flatten().flatten();
+        for path in members.map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "pid")) {
+            if let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()) {
+                kill(pid, libc::SIGKILL);
+            }
+        }
+        let runs = std::fs::read_dir(self.state().join("demo.backups")).into_iter().flatten().flatten();
+        for path in runs.map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".run.json")) {
+            let record: Option<serde_json::Value> =
+                std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
+            if let Some(pid) = record.and_then(|r| r.get("pid")?.as_u64()).and_then(|p| u32::try_from(p).ok())
             {
                 kill(pid, libc::SIGKILL);
             }

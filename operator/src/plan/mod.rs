@@ -5,8 +5,8 @@
 //!
 //! `assess` names the situation first and `plan` maps it to a step; membership changes
 //! (adding learners, changing the voters, removing members) are worked out in
-//! `plan_scaling.rs`. `status` derives its conditions from the situation, not the step's
-//! text.
+//! `scaling.rs`, scheduled backups in `backup.rs`. `status` derives its conditions from the
+//! situation, not the step's text.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +15,9 @@ use consensus_crds::{
     condition, validate_spec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use backup::BackupRun;
 
 /// What the platform saw of one cluster in this reconcile.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -46,6 +49,12 @@ pub struct Observed {
     /// Spec changes the platform cannot carry out, each with why; the rest of the spec is
     /// still converged.
     pub refused_changes: Vec<String>,
+    /// When the platform looked: the backup schedule is judged at this time.
+    pub now: Timestamp,
+    /// `status.lastScheduledBackup`: the schedule's slot last started.
+    pub last_scheduled_backup: Option<Timestamp>,
+    /// The backup runs the platform has (Jobs, processes), going and finished.
+    pub backup_runs: Vec<BackupRun>,
 }
 
 impl Observed {
@@ -102,6 +111,9 @@ pub enum Step {
     /// Restarts member `name` onto the workload's current template, on its own volume (its
     /// pod deleted, for the StatefulSet to create it again).
     UpdateMember { name: String },
+    /// Starts the backup for the schedule's `slot` (its `attempt`-th try), a snapshot taken
+    /// from member `from` and streamed to `spec.backup.destination` by a Job or process.
+    TakeBackup { slot: Timestamp, attempt: u32, from: String },
     /// Nothing to do until the situation changes; `reason` says what we wait for.
     Wait { reason: String },
     /// The cluster is in its declared shape.
@@ -120,7 +132,7 @@ impl Step {
             | Step::RemoveMember { .. }
             | Step::DeleteVolume { .. }
             | Step::UpdateMember { .. } => true,
-            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady => false,
+            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady | Step::TakeBackup { .. } => false,
         }
     }
 
@@ -136,6 +148,7 @@ impl Step {
             Step::RemoveMember { .. } => "RemoveMember",
             Step::DeleteVolume { .. } => "DeleteVolume",
             Step::UpdateMember { .. } => "UpdateMember",
+            Step::TakeBackup { .. } => "TakeBackup",
             Step::Wait { .. } => "Wait",
             Step::Steady => "Steady",
         }
@@ -366,9 +379,18 @@ impl Situation {
     }
 }
 
-/// The single next step for `spec` given what was `observed`.
+/// The single next step for `spec` given what was `observed`: the membership's, with
+/// scheduled backups folded in (`backup::with_backups`).
 pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
-    match assess(spec, observed) {
+    let situation = assess(spec, observed);
+    // Nothing changes the membership: a backup may start, also while a member is down (a
+    // degraded cluster is when a backup is worth most).
+    let quiet = matches!(situation, Situation::Steady | Situation::MembersUnhealthy(_));
+    backup::with_backups(spec, observed, membership_step(spec, observed, situation), quiet)
+}
+
+fn membership_step(spec: &ConsensusClusterSpec, observed: &Observed, situation: Situation) -> Step {
+    match situation {
         Situation::InvalidSpec(reason) => Step::RefuseSpec { reason },
         Situation::NotCreated => Step::CreateWorkload {
             replicas: spec.replicas,
@@ -417,10 +439,10 @@ fn condition(
     NewCondition { type_, status, reason, message: message.into() }
 }
 
-/// The status for this reconcile: phase, members, leader and conditions, keeping each
-/// condition's `lastTransitionTime` from `previous` while its status is unchanged, and the
-/// fields other parts of the operator own (selector, backups) as they were. `failure` is
-/// why carrying out `step` failed, when it did.
+/// The status for this reconcile: phase, members, leader, backups and conditions, keeping
+/// each condition's `lastTransitionTime` from `previous` while its status is unchanged, and
+/// the fields other parts of the operator own (the selector) as they were. `failure` is why
+/// carrying out `step` failed, when it did.
 pub fn status(
     spec: &ConsensusClusterSpec,
     observed: &Observed,
@@ -430,6 +452,12 @@ pub fn status(
     now: Time,
 ) -> ConsensusClusterStatus {
     let situation = assess(spec, observed);
+    let backups = backup::backup_status(spec, observed, step, failure, previous);
+    // A backup started is reported by BackupSucceeded; the membership is where it was.
+    let (step, failure) = match step {
+        Step::TakeBackup { .. } => (&membership_step(spec, observed, situation.clone()), None),
+        step => (step, failure),
+    };
     let stuck = learners_stuck(&situation, previous, &now);
     let health = Health::of(observed);
     let has_quorum = health.as_ref().is_some_and(Health::has_quorum);
@@ -481,10 +509,13 @@ pub fn status(
         available(health.as_ref(), observed),
         progressing(&situation, step, failure, stuck),
         degraded(&situation, observed, step, quorum_lost, stuck),
-        quorum_lost_condition(&situation, quorum_lost, established),
+        quorum_lost_condition(spec, &situation, quorum_lost, established),
         zone_condition(observed),
     ];
-    conditions.extend(backup_condition(spec));
+    // BackupSucceeded is dropped with spec.backup, and kept as it was while a backup is
+    // being taken.
+    let keeps_backup_condition = spec.backup.is_some() && backups.condition.is_none();
+    conditions.extend(backups.condition);
     let mut conditions: Vec<Condition> =
         conditions.into_iter().map(|c| to_condition(c, observed.generation, previous, &now)).collect();
     // Conditions this planner does not decide stay as their owners wrote them.
@@ -495,9 +526,12 @@ pub fn status(
             condition::DEGRADED,
             condition::QUORUM_LOST,
             condition::ZONE_FAULT_TOLERANT,
-            condition::BACKUP_SUCCEEDED,
         ];
-        conditions.extend(previous.conditions.iter().filter(|c| !ours.contains(&c.type_.as_str())).cloned());
+        let kept = |c: &&Condition| {
+            !ours.contains(&c.type_.as_str())
+                && (c.type_ != condition::BACKUP_SUCCEEDED || keeps_backup_condition)
+        };
+        conditions.extend(previous.conditions.iter().filter(kept).cloned());
     }
 
     ConsensusClusterStatus {
@@ -514,8 +548,9 @@ pub fn status(
             .or_else(|| previous.and_then(|p| p.cluster_id.clone())),
         version: running_version(spec, observed).or_else(|| previous.and_then(|p| p.version.clone())),
         conditions,
-        last_backup: previous.and_then(|p| p.last_backup.clone()),
-        next_backup: previous.and_then(|p| p.next_backup.clone()),
+        last_backup: backups.last_backup,
+        next_backup: backups.next_backup,
+        last_scheduled_backup: backups.last_scheduled,
     }
 }
 
@@ -618,6 +653,10 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
         (Step::Wait { reason }, Situation::UpdateBlocked(_)) => {
             condition(TYPE, true, "WaitingForCatchUp", reason.clone())
         }
+        // The change is ready but a backup is being taken (`backup::with_backups`).
+        (Step::Wait { reason }, Situation::Changing(_) | Situation::Updating(_)) => {
+            condition(TYPE, true, "WaitingForBackup", reason.clone())
+        }
         (Step::Wait { reason }, Situation::ChangeBlocked { .. }) => {
             // A new member that has not answered within its grace will not start answering
             // by itself; claiming progress would hide that only scaling back moves on.
@@ -638,7 +677,9 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
             _,
         ) => condition(TYPE, true, step.name(), describe(step)),
         (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
-        (Step::Steady, _) => condition(TYPE, false, "Reconciled", "the cluster is in its declared shape"),
+        (Step::Steady | Step::TakeBackup { .. }, _) => {
+            condition(TYPE, false, "Reconciled", "the cluster is in its declared shape")
+        }
     }
 }
 
@@ -706,33 +747,37 @@ fn degraded(
     }
 }
 
-fn quorum_lost_condition(situation: &Situation, quorum_lost: bool, established: bool) -> NewCondition {
+fn quorum_lost_condition(
+    spec: &ConsensusClusterSpec,
+    situation: &Situation,
+    quorum_lost: bool,
+    established: bool,
+) -> NewCondition {
     const TYPE: &str = condition::QUORUM_LOST;
+    // Declared but not acted on: said here, where a person looks when quorum is lost, and
+    // while it is not, before they count on it.
+    let not_restored = if spec.recovery.auto_restore {
+        "; spec.recovery.autoRestore is set, but this operator does not restore a cluster \
+         automatically yet: after a quorum loss, restore a backup by hand (consensus-node restore)"
+    } else {
+        ""
+    };
     if quorum_lost {
         let message = match situation {
             Situation::NoQuorum { .. } | Situation::NoMemberAnswers => situation.wait_reason(),
             _ => "fewer than a quorum of voters are healthy".to_owned(),
         };
-        condition(TYPE, true, "NotEnoughHealthyVoters", message)
+        condition(TYPE, true, "NotEnoughHealthyVoters", format!("{message}{not_restored}"))
     } else if established {
-        condition(TYPE, false, "QuorumHealthy", "a leader and a quorum of healthy voters")
+        condition(
+            TYPE,
+            false,
+            "QuorumHealthy",
+            format!("a leader and a quorum of healthy voters{not_restored}"),
+        )
     } else {
-        condition(TYPE, false, "Bootstrapping", "the cluster has not had a leader yet")
+        condition(TYPE, false, "Bootstrapping", format!("the cluster has not had a leader yet{not_restored}"))
     }
-}
-
-/// `spec.backup` is declared but no operator code takes scheduled backups yet: said where a
-/// platform team looks, rather than left to look as if it were done.
-fn backup_condition(spec: &ConsensusClusterSpec) -> Option<NewCondition> {
-    spec.backup.as_ref()?;
-    Some(condition(
-        condition::BACKUP_SUCCEEDED,
-        false,
-        "NotScheduled",
-        "spec.backup is declared, but this operator does not take scheduled backups yet: none has \
-         been taken for it. Take one with `consensus-node backup --endpoint MEMBER --to DESTINATION \
-         --name NAME` (it writes the snapshot and its manifest, and prunes with --retain-count)",
-    ))
 }
 
 fn zone_condition(observed: &Observed) -> NewCondition {
@@ -775,10 +820,9 @@ fn zone_condition(observed: &Observed) -> NewCondition {
     }
 }
 
-#[path = "plan_scaling.rs"]
+pub mod backup;
 mod scaling;
 pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, log_caught_up, ordinal};
 
 #[cfg(test)]
-#[path = "plan_tests.rs"]
 mod tests;

@@ -149,6 +149,7 @@ impl Model {
             Step::UpdateMember { name } => {
                 panic!("restarting {name}, though every member runs the current template")
             }
+            Step::TakeBackup { .. } => panic!("a backup taken, though the spec declares none"),
             Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
         }
         assert!(!self.voters().is_multiple_of(2), "{} voters after {step:?}", self.voters());

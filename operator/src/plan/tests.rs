@@ -285,18 +285,6 @@ fn a_refused_spec_change_is_reported_while_the_rest_of_the_spec_converges() {
     assert_eq!((status.phase, status.observed_generation), (Some(Phase::Degraded), Some(1)));
 }
 
-#[test]
-fn a_declared_backup_that_nothing_takes_says_so() {
-    let declared = status_now(&spec_with_schedule(3, "@daily"), &running(3));
-    let backup = find(&declared, condition::BACKUP_SUCCEEDED);
-    assert_eq!((backup.status.as_str(), backup.reason.as_str()), ("False", "NotScheduled"));
-    assert!(backup.message.contains("does not take scheduled backups yet"), "{}", backup.message);
-    assert_eq!(declared.next_backup, None, "no backup is promised");
-    // Without spec.backup there is nothing to say, and an old word about it goes.
-    let without = status(&spec(3), &running(3), &Step::Steady, None, Some(&declared), at(1001));
-    assert!(without.conditions.iter().all(|c| c.type_ != condition::BACKUP_SUCCEEDED));
-}
-
 /// `running(n)` with the members listed in `outdated` on the old template.
 fn updating(n: u64, outdated: &[u64]) -> Observed {
     let mut observed = running(n);
@@ -569,4 +557,16 @@ proptest! {
         let second = status(&spec, &observed, &step, None, Some(&first), at(2));
         prop_assert_eq!(first, second);
     }
+}
+
+#[test]
+fn an_automatic_restore_that_is_not_done_yet_says_so() {
+    let mut asked = spec(3);
+    asked.recovery.auto_restore = true;
+    let status = status_now(&asked, &running(3));
+    let quorum = find(&status, condition::QUORUM_LOST);
+    assert_eq!(quorum.status, "False");
+    assert!(quorum.message.contains("does not restore a cluster automatically yet"), "{}", quorum.message);
+    let plain = status_now(&spec(3), &running(3));
+    assert!(!find(&plain, condition::QUORUM_LOST).message.contains("autoRestore"));
 }

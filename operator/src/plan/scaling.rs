@@ -334,5 +334,5 @@ fn sorted_ids(members: &[&ObservedMember]) -> Vec<u64> {
 }
 
 #[cfg(test)]
-#[path = "plan_scaling_tests.rs"]
+#[path = "scaling_tests.rs"]
 mod tests;

@@ -1,0 +1,350 @@
+//! What a backup run executes and what it reports back, the same on both platforms: the
+//! `consensus-node backup` command line (a Job's container on Kubernetes, a process
+//! locally), and the outcome it writes to its report file (the Job's termination message,
+//! a file locally).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use consensus_crds::{BackupSpec, ConsensusCluster, parse_duration};
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, SecretKeySelector, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use serde::Deserialize;
+
+use super::statefulset::{container_security_context, pod_security_context};
+use super::{BuildError, Cluster, labels, member_client_url};
+use crate::plan::backup::{RUN_DEADLINE, RunOutcome, Taken};
+
+/// Annotations of a backup Job: what the run is, read back when it is observed.
+pub const BACKUP_ANNOTATION: &str = "consensus.dev/backup";
+pub const SLOT_ANNOTATION: &str = "consensus.dev/backup-slot";
+pub const ATTEMPT_ANNOTATION: &str = "consensus.dev/backup-attempt";
+pub const MEMBER_ANNOTATION: &str = "consensus.dev/backup-member";
+/// `app.kubernetes.io/name` of backup runs: not the members' (`consensus-node`), so no
+/// Service, budget or spread constraint of the members ever counts a backup pod.
+pub const APP_NAME: &str = "consensus-backup";
+pub const CONTAINER: &str = "backup";
+/// Where a volume destination is mounted in the backup pod.
+pub const VOLUME_MOUNT: &str = "/backup";
+/// The container's termination message is the run's report.
+const REPORT_PATH: &str = "/dev/termination-log";
+
+/// Selects the backup runs of one cluster.
+pub fn run_labels(cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_owned(), APP_NAME.to_owned()),
+        (labels::INSTANCE.to_owned(), cluster.to_owned()),
+        (labels::COMPONENT.to_owned(), "backup".to_owned()),
+        (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
+    ])
+}
+
+pub fn run_selector(cluster: &str) -> String {
+    run_labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// One backup run to make a Job of.
+pub struct BackupJob<'a> {
+    pub backup: &'a str,
+    pub slot: Timestamp,
+    pub attempt: u32,
+    pub member: &'a str,
+}
+
+/// `<cluster>-backup-<slot>-<attempt>`, within the 63 characters a Job's name may have (its
+/// pods carry it as a label value): a long cluster name is cut, the slot never.
+pub fn job_name(cluster: &str, slot: Timestamp, attempt: u32) -> String {
+    let suffix = format!("-backup-{}-{attempt}", slot.strftime("%Y%m%d%H%M%S"));
+    let keep = 63usize.saturating_sub(suffix.len()).min(cluster.len());
+    let mut cut = keep;
+    while !cluster.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", cluster[..cut].trim_end_matches('-'))
+}
+
+/// The Job that takes `run`: the node image running `consensus-node backup` against the
+/// member's own address, the S3 credentials from the Secret the spec names, the volume
+/// destination mounted; it tries once (the planner decides retries) and is stopped at the
+/// run deadline. Owned by the cluster, so deleting the cluster deletes its runs.
+pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError> {
+    let cluster = Cluster::new(cc)?;
+    let backup = cc.spec.backup.as_ref().ok_or(BuildError::NoBackupSpec)?;
+    let endpoint = member_client_url(cluster.name, cluster.namespace, run.member);
+    let to = destination_url(backup, cluster.namespace, cluster.name, Path::new(VOLUME_MOUNT));
+    let mut env = Vec::new();
+    let mut volumes = vec![Volume {
+        name: "tmp".to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    let mut mounts =
+        vec![VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() }];
+    if let Some(s3) = &backup.destination.s3 {
+        let secret = &s3.credentials_secret;
+        for (name, key) in [
+            ("AWS_ACCESS_KEY_ID", &secret.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", &secret.secret_access_key_key),
+        ] {
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        }
+    }
+    if let Some(volume) = &backup.destination.volume {
+        volumes.push(Volume {
+            name: "destination".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: volume.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "destination".to_owned(),
+            mount_path: VOLUME_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        });
+    }
+    let labels = run_labels(cluster.name);
+    let annotations = BTreeMap::from([
+        (BACKUP_ANNOTATION.to_owned(), run.backup.to_owned()),
+        (SLOT_ANNOTATION.to_owned(), run.slot.to_string()),
+        (ATTEMPT_ANNOTATION.to_owned(), run.attempt.to_string()),
+        (MEMBER_ANNOTATION.to_owned(), run.member.to_owned()),
+    ]);
+    let mut metadata = cluster.metadata(job_name(cluster.name, run.slot, run.attempt));
+    metadata.labels = Some(labels.clone());
+    metadata.annotations = Some(annotations);
+    Ok(Job {
+        metadata,
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            active_deadline_seconds: Some(i64::try_from(RUN_DEADLINE.as_secs()).unwrap_or(i64::MAX)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    enable_service_links: Some(false),
+                    security_context: Some(pod_security_context()),
+                    containers: vec![Container {
+                        name: CONTAINER.to_owned(),
+                        image: Some(cc.spec.image.clone()),
+                        image_pull_policy: Some("IfNotPresent".to_owned()),
+                        command: Some(vec!["consensus-node".to_owned()]),
+                        args: Some(command(backup, run.backup, &endpoint, &to, REPORT_PATH)),
+                        env: (!env.is_empty()).then_some(env),
+                        security_context: Some(container_security_context()),
+                        volume_mounts: Some(mounts),
+                        ..Container::default()
+                    }],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// Where the backups of `cluster` go: `s3://BUCKET/PREFIX`, the prefix `<namespace>/<cluster>`
+/// unless the spec names one; or the directory `path` inside the volume mounted at
+/// `volume_root`.
+pub fn destination_url(backup: &BackupSpec, namespace: &str, cluster: &str, volume_root: &Path) -> String {
+    match (&backup.destination.s3, &backup.destination.volume) {
+        (Some(s3), _) => {
+            let prefix = s3
+                .prefix
+                .as_deref()
+                .map(|p| p.trim_matches('/'))
+                .filter(|p| !p.is_empty())
+                .map_or_else(|| format!("{namespace}/{cluster}"), str::to_owned);
+            format!("s3://{}/{prefix}", s3.bucket)
+        }
+        (None, Some(volume)) => {
+            let dir = volume_root.join(volume.path.trim_start_matches('/'));
+            format!("file://{}", dir.display().to_string().trim_end_matches('/'))
+        }
+        // validate_spec refuses a spec without a destination before any backup is planned.
+        (None, None) => String::new(),
+    }
+}
+
+/// One run's `consensus-node` arguments: the snapshot of the member at `endpoint` stored as
+/// `backup` in `to`, retention applied after it, the outcome written to `report`. S3
+/// credentials are not among them: they come from the environment, which no process
+/// list shows.
+pub fn command(spec: &BackupSpec, backup: &str, endpoint: &str, to: &str, report: &str) -> Vec<String> {
+    let mut args: Vec<String> =
+        ["backup", "--endpoint", endpoint, "--to", to, "--name", backup, "--report", report]
+            .map(str::to_owned)
+            .to_vec();
+    if let Some(s3) = &spec.destination.s3 {
+        args.extend(["--s3-region".to_owned(), s3.region.clone()]);
+        if let Some(endpoint) = &s3.endpoint {
+            args.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
+        }
+        if s3.force_path_style {
+            args.push("--s3-path-style".to_owned());
+        }
+    }
+    let retention = &spec.retention;
+    args.extend(["--retain-count".to_owned(), retention.max_count.to_string()]);
+    if let Some(max_age) = retention.max_age.as_deref().and_then(|age| parse_duration(age).ok()) {
+        args.extend(["--retain-max-age-seconds".to_owned(), max_age.as_secs().to_string()]);
+    }
+    if retention.tiered {
+        args.push("--retain-tiered".to_owned());
+    }
+    args
+}
+
+/// The report file, as `consensus-node backup --report` writes it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Report {
+    Succeeded { manifest: Manifest, pruned: Vec<String> },
+    Failed { error: String },
+}
+
+/// The fields of a backup's manifest the operator records.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    location: String,
+    sha256: String,
+    size_bytes: u64,
+    revision: i64,
+    /// RFC 3339.
+    taken: String,
+}
+
+/// A finished run's outcome from its report; `finished` is when the run ended (a failure's
+/// time). A report that cannot be read is a failure that says so.
+pub fn outcome(report: &str, finished: Timestamp) -> RunOutcome {
+    let unreadable = |why: String| RunOutcome::Failed {
+        at: finished,
+        reason: format!(
+            "the run's report is unreadable ({why}): {}",
+            report.chars().take(200).collect::<String>()
+        ),
+    };
+    match serde_json::from_str::<Report>(report) {
+        Ok(Report::Succeeded { manifest, pruned }) => match manifest.taken.parse() {
+            Ok(taken) => RunOutcome::Succeeded(Box::new(Taken {
+                location: manifest.location,
+                sha256: manifest.sha256,
+                size_bytes: manifest.size_bytes,
+                revision: manifest.revision,
+                taken,
+                pruned,
+            })),
+            Err(error) => unreadable(format!("taken: {error}")),
+        },
+        Ok(Report::Failed { error }) => RunOutcome::Failed { at: finished, reason: error },
+        Err(error) => unreadable(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use consensus_crds::{
+        BackupDestination, RetentionSpec, S3CredentialsSecretRef, S3Destination, VolumeDestination,
+    };
+
+    use super::*;
+
+    fn s3_spec(prefix: Option<&str>) -> BackupSpec {
+        BackupSpec {
+            schedule: "@hourly".to_owned(),
+            destination: BackupDestination {
+                s3: Some(S3Destination {
+                    bucket: "backups".to_owned(),
+                    prefix: prefix.map(str::to_owned),
+                    endpoint: Some("http://s3.local:9000".to_owned()),
+                    region: "eu-west-1".to_owned(),
+                    force_path_style: true,
+                    credentials_secret: S3CredentialsSecretRef {
+                        name: "s3".to_owned(),
+                        access_key_id_key: "AWS_ACCESS_KEY_ID".to_owned(),
+                        secret_access_key_key: "AWS_SECRET_ACCESS_KEY".to_owned(),
+                    },
+                }),
+                volume: None,
+            },
+            retention: RetentionSpec { max_count: 3, max_age: Some("2d".to_owned()), tiered: true },
+            suspend: false,
+        }
+    }
+
+    #[test]
+    fn an_s3_destination_defaults_its_prefix_to_the_namespace_and_cluster() {
+        let root = Path::new("/unused");
+        assert_eq!(destination_url(&s3_spec(None), "prod", "locks", root), "s3://backups/prod/locks");
+        assert_eq!(destination_url(&s3_spec(Some("/team/a/")), "prod", "locks", root), "s3://backups/team/a");
+    }
+
+    #[test]
+    fn a_volume_destination_is_a_directory_on_the_mounted_volume() {
+        let mut spec = s3_spec(None);
+        spec.destination = BackupDestination {
+            s3: None,
+            volume: Some(VolumeDestination { claim_name: "keep".to_owned(), path: "/".to_owned() }),
+        };
+        assert_eq!(destination_url(&spec, "prod", "locks", Path::new("/backup")), "file:///backup");
+        spec.destination.volume.as_mut().expect("volume").path = "/locks/daily".to_owned();
+        assert_eq!(
+            destination_url(&spec, "prod", "locks", Path::new("/backup")),
+            "file:///backup/locks/daily"
+        );
+    }
+
+    #[test]
+    fn the_command_carries_the_store_and_retention_but_no_credentials() {
+        let args = command(&s3_spec(None), "locks-20261201T100000Z", "http://m1:2379", "s3://b/p", "/report");
+        let line = args.join(" ");
+        assert_eq!(
+            line,
+            "backup --endpoint http://m1:2379 --to s3://b/p --name locks-20261201T100000Z --report /report \
+             --s3-region eu-west-1 --s3-endpoint http://s3.local:9000 --s3-path-style --retain-count 3 \
+             --retain-max-age-seconds 172800 --retain-tiered"
+        );
+        assert!(!line.contains("AWS_"), "{line}");
+    }
+
+    #[test]
+    fn a_report_becomes_the_run_outcome() {
+        let finished: Timestamp = "2026-12-01T10:00:05Z".parse().expect("time");
+        let succeeded = r#"{"succeeded":{"manifest":{"name":"n","location":"s3://b/p/n.snapshot","sha256":"ab",
+            "sizeBytes":4096,"revision":12,"hashKv":7,"compactRevision":0,"clusterId":"1","memberId":"2",
+            "memberVersion":"3.5.0","taken":"2026-12-01T10:00:01Z"},"pruned":["old"]}}"#;
+        let RunOutcome::Succeeded(taken) = outcome(succeeded, finished) else { panic!("not a success") };
+        assert_eq!(
+            (taken.revision, taken.size_bytes, taken.pruned.as_slice()),
+            (12, 4096, &["old".to_owned()][..])
+        );
+        assert_eq!(taken.taken, "2026-12-01T10:00:01Z".parse::<Timestamp>().expect("time"));
+        let failed = outcome(r#"{"failed":{"error":"s3://b/p cannot be listed: 403"}}"#, finished);
+        assert_eq!(
+            failed,
+            RunOutcome::Failed { at: finished, reason: "s3://b/p cannot be listed: 403".to_owned() }
+        );
+        let RunOutcome::Failed { reason, .. } = outcome("{\"succ", finished) else { panic!("not a failure") };
+        assert!(reason.contains("unreadable"), "{reason}");
+    }
+}
