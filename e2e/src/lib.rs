@@ -135,4 +135,5 @@ impl Drop for TestNamespace {
 pub mod cluster_services;
 pub mod kubelet;
 pub mod load;
+pub mod s3;
 pub mod scenario;

@@ -157,6 +157,14 @@ pub fn metric_sum(exposition: &str, series: &str) -> f64 {
         .sum()
 }
 
+/// An address of this machine that pods reach: the pod bridge's own address on the local
+/// control plane (hack/cluster-net.sh); elsewhere `E2E_POD_REACHABLE_ADDRESS` (on kind, the
+/// Docker network's gateway, often 172.18.0.1).
+pub fn pod_reachable_address() -> std::net::IpAddr {
+    let address = std::env::var("E2E_POD_REACHABLE_ADDRESS").unwrap_or_else(|_| "10.244.0.1".to_owned());
+    address.parse().unwrap_or_else(|e| panic!("E2E_POD_REACHABLE_ADDRESS {address:?}: {e}"))
+}
+
 /// A ConsensusCluster named `name` in a test namespace, which goes with the last cluster in it.
 pub struct Cluster {
     pub namespace: Arc<TestNamespace>,

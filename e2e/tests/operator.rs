@@ -10,9 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use consensus_e2e::load::{Sampler, Writer};
+use consensus_e2e::s3::{ACCESS_KEY, SECRET_KEY};
 use consensus_e2e::scenario::{
     Cluster, DEADLINE, OPERATOR_LABEL, OPERATOR_NAMESPACE, Timer, condition, deploy_operator, http_get,
-    metric_sum, node_zones, pods, wait_for_lease_holder,
+    metric_sum, node_zones, pod_reachable_address, pods, wait_for_lease_holder,
 };
 use consensus_e2e::{TestNamespace, etcdctl, etcdctl_try, kubectl, kubectl_json, kubectl_ok, wait_until};
 
@@ -897,6 +898,134 @@ fn scenario_14_a_cluster_that_ran_never_bootstraps_again_and_kept_volumes_are_ad
     );
     let endpoint = cluster.endpoints()["demo-2"].clone();
     assert_eq!(etcdctl(&endpoint, &["get", "--print-value-only", "/e2e/before"]).trim(), "kept");
+}
+
+/// A backup section for `THREE` (every minute, two kept) writing to `destination` (the YAML
+/// under `destination:`, indented for it).
+fn backed_up(destination: &str, suspend: bool) -> String {
+    format!(
+        "{THREE}  backup:\n    schedule: \"* * * * *\"\n    suspend: {suspend}\n    retention:\n      maxCount: 2\n    \
+         destination:\n{destination}"
+    )
+}
+
+fn s3_destination(endpoint: &str, bucket: &str, secret: &str) -> String {
+    format!(
+        "      s3:\n        bucket: {bucket}\n        endpoint: {endpoint}\n        forcePathStyle: true\n        \
+         credentialsSecret:\n          name: {secret}\n"
+    )
+}
+
+fn create_s3_secret(cluster: &Cluster, name: &str, secret_key: &str) {
+    let (id, key) = (
+        format!("--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}"),
+        format!("--from-literal=AWS_SECRET_ACCESS_KEY={secret_key}"),
+    );
+    cluster.kubectl(&["create", "secret", "generic", name, &id, &key]);
+}
+
+/// The BackupSucceeded condition once its message contains `expected`.
+fn wait_for_backup_condition(cluster: &Cluster, reason: &str, expected: &str) -> String {
+    wait_until(DEADLINE, &format!("BackupSucceeded {reason} saying {expected:?}"), || {
+        let (_, now, message) = cluster.condition("BackupSucceeded")?;
+        (now == reason && message.contains(expected)).then_some(message)
+    })
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_15_scheduled_backups_are_taken_by_jobs_straight_to_an_s3_server() {
+    let _timer = Timer::start("15 scheduled backups to S3");
+    deploy_operator();
+    let runtime = runtime();
+    let root = tempfile::tempdir().expect("a temp dir");
+    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
+    let endpoint = runtime.block_on(consensus_e2e::s3::serve(root.path(), pod_reachable_address()));
+    let cluster =
+        Cluster::create("cc-backups", "demo", &backed_up(&s3_destination(&endpoint, "backups", "s3"), true));
+    create_s3_secret(&cluster, "s3", SECRET_KEY);
+    cluster.wait_running(3);
+    let (_, reason, _) = cluster.condition("BackupSucceeded").expect("BackupSucceeded");
+    assert_eq!(reason, "Suspended");
+    let leader = cluster.status()["leader"].as_str().expect("a leader").to_owned();
+    let writer = &cluster.endpoints()[&leader];
+    for i in 0..50 {
+        etcdctl(writer, &["put", &format!("/e2e/kept/{i:02}"), "value"]);
+    }
+    let written: i64 = etcdctl(writer, &["get", "/e2e/kept/49", "-w", "json"])
+        .split("\"mod_revision\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .expect("the last put's revision");
+
+    // Resumed: the newest slot at once, by a Job from a follower, into the bucket.
+    cluster.apply(&backed_up(&s3_destination(&endpoint, "backups", "s3"), false));
+    let record = wait_until(DEADLINE, "a backup in status", || {
+        let status = cluster.status();
+        status["lastBackup"].is_object().then(|| status["lastBackup"].clone())
+    });
+    let name = record["name"].as_str().expect("a name");
+    assert!(
+        record["revision"].as_i64().expect("a revision") >= written,
+        "{record} before revision {written}"
+    );
+    let (value, reason, message) = cluster.condition("BackupSucceeded").expect("BackupSucceeded");
+    assert_eq!((value.as_str(), reason.as_str()), ("True", "BackupTaken"), "{message}");
+    assert_events(&cluster, &["BackupStarted", "BackupSucceeded"]);
+    let object = root.path().join("backups").join(cluster.ns()).join("demo").join(format!("{name}.snapshot"));
+    let bytes = std::fs::read(&object).unwrap_or_else(|e| panic!("{}: {e}", object.display()));
+    assert_eq!(bytes.len() as i64, record["sizeBytes"].as_i64().expect("a size"));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(object.with_extension("json")).expect("the manifest beside it"),
+    )
+    .expect("a JSON manifest");
+    assert_eq!(manifest["sha256"], record["sha256"]);
+    assert_ne!(manifest["memberId"], serde_json::Value::Null);
+    // Its pod is no member: none of the members' selector labels.
+    let runs = pods(cluster.ns(), "app.kubernetes.io/name=consensus-backup");
+    assert!(!runs.is_empty(), "no backup pod left to look at");
+    let members = pods(cluster.ns(), "app.kubernetes.io/name=consensus-node");
+    assert!(
+        members.iter().all(|m| !runs.iter().any(|r| r.name == m.name)),
+        "a backup pod counted as a member"
+    );
+    assert_eq!(members.len(), 3);
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_16_a_backup_that_cannot_be_taken_says_why_is_tried_again_and_leaves_the_cluster_serving() {
+    let _timer = Timer::start("16 backups that cannot be taken");
+    deploy_operator();
+    let runtime = runtime();
+    let root = tempfile::tempdir().expect("a temp dir");
+    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
+    let endpoint = runtime.block_on(consensus_e2e::s3::serve(root.path(), pod_reachable_address()));
+    // A destination claim that does not exist: refused before any Job is made.
+    let volume = "      volume:\n        claimName: absent\n";
+    let cluster = Cluster::create("cc-bad-backups", "demo", &backed_up(volume, false));
+    cluster.wait_running(3);
+    wait_for_backup_condition(&cluster, "StartFailed", "PersistentVolumeClaim");
+    // A Secret that does not exist: the Job's pod cannot start, which names it.
+    cluster.apply(&backed_up(&s3_destination(&endpoint, "backups", "missing"), false));
+    wait_for_backup_condition(&cluster, "BackupFailed", "missing");
+    // Wrong credentials, a bucket that is not there, a store nobody answers on.
+    create_s3_secret(&cluster, "wrong", "not-the-secret");
+    cluster.apply(&backed_up(&s3_destination(&endpoint, "backups", "wrong"), false));
+    wait_for_backup_condition(&cluster, "BackupFailed", "cannot be listed");
+    create_s3_secret(&cluster, "s3", SECRET_KEY);
+    cluster.apply(&backed_up(&s3_destination(&endpoint, "no-such-bucket", "s3"), false));
+    wait_for_backup_condition(&cluster, "BackupFailed", "s3://no-such-bucket");
+    let closed = format!("http://{}:9", pod_reachable_address());
+    cluster.apply(&backed_up(&s3_destination(&closed, "backups", "s3"), false));
+    wait_for_backup_condition(&cluster, "BackupFailed", &format!("{}:9/", pod_reachable_address()));
+    let warnings = cluster.events().iter().filter(|e| e.starts_with("BackupFailed:")).count();
+    assert!(warnings >= 4, "one event per failure:\n{}", cluster.events().join("\n"));
+    // Through all of it the cluster served as declared, and a good destination works.
+    let status = cluster.wait_running(3);
+    assert_eq!(condition(&status, "Available").map(|c| c.0).as_deref(), Some("True"));
+    cluster.apply(&backed_up(&s3_destination(&endpoint, "backups", "s3"), false));
+    wait_for_backup_condition(&cluster, "BackupTaken", "holds revision");
 }
 
 /// The operator scaled to no replicas for the length of a scenario step, and back to two

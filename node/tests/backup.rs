@@ -9,40 +9,10 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+use consensus_e2e::s3::{self, ACCESS_KEY, SECRET_KEY};
 use consensus_node::backup::{Manifest, Report};
 use sha2::{Digest, Sha256};
 use support::*;
-
-const ACCESS_KEY: &str = "backup-test-key";
-const SECRET_KEY: &str = "backup-test-secret";
-
-/// s3s-fs serving `root` on a free loopback port until the test's runtime ends.
-async fn s3_server(root: &Path) -> String {
-    let fs = s3s_fs::FileSystem::new(root).expect("an s3s-fs root");
-    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-    let service = builder.build();
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("a port");
-    let address = listener.local_addr().expect("its address");
-    tokio::spawn(async move {
-        while let Ok((socket, _)) = listener.accept().await {
-            let service = service.clone();
-            tokio::spawn(async move {
-                let io = hyper_util::rt::TokioIo::new(socket);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
-            });
-        }
-    });
-    format!("http://{address}")
-}
-
-/// An s3s-fs server with one bucket, `backups`, and its root directory.
-async fn s3_with_bucket() -> (tempfile::TempDir, String) {
-    let root = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
-    let url = s3_server(root.path()).await;
-    (root, url)
-}
 
 /// `consensus-node backup` with `args`, the test's S3 credentials in its environment.
 fn backup(args: &[&str], secret: &str) -> Output {
@@ -117,7 +87,7 @@ fn assert_stored_as_the_manifest_says(file: &Path, manifest: &Manifest) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_to_s3_is_the_snapshot_with_its_manifest_and_restores_every_key() {
     let (cluster, follower) = cluster_with_data().await;
-    let (root, s3) = s3_with_bucket().await;
+    let (root, s3) = s3::with_bucket("backups").await;
     let revision = cluster.members[0].status().await.expect("status").header.expect("header").revision;
 
     let args = ["--endpoint", &follower, "--to", "s3://backups/prod/demo", "--name", "demo-1"];
@@ -160,7 +130,7 @@ async fn a_backup_to_a_directory_lands_whole_under_its_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_a_clear_error_and_stores_nothing() {
     let (_cluster, follower) = cluster_with_data().await;
-    let (root, s3) = s3_with_bucket().await;
+    let (root, s3) = s3::with_bucket("backups").await;
     let to_s3 = |bucket: &str, endpoint: &str, secret: &str| {
         let to = format!("s3://{bucket}/p");
         let args = [

@@ -24,7 +24,7 @@ use super::metrics::Metrics;
 use super::observe::{Observation, observe};
 use super::{Error, backups};
 use crate::membership::{self, MembershipError};
-use crate::plan::backup::{backup_name, outcome_event};
+use crate::plan::backup::{self, backup_name, outcome_event};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::{BackupJob, job_name};
@@ -108,7 +108,7 @@ pub async fn converge_with<M: membership::Members>(
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
     acted?;
     events.finish()?;
-    Ok(Action::requeue(match step {
+    let planned = match step {
         Step::Steady => STEADY_RECHECK,
         // A refused spec changes only when the resource does, which triggers a reconcile.
         Step::RefuseSpec { .. } => STEADY_RECHECK * 5,
@@ -124,7 +124,10 @@ pub async fn converge_with<M: membership::Members>(
         | Step::RemoveMember { .. }
         | Step::DeleteVolume { .. }
         | Step::UpdateMember { .. } => STEP_RECHECK,
-    }))
+    };
+    // Nothing on the API server changes when a backup slot comes or a failed one is due again.
+    let schedule = backup::wake_in(&cc.spec, &observation.observed).unwrap_or(planned);
+    Ok(Action::requeue(planned.min(schedule)))
 }
 
 /// The Kubernetes platform, for one reconcile of one cluster: observed through the API

@@ -139,6 +139,26 @@ pub fn due(
     }
 }
 
+/// How long until the schedule asks for something: the next try of a failed run or the next
+/// slot, whichever comes first. A platform that looks again only when something changes
+/// (Kubernetes) looks again then; `None` while suspended or nothing is declared.
+pub fn wake_in(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Duration> {
+    let backup = spec.backup.as_ref().filter(|b| !b.suspend)?;
+    let last = last_slot(observed.last_scheduled_backup, &observed.backup_runs);
+    let retry =
+        observed.backup_runs.iter().filter(|r| Some(r.slot) == last).max_by_key(|r| r.attempt).and_then(
+            |r| match &r.outcome {
+                RunOutcome::Failed { at, .. } if r.attempt < MAX_ATTEMPTS => {
+                    at.checked_add(retry_delay(r.attempt)).ok()
+                }
+                _ => None,
+            },
+        );
+    let at = retry.into_iter().chain(next_slot(backup, observed.now)).min()?;
+    let seconds = at.duration_since(observed.now).as_secs_f64().max(1.0);
+    Some(Duration::from_secs_f64(seconds))
+}
+
 /// When the next slot comes, for `status.nextBackup`; none while suspended.
 pub fn next_slot(backup: &BackupSpec, now: Timestamp) -> Option<Timestamp> {
     if backup.suspend {

@@ -138,6 +138,22 @@ fn a_failed_backup_is_tried_again_with_growing_delays_then_given_up_until_the_ne
 }
 
 #[test]
+fn the_operator_looks_again_when_a_try_or_a_slot_is_due() {
+    let spec = spec(3, "@hourly");
+    let mut observed = steady("2026-12-01T10:00:02Z");
+    observed.last_scheduled_backup = Some(t("2026-12-01T10:00:00Z"));
+    assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(3598)));
+    observed.backup_runs = vec![run("2026-12-01T10:00:00Z", 1, failed("2026-12-01T10:00:01Z", "refused"))];
+    assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(9)));
+    // Past due already: at once, but not in a busy loop.
+    observed.now = t("2026-12-01T10:00:30Z");
+    assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(1)));
+    let mut suspended = spec.clone();
+    suspended.backup.as_mut().expect("a backup").suspend = true;
+    assert_eq!(wake_in(&suspended, &observed), None);
+}
+
+#[test]
 fn a_steady_cluster_takes_its_backup_from_a_caught_up_follower() {
     let observed = steady("2026-12-01T10:05:00Z");
     let step = plan(&spec(3, "@hourly"), &observed);
