@@ -141,4 +141,8 @@ pub struct BackupRecord {
     pub size_bytes: i64,
     /// SHA-256 of the snapshot file, hex.
     pub sha256: String,
+    /// Read back from where it is stored, restored into a scratch member and found to hash
+    /// (HashKV at its revision) as the cluster did when it was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
 }

@@ -90,6 +90,7 @@ fn full_status(caught_up: bool) -> ConsensusClusterStatus {
             revision: 1234,
             size_bytes: 65_536,
             sha256: "ab".repeat(32),
+            verified: Some(true),
         }),
         next_backup: Some(time.clone()),
         last_scheduled_backup: Some(time),

@@ -971,6 +971,10 @@ fn scenario_15_scheduled_backups_are_taken_by_jobs_straight_to_an_s3_server() {
     );
     let (value, reason, message) = cluster.condition("BackupSucceeded").expect("BackupSucceeded");
     assert_eq!((value.as_str(), reason.as_str()), ("True", "BackupTaken"), "{message}");
+    // Read back from the bucket by the Job, restored into a scratch member in its pod, and
+    // found to hash as the cluster did.
+    assert_eq!(record["verified"], true, "{record}");
+    assert!(message.contains("verified by a restore"), "{message}");
     assert_events(&cluster, &["BackupStarted", "BackupSucceeded"]);
     let object = root.path().join("backups").join(cluster.ns()).join("demo").join(format!("{name}.snapshot"));
     let bytes = std::fs::read(&object).unwrap_or_else(|e| panic!("{}: {e}", object.display()));

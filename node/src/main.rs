@@ -29,6 +29,10 @@ enum Command {
     /// Stream a member's snapshot to an S3-compatible bucket or a directory, with a manifest.
     #[command(long_about = BACKUP_HELP)]
     Backup(BackupArgs),
+    /// Check a stored backup: read it back, check its sha256, restore it into a scratch
+    /// member and compare HashKV at its revision with its manifest; the verdict is recorded
+    /// in the manifest. Exits 1 when it fails.
+    Verify(VerifyArgs),
 }
 
 const BACKUP_HELP: &str = "\
@@ -52,14 +56,8 @@ struct BackupArgs {
     /// The backup's name: <name>.snapshot and <name>.json.
     #[arg(long, env = "BACKUP_NAME")]
     name: String,
-    /// S3 endpoint for stores other than AWS (http:// allowed).
-    #[arg(long, env = "BACKUP_S3_ENDPOINT")]
-    s3_endpoint: Option<String>,
-    #[arg(long, env = "BACKUP_S3_REGION", default_value = "us-east-1")]
-    s3_region: String,
-    /// endpoint/bucket/key addressing (most self-hosted stores need it).
-    #[arg(long, env = "BACKUP_S3_PATH_STYLE")]
-    s3_path_style: bool,
+    #[command(flatten)]
+    store: StoreArgs,
     /// After storing, keep at most this many backups in --to (none deleted without it).
     #[arg(long, env = "BACKUP_RETAIN_COUNT")]
     retain_count: Option<usize>,
@@ -73,6 +71,52 @@ struct BackupArgs {
     /// {"failed":{"error":"..."}} (for the operator: a Job's /dev/termination-log).
     #[arg(long, env = "BACKUP_REPORT")]
     report: Option<std::path::PathBuf>,
+    /// Once stored, read the backup back, restore it into a scratch member and compare its
+    /// HashKV with the cluster's; the verdict goes into the manifest (verified, verification).
+    #[arg(long, env = "BACKUP_VERIFY")]
+    verify: bool,
+    /// Where the scratch member of --verify lives while it runs.
+    #[arg(long, env = "BACKUP_SCRATCH_DIR", default_value_os_t = std::env::temp_dir())]
+    scratch_dir: PathBuf,
+}
+
+/// How to reach an S3-compatible store (credentials from AWS_ACCESS_KEY_ID and
+/// AWS_SECRET_ACCESS_KEY).
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// S3 endpoint for stores other than AWS (http:// allowed).
+    #[arg(long, env = "BACKUP_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "BACKUP_S3_REGION", default_value = "us-east-1")]
+    s3_region: String,
+    /// endpoint/bucket/key addressing (most self-hosted stores need it).
+    #[arg(long, env = "BACKUP_S3_PATH_STYLE")]
+    s3_path_style: bool,
+}
+
+impl StoreArgs {
+    fn options(self) -> consensus_node::backup::S3Options {
+        consensus_node::backup::S3Options {
+            endpoint: self.s3_endpoint,
+            region: self.s3_region,
+            path_style: self.s3_path_style,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// s3://BUCKET/PREFIX or file:///DIR, where the backup is.
+    #[arg(long)]
+    from: consensus_node::backup::Destination,
+    /// The backup's name: <name>.snapshot and <name>.json.
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where the scratch member lives while it runs.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    scratch_dir: PathBuf,
 }
 
 const RESTORE_HELP: &str = "\
@@ -411,6 +455,24 @@ async fn main() -> anyhow::Result<()> {
         Command::DevCluster(args) => dev_cluster(args).await,
         Command::Restore(args) => restore(args),
         Command::Backup(args) => backup(args).await,
+        Command::Verify(args) => verify(args).await,
+    }
+}
+
+async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let manifest = consensus_node::backup::verify_stored(
+        &args.from,
+        &args.store.options(),
+        &args.name,
+        &args.scratch_dir,
+    )
+    .await?;
+    println!("{}", serde_json::to_string(&manifest)?);
+    match manifest.verification {
+        Some(why) if manifest.verified != Some(true) => {
+            bail!("backup {} failed verification: {why}", args.name)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -418,22 +480,19 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let config = consensus_node::backup::BackupConfig {
         endpoint: args.endpoint,
         destination: args.to,
-        s3: consensus_node::backup::S3Options {
-            endpoint: args.s3_endpoint,
-            region: args.s3_region,
-            path_style: args.s3_path_style,
-        },
+        s3: args.store.options(),
         name: args.name,
         retention: args.retain_count.map(|max_count| consensus_node::backup::retention::Policy {
             max_count,
             max_age: args.retain_max_age_seconds.map(Duration::from_secs),
             tiered: args.retain_tiered,
         }),
+        verify_in: args.verify.then_some(args.scratch_dir),
     };
     let outcome = consensus_node::backup::backup(&config).await;
     if let Some(path) = &args.report {
         let written = match &outcome {
-            Ok(report) => consensus_node::backup::Outcome::Succeeded(report.clone()),
+            Ok(report) => consensus_node::backup::Outcome::Succeeded(Box::new(report.clone())),
             Err(error) => consensus_node::backup::Outcome::Failed { error: format!("{error:#}") },
         };
         std::fs::write(path, serde_json::to_vec(&written)?)

@@ -231,3 +231,81 @@ async fn retention_counts_only_the_backups_of_the_same_cluster() {
     let names = file_names(dir.path());
     assert_eq!(names, ["one-2.json", "one-2.snapshot", "two-2.json", "two-2.snapshot"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verified_backup_is_restored_into_a_scratch_member_that_hashes_as_the_cluster_did() {
+    let (_cluster, follower) = cluster_with_data().await;
+    let (root, s3) = s3::with_bucket("backups").await;
+    let args = [
+        "--endpoint",
+        &follower,
+        "--to",
+        "s3://backups/v",
+        "--name",
+        "v1",
+        "--s3-endpoint",
+        &s3,
+        "--s3-path-style",
+    ];
+    let verified = manifest(backup(&[&args[..], &["--verify"]].concat(), SECRET_KEY));
+    assert_eq!((verified.verified, verified.verification.as_deref()), (Some(true), None));
+    // The verdict is in the manifest stored beside it, where retention reads it.
+    let stored: Manifest =
+        serde_json::from_slice(&std::fs::read(root.path().join("backups/v/v1.json")).expect("the manifest"))
+            .expect("a manifest");
+    assert_eq!(stored.verified, Some(true));
+    // No scratch member is left running, and no scratch directory behind.
+    let scratch = std::env::temp_dir();
+    let left: Vec<_> = std::fs::read_dir(&scratch)
+        .expect("the temp dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("verify-v1-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// `consensus-node verify` of the backup `name` in `dir`.
+fn verify(dir: &Path, name: &str) -> Output {
+    consensus_node(&["verify", "--from", &format!("file://{}", dir.display()), "--name", name])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_changed_after_it_was_written_fails_verification_and_says_so_in_its_manifest() {
+    let (_cluster, follower) = cluster_with_data().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let to = format!("file://{}", dir.path().display());
+    ok(backup(&["--endpoint", &follower, "--to", &to, "--name", "n1"], SECRET_KEY));
+    let object = dir.path().join("n1.snapshot");
+    let original = std::fs::read(&object).expect("the object");
+    let stored = |dir: &Path| -> Manifest {
+        serde_json::from_slice(&std::fs::read(dir.join("n1.json")).expect("the manifest"))
+            .expect("a manifest")
+    };
+    ok(verify(dir.path(), "n1"));
+    assert_eq!(stored(dir.path()).verified, Some(true));
+
+    // One byte flipped on the disk it sits on: caught by its sha256.
+    let mut flipped = original.clone();
+    flipped[original.len() / 2] ^= 0x40;
+    std::fs::write(&object, &flipped).expect("the flip");
+    let failed = verify(dir.path(), "n1");
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("sha256") && stderr.contains("changed since it was written"), "{stderr}");
+    assert_eq!(stored(dir.path()).verified, Some(false));
+
+    // Intact bytes but a manifest whose HashKV the data does not have: caught by the
+    // restored member.
+    std::fs::write(&object, &original).expect("the original back");
+    let mut wrong = stored(dir.path());
+    wrong.hash_kv = wrong.hash_kv.wrapping_add(1);
+    std::fs::write(dir.path().join("n1.json"), serde_json::to_vec(&wrong).expect("json"))
+        .expect("the manifest");
+    let failed = verify(dir.path(), "n1");
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("restored, it hashes to"), "{stderr}");
+    let verdict = stored(dir.path());
+    assert_eq!(verdict.verified, Some(false));
+    assert!(verdict.verification.is_some_and(|why| why.contains("the cluster reported")));
+}

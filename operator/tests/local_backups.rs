@@ -143,6 +143,7 @@ fn a_resumed_schedule_backs_up_at_once_and_the_backup_restores_every_key() {
     let (value, reason, message) = backup_condition(&status).expect("BackupSucceeded");
     assert_eq!((value.as_str(), reason.as_str()), ("True", "BackupTaken"), "{message}");
     assert!(record.revision >= revision, "backup at {} before the last put at {revision}", record.revision);
+    assert_eq!(record.verified, Some(true), "restored into a scratch member and hashed as the cluster did");
     assert!(status.next_backup.is_some() && status.last_scheduled_backup.is_some());
     let events = local.events();
     for expected in ["BackupStarted", "BackupSucceeded"] {

@@ -15,6 +15,7 @@
 //! platforms.
 
 pub mod retention;
+pub mod verify;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +86,8 @@ pub struct BackupConfig {
     pub name: String,
     /// Applied to the destination's backups once this one is stored; `None` keeps them all.
     pub retention: Option<retention::Policy>,
+    /// Verify the backup once stored (`verify`), with scratch space under this directory.
+    pub verify_in: Option<std::path::PathBuf>,
 }
 
 /// What `backup` did: printed as JSON for whoever ran it (the operator).
@@ -100,7 +103,7 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Outcome {
-    Succeeded(Report),
+    Succeeded(Box<Report>),
     Failed { error: String },
 }
 
@@ -129,6 +132,9 @@ pub struct Manifest {
     /// Set once the backup was restored and compared; absent until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verified: Option<bool>,
+    /// Why verification failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification: Option<String>,
 }
 
 /// The object store and the key prefix of `destination`.
@@ -254,19 +260,78 @@ pub async fn backup(config: &BackupConfig) -> anyhow::Result<Report> {
             .unwrap_or_else(|_| jiff::Timestamp::now())
             .to_string(),
         verified: None,
+        verification: None,
     };
-    let json = serde_json::to_vec_pretty(&manifest).context("encoding the manifest")?;
     let manifest_key = key(&prefix, &format!("{}.json", config.name));
-    if let Err(error) = store.put(&manifest_key, PutPayload::from(json)).await {
+    if let Err(error) = write_manifest(store.as_ref(), &manifest_key, &manifest).await {
         // An object without its manifest is no backup, and retention would never see it.
         let _ = store.delete(&object).await;
         return Err(error).with_context(|| format!("writing {root}/{manifest_key}"));
+    }
+    let mut manifest = manifest;
+    if let Some(scratch) = &config.verify_in {
+        verify_and_record(store.as_ref(), &object, &manifest_key, &mut manifest, scratch).await?;
     }
     let pruned = match &config.retention {
         Some(policy) => prune(store.as_ref(), &prefix, &root, policy, &manifest.cluster_id).await?,
         None => Vec::new(),
     };
     Ok(Report { manifest, pruned })
+}
+
+async fn write_manifest(
+    store: &dyn ObjectStore,
+    key: &ObjectPath,
+    manifest: &Manifest,
+) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(manifest).context("encoding the manifest")?;
+    store.put(key, PutPayload::from(json)).await?;
+    Ok(())
+}
+
+/// Verifies the stored backup and records the verdict in its manifest: a backup that could
+/// not be verified counts as not verified, with why.
+async fn verify_and_record(
+    store: &dyn ObjectStore,
+    object: &ObjectPath,
+    manifest_key: &ObjectPath,
+    manifest: &mut Manifest,
+    scratch: &std::path::Path,
+) -> anyhow::Result<()> {
+    let verdict = match verify::verify(store, object, manifest, scratch).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(mismatch)) => Err(mismatch.0),
+        Err(error) => Err(format!("it could not be verified: {error:#}")),
+    };
+    manifest.verified = Some(verdict.is_ok());
+    manifest.verification = verdict.err();
+    write_manifest(store, manifest_key, manifest)
+        .await
+        .with_context(|| format!("recording the verdict in {manifest_key}"))
+}
+
+/// Verifies the backup `name` stored in `destination` again (it may have changed since it
+/// was written) and records the verdict in its manifest, which is returned.
+pub async fn verify_stored(
+    destination: &Destination,
+    s3: &S3Options,
+    name: &str,
+    scratch: &std::path::Path,
+) -> anyhow::Result<Manifest> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (store, prefix, root) = open(destination, s3)?;
+    let manifest_key = key(&prefix, &format!("{name}.json"));
+    let bytes = store
+        .get(&manifest_key)
+        .await
+        .with_context(|| format!("reading {root}/{manifest_key}"))?
+        .bytes()
+        .await?;
+    let mut manifest: Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{root}/{manifest_key} is no backup manifest"))?;
+    let object = key(&prefix, &format!("{name}.snapshot"));
+    verify_and_record(store.as_ref(), &object, &manifest_key, &mut manifest, scratch).await?;
+    Ok(manifest)
 }
 
 /// The backups of cluster `cluster_id` directly under `prefix`, from their manifests. An

@@ -66,6 +66,9 @@ pub struct Taken {
     pub revision: i64,
     pub taken: Timestamp,
     pub pruned: Vec<String>,
+    /// Whether it was verified (restored into a scratch member and hashed as the cluster
+    /// did); `None` when not asked.
+    pub verified: Option<bool>,
 }
 
 /// The backup to start now: a new slot, or the next try of the last one.
@@ -280,6 +283,7 @@ fn record(run: &BackupRun, taken: &Taken) -> BackupRecord {
         revision: taken.revision,
         size_bytes: i64::try_from(taken.size_bytes).unwrap_or(i64::MAX),
         sha256: taken.sha256.clone(),
+        verified: taken.verified,
     }
 }
 
@@ -309,8 +313,9 @@ fn succeeded_condition(
             } else {
                 format!("; retention deleted {}", taken.pruned.join(", "))
             };
+            let verified = if taken.verified == Some(true) { ", verified by a restore" } else { "" };
             let message = format!(
-                "backup {} holds revision {} ({} bytes, sha256 {}) at {}{pruned}",
+                "backup {} holds revision {} ({} bytes, sha256 {}) at {}{verified}{pruned}",
                 run.backup, taken.revision, taken.size_bytes, taken.sha256, taken.location,
             );
             Some(super::condition(TYPE, true, "BackupTaken", message))

@@ -190,8 +190,10 @@ pub fn destination_url(backup: &BackupSpec, namespace: &str, cluster: &str, volu
 /// credentials are not among them: they come from the environment, which no process
 /// list shows.
 pub fn command(spec: &BackupSpec, backup: &str, endpoint: &str, to: &str, report: &str) -> Vec<String> {
+    // Every backup is verified before it counts: read back, restored into a scratch member
+    // whose HashKV must be the cluster's.
     let mut args: Vec<String> =
-        ["backup", "--endpoint", endpoint, "--to", to, "--name", backup, "--report", report]
+        ["backup", "--endpoint", endpoint, "--to", to, "--name", backup, "--report", report, "--verify"]
             .map(str::to_owned)
             .to_vec();
     if let Some(s3) = &spec.destination.s3 {
@@ -232,6 +234,10 @@ struct Manifest {
     revision: i64,
     /// RFC 3339.
     taken: String,
+    #[serde(default)]
+    verified: Option<bool>,
+    #[serde(default)]
+    verification: Option<String>,
 }
 
 /// A finished run's outcome from its report; `finished` is when the run ended (a failure's
@@ -245,6 +251,15 @@ pub fn outcome(report: &str, finished: Timestamp) -> RunOutcome {
         ),
     };
     match serde_json::from_str::<Report>(report) {
+        // Stored but not what the cluster held: no good backup, and tried again.
+        Ok(Report::Succeeded { manifest, .. }) if manifest.verified == Some(false) => RunOutcome::Failed {
+            at: finished,
+            reason: format!(
+                "stored at {} but it failed verification: {}",
+                manifest.location,
+                manifest.verification.as_deref().unwrap_or("no reason given")
+            ),
+        },
         Ok(Report::Succeeded { manifest, pruned }) => match manifest.taken.parse() {
             Ok(taken) => RunOutcome::Succeeded(Box::new(Taken {
                 location: manifest.location,
@@ -253,6 +268,7 @@ pub fn outcome(report: &str, finished: Timestamp) -> RunOutcome {
                 revision: manifest.revision,
                 taken,
                 pruned,
+                verified: manifest.verified,
             })),
             Err(error) => unreadable(format!("taken: {error}")),
         },
@@ -321,7 +337,7 @@ mod tests {
         assert_eq!(
             line,
             "backup --endpoint http://m1:2379 --to s3://b/p --name locks-20261201T100000Z --report /report \
-             --s3-region eu-west-1 --s3-endpoint http://s3.local:9000 --s3-path-style --retain-count 3 \
+             --verify --s3-region eu-west-1 --s3-endpoint http://s3.local:9000 --s3-path-style --retain-count 3 \
              --retain-max-age-seconds 172800 --retain-tiered"
         );
         assert!(!line.contains("AWS_"), "{line}");
@@ -339,6 +355,14 @@ mod tests {
             (12, 4096, &["old".to_owned()][..])
         );
         assert_eq!(taken.taken, "2026-12-01T10:00:01Z".parse::<Timestamp>().expect("time"));
+        // Stored, but the restored scratch member did not hash as the cluster did: no good
+        // backup.
+        let unverified = succeeded
+            .replace(r#""taken""#, r#""verified":false,"verification":"restored, it hashes to 1","taken""#);
+        let RunOutcome::Failed { reason, .. } = outcome(&unverified, finished) else {
+            panic!("counted as good")
+        };
+        assert!(reason.contains("failed verification: restored, it hashes to 1"), "{reason}");
         let failed = outcome(r#"{"failed":{"error":"s3://b/p cannot be listed: 403"}}"#, finished);
         assert_eq!(
             failed,
