@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use consensus_crds::Phase;
+use k8s_openapi::jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -13,6 +14,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::plan::backup::{BackupRun, RunOutcome, failure_kind};
+
+fn seconds_between(from: Timestamp, to: Timestamp) -> f64 {
+    to.duration_since(from).as_secs_f64().max(0.0)
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
@@ -24,11 +31,23 @@ struct PhaseLabels {
     phase: String,
 }
 
-const PHASES: [Phase; 7] = [
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackupFailureLabels {
+    cluster: String,
+    reason: String,
+}
+
+const PHASES: [Phase; 8] = [
     Phase::Pending,
     Phase::Bootstrapping,
     Phase::Running,
     Phase::Scaling,
+    Phase::Updating,
     Phase::Degraded,
     Phase::QuorumLost,
     Phase::Restoring,
@@ -44,6 +63,10 @@ pub struct Metrics {
     durations: Histogram,
     errors: Family<ReasonLabels, Counter>,
     clusters: Family<PhaseLabels, Gauge>,
+    backup_last_success: Family<ClusterLabels, Gauge>,
+    backup_size: Family<ClusterLabels, Gauge>,
+    backup_durations: Histogram,
+    backup_failures: Family<BackupFailureLabels, Counter>,
     /// Phase of each cluster, by `namespace/name`; the gauge is recomputed from it so a
     /// cluster moving between phases is never counted twice.
     phases: Mutex<BTreeMap<String, Phase>>,
@@ -61,11 +84,47 @@ impl Default for Metrics {
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", durations.clone());
         registry.register("reconcile_errors", "Failed reconciles, by reason", errors.clone());
         registry.register("clusters", "ConsensusClusters, by phase", clusters.clone());
+        let backup_last_success = Family::<ClusterLabels, Gauge>::default();
+        let backup_size = Family::<ClusterLabels, Gauge>::default();
+        // 0.5 s to ~68 min: a small store takes seconds, a run is stopped at 10 minutes.
+        let backup_durations = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        let backup_failures = Family::<BackupFailureLabels, Counter>::default();
+        registry.register(
+            "backup_last_success_timestamp_seconds",
+            "When the newest verified backup of a cluster was taken (Unix time)",
+            backup_last_success.clone(),
+        );
+        registry.register(
+            "backup_size_bytes",
+            "Size of the newest verified backup of a cluster",
+            backup_size.clone(),
+        );
+        registry.register(
+            "backup_duration_seconds",
+            "Time a backup run took, from its start to its end",
+            backup_durations.clone(),
+        );
+        registry.register(
+            "backup_failures",
+            "Backup runs that failed, by cluster and cause (backup::failure_kind)",
+            backup_failures.clone(),
+        );
         // Every phase is present from the start, so a query for one never comes back empty.
         for phase in PHASES {
             clusters.get_or_create(&PhaseLabels { phase: phase_name(phase) }).set(0);
         }
-        Self { registry, reconciles, durations, errors, clusters, phases: Mutex::default() }
+        Self {
+            registry,
+            reconciles,
+            durations,
+            errors,
+            clusters,
+            backup_last_success,
+            backup_size,
+            backup_durations,
+            backup_failures,
+            phases: Mutex::default(),
+        }
     }
 }
 
@@ -96,6 +155,28 @@ impl Metrics {
         }
     }
 
+    /// A backup run of `cluster` that has just ended.
+    pub fn backup_ended(&self, cluster: &str, run: &BackupRun) {
+        let labels = ClusterLabels { cluster: cluster.to_owned() };
+        match &run.outcome {
+            RunOutcome::Running => {}
+            RunOutcome::Succeeded(taken) => {
+                self.backup_durations.observe(seconds_between(run.started, taken.finished));
+                self.backup_last_success.get_or_create(&labels).set(taken.taken.as_second());
+                self.backup_size
+                    .get_or_create(&labels)
+                    .set(i64::try_from(taken.size_bytes).unwrap_or(i64::MAX));
+            }
+            RunOutcome::Failed { at, reason } => {
+                self.backup_durations.observe(seconds_between(run.started, *at));
+                let kind = failure_kind(reason).to_owned();
+                self.backup_failures
+                    .get_or_create(&BackupFailureLabels { cluster: labels.cluster, reason: kind })
+                    .inc();
+            }
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -122,5 +203,51 @@ mod tests {
         assert!(text.contains("consensus_operator_reconciles_total 1"), "{text}");
         metrics.set_phase("a/two", None);
         assert!(metrics.render().contains(r#"consensus_operator_clusters{phase="Running"} 1"#));
+        metrics.set_phase("a/one", Some(Phase::Updating));
+        assert!(metrics.render().contains(r#"consensus_operator_clusters{phase="Updating"} 1"#));
+    }
+
+    #[test]
+    fn a_backup_that_ended_is_counted_by_outcome_and_cause() {
+        let metrics = Metrics::default();
+        let t = |text: &str| -> Timestamp { text.parse().expect("time") };
+        let run = |outcome| BackupRun {
+            backup: "demo-20261201T100000Z".to_owned(),
+            slot: t("2026-12-01T10:00:00Z"),
+            attempt: 1,
+            member: "demo-1".to_owned(),
+            started: t("2026-12-01T10:00:01Z"),
+            outcome,
+        };
+        metrics.backup_ended(
+            "ns/demo",
+            &run(RunOutcome::Failed {
+                at: t("2026-12-01T10:00:03Z"),
+                reason: "s3://b cannot be listed".to_owned(),
+            }),
+        );
+        metrics.backup_ended(
+            "ns/demo",
+            &run(RunOutcome::Succeeded(Box::new(crate::plan::backup::Taken {
+                location: "s3://b/p/n.snapshot".to_owned(),
+                sha256: "ab".to_owned(),
+                size_bytes: 4096,
+                revision: 9,
+                taken: t("2026-12-01T10:00:02Z"),
+                pruned: Vec::new(),
+                verified: Some(true),
+                finished: t("2026-12-01T10:00:05Z"),
+            }))),
+        );
+        let text = metrics.render();
+        for expected in [
+            r#"consensus_operator_backup_failures_total{cluster="ns/demo",reason="destination"} 1"#,
+            r#"consensus_operator_backup_size_bytes{cluster="ns/demo"} 4096"#,
+            r#"consensus_operator_backup_last_success_timestamp_seconds{cluster="ns/demo"} 1796119202"#,
+            "consensus_operator_backup_duration_seconds_count 2",
+            "consensus_operator_backup_duration_seconds_sum 6.0",
+        ] {
+            assert!(text.contains(expected), "{expected} not in\n{text}");
+        }
     }
 }

@@ -102,6 +102,9 @@ pub async fn converge_with<M: membership::Members>(
     let failure = acted.as_ref().err().map(ToString::to_string);
     let status = update_status(ctx, cc, &observation, &step, failure.as_deref()).await?;
     if let Some(event) = outcome_event(cc.status.as_ref(), &status) {
+        if let Some(run) = backup::latest_run(&observation.observed.backup_runs).filter(|_| event.run_ended) {
+            ctx.metrics.backup_ended(&metrics_key(cc), run);
+        }
         let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
         events.publish(type_, event.reason, "Backup", event.message, None).await;
     }

@@ -69,6 +69,8 @@ pub struct Taken {
     /// Whether it was verified (restored into a scratch member and hashed as the cluster
     /// did); `None` when not asked.
     pub verified: Option<bool>,
+    /// When the run ended.
+    pub finished: Timestamp,
 }
 
 /// The backup to start now: a new slot, or the next try of the last one.
@@ -305,8 +307,7 @@ fn succeeded_condition(
         );
         return Some(super::condition(TYPE, false, "StartFailed", message));
     }
-    let latest = observed.backup_runs.iter().max_by_key(|r| (r.started, r.attempt));
-    match latest.map(|r| (r, &r.outcome)) {
+    match latest_run(&observed.backup_runs).map(|r| (r, &r.outcome)) {
         Some((run, RunOutcome::Succeeded(taken))) => {
             let pruned = if taken.pruned.is_empty() {
                 String::new()
@@ -355,12 +356,33 @@ fn succeeded_condition(
     }
 }
 
+/// The run started last: the one the backup's status and events speak of.
+pub fn latest_run(runs: &[BackupRun]) -> Option<&BackupRun> {
+    runs.iter().max_by_key(|r| (r.started, r.attempt))
+}
+
+/// What a failed run's cause was, in a few words fit for a metric label. The causes are told
+/// apart by what the run reported (`consensus-node backup`'s errors, the pod's waiting
+/// reason, the Job's condition), which the tests of each pin down.
+pub fn failure_kind(reason: &str) -> &'static str {
+    const KINDS: [(&str, &[&str]); 5] = [
+        ("verification", &["failed verification"]),
+        ("pod", &["CreateContainerConfigError", "ErrImagePull", "ImagePullBackOff", "InvalidImageName"]),
+        ("deadline", &["DeadlineExceeded", "still running after"]),
+        ("destination", &["cannot be listed", "PersistentVolumeClaim", "completing ", "writing "]),
+        ("member", &["connecting to", "Snapshot", "HashKV", "the snapshot stream", "checksum"]),
+    ];
+    KINDS.iter().find(|(_, marks)| marks.iter().any(|m| reason.contains(m))).map_or("other", |(kind, _)| kind)
+}
+
 /// How the end of a backup is reported as an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupEvent {
     pub warning: bool,
     pub reason: &'static str,
     pub message: String,
+    /// A run ended (rather than one failing to start): the latest run is what it says.
+    pub run_ended: bool,
 }
 
 /// The event for what `BackupSucceeded` says now, when it says something new about a
@@ -381,7 +403,8 @@ pub fn outcome_event(
         "BackupFailed" | "StartFailed" => (true, "BackupFailed"),
         _ => return None,
     };
-    Some(BackupEvent { warning, reason, message: new.message })
+    let run_ended = new.reason != "StartFailed";
+    Some(BackupEvent { warning, reason, message: new.message, run_ended })
 }
 
 #[cfg(test)]

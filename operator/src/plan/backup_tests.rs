@@ -73,6 +73,7 @@ fn succeeded(taken: &str, revision: i64) -> RunOutcome {
         taken: t(taken),
         pruned: Vec::new(),
         verified: Some(true),
+        finished: t(taken),
     }))
 }
 
@@ -343,5 +344,23 @@ proptest! {
             let membership = plan(&without, &observed);
             prop_assert!(!membership.changes_cluster(), "{:?} was due", membership);
         }
+    }
+}
+
+#[test]
+fn a_failure_is_counted_under_its_cause() {
+    for (reason, kind) in [
+        (
+            "stored at s3://b/p/n.snapshot but it failed verification: restored, it hashes to 1",
+            "verification",
+        ),
+        ("CreateContainerConfigError: secret \"s3\" not found", "pod"),
+        ("DeadlineExceeded without a report: Job was active longer than specified deadline", "deadline"),
+        ("s3://b/p cannot be listed (is the bucket there, and the credentials right?): 403", "destination"),
+        ("the destination PersistentVolumeClaim ns/keep does not exist", "destination"),
+        ("connecting to http://demo-1.demo-peer.ns.svc:2379: transport error", "member"),
+        ("something nobody foresaw", "other"),
+    ] {
+        assert_eq!(failure_kind(reason), kind, "{reason}");
     }
 }

@@ -269,6 +269,7 @@ pub fn outcome(report: &str, finished: Timestamp) -> RunOutcome {
                 taken,
                 pruned,
                 verified: manifest.verified,
+                finished,
             })),
             Err(error) => unreadable(format!("taken: {error}")),
         },
