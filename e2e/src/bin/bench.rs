@@ -266,6 +266,16 @@ enum Workload {
 }
 
 async fn drive(cluster: &Cluster, workload: Workload, clients: usize) -> anyhow::Result<Measured> {
+    drive_while(cluster, workload, clients, tokio::time::sleep(RUN_FOR)).await
+}
+
+/// `drive`, for as long as `run` takes.
+async fn drive_while(
+    cluster: &Cluster,
+    workload: Workload,
+    clients: usize,
+    run: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Measured> {
     let channels = cluster.channels();
     let value = vec![b'v'; VALUE_BYTES];
     if matches!(workload, Workload::LinearizableGet) {
@@ -308,7 +318,7 @@ async fn drive(cluster: &Cluster, workload: Workload, clients: usize) -> anyhow:
             (latencies, errors)
         }));
     }
-    tokio::time::sleep(RUN_FOR).await;
+    run.await;
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     let mut errors = 0;
@@ -716,5 +726,9 @@ async fn measure(ours: &mut Cluster, etcd: &mut Cluster) -> anyhow::Result<()> {
     for report in reports {
         println!("{report}");
     }
-    Ok(())
+    println!();
+    backup::measure(ours, etcd).await
 }
+
+#[path = "bench/backup.rs"]
+mod backup;
