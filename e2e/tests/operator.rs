@@ -924,6 +924,15 @@ fn create_s3_secret(cluster: &Cluster, name: &str, secret_key: &str) {
     cluster.kubectl(&["create", "secret", "generic", name, &id, &key]);
 }
 
+/// An S3 server with the bucket `backups`, where pods reach it, for as long as `runtime`
+/// runs; its root directory and URL.
+fn s3_for_pods(runtime: &tokio::runtime::Runtime) -> (tempfile::TempDir, String) {
+    let root = tempfile::tempdir().expect("a temp dir");
+    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
+    let endpoint = runtime.block_on(consensus_e2e::s3::serve(root.path(), pod_reachable_address()));
+    (root, endpoint)
+}
+
 /// The BackupSucceeded condition once its message contains `expected`.
 fn wait_for_backup_condition(cluster: &Cluster, reason: &str, expected: &str) -> String {
     wait_until(DEADLINE, &format!("BackupSucceeded {reason} saying {expected:?}"), || {
@@ -938,9 +947,7 @@ fn scenario_15_scheduled_backups_are_taken_by_jobs_straight_to_an_s3_server() {
     let _timer = Timer::start("15 scheduled backups to S3");
     deploy_operator();
     let runtime = runtime();
-    let root = tempfile::tempdir().expect("a temp dir");
-    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
-    let endpoint = runtime.block_on(consensus_e2e::s3::serve(root.path(), pod_reachable_address()));
+    let (root, endpoint) = s3_for_pods(&runtime);
     let cluster =
         Cluster::create("cc-backups", "demo", &backed_up(&s3_destination(&endpoint, "backups", "s3"), true));
     create_s3_secret(&cluster, "s3", SECRET_KEY);
@@ -1002,9 +1009,7 @@ fn scenario_16_a_backup_that_cannot_be_taken_says_why_is_tried_again_and_leaves_
     let _timer = Timer::start("16 backups that cannot be taken");
     deploy_operator();
     let runtime = runtime();
-    let root = tempfile::tempdir().expect("a temp dir");
-    std::fs::create_dir(root.path().join("backups")).expect("the bucket");
-    let endpoint = runtime.block_on(consensus_e2e::s3::serve(root.path(), pod_reachable_address()));
+    let (_bucket, endpoint) = s3_for_pods(&runtime);
     // A destination claim that does not exist: refused before any Job is made.
     let volume = "      volume:\n        claimName: absent\n";
     let cluster = Cluster::create("cc-bad-backups", "demo", &backed_up(volume, false));

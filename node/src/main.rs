@@ -492,7 +492,7 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let outcome = consensus_node::backup::backup(&config).await;
     if let Some(path) = &args.report {
         let written = match &outcome {
-            Ok(report) => consensus_node::backup::Outcome::Succeeded(Box::new(report.clone())),
+            Ok(report) => consensus_node::backup::Outcome::Succeeded(Box::new(report.for_report_file())),
             Err(error) => consensus_node::backup::Outcome::Failed { error: format!("{error:#}") },
         };
         std::fs::write(path, serde_json::to_vec(&written)?)

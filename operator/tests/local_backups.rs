@@ -166,6 +166,34 @@ fn a_resumed_schedule_backs_up_at_once_and_the_backup_restores_every_key() {
 
     let keys = restored_keys(&local, &snapshot);
     assert_eq!(keys.len(), KEYS, "every key written before the backup's revision");
+
+    // An operator killed and started again keeps the schedule: once the new run has found
+    // the cluster steady (it would have started a backup instead), the slot was not taken
+    // twice.
+    local.kill_operator_only();
+    let runs_before = local.log().matches("local mode").count();
+    local.start(None);
+    wait_until(
+        "the restarted operator to find the cluster steady",
+        || context(&local),
+        || {
+            let log = local.log();
+            let this_run = log.rsplit("local mode").next()?;
+            (log.matches("local mode").count() > runs_before && this_run.contains("steady:")).then_some(())
+        },
+    );
+    let after = local.status().expect("a status");
+    assert!(after.last_scheduled_backup >= status.last_scheduled_backup);
+    // `<time> BackupStarted <backup> attempt=<n> from=<member>`: each try of each slot once.
+    let started: Vec<String> = local.events().into_iter().filter(|e| e.contains(" BackupStarted ")).collect();
+    let tries: std::collections::BTreeSet<(&str, &str)> = started
+        .iter()
+        .filter_map(|e| {
+            let mut words = e.split_whitespace().skip(2);
+            Some((words.next()?, words.next()?))
+        })
+        .collect();
+    assert_eq!(tries.len(), started.len(), "a slot started twice: {started:#?}");
 }
 
 #[test]

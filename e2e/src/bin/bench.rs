@@ -292,6 +292,7 @@ async fn drive_while(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0usize;
+            let mut first_error: Option<String> = None;
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
@@ -311,24 +312,34 @@ async fn drive_while(
                 };
                 match result {
                     Ok(()) => latencies.push(t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(status) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| status.message().to_owned());
+                    }
                 }
                 n += 1;
             }
-            (latencies, errors)
+            (latencies, errors, first_error)
         }));
     }
     run.await;
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     let mut errors = 0;
+    let mut first_error = None;
     for task in tasks {
-        let (l, e) = task.await?;
+        let (l, e, first) = task.await?;
         latencies.extend(l);
         errors += e;
+        first_error = first_error.or(first);
     }
-    Measured::from_latencies(latencies, started.elapsed())
-        .with_context(|| format!("{}: no request succeeded ({errors} errors)", cluster.system.name()))
+    Measured::from_latencies(latencies, started.elapsed()).with_context(|| {
+        format!(
+            "{}: no request succeeded ({errors} errors, the first: {})",
+            cluster.system.name(),
+            first_error.as_deref().unwrap_or("none")
+        )
+    })
 }
 
 /// kill -9 of the leader until the first acknowledged put; the killed member is restarted.

@@ -99,6 +99,24 @@ pub struct Report {
     pub pruned: Vec<String>,
 }
 
+/// Names of pruned backups a report file lists at most: a Job's termination message, which
+/// carries it, is cut at 4 KiB, and a cut report would turn a good backup into a failure.
+const REPORTED_PRUNED: usize = 20;
+
+impl Report {
+    /// The report as the report file carries it: all of the manifest, the first pruned
+    /// names and how many more there were.
+    pub fn for_report_file(&self) -> Self {
+        let mut report = self.clone();
+        if report.pruned.len() > REPORTED_PRUNED {
+            let more = report.pruned.len() - REPORTED_PRUNED;
+            report.pruned.truncate(REPORTED_PRUNED);
+            report.pruned.push(format!("(and {more} more)"));
+        }
+        report
+    }
+}
+
 /// What `backup --report FILE` writes when it is done, for the operator that ran it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -382,4 +400,36 @@ async fn prune(
         }
     }
     Ok(doomed.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_file_names_few_pruned_backups_and_counts_the_rest() {
+        let manifest = Manifest {
+            name: "n".to_owned(),
+            location: "file:///b/n.snapshot".to_owned(),
+            sha256: "ab".repeat(32),
+            size_bytes: 1,
+            revision: 1,
+            hash_kv: 1,
+            compact_revision: 0,
+            cluster_id: "1".to_owned(),
+            member_id: "2".to_owned(),
+            member_version: "0.1.0".to_owned(),
+            taken: "2026-12-01T10:00:00Z".to_owned(),
+            verified: Some(true),
+            verification: None,
+        };
+        let pruned: Vec<String> =
+            (0..150).map(|i| format!("cluster-with-a-long-name-20261201T{i:06}Z")).collect();
+        let report = Report { manifest, pruned };
+        let filed = report.for_report_file();
+        assert_eq!(filed.pruned.len(), REPORTED_PRUNED + 1);
+        assert_eq!(filed.pruned.last().map(String::as_str), Some("(and 130 more)"));
+        let json = serde_json::to_string(&Outcome::Succeeded(Box::new(filed))).expect("json");
+        assert!(json.len() < 4096, "{} bytes do not fit a termination message", json.len());
+    }
 }

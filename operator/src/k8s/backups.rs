@@ -4,13 +4,15 @@
 
 use consensus_crds::ConsensusCluster;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ContainerStateWaiting, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
 use kube::{Api, Client, ResourceExt};
 
 use super::Error;
-use crate::plan::backup::{BackupRun, RunOutcome};
+use crate::plan::backup::{BackupRun, RUN_DEADLINE, RunOutcome};
 use crate::resources::backup::{
     ATTEMPT_ANNOTATION, BACKUP_ANNOTATION, BackupJob, CONTAINER, MEMBER_ANNOTATION, SLOT_ANNOTATION, job,
     outcome, run_selector,
@@ -28,16 +30,26 @@ pub struct RunJob {
     pub run: BackupRun,
 }
 
-/// The cluster's backup Jobs with their pods, as runs.
-pub async fn observe(client: &Client, namespace: &str, cluster: &str) -> Result<Vec<RunJob>, Error> {
+/// A run the Job controller has not ended this long after its deadline (its pod stuck on a
+/// node that is gone, say) is taken as failed: it would otherwise hold every membership
+/// change.
+const DEADLINE_GRACE: Duration = Duration::from_secs(60);
+
+/// The cluster's backup Jobs with their pods, as runs, at `now`.
+pub async fn observe(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    now: Timestamp,
+) -> Result<Vec<RunJob>, Error> {
     let selector = ListParams::default().labels(&run_selector(cluster));
     let jobs = Api::<Job>::namespaced(client.clone(), namespace).list(&selector).await?;
     let pods = Api::<Pod>::namespaced(client.clone(), namespace).list(&selector).await?;
-    Ok(jobs.items.iter().filter_map(|job| run_of(job, &pods.items)).collect())
+    Ok(jobs.items.iter().filter_map(|job| run_of(job, &pods.items, now)).collect())
 }
 
-/// The run a Job is, `None` for a Job not made by us (annotations missing).
-pub fn run_of(job: &Job, pods: &[Pod]) -> Option<RunJob> {
+/// The run a Job is at `now`, `None` for a Job not made by us (annotations missing).
+pub fn run_of(job: &Job, pods: &[Pod], now: Timestamp) -> Option<RunJob> {
     let annotations = job.metadata.annotations.as_ref()?;
     let slot: Timestamp = annotations.get(SLOT_ANNOTATION)?.parse().ok()?;
     let started = job.metadata.creation_timestamp.as_ref().map_or(slot, |t| t.0);
@@ -69,13 +81,18 @@ pub fn run_of(job: &Job, pods: &[Pod]) -> Option<RunJob> {
         },
         (None, _) => {
             let waiting = container.and_then(|c| c.state.as_ref()).and_then(|s| s.waiting.as_ref());
+            let overdue =
+                started.checked_add(RUN_DEADLINE + DEADLINE_GRACE).is_ok_and(|given_up| now >= given_up);
             match waiting.filter(|w| w.reason.as_deref().is_some_and(|r| STUCK.contains(&r))) {
                 Some(waiting) => RunOutcome::Failed {
                     at: pod.and_then(|p| p.creation_timestamp()).map_or(started, |t| t.0),
+                    reason: stuck_reason(waiting),
+                },
+                None if overdue => RunOutcome::Failed {
+                    at: now,
                     reason: format!(
-                        "{}: {}",
-                        waiting.reason.as_deref().unwrap_or_default(),
-                        waiting.message.as_deref().unwrap_or("no message")
+                        "still running {} s after it started, past its deadline; given up",
+                        (RUN_DEADLINE + DEADLINE_GRACE).as_secs()
                     ),
                 },
                 None => RunOutcome::Running,
@@ -93,10 +110,24 @@ pub fn run_of(job: &Job, pods: &[Pod]) -> Option<RunJob> {
     Some(RunJob { name, run })
 }
 
+/// Why a pod that cannot start failed, the same however the kubelet words it from one look
+/// to the next (an image pull alternates between ErrImagePull and ImagePullBackOff), so
+/// one stuck run is one failure reported once.
+fn stuck_reason(waiting: &ContainerStateWaiting) -> String {
+    match waiting.reason.as_deref() {
+        Some("ErrImagePull" | "ImagePullBackOff") => "the node image cannot be pulled".to_owned(),
+        reason => {
+            format!("{}: {}", reason.unwrap_or_default(), waiting.message.as_deref().unwrap_or("no message"))
+        }
+    }
+}
+
 /// Starts `run`: the volume destination checked first (a Job waiting for a claim that does
-/// not exist would hang until its deadline), the Jobs of runs that have ended deleted
-/// (status keeps the newest backup), then the Job. A Job of that name already there is
-/// this run, started by a reconcile that stopped before it could record it.
+/// not exist would hang until its deadline), then the Job, then the Jobs of runs that have
+/// ended are deleted (status keeps the newest backup). In that order, a Job that cannot be
+/// created leaves the failed try before it in place, to count and back off from. A Job of
+/// that name already there is this run, started by a reconcile that stopped before it
+/// could record it.
 pub async fn start(
     client: &Client,
     cc: &ConsensusCluster,
@@ -114,6 +145,11 @@ pub async fn start(
         }
     }
     let jobs = Api::<Job>::namespaced(client.clone(), &namespace);
+    match jobs.create(&PostParams::default(), &job(cc, run)?).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+        Err(error) => return Err(error.into()),
+    }
     let background =
         DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..DeleteParams::default() };
     for name in ended {
@@ -123,19 +159,13 @@ pub async fn start(
             Err(error) => return Err(error.into()),
         }
     }
-    match jobs.create(&PostParams::default(), &job(cc, run)?).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
-        Err(error) => Err(error.into()),
-    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
-    use k8s_openapi::api::core::v1::{
-        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, PodStatus,
-    };
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     use super::*;
@@ -199,12 +229,12 @@ mod tests {
     }
 
     fn outcome_of(job: &Job, pods: &[Pod]) -> RunOutcome {
-        run_of(job, pods).expect("a run").run.outcome
+        run_of(job, pods, t("2026-12-01T10:01:00Z")).expect("a run").run.outcome
     }
 
     #[test]
     fn a_job_is_the_run_its_annotations_name() {
-        let run = run_of(&backup_job(None), &[]).expect("a run").run;
+        let run = run_of(&backup_job(None), &[], t("2026-12-01T10:01:00Z")).expect("a run").run;
         assert_eq!(
             (run.backup.as_str(), run.attempt, run.member.as_str()),
             ("demo-20261201T100000Z", 1, "demo-1")
@@ -213,7 +243,7 @@ mod tests {
         assert_eq!(run.outcome, RunOutcome::Running);
         let mut foreign = backup_job(None);
         foreign.metadata.annotations = None;
-        assert_eq!(run_of(&foreign, &[]), None);
+        assert_eq!(run_of(&foreign, &[], t("2026-12-01T10:01:00Z")), None);
     }
 
     #[test]
@@ -266,5 +296,17 @@ mod tests {
         );
         // Starting up is not stuck.
         assert_eq!(outcome_of(&backup_job(None), &[waiting("ContainerCreating")]), RunOutcome::Running);
+        // An image that cannot be pulled is one cause, however the kubelet words it.
+        let pulling = |reason| outcome_of(&backup_job(None), &[waiting(reason)]);
+        assert_eq!(pulling("ErrImagePull"), pulling("ImagePullBackOff"));
+        // Never ended by the Job controller (its pod on a node that is gone): given up
+        // after the deadline and a grace, instead of holding every change for ever.
+        let late = t("2026-12-01T10:11:03Z");
+        let RunOutcome::Failed { reason, .. } =
+            run_of(&backup_job(None), &[], late).expect("a run").run.outcome
+        else {
+            panic!("still running")
+        };
+        assert!(reason.contains("past its deadline"), "{reason}");
     }
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use consensus_crds::Phase;
+use consensus_crds::{BackupRecord, Phase};
 use k8s_openapi::jiff::Timestamp;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -155,24 +155,31 @@ impl Metrics {
         }
     }
 
-    /// A backup run of `cluster` that has just ended.
-    pub fn backup_ended(&self, cluster: &str, run: &BackupRun) {
+    /// The newest verified backup of `cluster` as its status records it: set on every
+    /// reconcile, so a restarted operator or a standby that takes over reports it at once.
+    pub fn set_last_backup(&self, cluster: &str, last: Option<&BackupRecord>) {
         let labels = ClusterLabels { cluster: cluster.to_owned() };
+        if let Some(last) = last {
+            self.backup_last_success.get_or_create(&labels).set(last.time.0.as_second());
+            self.backup_size.get_or_create(&labels).set(last.size_bytes);
+        }
+    }
+
+    /// A backup run of `cluster` that has just ended: its duration, and its cause when it
+    /// failed.
+    pub fn backup_ended(&self, cluster: &str, run: &BackupRun) {
         match &run.outcome {
             RunOutcome::Running => {}
             RunOutcome::Succeeded(taken) => {
                 self.backup_durations.observe(seconds_between(run.started, taken.finished));
-                self.backup_last_success.get_or_create(&labels).set(taken.taken.as_second());
-                self.backup_size
-                    .get_or_create(&labels)
-                    .set(i64::try_from(taken.size_bytes).unwrap_or(i64::MAX));
             }
             RunOutcome::Failed { at, reason } => {
                 self.backup_durations.observe(seconds_between(run.started, *at));
-                let kind = failure_kind(reason).to_owned();
-                self.backup_failures
-                    .get_or_create(&BackupFailureLabels { cluster: labels.cluster, reason: kind })
-                    .inc();
+                let labels = BackupFailureLabels {
+                    cluster: cluster.to_owned(),
+                    reason: failure_kind(reason).to_owned(),
+                };
+                self.backup_failures.get_or_create(&labels).inc();
             }
         }
     }
@@ -226,19 +233,27 @@ mod tests {
                 reason: "s3://b cannot be listed".to_owned(),
             }),
         );
-        metrics.backup_ended(
-            "ns/demo",
-            &run(RunOutcome::Succeeded(Box::new(crate::plan::backup::Taken {
-                location: "s3://b/p/n.snapshot".to_owned(),
-                sha256: "ab".to_owned(),
-                size_bytes: 4096,
-                revision: 9,
-                taken: t("2026-12-01T10:00:02Z"),
-                pruned: Vec::new(),
-                verified: Some(true),
-                finished: t("2026-12-01T10:00:05Z"),
-            }))),
-        );
+        let succeeded = run(RunOutcome::Succeeded(Box::new(crate::plan::backup::Taken {
+            location: "s3://b/p/n.snapshot".to_owned(),
+            sha256: "ab".to_owned(),
+            size_bytes: 4096,
+            revision: 9,
+            taken: t("2026-12-01T10:00:02Z"),
+            pruned: Vec::new(),
+            verified: Some(true),
+            finished: t("2026-12-01T10:00:05Z"),
+        })));
+        metrics.backup_ended("ns/demo", &succeeded);
+        let record = BackupRecord {
+            name: succeeded.backup.clone(),
+            time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t("2026-12-01T10:00:02Z")),
+            location: "s3://b/p/n.snapshot".to_owned(),
+            revision: 9,
+            size_bytes: 4096,
+            sha256: "ab".to_owned(),
+            verified: Some(true),
+        };
+        metrics.set_last_backup("ns/demo", Some(&record));
         let text = metrics.render();
         for expected in [
             r#"consensus_operator_backup_failures_total{cluster="ns/demo",reason="destination"} 1"#,

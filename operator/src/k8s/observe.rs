@@ -93,12 +93,12 @@ pub async fn observe(
         },
         ..Observation::default()
     };
-    if cc.spec.backup.is_some() {
-        let runs = backups::observe(client, &namespace, &name).await?;
-        observation.ended_backup_jobs =
-            runs.iter().filter(|r| r.run.outcome != RunOutcome::Running).map(|r| r.name.clone()).collect();
-        observation.observed.backup_runs = runs.into_iter().map(|r| r.run).collect();
-    }
+    // Also without spec.backup: a run still going when it was removed holds membership
+    // changes until it ends.
+    let runs = backups::observe(client, &namespace, &name, observation.observed.now).await?;
+    observation.ended_backup_jobs =
+        runs.iter().filter(|r| r.run.outcome != RunOutcome::Running).map(|r| r.name.clone()).collect();
+    observation.observed.backup_runs = runs.into_iter().map(|r| r.run).collect();
 
     let stateful_set = Api::<StatefulSet>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
     let config_map =

@@ -109,6 +109,7 @@ pub async fn converge_with<M: membership::Members>(
         events.publish(type_, event.reason, "Backup", event.message, None).await;
     }
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
+    ctx.metrics.set_last_backup(&metrics_key(cc), status.last_backup.as_ref());
     acted?;
     events.finish()?;
     let planned = match step {

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use anyhow::{Context as _, anyhow};
 use consensus_crds::ConsensusCluster;
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -19,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::apply::managed_content;
 use super::events::Events;
 use super::http::{Health, serve};
 use super::leader::Election;
@@ -137,15 +139,31 @@ fn controller(
     let ours = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
     let (clusters, changed) = triggers::clusters(Api::all(client.clone()), health.clone());
     Controller::for_stream(changed, clusters)
-        .owns_stream(triggers::stateful_sets(Api::all(client.clone()), ours.clone(), health.clone()))
-        .owns_stream(triggers::owned(Api::<Service>::all(client.clone()), ours.clone(), health.clone()))
+        .owns_stream(triggers::owned(
+            Api::<StatefulSet>::all(client.clone()),
+            ours.clone(),
+            health.clone(),
+            triggers::stateful_set_fingerprint,
+        ))
+        .owns_stream(triggers::owned(
+            Api::<Service>::all(client.clone()),
+            ours.clone(),
+            health.clone(),
+            managed_content::<Service>,
+        ))
         .owns_stream(triggers::owned(
             Api::<PodDisruptionBudget>::all(client.clone()),
             ours.clone(),
             health.clone(),
+            managed_content::<PodDisruptionBudget>,
         ))
-        .owns_stream(triggers::owned(Api::<ConfigMap>::all(client.clone()), ours.clone(), health.clone()))
-        .owns_stream(triggers::jobs(Api::<Job>::all(client), ours, health))
+        .owns_stream(triggers::owned(
+            Api::<ConfigMap>::all(client.clone()),
+            ours.clone(),
+            health.clone(),
+            managed_content::<ConfigMap>,
+        ))
+        .owns_stream(triggers::owned(Api::<Job>::all(client), ours, health, triggers::job_fingerprint))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

@@ -18,7 +18,6 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use kube::{Api, Resource, ResourceExt};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::apply::managed_content;
@@ -39,56 +38,34 @@ pub fn clusters(
     (reader, changed)
 }
 
-/// Owned objects of kind `K` whose applied content changed, or that were deleted.
+/// Owned objects of kind `K` whose `fingerprint` changed, or that were deleted. For most
+/// kinds the fingerprint is what the operator applies (`managed_content`); for StatefulSets
+/// and Jobs it includes the status the planner waits on.
 pub fn owned<K>(
     api: Api<K>,
     config: watcher::Config,
     health: Arc<Health>,
+    fingerprint: impl Fn(&K) -> u64,
 ) -> impl Stream<Item = Result<K, watcher::Error>>
 where
-    K: Resource
-        + k8s_openapi::Resource
-        + Clone
-        + DeserializeOwned
-        + Serialize
-        + std::fmt::Debug
-        + Send
-        + 'static,
+    K: Resource + k8s_openapi::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
-    changes_that_matter(watched(K::KIND, api, config, health), managed_content::<K>)
+    changes_that_matter(watched(K::KIND, api, config, health), fingerprint)
 }
 
-/// The StatefulSets whose applied content, count of ready members or current template
-/// revision changed, or that were deleted: members becoming ready is what a starting
-/// cluster or a scale waits for, and a new revision what starts a rolling update.
-pub fn stateful_sets(
-    api: Api<StatefulSet>,
-    config: watcher::Config,
-    health: Arc<Health>,
-) -> impl Stream<Item = Result<StatefulSet, watcher::Error>> {
-    let kind = <StatefulSet as k8s_openapi::Resource>::KIND;
-    changes_that_matter(watched(kind, api, config, health), stateful_set_fingerprint)
-}
-
-/// Backup Jobs, whenever one starts, ends or is deleted: the end of a backup is what its
-/// status and the next try wait for.
-pub fn jobs(
-    api: Api<Job>,
-    config: watcher::Config,
-    health: Arc<Health>,
-) -> impl Stream<Item = Result<Job, watcher::Error>> {
-    let kind = <Job as k8s_openapi::Resource>::KIND;
-    changes_that_matter(watched(kind, api, config, health), job_fingerprint)
-}
-
-fn job_fingerprint(job: &Job) -> u64 {
+/// A backup Job's progress: whenever one starts, ends or is deleted, for the end of a backup
+/// is what its status and the next try wait for.
+pub fn job_fingerprint(job: &Job) -> u64 {
     let progress = job.status.as_ref().map(|s| (s.active, s.succeeded, s.failed, s.ready));
     let mut hasher = DefaultHasher::new();
     progress.hash(&mut hasher);
     hasher.finish()
 }
 
-fn stateful_set_fingerprint(sts: &StatefulSet) -> u64 {
+/// A StatefulSet's applied content, count of ready members and current template revision:
+/// members becoming ready is what a starting cluster or a scale waits for, and a new
+/// revision what starts a rolling update.
+pub fn stateful_set_fingerprint(sts: &StatefulSet) -> u64 {
     let ready = sts.status.as_ref().map(|s| (s.replicas, s.ready_replicas, &s.update_revision));
     let mut hasher = DefaultHasher::new();
     (managed_content(sts), ready).hash(&mut hasher);

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 
 use super::LocalError;
 use super::atomic::write_atomically;
-use super::process::{runs_with_arg, send_signal};
+use super::process::{runs_with_arg, signal_group};
 use crate::plan::backup::{BackupRun, RUN_DEADLINE, RunOutcome};
 use crate::resources::backup::{BackupJob, command, destination_url, outcome};
 
@@ -103,7 +103,8 @@ impl Backups {
                 let overdue =
                     now.duration_since(record.started).as_secs() > RUN_DEADLINE.as_secs_f64() as i64;
                 if overdue && let Some(pid) = record.pid {
-                    send_signal(pid, libc::SIGKILL);
+                    // The whole group: the run and the scratch member its verification started.
+                    signal_group(pid, libc::SIGKILL);
                     let reason = format!("still running after {} s; stopped", RUN_DEADLINE.as_secs());
                     let report = serde_json::json!({ "failed": { "error": reason } }).to_string();
                     if let Err(err) = std::fs::write(&report_path, report) {
@@ -114,11 +115,15 @@ impl Backups {
                     RunOutcome::Running
                 }
             } else {
-                let finished = modified(&report_path).or_else(|| modified(&self.file(&id, "log")));
+                // A run that left no trace of its end failed when it started: a time that
+                // stays put, for the back-off to count from.
+                let finished = modified(&report_path)
+                    .or_else(|| modified(&self.file(&id, "log")))
+                    .unwrap_or(record.started);
                 match std::fs::read_to_string(&report_path) {
-                    Ok(report) => outcome(&report, finished.unwrap_or(now)),
+                    Ok(report) => outcome(&report, finished),
                     Err(_) => RunOutcome::Failed {
-                        at: finished.unwrap_or(now),
+                        at: finished,
                         reason: match record.pid {
                             None => "the operator stopped while starting it".to_owned(),
                             Some(_) => {
@@ -156,13 +161,7 @@ impl Backups {
             move |source| LocalError::State { action, path, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(state("creating", &self.dir))?;
-        for old in self.records() {
-            if !self.running(&old) {
-                for kind in ["run.json", "report.json", "log"] {
-                    let _ = std::fs::remove_file(self.file(&old.id(), kind));
-                }
-            }
-        }
+        let ended: Vec<RunRecord> = self.records().into_iter().filter(|r| !self.running(r)).collect();
         let mut record = RunRecord {
             backup: run.backup.to_owned(),
             slot: run.slot,
@@ -197,7 +196,15 @@ impl Backups {
             .map_err(|source| LocalError::SpawnBackup { backup: run.backup.to_owned(), source })?;
         record.pid = child.id();
         self.children.insert(id, child);
-        self.write(&record)
+        self.write(&record)?;
+        // Only once the new run is under way: a run that cannot start leaves the failed try
+        // before it in place, to count and back off from.
+        for old in ended {
+            for kind in ["run.json", "report.json", "log"] {
+                let _ = std::fs::remove_file(self.file(&old.id(), kind));
+            }
+        }
+        Ok(())
     }
 
     fn write(&self, record: &RunRecord) -> Result<(), LocalError> {

@@ -67,6 +67,15 @@ impl Process {
     }
 }
 
+/// Signals the process group `pid` leads (a process started with `process_group(0)`).
+pub fn signal_group(pid: u32, signal: i32) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(-pid, signal);
+    }
+}
+
 pub fn send_signal(pid: u32, signal: i32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return };
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.

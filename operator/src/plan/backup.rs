@@ -160,8 +160,11 @@ pub fn wake_in(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Durat
             },
         );
     let at = retry.into_iter().chain(next_slot(backup, observed.now)).min()?;
-    let seconds = at.duration_since(observed.now).as_secs_f64().max(1.0);
-    Some(Duration::from_secs_f64(seconds))
+    let seconds = at.duration_since(observed.now).as_secs_f64();
+    // Overdue means it could not start (no fit member, a change under way): looked at again
+    // at the pace of a first retry, not in a busy loop.
+    let floor = if seconds <= 0.0 { FIRST_RETRY_DELAY.as_secs_f64() } else { 1.0 };
+    Some(Duration::from_secs_f64(seconds.max(floor)))
 }
 
 /// When the next slot comes, for `status.nextBackup`; none while suspended.
@@ -270,7 +273,7 @@ pub(super) fn backup_status(
     let had_condition = previous.is_some_and(|p| {
         p.conditions.iter().any(|c| {
             c.type_ == condition::BACKUP_SUCCEEDED
-                && matches!(c.reason.as_str(), "BackupTaken" | "BackupFailed")
+                && matches!(c.reason.as_str(), "BackupTaken" | "BackupFailed" | "StartFailed")
         })
     });
     let condition = succeeded_condition(backup, observed, step, failure, next_backup.as_ref(), had_condition);

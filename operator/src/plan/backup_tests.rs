@@ -147,9 +147,10 @@ fn the_operator_looks_again_when_a_try_or_a_slot_is_due() {
     assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(3598)));
     observed.backup_runs = vec![run("2026-12-01T10:00:00Z", 1, failed("2026-12-01T10:00:01Z", "refused"))];
     assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(9)));
-    // Past due already: at once, but not in a busy loop.
+    // Past due already (it could not start): again at the pace of a first retry, not in a
+    // busy loop.
     observed.now = t("2026-12-01T10:00:30Z");
-    assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(1)));
+    assert_eq!(wake_in(&spec, &observed), Some(FIRST_RETRY_DELAY));
     let mut suspended = spec.clone();
     suspended.backup.as_mut().expect("a backup").suspend = true;
     assert_eq!(wake_in(&suspended, &observed), None);
