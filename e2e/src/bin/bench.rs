@@ -121,6 +121,11 @@ fn our_binary() -> anyhow::Result<PathBuf> {
 
 impl Cluster {
     fn start(system: System, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(system, dir, &[])
+    }
+
+    /// `start`, each member also given `extra` flags (both systems take etcd's).
+    fn start_with(system: System, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         let mut peers = Vec::new();
         for i in 0..3 {
@@ -166,6 +171,7 @@ impl Cluster {
                 "--initial-cluster-state".to_owned(),
                 "new".to_owned(),
             ]);
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
             m.args = args;
             m.start()?;
         }
@@ -738,7 +744,7 @@ async fn measure(ours: &mut Cluster, etcd: &mut Cluster) -> anyhow::Result<()> {
         println!("{report}");
     }
     println!();
-    backup::measure(ours, etcd).await
+    backup::measure().await
 }
 
 #[path = "bench/backup.rs"]

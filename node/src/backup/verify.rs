@@ -150,7 +150,10 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(root: &Path, name: &str) -> anyhow::Result<Self> {
-        let dir = root.join(format!("verify-{name}-{}", std::process::id()));
+        // Only the name's plain characters: a name is user input, and this path is removed.
+        let plain: String =
+            name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).collect();
+        let dir = root.join(format!("verify-{plain}-{}", std::process::id()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
         }
