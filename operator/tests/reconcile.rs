@@ -17,7 +17,7 @@ use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use support::members::{CLUSTER_ID, Cluster, FakeMembers, Member};
 use support::{
-    CC, CONFIG, EVENTS, FakeApi, NS, PDB, PODS, PVCS, Recorded, STS, applied_objects,
+    CC, CONFIG, EVENTS, FakeApi, JOBS, NS, PDB, PODS, PVCS, Recorded, STS, applied_objects,
     assert_allowed_by_cluster_role, only,
 };
 
@@ -146,12 +146,14 @@ async fn the_first_reconcile_creates_every_object_and_reports_pending() {
 
     reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
 
-    // Looks at what exists (volumes an earlier cluster of this name left, pods a deleted
-    // StatefulSet left running), then applies configuration, Services, budget and
+    // Looks at what exists (backup runs, volumes an earlier cluster of this name left, pods
+    // a deleted StatefulSet left running), then applies configuration, Services, budget and
     // StatefulSet, each followed by its event, and finally reports status.
     assert_eq!(
         api.story(),
         [
+            format!("GET {JOBS}"),
+            format!("GET {PODS}"),
             format!("GET {STS}"),
             format!("GET {CONFIG}"),
             format!("GET {PEER}"),
@@ -804,4 +806,60 @@ async fn events_fold_only_when_their_note_repeats() {
         requests.iter().find(|r| r.method == "PATCH" && r.path.starts_with(EVENTS)).expect("a repeat");
     assert_eq!(repeat.body["series"]["count"], 2, "{}", repeat.body);
     assert_eq!(api.story().len(), 3);
+}
+
+#[tokio::test]
+async fn a_backup_is_started_as_a_job_and_the_ended_runs_go_after_it() {
+    let cc = cluster(
+        json!({"replicas": 3, "backup": {"schedule": "@hourly", "destination": {"s3": {
+            "bucket": "backups", "endpoint": "http://s3.local:9000", "forcePathStyle": true,
+            "credentialsSecret": {"name": "s3"}}}}}),
+        true,
+    );
+    let mut objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    // An earlier slot's run that ended.
+    let ended = "demo-backup-20261201090000-1";
+    objects.push(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": ended, "namespace": NS, "creationTimestamp": "2026-12-01T09:00:01Z",
+            "annotations": {"consensus.dev/backup": "demo-20261201T090000Z",
+                "consensus.dev/backup-slot": "2026-12-01T09:00:00Z", "consensus.dev/backup-attempt": "1",
+                "consensus.dev/backup-member": "demo-1"}},
+        "status": {"conditions": [{"type": "Complete", "status": "True",
+            "lastTransitionTime": "2026-12-01T09:00:09Z"}]},
+    }));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let ctx = context(client, healthy(3));
+    let slot = "2026-12-01T10:00:00Z".parse().expect("a time");
+
+    converge_with(&cc, &ctx, |_| Step::TakeBackup { slot, attempt: 1, from: "demo-1".into() })
+        .await
+        .expect("reconciles");
+
+    let requests = api.requests();
+    let created = only(&requests, "POST", JOBS);
+    let job = &created.body;
+    assert_eq!(job["metadata"]["name"], "demo-backup-20261201100000-1");
+    assert_eq!(job["metadata"]["labels"]["app.kubernetes.io/name"], "consensus-backup");
+    let args: Vec<&str> = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let line = args.join(" ");
+    assert!(line.starts_with("backup --endpoint http://demo-1.demo-peer.default.svc:2379"), "{line}");
+    assert!(line.contains("--to s3://backups/default/demo --name demo-20261201T100000Z"), "{line}");
+    assert!(line.contains("--verify"), "{line}");
+    // Created first, then the ended run deleted, with its pods.
+    let position =
+        |method: &str, path: &str| requests.iter().position(|r| r.method == method && r.path == path);
+    let delete = only(&requests, "DELETE", &format!("{JOBS}/{ended}"));
+    assert_eq!(delete.body["propagationPolicy"], "Background");
+    assert!(position("POST", JOBS) < position("DELETE", &format!("{JOBS}/{ended}")));
+    let started = events(&requests).into_iter().find(|(_, reason, _)| reason == "BackupStarted");
+    assert!(started.is_some_and(|(_, _, note)| note.contains("demo-20261201T100000Z")));
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(status["lastScheduledBackup"], "2026-12-01T10:00:00Z");
+    assert_allowed_by_cluster_role(&requests);
 }

@@ -129,16 +129,21 @@ pub fn due(
     }
     let (newest, _) = slots(&backup.schedule, now);
     let newest = newest?;
-    let last = last_slot(last_scheduled, runs);
-    if last.is_none_or(|last| newest > last) {
+    if last_slot(last_scheduled, runs).is_none_or(|last| newest > last) {
         return Some(Due { slot: newest, attempt: 1 });
     }
+    retry(last_scheduled, runs).filter(|(ready, _)| now >= *ready).map(|(_, due)| due)
+}
+
+/// The next try of the last slot, when its latest try failed and it has tries left: when it
+/// may start, and what it is.
+fn retry(last_scheduled: Option<Timestamp>, runs: &[BackupRun]) -> Option<(Timestamp, Due)> {
+    let last = last_slot(last_scheduled, runs);
     let latest = runs.iter().filter(|r| Some(r.slot) == last).max_by_key(|r| r.attempt)?;
     match &latest.outcome {
         RunOutcome::Failed { at, .. } if latest.attempt < MAX_ATTEMPTS => {
-            let delay = retry_delay(latest.attempt);
-            let ready = at.checked_add(delay).is_ok_and(|ready| now >= ready);
-            ready.then_some(Due { slot: latest.slot, attempt: latest.attempt + 1 })
+            let ready = at.checked_add(retry_delay(latest.attempt)).ok()?;
+            Some((ready, Due { slot: latest.slot, attempt: latest.attempt + 1 }))
         }
         _ => None,
     }
@@ -149,16 +154,7 @@ pub fn due(
 /// (Kubernetes) looks again then; `None` while suspended or nothing is declared.
 pub fn wake_in(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Duration> {
     let backup = spec.backup.as_ref().filter(|b| !b.suspend)?;
-    let last = last_slot(observed.last_scheduled_backup, &observed.backup_runs);
-    let retry =
-        observed.backup_runs.iter().filter(|r| Some(r.slot) == last).max_by_key(|r| r.attempt).and_then(
-            |r| match &r.outcome {
-                RunOutcome::Failed { at, .. } if r.attempt < MAX_ATTEMPTS => {
-                    at.checked_add(retry_delay(r.attempt)).ok()
-                }
-                _ => None,
-            },
-        );
+    let retry = retry(observed.last_scheduled_backup, &observed.backup_runs).map(|(ready, _)| ready);
     let at = retry.into_iter().chain(next_slot(backup, observed.now)).min()?;
     let seconds = at.duration_since(observed.now).as_secs_f64();
     // Overdue means it could not start (no fit member, a change under way): looked at again

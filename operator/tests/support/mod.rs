@@ -20,6 +20,9 @@ pub const CC: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusc
 pub const STS: &str = "/apis/apps/v1/namespaces/default/statefulsets/demo";
 pub const CONFIG: &str = "/api/v1/namespaces/default/configmaps/demo-config";
 pub const PODS: &str = "/api/v1/namespaces/default/pods";
+/// Backup runs; only the reconcile tests start one, and each test binary has this module.
+#[allow(dead_code)]
+pub const JOBS: &str = "/apis/batch/v1/namespaces/default/jobs";
 pub const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
 pub const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
@@ -155,8 +158,9 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
 }
 
-const PLURALS: [(&str, &str); 10] = [
+const PLURALS: [(&str, &str); 11] = [
     ("ConsensusCluster", "consensusclusters"),
+    ("Job", "jobs"),
     ("StorageClass", "storageclasses"),
     ("StatefulSet", "statefulsets"),
     ("Service", "services"),
