@@ -383,6 +383,18 @@ impl Node {
             .collect()
     }
 
+    /// The voters MemberList reports. While a joint-consensus change is between its two
+    /// configurations (milliseconds), those of the configuration it is changing to, which
+    /// the cluster has already decided on: etcd has no joint state to show, and the union
+    /// would show a replacement of one voter (three to three) as four voters. Everything
+    /// that decides on votes (a lost voter's refusal to start empty, leadership transfer)
+    /// goes by `members`, where a member of either configuration votes.
+    pub fn reported_voters(&self) -> BTreeSet<u64> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        membership.get_joint_config().last().cloned().unwrap_or_else(|| membership.voter_ids().collect())
+    }
+
     /// Proposes `command` and returns its outcome once applied, wherever the leader is.
     pub async fn write(&self, command: Command) -> Result<Applied, ServerError> {
         self.metrics.proposal_started();

@@ -23,6 +23,7 @@ impl ClusterService {
     }
 
     fn members(&self) -> Vec<Member> {
+        let voters = self.node.reported_voters();
         self.node
             .members()
             .into_iter()
@@ -31,7 +32,7 @@ impl ClusterService {
                 name: m.member.name,
                 peer_ur_ls: m.member.peer_urls,
                 client_ur_ls: m.member.client_urls,
-                is_learner: m.is_learner,
+                is_learner: !voters.contains(&m.id),
             })
             .collect()
     }
