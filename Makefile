@@ -11,6 +11,7 @@ APT_PACKAGES := etcd-client etcd-server protobuf-compiler libprotobuf-dev
 PY_PACKAGES := kubernetes-validate==1.37.0 jsonschema==4.26.0 pytest==9.2.0 PyYAML==6.0.3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CRD := manifests/crds/consensus.dev_consensusclusters.yaml
+BACKUP_CRD := manifests/crds/consensus.dev_consensusbackups.yaml
 
 .PHONY: all build test lint fmt crds crds-check deps apt-deps py-deps run run-backups e2e bench help
 
@@ -20,7 +21,7 @@ help:
 	@echo "make build   compile everything (release binaries in target/release)"
 	@echo "make test    install test dependencies, lint, and run every test"
 	@echo "make lint    rustfmt check and clippy with warnings as errors"
-	@echo "make crds    regenerate $(CRD) from the Rust types"
+	@echo "make crds    regenerate the CRDs in manifests/crds/ and the README reference from the Rust types"
 	@echo "make run     start a local cluster (see README)"
 	@echo "make e2e     scenario tests against the cluster of KUBECONFIG (make cluster-up, make kind-up)"
 	@echo "make kind-up a kind cluster in three zones with the images loaded (Docker and kind)"
@@ -53,13 +54,18 @@ fmt:
 
 crds:
 	$(CARGO) run -q --locked -p consensus-operator --bin crdgen > $(CRD)
+	$(CARGO) run -q --locked -p consensus-operator --bin crdgen -- backup > $(BACKUP_CRD)
 	$(CARGO) run -q --locked -p consensus-operator --bin crdgen -- --reference > target/crd-reference.md
-	$(PYTHON) hack/splice-readme.py README.md target/crd-reference.md
+	$(PYTHON) hack/splice-readme.py README.md crd-reference target/crd-reference.md
+	$(CARGO) run -q --locked -p consensus-operator --bin crdgen -- backup --reference > target/crd-reference.md
+	$(PYTHON) hack/splice-readme.py README.md backup-crd-reference target/crd-reference.md
 
 # Fails when the committed CRD and the Rust types disagree.
 crds-check:
 	@$(CARGO) run -q --locked -p consensus-operator --bin crdgen | diff -u $(CRD) - \
 	  || { echo "$(CRD) is stale: run 'make crds' and commit it"; exit 1; }
+	@$(CARGO) run -q --locked -p consensus-operator --bin crdgen -- backup | diff -u $(BACKUP_CRD) - \
+	  || { echo "$(BACKUP_CRD) is stale: run 'make crds' and commit it"; exit 1; }
 
 test: deps lint crds-check
 	$(CARGO) test --workspace --locked

@@ -1,8 +1,9 @@
-//! The `ConsensusCluster` API: group `consensus.dev`, version `v1alpha1`.
+//! The `ConsensusCluster` and `ConsensusBackup` APIs: group `consensus.dev`, version `v1alpha1`.
 //!
 //! The Rust types are the source of truth. `crdgen` renders them into the CRD under
 //! `manifests/crds/`, and `make test` fails when the two disagree.
 
+mod backup;
 mod duration;
 pub mod quantity;
 mod reference;
@@ -10,6 +11,7 @@ mod spec;
 mod status;
 mod validate;
 
+pub use backup::*;
 pub use duration::{DurationError, parse_duration};
 pub use reference::reference_markdown;
 pub use spec::*;

@@ -4,15 +4,22 @@
 
 use cel_interpreter::{Context, Program, Value};
 use consensus_crds::{
-    ConsensusCluster, ConsensusClusterSpec, REPLICAS_RULE_MESSAGE, ZoneSpread, validate_spec,
+    ConsensusBackup, ConsensusCluster, ConsensusClusterSpec, IMMUTABLE_RULE_MESSAGE, REPLICAS_RULE_MESSAGE,
+    ZoneSpread, validate_spec,
 };
 use kube::CustomResourceExt;
 use serde_json::{Value as Json, json};
 
 const COMMITTED_CRD: &str = include_str!("../../manifests/crds/consensus.dev_consensusclusters.yaml");
+const COMMITTED_BACKUP_CRD: &str = include_str!("../../manifests/crds/consensus.dev_consensusbackups.yaml");
 
 fn schema() -> Json {
     let crd = serde_json::to_value(ConsensusCluster::crd()).expect("crd serializes");
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+fn backup_schema() -> Json {
+    let crd = serde_json::to_value(ConsensusBackup::crd()).expect("crd serializes");
     crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
 }
 
@@ -58,21 +65,26 @@ fn to_cel(value: &Json) -> Value {
     }
 }
 
-/// Evaluates every rule with `self` bound to `value`; the messages of the rules that fail.
+/// Evaluates every rule with `self` bound to `value` as on create, where the API server
+/// skips transition rules (those that read `oldSelf`); the messages of the rules that fail.
 fn failures(rules: &[Rule], value: Json) -> Vec<String> {
-    rules
-        .iter()
-        .filter_map(|r| {
-            let program = Program::compile(&r.rule).expect("rule compiles");
-            let mut ctx = Context::default();
-            ctx.add_variable_from_value("self", to_cel(&value));
-            match program.execute(&ctx).expect("rule evaluates") {
-                Value::Bool(true) => None,
-                Value::Bool(false) => Some(r.message.clone()),
-                other => panic!("rule {} returned a non-boolean {other:?}", r.rule),
-            }
-        })
-        .collect()
+    let on_create: Vec<&Rule> = rules.iter().filter(|r| !r.rule.contains("oldSelf")).collect();
+    on_create.into_iter().filter_map(|r| evaluate(r, &value, None)).collect()
+}
+
+/// One rule with `self` (and on an update `oldSelf`) bound: its message when it fails.
+fn evaluate(r: &Rule, value: &Json, old: Option<&Json>) -> Option<String> {
+    let program = Program::compile(&r.rule).expect("rule compiles");
+    let mut ctx = Context::default();
+    ctx.add_variable_from_value("self", to_cel(value));
+    if let Some(old) = old {
+        ctx.add_variable_from_value("oldSelf", to_cel(old));
+    }
+    match program.execute(&ctx).expect("rule evaluates") {
+        Value::Bool(true) => None,
+        Value::Bool(false) => Some(r.message.clone()),
+        other => panic!("rule {} returned a non-boolean {other:?}", r.rule),
+    }
 }
 
 #[test]
@@ -202,11 +214,16 @@ fn conditions_merge_by_type_under_server_side_apply() {
 }
 
 #[test]
-fn committed_crd_matches_the_rust_types() {
+fn committed_crds_match_the_rust_types() {
     let generated = serde_yaml::to_string(&ConsensusCluster::crd()).expect("crd renders");
     assert!(
         generated == COMMITTED_CRD,
         "manifests/crds/consensus.dev_consensusclusters.yaml is stale: run `make crds` and commit the result"
+    );
+    let generated = serde_yaml::to_string(&ConsensusBackup::crd()).expect("crd renders");
+    assert!(
+        generated == COMMITTED_BACKUP_CRD,
+        "manifests/crds/consensus.dev_consensusbackups.yaml is stale: run `make crds` and commit the result"
     );
 }
 
@@ -272,18 +289,43 @@ fn cel_rules_reject_an_even_cluster_wherever_it_appears_in_an_object() {
 }
 
 #[test]
-fn readme_reference_matches_the_types() {
+fn readme_references_match_the_types() {
     let readme =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
             .expect("README.md readable");
-    let start = "<!-- crd-reference:start -->\n";
-    let section = readme
-        .split_once(start)
-        .and_then(|(_, rest)| rest.split_once("<!-- crd-reference:end -->"))
-        .map(|(section, _)| section)
-        .expect("README has the crd-reference markers");
-    assert!(
-        section == consensus_crds::reference_markdown(&schema()),
-        "README.md's ConsensusCluster reference is stale: run `make crds` and commit the result"
-    );
+    for (marker, kind, schema) in [
+        ("crd-reference", "ConsensusCluster", schema()),
+        ("backup-crd-reference", "ConsensusBackup", backup_schema()),
+    ] {
+        let start = format!("<!-- {marker}:start -->\n");
+        let section = readme
+            .split_once(&start)
+            .and_then(|(_, rest)| rest.split_once(&format!("<!-- {marker}:end -->")))
+            .map(|(section, _)| section)
+            .unwrap_or_else(|| panic!("README has the {marker} markers"));
+        assert!(
+            section == consensus_crds::reference_markdown(&schema),
+            "README.md's {kind} reference is stale: run `make crds` and commit the result"
+        );
+    }
+}
+
+#[test]
+fn a_consensus_backup_names_its_cluster_and_cannot_change() {
+    let crd = serde_json::to_value(ConsensusBackup::crd()).expect("crd serializes");
+    assert_eq!(crd["spec"]["group"], "consensus.dev");
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["cb"]));
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    assert_eq!(crd["spec"]["versions"][0]["subresources"]["status"], json!({}));
+    let schema = backup_schema();
+    assert_eq!(schema["properties"]["spec"]["required"], json!(["clusterName"]));
+    let rules = rules_at(&schema, &["spec"]);
+    let asked = json!({"clusterName": "demo"});
+    // On create the transition rule does not apply; on an update any change is refused.
+    assert_eq!(failures(&rules, asked.clone()), Vec::<String>::new());
+    let same: Vec<String> = rules.iter().filter_map(|r| evaluate(r, &asked, Some(&asked))).collect();
+    assert_eq!(same, Vec::<String>::new());
+    let moved = json!({"clusterName": "other"});
+    let changed: Vec<String> = rules.iter().filter_map(|r| evaluate(r, &moved, Some(&asked))).collect();
+    assert_eq!(changed, vec![IMMUTABLE_RULE_MESSAGE.to_owned()]);
 }

@@ -19,6 +19,9 @@ enum Command {
     Local(local::LocalArgs),
     /// Reconcile ConsensusClusters on the Kubernetes cluster in reach (in cluster, or KUBECONFIG).
     Run(consensus_operator::k8s::RunArgs),
+    /// Take a backup now of a cluster `local` runs, and wait for it (on Kubernetes, create
+    /// a ConsensusBackup).
+    Backup(local::request::BackupArgs),
 }
 
 #[tokio::main]
@@ -34,6 +37,19 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Local(args) => local::run(args, shutdown).await.context("local mode")?,
         Command::Run(args) => consensus_operator::k8s::run(args, shutdown).await?,
+        Command::Backup(args) => {
+            let status = tokio::select! {
+                status = local::request::run(args) => status.context("backup")?,
+                () = shutdown => anyhow::bail!("interrupted; the request stays queued"),
+            };
+            if let Some(backup) = status.backup {
+                let verified = if backup.verified == Some(true) { ", verified" } else { "" };
+                println!(
+                    "{} revision {} ({} bytes, sha256 {}{verified}) at {}",
+                    backup.name, backup.revision, backup.size_bytes, backup.sha256, backup.location
+                );
+            }
+        }
     }
     Ok(())
 }

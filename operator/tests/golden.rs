@@ -57,10 +57,10 @@ fn built_for(sample: &Path) -> (Desired, Option<Job>) {
     let members = Members { replicas, state: InitialClusterState::New, guarded };
     let slot = "2026-12-01T06:00:00Z".parse().expect("a time");
     let name = cluster.metadata.name.clone().expect("a name");
-    let backup = backup_name(&name, slot);
+    let backup = backup_name(&name, slot, None);
     let member = format!("{name}-1");
-    let run = BackupJob { backup: &backup, slot, attempt: 1, member: &member };
-    let job = cluster.spec.backup.is_some().then(|| job(&cluster, &run).expect("builds"));
+    let run = BackupJob::planned(&cluster.spec, &backup, (slot, 1, &member), None);
+    let job = run.map(|run| job(&cluster, &run, None).expect("builds"));
     (desired(&cluster, members).expect("builds"), job)
 }
 

@@ -17,7 +17,7 @@ use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 use support::members::{CLUSTER_ID, Cluster, FakeMembers, Member};
 use support::{
-    CC, CONFIG, EVENTS, FakeApi, JOBS, NS, PDB, PODS, PVCS, Recorded, STS, applied_objects,
+    BACKUPS, CC, CONFIG, EVENTS, FakeApi, JOBS, NS, PDB, PODS, PVCS, Recorded, STS, applied_objects,
     assert_allowed_by_cluster_role, only,
 };
 
@@ -154,6 +154,7 @@ async fn the_first_reconcile_creates_every_object_and_reports_pending() {
         [
             format!("GET {JOBS}"),
             format!("GET {PODS}"),
+            format!("GET {BACKUPS}"),
             format!("GET {STS}"),
             format!("GET {CONFIG}"),
             format!("GET {PEER}"),
@@ -832,7 +833,7 @@ async fn a_backup_is_started_as_a_job_and_the_ended_runs_go_after_it() {
     let ctx = context(client, healthy(3));
     let slot = "2026-12-01T10:00:00Z".parse().expect("a time");
 
-    converge_with(&cc, &ctx, |_| Step::TakeBackup { slot, attempt: 1, from: "demo-1".into() })
+    converge_with(&cc, &ctx, |_| Step::TakeBackup { slot, attempt: 1, from: "demo-1".into(), request: None })
         .await
         .expect("reconciles");
 

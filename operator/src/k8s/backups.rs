@@ -2,20 +2,20 @@
 //! started (a Job from `resources::backup::job`). The operator never reads the Secret the
 //! credentials are in and never sees the data: the Job's pod gets both.
 
-use consensus_crds::ConsensusCluster;
+use consensus_crds::{ConsensusBackup, ConsensusCluster};
 use k8s_openapi::api::batch::v1::Job;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ContainerStateWaiting, PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, PostParams, PropagationPolicy};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use super::Error;
 use crate::plan::backup::{BackupRun, RUN_DEADLINE, RunOutcome};
 use crate::resources::backup::{
-    ATTEMPT_ANNOTATION, BACKUP_ANNOTATION, BackupJob, CONTAINER, MEMBER_ANNOTATION, SLOT_ANNOTATION, job,
-    outcome, run_selector,
+    ATTEMPT_ANNOTATION, BACKUP_ANNOTATION, BackupJob, CONTAINER, MEMBER_ANNOTATION, REQUEST_ANNOTATION,
+    SLOT_ANNOTATION, job, outcome, run_selector,
 };
 
 /// Waiting reasons of a backup pod that no amount of waiting mends: a missing Secret or key,
@@ -102,6 +102,7 @@ pub fn run_of(job: &Job, pods: &[Pod], now: Timestamp) -> Option<RunJob> {
     let run = BackupRun {
         backup: annotations.get(BACKUP_ANNOTATION)?.clone(),
         slot,
+        request: annotations.get(REQUEST_ANNOTATION).cloned(),
         attempt: annotations.get(ATTEMPT_ANNOTATION)?.parse().ok()?,
         member: annotations.get(MEMBER_ANNOTATION)?.clone(),
         started,
@@ -122,20 +123,22 @@ fn stuck_reason(waiting: &ContainerStateWaiting) -> String {
     }
 }
 
-/// Starts `run`: the volume destination checked first (a Job waiting for a claim that does
-/// not exist would hang until its deadline), then the Job, then the Jobs of runs that have
-/// ended are deleted (status keeps the newest backup). In that order, a Job that cannot be
-/// created leaves the failed try before it in place, to count and back off from. A Job of
-/// that name already there is this run, started by a reconcile that stopped before it
-/// could record it.
+/// Starts `run` (for the ConsensusBackup `request`, which then owns its Job): the volume
+/// destination checked first (a Job waiting for a claim that does not exist would hang
+/// until its deadline), then the Job, then the Jobs of runs that have ended are deleted
+/// (status keeps the newest backup). In that order, a Job that cannot be created leaves the
+/// failed try before it in place, to count and back off from. A Job of that name already
+/// there is this run when its annotations say so, started by a reconcile that stopped
+/// before it could record it; any other is refused.
 pub async fn start(
     client: &Client,
     cc: &ConsensusCluster,
     run: &BackupJob<'_>,
+    request: Option<&ConsensusBackup>,
     ended: &[String],
 ) -> Result<(), Error> {
     let namespace = cc.namespace().unwrap_or_default();
-    if let Some(volume) = cc.spec.backup.as_ref().and_then(|b| b.destination.volume.as_ref()) {
+    if let Some(volume) = &run.destination.volume {
         let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace);
         if claims.get_opt(&volume.claim_name).await?.is_none() {
             return Err(Error::Backup(format!(
@@ -145,9 +148,21 @@ pub async fn start(
         }
     }
     let jobs = Api::<Job>::namespaced(client.clone(), &namespace);
-    match jobs.create(&PostParams::default(), &job(cc, run)?).await {
+    let owner = request.and_then(|r| r.controller_owner_ref(&()));
+    let name = run.job_name(&cc.name_any());
+    match jobs.create(&PostParams::default(), &job(cc, run, owner)?).await {
         Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+        Err(kube::Error::Api(status)) if status.is_already_exists() => {
+            let theirs = jobs.get_opt(&name).await?;
+            let annotation = |key| theirs.as_ref().and_then(|j| j.annotations().get(key).cloned());
+            let ours = annotation(BACKUP_ANNOTATION).as_deref() == Some(run.backup)
+                && annotation(ATTEMPT_ANNOTATION) == Some(run.attempt.to_string());
+            if !ours {
+                return Err(Error::Backup(format!(
+                    "a Job named {namespace}/{name} exists that is not this backup's run: rename or delete it"
+                )));
+            }
+        }
         Err(error) => return Err(error.into()),
     }
     let background =

@@ -219,6 +219,7 @@ mod tests {
         let metrics = Metrics::default();
         let t = |text: &str| -> Timestamp { text.parse().expect("time") };
         let run = |outcome| BackupRun {
+            request: None,
             backup: "demo-20261201T100000Z".to_owned(),
             slot: t("2026-12-01T10:00:00Z"),
             attempt: 1,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use consensus_crds::ConsensusCluster;
+use consensus_crds::{ConsensusBackup, ConsensusCluster};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStateTerminated, Node, PersistentVolumeClaim, Pod, Service,
@@ -17,10 +17,10 @@ use serde::Serialize;
 use tracing::debug;
 
 use super::apply::managed_content;
-use super::{Error, backups};
+use super::{Error, backups, requests};
 use crate::membership::observe::combine;
 use crate::membership::{Members, Target};
-use crate::plan::backup::RunOutcome;
+use crate::plan::backup::{BackupRequest, removable};
 use crate::plan::{Observed, ObservedMember, ordinal};
 use crate::platform;
 use crate::resources::storage::{self, StorageChange, Volume};
@@ -55,6 +55,8 @@ pub struct Observation {
     pub stateful_set_deleting: bool,
     /// Names of the backup Jobs whose run has ended, deleted when the next run starts.
     pub ended_backup_jobs: Vec<String>,
+    /// The ConsensusBackups of this cluster, whose status the reconcile writes.
+    pub backup_requests: Vec<ConsensusBackup>,
 }
 
 impl AsRef<Observed> for Observation {
@@ -96,9 +98,12 @@ pub async fn observe(
     // Also without spec.backup: a run still going when it was removed holds membership
     // changes until it ends.
     let runs = backups::observe(client, &namespace, &name, observation.observed.now).await?;
+    observation.backup_requests = requests::of_cluster(client, &namespace, &name).await?;
+    let requests: Vec<BackupRequest> = observation.backup_requests.iter().map(requests::request_of).collect();
     observation.ended_backup_jobs =
-        runs.iter().filter(|r| r.run.outcome != RunOutcome::Running).map(|r| r.name.clone()).collect();
+        runs.iter().filter(|r| removable(&r.run, &requests)).map(|r| r.name.clone()).collect();
     observation.observed.backup_runs = runs.into_iter().map(|r| r.run).collect();
+    observation.observed.backup_requests = requests;
 
     let stateful_set = Api::<StatefulSet>::namespaced(client.clone(), &namespace).get_opt(&name).await?;
     let config_map =

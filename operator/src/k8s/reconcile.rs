@@ -22,12 +22,12 @@ use super::apply::{Applied, Change, apply};
 use super::events::Events;
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
-use super::{Error, backups};
+use super::{Error, backups, requests};
 use crate::membership::{self, MembershipError};
 use crate::plan::backup::{self, backup_name, outcome_event};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
-use crate::resources::backup::{BackupJob, job_name};
+use crate::resources::backup::BackupJob;
 use crate::resources::storage::StorageChange;
 use crate::resources::{self, BuildError, Guarded, InitialClusterState, Members, labels};
 
@@ -102,12 +102,15 @@ pub async fn converge_with<M: membership::Members>(
     let failure = acted.as_ref().err().map(ToString::to_string);
     let status = update_status(ctx, cc, &observation, &step, failure.as_deref()).await?;
     if let Some(event) = outcome_event(cc.status.as_ref(), &status) {
-        if let Some(run) = backup::latest_run(&observation.observed.backup_runs).filter(|_| event.run_ended) {
+        if let Some(run) =
+            backup::latest_run(&observation.observed.backup_runs, None).filter(|_| event.run_ended)
+        {
             ctx.metrics.backup_ended(&metrics_key(cc), run);
         }
         let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
         events.publish(type_, event.reason, "Backup", event.message, None).await;
     }
+    update_requests(ctx, cc, &observation, &step, failure.as_deref()).await?;
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
     ctx.metrics.set_last_backup(&metrics_key(cc), status.last_backup.as_ref());
     acted?;
@@ -356,12 +359,20 @@ async fn act<M: membership::Members>(
             );
             normal("MemberUpdated", "UpdateMember", note, pod(name)).await;
         }
-        Step::TakeBackup { slot, attempt, from } => {
-            let backup = backup_name(&cluster, *slot);
-            let run = BackupJob { backup: &backup, slot: *slot, attempt: *attempt, member: from };
-            backups::start(&ctx.client, cc, &run, &observation.ended_backup_jobs).await?;
-            let job = job_name(&cluster, *slot, *attempt);
-            let note = format!("backup {backup} (attempt {attempt}) is being taken from {from} by Job {job}");
+        Step::TakeBackup { slot, attempt, from, request } => {
+            let backup = backup_name(&cluster, *slot, request.as_deref());
+            let asked = request
+                .as_ref()
+                .and_then(|r| observation.backup_requests.iter().find(|b| &b.name_any() == r));
+            let planned = asked.map(requests::request_of);
+            let run = BackupJob::planned(&cc.spec, &backup, (*slot, *attempt, from), planned.as_ref())
+                .ok_or(BuildError::NoBackupDestination)?;
+            backups::start(&ctx.client, cc, &run, asked, &observation.ended_backup_jobs).await?;
+            let job = run.job_name(&cluster);
+            let asked_by = request.as_ref().map_or_else(String::new, |r| format!(" for ConsensusBackup {r}"));
+            let note = format!(
+                "backup {backup}{asked_by} (attempt {attempt}) is being taken from {from} by Job {job}"
+            );
             normal("BackupStarted", "Backup", note, Some(reference::<Job>(&namespace, &job))).await;
         }
         Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
@@ -495,6 +506,34 @@ async fn update_status<M>(
     Ok(status)
 }
 
+/// Writes the status of each ConsensusBackup of the cluster that moved on, with an Event on
+/// it for each try started, each backup taken and each failure.
+async fn update_requests<M>(
+    ctx: &Context<M>,
+    cc: &ConsensusCluster,
+    observation: &Observation,
+    step: &Step,
+    failure: Option<&str>,
+) -> Result<(), Error> {
+    for update in backup::request_updates(&cc.spec, &observation.observed, step, failure) {
+        let Some(asked) = observation.backup_requests.iter().find(|b| b.name_any() == update.request.name)
+        else {
+            continue;
+        };
+        requests::write_status(&ctx.client, asked, &update.status).await?;
+        if let Some(run) = update.ended_run {
+            ctx.metrics.backup_ended(&metrics_key(cc), run);
+        }
+        if let Some(event) = update.event {
+            let events = EventLog::about(&ctx.recorder, asked);
+            let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
+            events.publish(type_, event.reason, "Backup", event.message, None).await;
+            events.finish()?;
+        }
+    }
+    Ok(())
+}
+
 /// On deletion: owned objects go by cascade; volumes go only if the spec says so, because
 /// the StatefulSet's own retention policy does not cover volumes it no longer tracks
 /// (those of members removed by a scale-down).
@@ -550,8 +589,8 @@ struct EventLog<'a> {
 }
 
 impl<'a> EventLog<'a> {
-    fn about(recorder: &'a Events, cc: &ConsensusCluster) -> Self {
-        Self { recorder, regarding: cc.object_ref(&()), failed: Mutex::default() }
+    fn about<K: Resource<DynamicType = ()>>(recorder: &'a Events, object: &K) -> Self {
+        Self { recorder, regarding: object.object_ref(&()), failed: Mutex::default() }
     }
 
     async fn publish(

@@ -6,16 +6,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use anyhow::{Context as _, anyhow};
-use consensus_crds::ConsensusCluster;
-use futures::StreamExt;
+use consensus_crds::{ConsensusBackup, ConsensusCluster};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -26,7 +27,7 @@ use super::http::{Health, serve};
 use super::leader::Election;
 use super::metrics::Metrics;
 use super::reconcile::{Context, error_policy, reconcile};
-use super::triggers;
+use super::{requests, triggers};
 use crate::membership::EtcdMembers;
 use crate::resources::labels;
 
@@ -106,11 +107,20 @@ pub async fn run(
     outcome
 }
 
-/// Fails unless the API server serves ConsensusClusters: without the CRD every watch fails
-/// for ever, and a replica that says so at start and exits is plainer than one that runs.
+/// Fails unless the API server serves ConsensusClusters and ConsensusBackups: without a CRD
+/// its watch fails for ever, and a replica that says so at start and exits is plainer than
+/// one that runs.
 pub async fn require_crd(client: &Client) -> anyhow::Result<()> {
-    let crd = format!("{}.{}", ConsensusCluster::plural(&()), ConsensusCluster::group(&()));
-    match Api::<ConsensusCluster>::all(client.clone()).list(&ListParams::default().limit(1)).await {
+    require::<ConsensusCluster>(client).await?;
+    require::<ConsensusBackup>(client).await
+}
+
+async fn require<K>(client: &Client) -> anyhow::Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let crd = format!("{}.{}", K::plural(&()), K::group(&()));
+    match Api::<K>::all(client.clone()).list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.is_not_found() => Err(anyhow!(
             "the CustomResourceDefinition {crd} is not installed: kubectl apply -k manifests/ \
@@ -137,8 +147,9 @@ fn controller(
     // Only objects we made: a cluster-wide watch of every Service and ConfigMap would cost
     // memory for nothing.
     let ours = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGER));
+    let stop = stop.shared();
     let (clusters, changed) = triggers::clusters(Api::all(client.clone()), health.clone());
-    Controller::for_stream(changed, clusters)
+    let clusters = Controller::for_stream(changed, clusters)
         .owns_stream(triggers::owned(
             Api::<StatefulSet>::all(client.clone()),
             ours.clone(),
@@ -163,14 +174,31 @@ fn controller(
             health.clone(),
             managed_content::<ConfigMap>,
         ))
-        .owns_stream(triggers::owned(Api::<Job>::all(client), ours, health, triggers::job_fingerprint))
-        .graceful_shutdown_on(stop)
+        // By the cluster label, not the owner: a ConsensusBackup owns the Jobs it asked for.
+        .watches_stream(
+            triggers::owned(Api::<Job>::all(client.clone()), ours, health.clone(), triggers::job_fingerprint),
+            |job| triggers::cluster_of(&job),
+        )
+        .watches_stream(triggers::requests(Api::all(client.clone()), health.clone()), |backup| {
+            Some(ObjectRef::new(&backup.spec.cluster_name).within(&backup.namespace().unwrap_or_default()))
+        })
+        .graceful_shutdown_on(stop.clone())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             if let Err(error) = result {
                 warn!(%error, "controller");
             }
-        })
+        });
+    // The requests no cluster takes, for their status to say so.
+    let unclaimed = Controller::new(Api::<ConsensusBackup>::all(client.clone()), watcher::Config::default())
+        .graceful_shutdown_on(stop)
+        .run(requests::check_cluster, requests::error_policy, Arc::new(client))
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "ConsensusBackup controller");
+            }
+        });
+    futures::future::join(clusters, unclaimed).map(|_| ())
 }
 
 async fn stopped(mut stopping: watch::Receiver<bool>) {

@@ -10,11 +10,11 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
-use consensus_crds::ConsensusCluster;
+use consensus_crds::{ConsensusBackup, ConsensusCluster};
 use futures::{Stream, StreamExt, future};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{Predicate, WatchStreamExt, predicates};
 use kube::{Api, Resource, ResourceExt};
@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 
 use super::apply::managed_content;
 use super::http::{Health, WatchOutcome};
+use crate::resources::labels;
 
 /// The ConsensusClusters, cached, and the ones whose spec or finalizers changed. The
 /// finalizers count because the finalizer helper waits for the watch event of its own
@@ -36,6 +37,23 @@ pub fn clusters(
         .applied_objects()
         .predicate_filter(predicates::generation.combine(predicates::finalizers), Default::default());
     (reader, changed)
+}
+
+/// The ConsensusBackups created or whose spec changed (it cannot, once made): each wakes
+/// the reconcile of the cluster it names. Their status is ours, and wakes nothing.
+pub fn requests(
+    api: Api<ConsensusBackup>,
+    health: Arc<Health>,
+) -> impl Stream<Item = Result<ConsensusBackup, watcher::Error>> {
+    watched("ConsensusBackup", api, watcher::Config::default(), health)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default())
+}
+
+/// The cluster an object of ours belongs to, by its `app.kubernetes.io/instance` label.
+pub fn cluster_of<K: Resource<DynamicType = ()>>(object: &K) -> Option<ObjectRef<ConsensusCluster>> {
+    let cluster = object.labels().get(labels::INSTANCE)?;
+    Some(ObjectRef::new(cluster).within(&object.namespace()?))
 }
 
 /// Owned objects of kind `K` whose `fingerprint` changed, or that were deleted. For most

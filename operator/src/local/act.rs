@@ -22,8 +22,8 @@ pub enum StepError {
     Membership(#[from] MembershipError),
     #[error(transparent)]
     Local(#[from] super::LocalError),
-    #[error("a backup was planned but the spec declares none")]
-    NoBackupSpec,
+    #[error("a backup was planned without a destination (neither its request nor spec.backup names one)")]
+    NoBackupDestination,
     #[error("member {0} is not among the running members")]
     NoSuchMember(String),
 }

@@ -3,12 +3,16 @@
 //! that stops and the next one still sees how it ended. A volume destination (claim `C`) is
 //! the directory `DIR/volumes/C/`; an S3 one takes its credentials from the operator's own
 //! environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), there being no Secrets here.
+//!
+//! A backup asked for now is a request file, `DIR/<cluster>.backups/requests/<name>.json`
+//! (what `consensus-operator backup` writes), its status beside it in `<name>.status.json`:
+//! the local ConsensusBackup.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use consensus_crds::BackupSpec;
+use consensus_crds::{BackupDestination, ConsensusBackupStatus};
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
@@ -16,8 +20,23 @@ use tokio::process::{Child, Command};
 use super::LocalError;
 use super::atomic::write_atomically;
 use super::process::{runs_with_arg, signal_group};
-use crate::plan::backup::{BackupRun, RUN_DEADLINE, RunOutcome};
+use crate::plan::backup::{BackupRequest, BackupRun, RUN_DEADLINE, RunOutcome};
 use crate::resources::backup::{BackupJob, command, destination_url, outcome};
+
+/// A backup asked for now, as `consensus-operator backup` writes it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestFile {
+    pub created: Timestamp,
+    /// Its own destination; the cluster's when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<BackupDestination>,
+}
+
+/// Where the requests of `cluster` are.
+pub fn requests_dir(state_dir: &Path, cluster: &str) -> PathBuf {
+    state_dir.join(format!("{cluster}.backups")).join("requests")
+}
 
 /// What is known of a run before it ends.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -25,6 +44,8 @@ use crate::resources::backup::{BackupJob, command, destination_url, outcome};
 struct RunRecord {
     backup: String,
     slot: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request: Option<String>,
     attempt: u32,
     member: String,
     started: Timestamp,
@@ -36,12 +57,17 @@ struct RunRecord {
 
 impl RunRecord {
     fn id(&self) -> String {
-        format!("{}-{}", self.backup, self.attempt)
+        run_id(&self.backup, self.attempt)
     }
+}
+
+fn run_id(backup: &str, attempt: u32) -> String {
+    format!("{backup}-{attempt}")
 }
 
 pub struct Backups {
     dir: PathBuf,
+    requests: PathBuf,
     volumes: PathBuf,
     node_bin: PathBuf,
     /// Runs this operator started, reaped when they exit.
@@ -52,6 +78,7 @@ impl Backups {
     pub fn new(state_dir: &Path, cluster: &str, node_bin: &Path) -> Self {
         Self {
             dir: state_dir.join(format!("{cluster}.backups")),
+            requests: requests_dir(state_dir, cluster),
             volumes: state_dir.join("volumes"),
             node_bin: node_bin.to_owned(),
             children: BTreeMap::new(),
@@ -67,12 +94,7 @@ impl Backups {
         let mut records: Vec<RunRecord> = entries
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().ends_with(".run.json"))
-            .filter_map(|e| {
-                let text = std::fs::read_to_string(e.path()).ok()?;
-                serde_json::from_str(&text)
-                    .inspect_err(|err| tracing::warn!("ignoring unreadable {}: {err}", e.path().display()))
-                    .ok()
-            })
+            .filter_map(|e| read_json(&e.path()))
             .collect();
         records.sort_by_key(|r| (r.slot, r.attempt));
         records
@@ -136,6 +158,7 @@ impl Backups {
             runs.push(BackupRun {
                 backup: record.backup,
                 slot: record.slot,
+                request: record.request,
                 attempt: record.attempt,
                 member: record.member,
                 started: record.started,
@@ -145,26 +168,56 @@ impl Backups {
         runs
     }
 
+    /// The requests there are, with the status written for each; an unreadable one is
+    /// skipped with a warning.
+    pub fn requests(&self) -> Vec<BackupRequest> {
+        let Ok(entries) = std::fs::read_dir(&self.requests) else { return Vec::new() };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let file = e.file_name().to_string_lossy().into_owned();
+                let name = file.strip_suffix(".json").filter(|n| !n.ends_with(".status"))?.to_owned();
+                let request: RequestFile = read_json(&e.path())?;
+                let status =
+                    read_json(&self.requests.join(format!("{name}.status.json"))).unwrap_or_default();
+                Some(BackupRequest {
+                    name,
+                    created: request.created,
+                    destination: request.destination,
+                    status,
+                })
+            })
+            .collect()
+    }
+
+    pub fn write_request_status(&self, name: &str, status: &ConsensusBackupStatus) -> Result<(), LocalError> {
+        let path = self.requests.join(format!("{name}.status.json"));
+        let json = serde_json::to_vec_pretty(status)
+            .map_err(|err| LocalError::DamagedState { path: path.clone(), reason: err.to_string() })?;
+        write_atomically(&path, &json).map_err(|source| LocalError::State { action: "writing", path, source })
+    }
+
     /// Starts the run: its record first (so a run is never started unrecorded), the
-    /// process, then the record with its PID. Runs that have ended are deleted first, as on
-    /// Kubernetes: status keeps the newest backup, and the new run is now the latest try.
+    /// process, then the record with its PID. The runs `ended` (by backup name and attempt)
+    /// are deleted then, as on Kubernetes: status keeps what they said, and the new run is
+    /// now the latest try.
     pub fn start(
         &mut self,
-        spec: &BackupSpec,
         cluster: &str,
         run: &BackupJob<'_>,
         endpoint: &str,
         now: Timestamp,
+        ended: &[(String, u32)],
     ) -> Result<(), LocalError> {
         let state = |action: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source| LocalError::State { action, path, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(state("creating", &self.dir))?;
-        let ended: Vec<RunRecord> = self.records().into_iter().filter(|r| !self.running(r)).collect();
         let mut record = RunRecord {
             backup: run.backup.to_owned(),
             slot: run.slot,
+            request: run.request.map(str::to_owned),
             attempt: run.attempt,
             member: run.member.to_owned(),
             started: now,
@@ -172,19 +225,19 @@ impl Backups {
         };
         let id = record.id();
         self.write(&record)?;
-        let to = match &spec.destination.volume {
+        let to = match &run.destination.volume {
             Some(volume) => {
                 let root = self.volumes.join(&volume.claim_name);
                 std::fs::create_dir_all(&root).map_err(state("creating", &root))?;
-                destination_url(spec, "default", cluster, &root)
+                destination_url(run.destination, "default", cluster, &root)
             }
-            None => destination_url(spec, "default", cluster, &self.volumes),
+            None => destination_url(run.destination, "default", cluster, &self.volumes),
         };
         let report = self.file(&id, "report.json");
         let log_path = self.file(&id, "log");
         let log = std::fs::File::create(&log_path).map_err(state("creating", &log_path))?;
         let stderr = log.try_clone().map_err(state("opening", &log_path))?;
-        let args = command(spec, run.backup, endpoint, &to, &report.to_string_lossy());
+        let args = command(run, endpoint, &to, &report.to_string_lossy());
         let child = Command::new(&self.node_bin)
             .args(&args)
             .stdin(Stdio::null())
@@ -199,9 +252,10 @@ impl Backups {
         self.write(&record)?;
         // Only once the new run is under way: a run that cannot start leaves the failed try
         // before it in place, to count and back off from.
-        for old in ended {
+        for (backup, attempt) in ended {
+            let old = run_id(backup, *attempt);
             for kind in ["run.json", "report.json", "log"] {
-                let _ = std::fs::remove_file(self.file(&old.id(), kind));
+                let _ = std::fs::remove_file(self.file(&old, kind));
             }
         }
         Ok(())
@@ -213,6 +267,13 @@ impl Backups {
             .map_err(|err| LocalError::DamagedState { path: path.clone(), reason: err.to_string() })?;
         write_atomically(&path, &json).map_err(|source| LocalError::State { action: "writing", path, source })
     }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Option<T> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text)
+        .inspect_err(|err| tracing::warn!("ignoring unreadable {}: {err}", path.display()))
+        .ok()
 }
 
 fn modified(path: &Path) -> Option<Timestamp> {

@@ -25,6 +25,10 @@ pub enum LocalError {
     Spawn { member: String, source: std::io::Error },
     #[error("starting the run of backup {backup}: {source}")]
     SpawnBackup { backup: String, source: std::io::Error },
+    /// A backup asked for with `consensus-operator backup` that cannot be asked for, failed,
+    /// or was not carried out in time.
+    #[error("{0}")]
+    Request(String),
     #[error("serializing the status: {0}")]
     SerializeStatus(serde_yaml::Error),
 }

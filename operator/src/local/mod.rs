@@ -8,6 +8,7 @@ mod atomic;
 mod backups;
 mod error;
 mod process;
+pub mod request;
 mod spec_file;
 mod status_file;
 mod workload;
@@ -27,7 +28,7 @@ use spec_file::{Declared, SpecFile};
 use workload::Workload;
 
 use crate::membership::{EtcdMembers, Members, Target, observe};
-use crate::plan::backup::{backup_name, outcome_event};
+use crate::plan::backup::{backup_name, outcome_event, removable, request_updates};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::BackupJob;
@@ -227,6 +228,7 @@ impl Platform for Operator {
                 .and_then(|s| s.last_scheduled_backup.as_ref())
                 .map(|t| t.0),
             backup_runs: self.backups.observe(now),
+            backup_requests: self.backups.requests(),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);
@@ -250,16 +252,26 @@ impl Platform for Operator {
                 self.workload.create(&self.declaration.name, *replicas, *bootstrap)?;
             }
             Step::Wait { reason } if new => tracing::info!("waiting: {reason}"),
-            Step::TakeBackup { slot, attempt, from } => {
-                let backup_spec =
-                    self.declaration.spec.backup.as_ref().ok_or(act::StepError::NoBackupSpec)?;
+            Step::TakeBackup { slot, attempt, from, request } => {
                 let member = self.workload.members().iter().find(|m| &m.name == from);
                 let endpoint = member.ok_or_else(|| act::StepError::NoSuchMember(from.clone()))?.client_url();
                 let cluster = &self.declaration.name;
-                let backup = backup_name(cluster, *slot);
-                let run = BackupJob { backup: &backup, slot: *slot, attempt: *attempt, member: from };
-                self.backups.start(backup_spec, cluster, &run, &endpoint, seen.observed.now)?;
-                self.events.emit("BackupStarted", &format!("{backup} attempt={attempt} from={from}"));
+                let backup = backup_name(cluster, *slot, request.as_deref());
+                let observed = &seen.observed;
+                let asked =
+                    request.as_ref().and_then(|r| observed.backup_requests.iter().find(|q| &q.name == r));
+                let run = BackupJob::planned(&self.declaration.spec, &backup, (*slot, *attempt, from), asked)
+                    .ok_or(act::StepError::NoBackupDestination)?;
+                let ended: Vec<(String, u32)> = observed
+                    .backup_runs
+                    .iter()
+                    .filter(|r| removable(r, &observed.backup_requests))
+                    .map(|r| (r.backup.clone(), r.attempt))
+                    .collect();
+                self.backups.start(cluster, &run, &endpoint, observed.now, &ended)?;
+                let asked_by = request.as_ref().map_or_else(String::new, |r| format!(" request={r}"));
+                self.events
+                    .emit("BackupStarted", &format!("{backup} attempt={attempt} from={from}{asked_by}"));
             }
             Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
             // Never planned locally: every member runs this operator's consensus-node.
@@ -327,6 +339,16 @@ impl Operator {
         );
         if let Some(event) = outcome_event(self.previous.as_ref(), &status) {
             self.events.emit(event.reason, &event.message);
+        }
+        let observed = &observation.observed;
+        for update in request_updates(&self.declaration.spec, observed, &step, failure.as_deref()) {
+            if let Err(err) = self.backups.write_request_status(&update.request.name, &update.status) {
+                tracing::warn!("{err}");
+            }
+            if let Some(event) = update.event {
+                self.events
+                    .emit(event.reason, &format!("request {}: {}", update.request.name, event.message));
+            }
         }
         if let Err(err) = status_file::write(&self.status_path, &status) {
             tracing::warn!("{err}");

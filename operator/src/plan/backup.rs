@@ -9,6 +9,9 @@
 //! by one: only the newest, once. A schedule with no slot run yet runs its newest slot at
 //! once, so a cluster that gets a schedule has a backup as soon as it serves.
 //!
+//! A backup asked for now (a `ConsensusBackup`, a request file locally) is taken the same
+//! way, before the schedule's next one, and tried as often; its outcome is its own status.
+//!
 //! A backup is taken only when nothing changes the membership, and a change waits while a
 //! backup is being taken: a member restarted or removed mid-stream would cut its snapshot
 //! off. It is taken from a healthy follower that is caught up (the leader only when it is
@@ -16,7 +19,10 @@
 
 use std::time::Duration;
 
-use consensus_crds::{BackupRecord, BackupSpec, ConsensusClusterSpec, ConsensusClusterStatus, condition};
+use consensus_crds::{
+    BackupDestination, BackupPhase, BackupRecord, BackupSpec, ConsensusBackupStatus, ConsensusClusterSpec,
+    ConsensusClusterStatus, condition,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
@@ -36,8 +42,10 @@ pub const RUN_DEADLINE: Duration = Duration::from_secs(600);
 pub struct BackupRun {
     /// The backup it writes: the object `<backup>.snapshot` and its manifest `<backup>.json`.
     pub backup: String,
-    /// The schedule's slot it is for.
+    /// The schedule's slot it is for; for a request, when the request was made.
     pub slot: Timestamp,
+    /// The request it is for (a ConsensusBackup's name); `None` for the schedule's.
+    pub request: Option<String>,
     /// 1 for a slot's first try.
     pub attempt: u32,
     /// The member it takes the snapshot from.
@@ -73,6 +81,17 @@ pub struct Taken {
     pub finished: Timestamp,
 }
 
+/// A backup asked for now: a ConsensusBackup on Kubernetes, a request file locally.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackupRequest {
+    pub name: String,
+    pub created: Timestamp,
+    /// Its own destination; the cluster's `spec.backup.destination` when `None`.
+    pub destination: Option<BackupDestination>,
+    /// Its status as written before.
+    pub status: ConsensusBackupStatus,
+}
+
 /// The backup to start now: a new slot, or the next try of the last one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
@@ -80,9 +99,49 @@ pub struct Due {
     pub attempt: u32,
 }
 
-/// The name of the backup for `slot`: sorts by time, and names the cluster it is of.
-pub fn backup_name(cluster: &str, slot: Timestamp) -> String {
-    format!("{cluster}-{}", slot.strftime("%Y%m%dT%H%M%SZ"))
+/// The name of the backup for `slot`, or of the request made at `slot`: sorts by time,
+/// and names the cluster it is of (and the request).
+pub fn backup_name(cluster: &str, slot: Timestamp, request: Option<&str>) -> String {
+    let at = slot.strftime("%Y%m%dT%H%M%SZ");
+    match request {
+        None => format!("{cluster}-{at}"),
+        Some(request) => format!("{cluster}-{at}-{request}"),
+    }
+}
+
+/// Where the backup for `request` (the schedule's for `None`) is stored.
+pub fn destination<'a>(
+    spec: &'a ConsensusClusterSpec,
+    request: Option<&'a BackupRequest>,
+) -> Option<&'a BackupDestination> {
+    request.and_then(|r| r.destination.as_ref()).or(spec.backup.as_ref().map(|b| &b.destination))
+}
+
+/// The runs of `request`, or of the schedule for `None`.
+fn runs_of<'a>(
+    runs: &'a [BackupRun],
+    request: Option<&'a str>,
+) -> impl Iterator<Item = &'a BackupRun> + Clone {
+    runs.iter().filter(move |r| r.request.as_deref() == request)
+}
+
+/// The requests still to be carried out (their status has not ended), oldest first.
+fn pending(observed: &Observed) -> impl Iterator<Item = &BackupRequest> {
+    let mut pending: Vec<&BackupRequest> =
+        observed.backup_requests.iter().filter(|r| !r.status.ended()).collect();
+    pending.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+    pending.into_iter()
+}
+
+/// Whether a run that has ended may be deleted: status keeps what the schedule's runs
+/// said, and a request's status what its runs said once it has ended (or the request is
+/// gone).
+pub fn removable(run: &BackupRun, requests: &[BackupRequest]) -> bool {
+    run.outcome != RunOutcome::Running
+        && run
+            .request
+            .as_ref()
+            .is_none_or(|name| requests.iter().find(|q| &q.name == name).is_none_or(|q| q.status.ended()))
 }
 
 fn chrono_utc(at: Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -103,10 +162,10 @@ fn slots(schedule: &str, now: Timestamp) -> (Option<Timestamp>, Option<Timestamp
     (newest, next)
 }
 
-/// The slot started last: the one status records, or a newer one a run shows (status is
-/// written after the run is started, and an operator can stop in between).
+/// The slot started last: the one status records, or a newer one a scheduled run shows
+/// (status is written after the run is started, and an operator can stop in between).
 fn last_slot(last_scheduled: Option<Timestamp>, runs: &[BackupRun]) -> Option<Timestamp> {
-    runs.iter().map(|r| r.slot).chain(last_scheduled).max()
+    runs_of(runs, None).map(|r| r.slot).chain(last_scheduled).max()
 }
 
 /// How long after the `attempt`-th try failed the next one may start.
@@ -139,7 +198,13 @@ pub fn due(
 /// may start, and what it is.
 fn retry(last_scheduled: Option<Timestamp>, runs: &[BackupRun]) -> Option<(Timestamp, Due)> {
     let last = last_slot(last_scheduled, runs);
-    let latest = runs.iter().filter(|r| Some(r.slot) == last).max_by_key(|r| r.attempt)?;
+    next_try(runs_of(runs, None).filter(|r| Some(r.slot) == last))
+}
+
+/// The next try after the latest of `tries` (the runs of one slot or request), when it
+/// failed and tries are left: when it may start, and what it is.
+fn next_try<'a>(tries: impl Iterator<Item = &'a BackupRun>) -> Option<(Timestamp, Due)> {
+    let latest = tries.max_by_key(|r| r.attempt)?;
     match &latest.outcome {
         RunOutcome::Failed { at, .. } if latest.attempt < MAX_ATTEMPTS => {
             let ready = at.checked_add(retry_delay(latest.attempt)).ok()?;
@@ -149,13 +214,36 @@ fn retry(last_scheduled: Option<Timestamp>, runs: &[BackupRun]) -> Option<(Times
     }
 }
 
+/// The request to take a backup for now, oldest first: one not tried yet, or whose failed
+/// try's delay is over. One without a destination is never taken (its status says why).
+fn requested<'a>(spec: &ConsensusClusterSpec, observed: &'a Observed) -> Option<(&'a BackupRequest, Due)> {
+    pending(observed).filter(|r| destination(spec, Some(r)).is_some()).find_map(|request| {
+        let mut tries = runs_of(&observed.backup_runs, Some(&request.name)).peekable();
+        if tries.peek().is_none() {
+            return Some((request, Due { slot: request.created, attempt: 1 }));
+        }
+        next_try(tries).filter(|(ready, _)| observed.now >= *ready).map(|(_, due)| (request, due))
+    })
+}
+
 /// How long until the schedule asks for something: the next try of a failed run or the next
 /// slot, whichever comes first. A platform that looks again only when something changes
 /// (Kubernetes) looks again then; `None` while suspended or nothing is declared.
 pub fn wake_in(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Duration> {
-    let backup = spec.backup.as_ref().filter(|b| !b.suspend)?;
-    let retry = retry(observed.last_scheduled_backup, &observed.backup_runs).map(|(ready, _)| ready);
-    let at = retry.into_iter().chain(next_slot(backup, observed.now)).min()?;
+    let schedule = spec.backup.as_ref().filter(|b| !b.suspend).map(|backup| {
+        let retry = retry(observed.last_scheduled_backup, &observed.backup_runs).map(|(ready, _)| ready);
+        retry.into_iter().chain(next_slot(backup, observed.now)).min()
+    });
+    // A request not tried yet is due now (it waits for the cluster); a failed one at its
+    // next try; one being taken ends through the platform's own notice.
+    let requests = pending(observed).filter_map(|request| {
+        let mut tries = runs_of(&observed.backup_runs, Some(&request.name)).peekable();
+        match tries.peek() {
+            None => Some(observed.now),
+            Some(_) => next_try(tries).map(|(ready, _)| ready),
+        }
+    });
+    let at = schedule.flatten().into_iter().chain(requests).min()?;
     let seconds = at.duration_since(observed.now).as_secs_f64();
     // Overdue means it could not start (no fit member, a change under way): looked at again
     // at the pace of a first retry, not in a busy loop.
@@ -208,17 +296,17 @@ pub fn with_backups(spec: &ConsensusClusterSpec, observed: &Observed, membership
             step => step,
         };
     }
-    let Some(backup) = &spec.backup else { return membership };
-    if !quiet {
-        return membership;
+    let Some(from) = source(spec, observed).filter(|_| quiet) else { return membership };
+    let from = from.name.clone();
+    if let Some((request, due)) = requested(spec, observed) {
+        let request = Some(request.name.clone());
+        return Step::TakeBackup { slot: due.slot, attempt: due.attempt, from, request };
     }
-    let (Some(due), Some(from)) = (
-        due(backup, observed.last_scheduled_backup, &observed.backup_runs, observed.now),
-        source(spec, observed),
-    ) else {
-        return membership;
-    };
-    Step::TakeBackup { slot: due.slot, attempt: due.attempt, from: from.name.clone() }
+    let Some(backup) = &spec.backup else { return membership };
+    match due(backup, observed.last_scheduled_backup, &observed.backup_runs, observed.now) {
+        Some(due) => Step::TakeBackup { slot: due.slot, attempt: due.attempt, from, request: None },
+        None => membership,
+    }
 }
 
 /// The backup part of status.
@@ -242,7 +330,7 @@ pub(super) fn backup_status(
     previous: Option<&ConsensusClusterStatus>,
 ) -> BackupStatus {
     let started_now = match step {
-        Step::TakeBackup { slot, .. } if failure.is_none() => Some(*slot),
+        Step::TakeBackup { slot, request: None, .. } if failure.is_none() => Some(*slot),
         _ => None,
     };
     let previous_slot = previous.and_then(|p| p.last_scheduled_backup.as_ref()).map(|t| t.0);
@@ -299,33 +387,20 @@ fn succeeded_condition(
     const TYPE: &str = condition::BACKUP_SUCCEEDED;
     let next_words =
         || next.map_or_else(|| "none is scheduled".to_owned(), |t| format!("the next is due at {}", t.0));
-    if let (Step::TakeBackup { slot, attempt, from }, Some(failure)) = (step, failure) {
+    if let (Step::TakeBackup { slot, attempt, from, request: None }, Some(failure)) = (step, failure) {
         let message = format!(
             "starting the backup for {slot} (attempt {attempt}) from {from} failed: {failure}; tried again \
              at the next reconcile"
         );
         return Some(super::condition(TYPE, false, "StartFailed", message));
     }
-    match latest_run(&observed.backup_runs).map(|r| (r, &r.outcome)) {
+    match latest_run(&observed.backup_runs, None).map(|r| (r, &r.outcome)) {
         Some((run, RunOutcome::Succeeded(taken))) => {
-            let pruned = if taken.pruned.is_empty() {
-                String::new()
-            } else {
-                format!("; retention deleted {}", taken.pruned.join(", "))
-            };
-            let verified = if taken.verified == Some(true) { ", verified by a restore" } else { "" };
-            let message = format!(
-                "backup {} holds revision {} ({} bytes, sha256 {}) at {}{verified}{pruned}",
-                run.backup, taken.revision, taken.size_bytes, taken.sha256, taken.location,
-            );
-            Some(super::condition(TYPE, true, "BackupTaken", message))
+            Some(super::condition(TYPE, true, "BackupTaken", taken_words(run, taken)))
         }
         Some((run, RunOutcome::Failed { at, reason })) => {
             let then = if run.attempt < MAX_ATTEMPTS {
-                let retry = at
-                    .checked_add(retry_delay(run.attempt))
-                    .map_or_else(|_| "later".to_owned(), |t| t.to_string());
-                format!("tried again at {retry} (attempt {} of {MAX_ATTEMPTS})", run.attempt + 1)
+                retry_words(run, *at)
             } else {
                 format!("given up after {MAX_ATTEMPTS} attempts until the next slot (status.nextBackup)")
             };
@@ -355,9 +430,195 @@ fn succeeded_condition(
     }
 }
 
-/// The run started last: the one the backup's status and events speak of.
-pub fn latest_run(runs: &[BackupRun]) -> Option<&BackupRun> {
-    runs.iter().max_by_key(|r| (r.started, r.attempt))
+fn taken_words(run: &BackupRun, taken: &Taken) -> String {
+    let pruned = if taken.pruned.is_empty() {
+        String::new()
+    } else {
+        format!("; retention deleted {}", taken.pruned.join(", "))
+    };
+    let verified = if taken.verified == Some(true) { ", verified by a restore" } else { "" };
+    format!(
+        "backup {} holds revision {} ({} bytes, sha256 {}) at {}{verified}{pruned}",
+        run.backup, taken.revision, taken.size_bytes, taken.sha256, taken.location,
+    )
+}
+
+/// When the try after `run`, which failed `at`, comes.
+fn retry_words(run: &BackupRun, at: Timestamp) -> String {
+    let retry =
+        at.checked_add(retry_delay(run.attempt)).map_or_else(|_| "later".to_owned(), |t| t.to_string());
+    format!("tried again at {retry} (attempt {} of {MAX_ATTEMPTS})", run.attempt + 1)
+}
+
+/// The run of `request` (of the schedule for `None`) started last: for the schedule, the
+/// one `BackupSucceeded` and the cluster's backup events speak of (a request's runs are
+/// reported in the request's own status).
+pub fn latest_run<'a>(runs: &'a [BackupRun], request: Option<&'a str>) -> Option<&'a BackupRun> {
+    runs_of(runs, request).max_by_key(|r| (r.started, r.attempt))
+}
+
+/// The status of `request` after this reconcile: what its runs say, or why it waits. Once
+/// it has ended it stays as it is.
+fn request_status(
+    spec: &ConsensusClusterSpec,
+    observed: &Observed,
+    request: &BackupRequest,
+    step: &Step,
+    failure: Option<&str>,
+) -> ConsensusBackupStatus {
+    if request.status.ended() {
+        return request.status.clone();
+    }
+    let now = Time(observed.now);
+    let tries: Vec<&BackupRun> = runs_of(&observed.backup_runs, Some(&request.name)).collect();
+    let first_started = tries.iter().map(|r| r.started).min().map(Time);
+    let latest = tries.iter().max_by_key(|r| r.attempt).copied();
+    let this = match step {
+        Step::TakeBackup { attempt, from, request: Some(name), .. } if *name == request.name => {
+            Some((*attempt, from.as_str()))
+        }
+        _ => None,
+    };
+    let status = |phase, message: String| ConsensusBackupStatus {
+        phase: Some(phase),
+        message: Some(message),
+        attempts: latest.map_or(0, |r| r.attempt),
+        member: latest.map(|r| r.member.clone()),
+        started_at: first_started.clone(),
+        completed_at: None,
+        backup: None,
+    };
+    if destination(spec, Some(request)).is_none() {
+        let message = "no destination: spec.destination is unset and the cluster declares no                        spec.backup.destination; create another ConsensusBackup that names one"
+            .to_owned();
+        return ConsensusBackupStatus { completed_at: Some(now), ..status(BackupPhase::Failed, message) };
+    }
+    match (this, failure) {
+        (Some((attempt, from)), None) => {
+            let message = format!("being taken from {from} (attempt {attempt} of {MAX_ATTEMPTS})");
+            return ConsensusBackupStatus {
+                attempts: attempt,
+                member: Some(from.to_owned()),
+                started_at: first_started.clone().or(Some(now)),
+                ..status(BackupPhase::Running, message)
+            };
+        }
+        (Some((attempt, from)), Some(failure)) => {
+            let message = format!(
+                "starting attempt {attempt} from {from} failed: {failure}; tried again at the next reconcile"
+            );
+            let phase = if latest.is_some() { BackupPhase::Retrying } else { BackupPhase::Pending };
+            return status(phase, message);
+        }
+        (None, _) => {}
+    }
+    match latest.map(|r| (r, &r.outcome)) {
+        Some((run, RunOutcome::Succeeded(taken))) => ConsensusBackupStatus {
+            completed_at: Some(Time(taken.finished)),
+            backup: Some(record(run, taken)),
+            ..status(BackupPhase::Succeeded, taken_words(run, taken))
+        },
+        Some((run, RunOutcome::Failed { at, reason })) if run.attempt >= MAX_ATTEMPTS => {
+            let message =
+                format!("backup {} failed: {reason}; given up after {MAX_ATTEMPTS} attempts", run.backup);
+            ConsensusBackupStatus { completed_at: Some(Time(*at)), ..status(BackupPhase::Failed, message) }
+        }
+        Some((run, RunOutcome::Failed { at, reason })) => {
+            let message = format!(
+                "backup {} from {} failed: {reason}; {}",
+                run.backup,
+                run.member,
+                retry_words(run, *at)
+            );
+            status(BackupPhase::Retrying, message)
+        }
+        Some((run, RunOutcome::Running)) => {
+            let message =
+                format!("being taken from {} (attempt {} of {MAX_ATTEMPTS})", run.member, run.attempt);
+            status(BackupPhase::Running, message)
+        }
+        None => status(BackupPhase::Pending, format!("waits: {}", waiting_for(spec, observed, step))),
+    }
+}
+
+/// A request whose status moved on in this reconcile: the status to write, and the event
+/// to report it by, if any.
+pub struct RequestUpdate<'a> {
+    pub request: &'a BackupRequest,
+    pub status: ConsensusBackupStatus,
+    pub event: Option<BackupEvent>,
+    /// The run the event is about, when one ended.
+    pub ended_run: Option<&'a BackupRun>,
+}
+
+/// The requests whose status this reconcile changes.
+pub fn request_updates<'a>(
+    spec: &ConsensusClusterSpec,
+    observed: &'a Observed,
+    step: &Step,
+    failure: Option<&str>,
+) -> Vec<RequestUpdate<'a>> {
+    observed
+        .backup_requests
+        .iter()
+        .filter_map(|request| {
+            let status = request_status(spec, observed, request, step, failure);
+            if status == request.status {
+                return None;
+            }
+            let event = request_event(&request.status, &status);
+            let ended_run = latest_run(&observed.backup_runs, Some(&request.name))
+                .filter(|_| event.as_ref().is_some_and(|e| e.run_ended));
+            Some(RequestUpdate { request, status, event, ended_run })
+        })
+        .collect()
+}
+
+/// The status of a request naming a cluster that does not exist.
+pub fn unclaimed(request: &BackupRequest, cluster: &str, namespace: &str) -> ConsensusBackupStatus {
+    ConsensusBackupStatus {
+        phase: Some(BackupPhase::Pending),
+        message: Some(format!(
+            "waits: there is no ConsensusCluster {cluster} in namespace {namespace} (spec.clusterName); it is \
+             taken once there is"
+        )),
+        ..request.status.clone()
+    }
+}
+
+/// Why a request that is due is not started in this reconcile.
+fn waiting_for(spec: &ConsensusClusterSpec, observed: &Observed, step: &Step) -> String {
+    if let Some(run) = observed.backup_runs.iter().find(|r| r.outcome == RunOutcome::Running) {
+        return format!("backup {} is being taken from {} (one at a time)", run.backup, run.member);
+    }
+    if source(spec, observed).is_none() {
+        return "no healthy, caught-up member to take it from (the cluster has no leader, or its members are \
+                down or behind)"
+            .to_owned();
+    }
+    match step {
+        Step::Wait { reason } => format!("the cluster waits: {reason}"),
+        step if step.changes_cluster() => {
+            format!("a backup is never taken while the membership changes ({} under way)", step.name())
+        }
+        Step::RefuseSpec { reason } => format!("the cluster's spec is refused: {reason}"),
+        _ => "the backups asked for before it go first".to_owned(),
+    }
+}
+
+/// The event for a request whose status moved on: a try started, the backup taken, a try
+/// failed or the request given up.
+fn request_event(before: &ConsensusBackupStatus, after: &ConsensusBackupStatus) -> Option<BackupEvent> {
+    if (before.phase, before.attempts) == (after.phase, after.attempts) {
+        return None;
+    }
+    let (warning, reason, run_ended) = match after.phase? {
+        BackupPhase::Running => (false, "BackupStarted", false),
+        BackupPhase::Succeeded => (false, "BackupSucceeded", true),
+        BackupPhase::Retrying | BackupPhase::Failed => (true, "BackupFailed", after.attempts > 0),
+        BackupPhase::Pending => return None,
+    };
+    Some(BackupEvent { warning, reason, message: after.message.clone().unwrap_or_default(), run_ended })
 }
 
 /// What a failed run's cause was, in a few words fit for a metric label. The causes are told

@@ -51,7 +51,8 @@ fn steady(now: &str) -> Observed {
 
 fn run(slot: &str, attempt: u32, outcome: RunOutcome) -> BackupRun {
     BackupRun {
-        backup: backup_name("demo", t(slot)),
+        request: None,
+        backup: backup_name("demo", t(slot), None),
         slot: t(slot),
         attempt,
         member: "demo-1".to_owned(),
@@ -162,7 +163,12 @@ fn a_steady_cluster_takes_its_backup_from_a_caught_up_follower() {
     let step = plan(&spec(3, "@hourly"), &observed);
     assert_eq!(
         step,
-        Step::TakeBackup { slot: t("2026-12-01T10:00:00Z"), attempt: 1, from: "demo-1".to_owned() }
+        Step::TakeBackup {
+            slot: t("2026-12-01T10:00:00Z"),
+            attempt: 1,
+            from: "demo-1".to_owned(),
+            request: None
+        }
     );
     // demo-1 behind the leader: demo-2 takes it.
     let mut lagging = observed.clone();
@@ -316,7 +322,8 @@ proptest! {
                 prop_assert_eq!(due.attempt, 1);
                 kept.last = Some(due.slot);
                 kept.runs.push(BackupRun {
-                    backup: backup_name("demo", due.slot),
+                    request: None,
+                    backup: backup_name("demo", due.slot, None),
                     slot: due.slot,
                     attempt: 1,
                     member: "demo-1".to_owned(),
@@ -364,4 +371,169 @@ fn a_failure_is_counted_under_its_cause() {
     ] {
         assert_eq!(failure_kind(reason), kind, "{reason}");
     }
+}
+
+fn request(name: &str, created: &str) -> BackupRequest {
+    BackupRequest {
+        name: name.to_owned(),
+        created: t(created),
+        destination: None,
+        status: ConsensusBackupStatus::default(),
+    }
+}
+
+fn request_run(name: &str, created: &str, attempt: u32, outcome: RunOutcome) -> BackupRun {
+    BackupRun {
+        request: Some(name.to_owned()),
+        backup: backup_name("demo", t(created), Some(name)),
+        ..run(created, attempt, outcome)
+    }
+}
+
+/// What this reconcile writes for the only request, and the event it reports.
+fn only_update(
+    spec: &ConsensusClusterSpec,
+    observed: &Observed,
+) -> (ConsensusBackupStatus, Option<BackupEvent>) {
+    let step = plan(spec, observed);
+    let mut updates = request_updates(spec, observed, &step, None);
+    assert_eq!(updates.len(), 1, "one request moved on");
+    let update = updates.remove(0);
+    (update.status, update.event)
+}
+
+#[test]
+fn a_request_goes_before_the_schedule_and_its_status_follows_its_run() {
+    // The schedule's 10:00 slot is due too: the request, asked for now, goes first.
+    let spec = spec(3, "@hourly");
+    let mut observed = steady("2026-12-01T10:05:00Z");
+    observed.backup_requests = vec![request("before-upgrade", "2026-12-01T10:04:00Z")];
+    let step = plan(&spec, &observed);
+    assert_eq!(
+        step,
+        Step::TakeBackup {
+            slot: t("2026-12-01T10:04:00Z"),
+            attempt: 1,
+            from: "demo-1".to_owned(),
+            request: Some("before-upgrade".to_owned())
+        }
+    );
+    let (started, event) = only_update(&spec, &observed);
+    assert_eq!((started.phase, started.attempts), (Some(BackupPhase::Running), 1));
+    assert_eq!(started.member.as_deref(), Some("demo-1"));
+    assert_eq!(event.map(|e| (e.reason, e.warning)), Some(("BackupStarted", false)));
+    // The request's backup does not use up the schedule's slot.
+    let cluster = status(&spec, &observed, &step, None, None, Time(observed.now));
+    assert_eq!(cluster.last_scheduled_backup, None);
+
+    // Being taken: nothing new to say; the schedule waits for it (one at a time).
+    observed.backup_requests[0].status = started;
+    observed.backup_runs =
+        vec![request_run("before-upgrade", "2026-12-01T10:04:00Z", 1, RunOutcome::Running)];
+    observed.backup_runs[0].started = observed.now;
+    assert!(request_updates(&spec, &observed, &plan(&spec, &observed), None).is_empty());
+    assert_eq!(plan(&spec, &observed), Step::Steady);
+
+    // Taken: the request says what it holds, once; then the schedule's slot goes.
+    observed.backup_runs[0].outcome = succeeded("2026-12-01T10:05:02Z", 42);
+    let (taken, event) = only_update(&spec, &observed);
+    assert_eq!(taken.phase, Some(BackupPhase::Succeeded));
+    let record = taken.backup.clone().expect("the backup");
+    assert_eq!((record.name.as_str(), record.revision), ("demo-20261201T100400Z-before-upgrade", 42));
+    assert_eq!(taken.completed_at, Some(Time(t("2026-12-01T10:05:02Z"))));
+    let event = event.expect("an event");
+    assert_eq!((event.reason, event.run_ended), ("BackupSucceeded", true));
+    observed.backup_requests[0].status = taken;
+    assert!(request_updates(&spec, &observed, &plan(&spec, &observed), None).is_empty());
+    let next = plan(&spec, &observed);
+    assert!(
+        matches!(&next, Step::TakeBackup { request: None, slot, .. } if *slot == t("2026-12-01T10:00:00Z"))
+    );
+    // It is the cluster's newest backup too, though not the schedule's.
+    let cluster = status(&spec, &observed, &next, None, None, Time(observed.now));
+    assert_eq!(cluster.last_backup.map(|b| b.revision), Some(42));
+}
+
+#[test]
+fn a_request_waits_while_the_membership_changes_or_another_backup_runs_and_says_so() {
+    let mut observed = steady("2026-12-01T10:05:00Z");
+    observed.backup_requests = vec![request("b", "2026-12-01T10:04:00Z")];
+    // Scaling 3 -> 5: the scale first.
+    let (waiting, event) = only_update(&spec(5, "@hourly"), &observed);
+    assert_eq!(waiting.phase, Some(BackupPhase::Pending));
+    let message = waiting.message.expect("a message");
+    assert!(message.contains("never taken while the membership changes (AddLearner"), "{message}");
+    assert_eq!(event, None);
+    // The schedule's backup being taken.
+    observed.backup_runs = vec![run("2026-12-01T10:00:00Z", 1, RunOutcome::Running)];
+    observed.last_scheduled_backup = Some(t("2026-12-01T10:00:00Z"));
+    let (waiting, _) = only_update(&spec(3, "@hourly"), &observed);
+    let message = waiting.message.expect("a message");
+    assert!(message.contains("demo-20261201T100000Z is being taken from demo-1"), "{message}");
+    // No member to take it from.
+    observed.backup_runs.clear();
+    for m in observed.members.as_mut().expect("members") {
+        m.healthy = false;
+    }
+    let (waiting, _) = only_update(&spec(3, "@hourly"), &observed);
+    assert!(waiting.message.expect("a message").contains("no healthy, caught-up member"));
+}
+
+#[test]
+fn a_failed_request_is_tried_again_then_given_up() {
+    let spec = spec(3, "@hourly");
+    let mut observed = steady("2026-12-01T10:04:35Z");
+    observed.last_scheduled_backup = Some(t("2026-12-01T10:00:00Z"));
+    observed.backup_requests = vec![request("b", "2026-12-01T10:04:00Z")];
+    observed.backup_requests[0].status.phase = Some(BackupPhase::Running);
+    observed.backup_requests[0].status.attempts = 1;
+    observed.backup_runs =
+        vec![request_run("b", "2026-12-01T10:04:00Z", 1, failed("2026-12-01T10:04:30Z", "403 Forbidden"))];
+    let (retrying, event) = only_update(&spec, &observed);
+    assert_eq!(retrying.phase, Some(BackupPhase::Retrying));
+    assert!(retrying.message.as_deref().is_some_and(|m| m.contains("403 Forbidden; tried again at")));
+    let event = event.expect("an event");
+    assert_eq!((event.reason, event.warning, event.run_ended), ("BackupFailed", true, true));
+    // Its next try is what the operator wakes for.
+    assert_eq!(wake_in(&spec, &observed), Some(Duration::from_secs(5)));
+    observed.now = t("2026-12-01T10:04:41Z");
+    let step = plan(&spec, &observed);
+    assert!(matches!(&step, Step::TakeBackup { attempt: 2, request: Some(r), .. } if r == "b"), "{step:?}");
+    // The last try failed: given up, for good.
+    observed.backup_runs[0].attempt = MAX_ATTEMPTS;
+    let (given_up, _) = only_update(&spec, &observed);
+    assert_eq!(given_up.phase, Some(BackupPhase::Failed));
+    assert_eq!(given_up.completed_at, Some(Time(t("2026-12-01T10:04:30Z"))));
+    observed.backup_requests[0].status = given_up;
+    assert!(!matches!(plan(&spec, &observed), Step::TakeBackup { request: Some(_), .. }));
+}
+
+#[test]
+fn a_request_needs_a_destination_its_own_or_the_clusters() {
+    let mut bare = spec(3, "@hourly");
+    bare.backup = None;
+    let mut observed = steady("2026-12-01T10:05:00Z");
+    observed.backup_requests = vec![request("b", "2026-12-01T10:04:00Z")];
+    assert_eq!(plan(&bare, &observed), Step::Steady);
+    let (failed, event) = only_update(&bare, &observed);
+    assert_eq!(failed.phase, Some(BackupPhase::Failed));
+    assert!(failed.message.as_deref().is_some_and(|m| m.starts_with("no destination")));
+    assert_eq!(event.map(|e| (e.reason, e.run_ended)), Some(("BackupFailed", false)));
+    // Its own destination: taken without a schedule.
+    observed.backup_requests[0].destination = spec(3, "@hourly").backup.map(|b| b.destination);
+    assert!(matches!(plan(&bare, &observed), Step::TakeBackup { request: Some(_), .. }));
+}
+
+#[test]
+fn ended_runs_are_removable_once_their_request_has_its_outcome() {
+    let scheduled = run("2026-12-01T10:00:00Z", 1, succeeded("2026-12-01T10:00:03Z", 1));
+    let asked = request_run("b", "2026-12-01T10:04:00Z", 1, succeeded("2026-12-01T10:04:03Z", 2));
+    let mut requests = vec![request("b", "2026-12-01T10:04:00Z")];
+    assert!(removable(&scheduled, &requests));
+    assert!(!removable(&asked, &requests), "its outcome is not in the request's status yet");
+    requests[0].status.phase = Some(BackupPhase::Succeeded);
+    assert!(removable(&asked, &requests));
+    assert!(removable(&asked, &[]), "its request is gone");
+    let going = request_run("b", "2026-12-01T10:04:00Z", 1, RunOutcome::Running);
+    assert!(!removable(&going, &[]));
 }

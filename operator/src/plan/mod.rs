@@ -17,10 +17,10 @@ use consensus_crds::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use backup::BackupRun;
+use backup::{BackupRequest, BackupRun};
 
 /// What the platform saw of one cluster in this reconcile.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observed {
     /// `metadata.generation` of the resource the spec came from.
     pub generation: Option<i64>,
@@ -55,6 +55,8 @@ pub struct Observed {
     pub last_scheduled_backup: Option<Timestamp>,
     /// The backup runs the platform has (Jobs, processes), going and finished.
     pub backup_runs: Vec<BackupRun>,
+    /// The backups asked for now (ConsensusBackups, request files), ended ones too.
+    pub backup_requests: Vec<BackupRequest>,
 }
 
 impl Observed {
@@ -113,7 +115,8 @@ pub enum Step {
     UpdateMember { name: String },
     /// Starts the backup for the schedule's `slot` (its `attempt`-th try), a snapshot taken
     /// from member `from` and streamed to `spec.backup.destination` by a Job or process.
-    TakeBackup { slot: Timestamp, attempt: u32, from: String },
+    /// With `request`, the backup that ConsensusBackup asked for, made at `slot`.
+    TakeBackup { slot: Timestamp, attempt: u32, from: String, request: Option<String> },
     /// Nothing to do until the situation changes; `reason` says what we wait for.
     Wait { reason: String },
     /// The cluster is in its declared shape.

@@ -6,25 +6,29 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use consensus_crds::{BackupSpec, ConsensusCluster, parse_duration};
+use consensus_crds::{
+    BackupDestination, ConsensusCluster, ConsensusClusterSpec, RetentionSpec, parse_duration,
+};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PersistentVolumeClaimVolumeSource, PodSpec,
     PodTemplateSpec, SecretKeySelector, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 
 use super::statefulset::{container_security_context, pod_security_context};
 use super::{BuildError, Cluster, labels, member_client_url};
-use crate::plan::backup::{RUN_DEADLINE, RunOutcome, Taken};
+use crate::plan::backup::{BackupRequest, RUN_DEADLINE, RunOutcome, Taken};
 
 /// Annotations of a backup Job: what the run is, read back when it is observed.
 pub const BACKUP_ANNOTATION: &str = "consensus.dev/backup";
 pub const SLOT_ANNOTATION: &str = "consensus.dev/backup-slot";
 pub const ATTEMPT_ANNOTATION: &str = "consensus.dev/backup-attempt";
 pub const MEMBER_ANNOTATION: &str = "consensus.dev/backup-member";
+/// The ConsensusBackup a run is for; absent on the schedule's runs.
+pub const REQUEST_ANNOTATION: &str = "consensus.dev/backup-request";
 /// `app.kubernetes.io/name` of backup runs: not the members' (`consensus-node`), so no
 /// Service, budget or spread constraint of the members ever counts a backup pod.
 pub const APP_NAME: &str = "consensus-backup";
@@ -48,35 +52,75 @@ pub fn run_selector(cluster: &str) -> String {
     run_labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
-/// One backup run to make a Job of.
+/// One backup run to make a Job (or process) of.
 pub struct BackupJob<'a> {
     pub backup: &'a str,
     pub slot: Timestamp,
     pub attempt: u32,
     pub member: &'a str,
+    pub destination: &'a BackupDestination,
+    /// Applied after the backup is stored: the schedule's; a request's run deletes nothing.
+    pub retention: Option<&'a RetentionSpec>,
+    /// The ConsensusBackup it is for.
+    pub request: Option<&'a str>,
 }
 
-/// `<cluster>-backup-<slot>-<attempt>`, within the 63 characters a Job's name may have (its
-/// pods carry it as a label value): a long cluster name is cut, the slot never.
-pub fn job_name(cluster: &str, slot: Timestamp, attempt: u32) -> String {
-    let suffix = format!("-backup-{}-{attempt}", slot.strftime("%Y%m%d%H%M%S"));
-    let keep = 63usize.saturating_sub(suffix.len()).min(cluster.len());
+impl<'a> BackupJob<'a> {
+    /// The run a `TakeBackup` step asks for, its destination the request's or the
+    /// schedule's; `None` when there is none.
+    pub fn planned(
+        spec: &'a ConsensusClusterSpec,
+        backup: &'a str,
+        (slot, attempt, member): (Timestamp, u32, &'a str),
+        request: Option<&'a BackupRequest>,
+    ) -> Option<Self> {
+        Some(Self {
+            backup,
+            slot,
+            attempt,
+            member,
+            destination: crate::plan::backup::destination(spec, request)?,
+            retention: spec.backup.as_ref().filter(|_| request.is_none()).map(|b| &b.retention),
+            request: request.map(|r| r.name.as_str()),
+        })
+    }
+
+    /// `<cluster>-backup-<slot>-<attempt>` for the schedule's runs, `<request>-backup-<attempt>`
+    /// for a request's.
+    pub fn job_name(&self, cluster: &str) -> String {
+        match self.request {
+            None => job_name(cluster, &self.slot.strftime("%Y%m%d%H%M%S").to_string(), self.attempt),
+            Some(request) => job_name(request, "", self.attempt),
+        }
+    }
+}
+
+/// `<owner>-backup[-<part>]-<attempt>`, within the 63 characters a Job's name may have (its
+/// pods carry it as a label value): a long owner name is cut, the rest never.
+fn job_name(owner: &str, part: &str, attempt: u32) -> String {
+    let part = if part.is_empty() { String::new() } else { format!("-{part}") };
+    let suffix = format!("-backup{part}-{attempt}");
+    let keep = 63usize.saturating_sub(suffix.len()).min(owner.len());
     let mut cut = keep;
-    while !cluster.is_char_boundary(cut) {
+    while !owner.is_char_boundary(cut) {
         cut -= 1;
     }
-    format!("{}{suffix}", cluster[..cut].trim_end_matches('-'))
+    format!("{}{suffix}", owner[..cut].trim_end_matches('-'))
 }
 
 /// The Job that takes `run`: the node image running `consensus-node backup` against the
-/// member's own address, the S3 credentials from the Secret the spec names, the volume
+/// member's own address, the S3 credentials from the Secret the destination names, a volume
 /// destination mounted; it tries once (the planner decides retries) and is stopped at the
-/// run deadline. Owned by the cluster, so deleting the cluster deletes its runs.
-pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError> {
+/// run deadline. Owned by the cluster, so deleting the cluster deletes its runs; a
+/// request's run by the ConsensusBackup (`owner`), so deleting the request deletes it.
+pub fn job(
+    cc: &ConsensusCluster,
+    run: &BackupJob<'_>,
+    owner: Option<OwnerReference>,
+) -> Result<Job, BuildError> {
     let cluster = Cluster::new(cc)?;
-    let backup = cc.spec.backup.as_ref().ok_or(BuildError::NoBackupSpec)?;
     let endpoint = member_client_url(cluster.name, cluster.namespace, run.member);
-    let to = destination_url(backup, cluster.namespace, cluster.name, Path::new(VOLUME_MOUNT));
+    let to = destination_url(run.destination, cluster.namespace, cluster.name, Path::new(VOLUME_MOUNT));
     let mut env = Vec::new();
     let mut volumes = vec![Volume {
         name: "tmp".to_owned(),
@@ -85,7 +129,7 @@ pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError
     }];
     let mut mounts =
         vec![VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() }];
-    if let Some(s3) = &backup.destination.s3 {
+    if let Some(s3) = &run.destination.s3 {
         let secret = &s3.credentials_secret;
         for (name, key) in [
             ("AWS_ACCESS_KEY_ID", &secret.access_key_id_key),
@@ -105,7 +149,7 @@ pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError
             });
         }
     }
-    if let Some(volume) = &backup.destination.volume {
+    if let Some(volume) = &run.destination.volume {
         volumes.push(Volume {
             name: "destination".to_owned(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -121,13 +165,19 @@ pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError
         });
     }
     let labels = run_labels(cluster.name);
-    let annotations = BTreeMap::from([
+    let mut annotations = BTreeMap::from([
         (BACKUP_ANNOTATION.to_owned(), run.backup.to_owned()),
         (SLOT_ANNOTATION.to_owned(), run.slot.to_string()),
         (ATTEMPT_ANNOTATION.to_owned(), run.attempt.to_string()),
         (MEMBER_ANNOTATION.to_owned(), run.member.to_owned()),
     ]);
-    let mut metadata = cluster.metadata(job_name(cluster.name, run.slot, run.attempt));
+    if let Some(request) = run.request {
+        annotations.insert(REQUEST_ANNOTATION.to_owned(), request.to_owned());
+    }
+    let mut metadata = cluster.metadata(run.job_name(cluster.name));
+    if let Some(owner) = owner {
+        metadata.owner_references = Some(vec![owner]);
+    }
     metadata.labels = Some(labels.clone());
     metadata.annotations = Some(annotations);
     Ok(Job {
@@ -146,7 +196,7 @@ pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError
                         image: Some(cc.spec.image.clone()),
                         image_pull_policy: Some("IfNotPresent".to_owned()),
                         command: Some(vec!["consensus-node".to_owned()]),
-                        args: Some(command(backup, run.backup, &endpoint, &to, REPORT_PATH)),
+                        args: Some(command(run, &endpoint, &to, REPORT_PATH)),
                         env: (!env.is_empty()).then_some(env),
                         security_context: Some(container_security_context()),
                         volume_mounts: Some(mounts),
@@ -165,8 +215,13 @@ pub fn job(cc: &ConsensusCluster, run: &BackupJob<'_>) -> Result<Job, BuildError
 /// Where the backups of `cluster` go: `s3://BUCKET/PREFIX`, the prefix `<namespace>/<cluster>`
 /// unless the spec names one; or the directory `path` inside the volume mounted at
 /// `volume_root`.
-pub fn destination_url(backup: &BackupSpec, namespace: &str, cluster: &str, volume_root: &Path) -> String {
-    match (&backup.destination.s3, &backup.destination.volume) {
+pub fn destination_url(
+    destination: &BackupDestination,
+    namespace: &str,
+    cluster: &str,
+    volume_root: &Path,
+) -> String {
+    match (&destination.s3, &destination.volume) {
         (Some(s3), _) => {
             let prefix = s3
                 .prefix
@@ -180,7 +235,7 @@ pub fn destination_url(backup: &BackupSpec, namespace: &str, cluster: &str, volu
             let dir = volume_root.join(volume.path.trim_start_matches('/'));
             format!("file://{}", dir.display().to_string().trim_end_matches('/'))
         }
-        // validate_spec refuses a spec without a destination before any backup is planned.
+        // The CRD's rule (and validate_spec, locally) wants exactly one.
         (None, None) => String::new(),
     }
 }
@@ -189,14 +244,14 @@ pub fn destination_url(backup: &BackupSpec, namespace: &str, cluster: &str, volu
 /// `backup` in `to`, retention applied after it, the outcome written to `report`. S3
 /// credentials are not among them: they come from the environment, which no process
 /// list shows.
-pub fn command(spec: &BackupSpec, backup: &str, endpoint: &str, to: &str, report: &str) -> Vec<String> {
+pub fn command(run: &BackupJob<'_>, endpoint: &str, to: &str, report: &str) -> Vec<String> {
     // Every backup is verified before it counts: read back, restored into a scratch member
     // whose HashKV must be the cluster's.
     let mut args: Vec<String> =
-        ["backup", "--endpoint", endpoint, "--to", to, "--name", backup, "--report", report, "--verify"]
+        ["backup", "--endpoint", endpoint, "--to", to, "--name", run.backup, "--report", report, "--verify"]
             .map(str::to_owned)
             .to_vec();
-    if let Some(s3) = &spec.destination.s3 {
+    if let Some(s3) = &run.destination.s3 {
         args.extend(["--s3-region".to_owned(), s3.region.clone()]);
         if let Some(endpoint) = &s3.endpoint {
             args.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
@@ -205,7 +260,7 @@ pub fn command(spec: &BackupSpec, backup: &str, endpoint: &str, to: &str, report
             args.push("--s3-path-style".to_owned());
         }
     }
-    let retention = &spec.retention;
+    let Some(retention) = run.retention else { return args };
     args.extend(["--retain-count".to_owned(), retention.max_count.to_string()]);
     if let Some(max_age) = retention.max_age.as_deref().and_then(|age| parse_duration(age).ok()) {
         args.extend(["--retain-max-age-seconds".to_owned(), max_age.as_secs().to_string()]);
@@ -280,9 +335,7 @@ pub fn outcome(report: &str, finished: Timestamp) -> RunOutcome {
 
 #[cfg(test)]
 mod tests {
-    use consensus_crds::{
-        BackupDestination, RetentionSpec, S3CredentialsSecretRef, S3Destination, VolumeDestination,
-    };
+    use consensus_crds::{BackupSpec, S3CredentialsSecretRef, S3Destination, VolumeDestination};
 
     use super::*;
 
@@ -309,32 +362,44 @@ mod tests {
         }
     }
 
+    fn run<'a>(spec: &'a BackupSpec, request: Option<&'a str>) -> BackupJob<'a> {
+        BackupJob {
+            backup: "locks-20261201T100000Z",
+            slot: "2026-12-01T10:00:00Z".parse().expect("time"),
+            attempt: 2,
+            member: "locks-1",
+            destination: &spec.destination,
+            retention: request.is_none().then_some(&spec.retention),
+            request,
+        }
+    }
+
     #[test]
     fn an_s3_destination_defaults_its_prefix_to_the_namespace_and_cluster() {
         let root = Path::new("/unused");
-        assert_eq!(destination_url(&s3_spec(None), "prod", "locks", root), "s3://backups/prod/locks");
-        assert_eq!(destination_url(&s3_spec(Some("/team/a/")), "prod", "locks", root), "s3://backups/team/a");
+        let url = |spec: BackupSpec| destination_url(&spec.destination, "prod", "locks", root);
+        assert_eq!(url(s3_spec(None)), "s3://backups/prod/locks");
+        assert_eq!(url(s3_spec(Some("/team/a/"))), "s3://backups/team/a");
     }
 
     #[test]
     fn a_volume_destination_is_a_directory_on_the_mounted_volume() {
-        let mut spec = s3_spec(None);
-        spec.destination = BackupDestination {
+        let mut destination = BackupDestination {
             s3: None,
             volume: Some(VolumeDestination { claim_name: "keep".to_owned(), path: "/".to_owned() }),
         };
-        assert_eq!(destination_url(&spec, "prod", "locks", Path::new("/backup")), "file:///backup");
-        spec.destination.volume.as_mut().expect("volume").path = "/locks/daily".to_owned();
+        assert_eq!(destination_url(&destination, "prod", "locks", Path::new("/backup")), "file:///backup");
+        destination.volume.as_mut().expect("volume").path = "/locks/daily".to_owned();
         assert_eq!(
-            destination_url(&spec, "prod", "locks", Path::new("/backup")),
+            destination_url(&destination, "prod", "locks", Path::new("/backup")),
             "file:///backup/locks/daily"
         );
     }
 
     #[test]
     fn the_command_carries_the_store_and_retention_but_no_credentials() {
-        let args = command(&s3_spec(None), "locks-20261201T100000Z", "http://m1:2379", "s3://b/p", "/report");
-        let line = args.join(" ");
+        let spec = s3_spec(None);
+        let line = command(&run(&spec, None), "http://m1:2379", "s3://b/p", "/report").join(" ");
         assert_eq!(
             line,
             "backup --endpoint http://m1:2379 --to s3://b/p --name locks-20261201T100000Z --report /report \
@@ -342,6 +407,21 @@ mod tests {
              --retain-max-age-seconds 172800 --retain-tiered"
         );
         assert!(!line.contains("AWS_"), "{line}");
+        // A backup asked for now deletes none: the schedule's retention decides.
+        let line =
+            command(&run(&spec, Some("before-upgrade")), "http://m1:2379", "s3://b/p", "/report").join(" ");
+        assert!(line.ends_with("--s3-path-style"), "{line}");
+    }
+
+    #[test]
+    fn job_names_fit_a_label_value_and_tell_schedule_from_request() {
+        let spec = s3_spec(None);
+        assert_eq!(run(&spec, None).job_name("locks"), "locks-backup-20261201100000-2");
+        assert_eq!(run(&spec, Some("before-upgrade")).job_name("locks"), "before-upgrade-backup-2");
+        let long = "a".repeat(70);
+        for name in [run(&spec, None).job_name(&long), run(&spec, Some(&long)).job_name("locks")] {
+            assert!(name.len() <= 63 && name.ends_with("-2"), "{name}");
+        }
     }
 
     #[test]

@@ -28,8 +28,10 @@ pub const METRICS_PORT: i32 = 2381;
 pub enum BuildError {
     #[error("the ConsensusCluster has no {0}; it must come from the API server")]
     MissingMetadata(&'static str),
-    #[error("a backup was planned for a ConsensusCluster without spec.backup")]
-    NoBackupSpec,
+    #[error(
+        "a backup was planned without a destination (neither its ConsensusBackup nor spec.backup names one)"
+    )]
+    NoBackupDestination,
 }
 
 /// Everything one cluster is made of, in the order it is applied: configuration and

@@ -23,6 +23,9 @@ pub const PODS: &str = "/api/v1/namespaces/default/pods";
 /// Backup runs; only the reconcile tests start one, and each test binary has this module.
 #[allow(dead_code)]
 pub const JOBS: &str = "/apis/batch/v1/namespaces/default/jobs";
+/// Backups asked for now.
+#[allow(dead_code)]
+pub const BACKUPS: &str = "/apis/consensus.dev/v1alpha1/namespaces/default/consensusbackups";
 pub const PVCS: &str = "/api/v1/namespaces/default/persistentvolumeclaims";
 pub const PDB: &str = "/apis/policy/v1/namespaces/default/poddisruptionbudgets/demo";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
@@ -158,8 +161,9 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
 }
 
-const PLURALS: [(&str, &str); 11] = [
+const PLURALS: [(&str, &str); 12] = [
     ("ConsensusCluster", "consensusclusters"),
+    ("ConsensusBackup", "consensusbackups"),
     ("Job", "jobs"),
     ("StorageClass", "storageclasses"),
     ("StatefulSet", "statefulsets"),
