@@ -257,24 +257,28 @@ impl Cluster {
 
     /// The Events about the ConsensusCluster, as `reason: message` lines, oldest first.
     pub fn events(&self) -> Vec<String> {
-        let events = kubectl_json(&[
-            "-n",
-            self.ns(),
-            "get",
-            "events",
-            "--field-selector",
-            &format!("involvedObject.kind=ConsensusCluster,involvedObject.name={}", self.name),
-            "--sort-by=.metadata.creationTimestamp",
-        ]);
-        events["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| {
-                format!("{}: {}", e["reason"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""))
-            })
-            .collect()
+        events_about(self.ns(), "ConsensusCluster", &self.name)
     }
+}
+
+/// The Events about the object `kind/name` in `namespace`, as `reason: message` lines,
+/// oldest first.
+pub fn events_about(namespace: &str, kind: &str, name: &str) -> Vec<String> {
+    let events = kubectl_json(&[
+        "-n",
+        namespace,
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.kind={kind},involvedObject.name={name}"),
+        "--sort-by=.metadata.creationTimestamp",
+    ]);
+    events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| format!("{}: {}", e["reason"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or("")))
+        .collect()
 }
 
 /// The condition `type_` of `status`: (status, reason, message).

@@ -1037,6 +1037,88 @@ fn scenario_16_a_backup_that_cannot_be_taken_says_why_is_tried_again_and_leaves_
     wait_for_backup_condition(&cluster, "BackupTaken", "holds revision");
 }
 
+/// `kubectl apply` of the ConsensusBackup `name` for the cluster `cluster_name`, in
+/// `cluster`'s namespace, with `destination` (as `s3_destination` writes it for a
+/// ConsensusCluster, two deeper than here) when given.
+fn ask_for_backup(cluster: &Cluster, name: &str, cluster_name: &str, destination: Option<&str>) {
+    let destination = destination.map_or_else(String::new, |d| {
+        let lines: Vec<&str> = d.lines().map(|l| l.strip_prefix("  ").unwrap_or(l)).collect();
+        format!("  destination:\n{}\n", lines.join("\n"))
+    });
+    let manifest = format!(
+        "apiVersion: consensus.dev/v1alpha1\nkind: ConsensusBackup\nmetadata:\n  name: {name}\nspec:\n  \
+         clusterName: {cluster_name}\n{destination}"
+    );
+    kubectl_ok(&["-n", cluster.ns(), "apply", "-f", "-"], Some(&manifest));
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_17_a_consensus_backup_is_taken_now_verified_and_recorded_in_its_own_status() {
+    let _timer = Timer::start("17 a backup on demand");
+    deploy_operator();
+    let runtime = runtime();
+    let (root, endpoint) = s3_for_pods(&runtime);
+    // No schedule: the request names where the backup goes.
+    let cluster = Cluster::create("cc-on-demand", "demo", THREE);
+    create_s3_secret(&cluster, "s3", SECRET_KEY);
+    cluster.wait_running(3);
+    let leader = cluster.status()["leader"].as_str().expect("a leader").to_owned();
+    let writer = &cluster.endpoints()[&leader];
+    for i in 0..20 {
+        etcdctl(writer, &["put", &format!("/e2e/asked/{i:02}"), "value"]);
+    }
+
+    ask_for_backup(&cluster, "before-upgrade", "demo", Some(&s3_destination(&endpoint, "backups", "s3")));
+    let get = |name: &str| kubectl_json(&["-n", cluster.ns(), "get", "cb", name]);
+    let status = wait_until(DEADLINE, "the ConsensusBackup to succeed", || {
+        let status = get("before-upgrade")["status"].clone();
+        assert_ne!(status["phase"], "Failed", "{status}");
+        (status["phase"] == "Succeeded").then_some(status)
+    });
+    let record = &status["backup"];
+    assert_eq!(record["verified"], true, "{status}");
+    let name = record["name"].as_str().expect("a name");
+    assert!(name.ends_with("-before-upgrade"), "{name}");
+    let object = root.path().join("backups").join(cluster.ns()).join("demo").join(format!("{name}.snapshot"));
+    let bytes = std::fs::read(&object).unwrap_or_else(|e| panic!("{}: {e}", object.display()));
+    assert_eq!(bytes.len() as i64, record["sizeBytes"].as_i64().expect("a size"));
+    let events = consensus_e2e::scenario::events_about(cluster.ns(), "ConsensusBackup", "before-upgrade");
+    for reason in ["BackupStarted", "BackupSucceeded"] {
+        assert!(events.iter().any(|e| e.starts_with(reason)), "no {reason} on the request:\n{events:#?}");
+    }
+    // The cluster's newest backup, though no schedule's.
+    let cluster_status = cluster.status();
+    assert_eq!(cluster_status["lastBackup"]["name"], name, "{cluster_status}");
+    assert_eq!(cluster_status.get("lastScheduledBackup"), None);
+    // What was asked cannot change, and the Job it made goes with it.
+    let patch = r#"{"spec":{"clusterName":"other"}}"#;
+    let refused =
+        kubectl(&["-n", cluster.ns(), "patch", "cb", "before-upgrade", "--type=merge", "-p", patch], None);
+    assert!(!refused.ok && refused.stderr.contains("cannot change"), "{}", refused.stderr);
+    let job = "before-upgrade-backup-1";
+    assert!(kubectl(&["-n", cluster.ns(), "get", "job", job], None).ok, "its Job is kept while it exists");
+    cluster.kubectl(&["delete", "cb", "before-upgrade", "--wait=true"]);
+    wait_until(DEADLINE, "the request's Job to be deleted with it", || {
+        (!kubectl(&["-n", cluster.ns(), "get", "job", job], None).ok).then_some(())
+    });
+
+    // Bad requests: no destination anywhere, a cluster that is not there.
+    ask_for_backup(&cluster, "nowhere", "demo", None);
+    ask_for_backup(&cluster, "typo", "demo-typo", None);
+    wait_until(DEADLINE, "both to say why", || {
+        let nowhere = get("nowhere")["status"].clone();
+        let typo = get("typo")["status"].clone();
+        let says = |s: &serde_json::Value, phase: &str, words: &str| {
+            s["phase"] == phase && s["message"].as_str().is_some_and(|m| m.contains(words))
+        };
+        (says(&nowhere, "Failed", "no destination")
+            && says(&typo, "Pending", "no ConsensusCluster demo-typo"))
+        .then_some(())
+    });
+    assert_eq!(cluster.status()["lastBackup"]["name"], name, "nothing else was taken");
+}
+
 /// The operator scaled to no replicas for the length of a scenario step, and back to two
 /// when it ends, pass or fail.
 struct StoppedOperator;

@@ -231,3 +231,63 @@ fn an_unreachable_store_fails_the_backup_with_its_cause_and_it_is_tried_again() 
     assert_eq!(available.status, "True");
     assert!(status.last_backup.is_none());
 }
+
+/// `consensus-operator backup ARGS` against the local cluster in `local`: its exit, what it
+/// printed and what it logged.
+fn ask_for_backup(local: &Local, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_consensus-operator"))
+        .args(["backup", "--cluster", "demo", "--state-dir"])
+        .arg(local.state())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running consensus-operator backup");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+#[test]
+fn a_backup_asked_for_now_is_taken_verified_and_restores_every_key() {
+    // No schedule and no destination of its own: a request must name one.
+    let mut local = Local::declaring(
+        "apiVersion: consensus.dev/v1alpha1\nkind: ConsensusCluster\nmetadata:\n  name: demo\nspec:\n  replicas: 3\n",
+    );
+    local.start(None);
+    local.wait_for_voters(3);
+    let revision = write_keys(local.recorded().into_values().collect());
+
+    let (ok, _, said) = ask_for_backup(&local, &["--name", "nowhere", "--timeout", "2m"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains("backup nowhere failed: no destination"), "{said}\n{}", context(&local));
+
+    let (ok, printed, said) =
+        ask_for_backup(&local, &["--name", "before-upgrade", "--claim", "ondemand", "--timeout", "5m"]);
+    assert!(ok, "{said}\n{}", context(&local));
+    assert!(said.contains("Running: being taken from demo-"), "{said}");
+    let name = printed.split_whitespace().next().expect("the backup's name").to_owned();
+    assert!(name.starts_with("demo-") && name.ends_with("-before-upgrade"), "{printed}");
+    assert!(printed.contains(", verified)"), "{printed}");
+    let status: consensus_crds::ConsensusBackupStatus = serde_json::from_str(
+        &std::fs::read_to_string(local.state().join("demo.backups/requests/before-upgrade.status.json"))
+            .expect("the request's status"),
+    )
+    .expect("a status");
+    let record = status.backup.expect("the backup");
+    assert!(record.revision >= revision, "backup at {} before the last put at {revision}", record.revision);
+    let snapshot = local.state().join("volumes/ondemand").join(format!("{name}.snapshot"));
+    assert_eq!(record.location, format!("file://{}", snapshot.display()));
+    assert!(
+        local.events().iter().any(|e| e.contains(" BackupSucceeded request before-upgrade")),
+        "{:#?}",
+        local.events()
+    );
+    assert_eq!(restored_keys(&local, &snapshot).len(), KEYS, "every key written before its revision");
+    // The cluster's schedule is untouched; its newest backup is this one.
+    let cluster = local.status().expect("a status");
+    assert_eq!(cluster.last_scheduled_backup, None);
+    assert_eq!(cluster.last_backup.map(|b| b.name), Some(name));
+
+    // A request is asked for once.
+    let (ok, _, said) = ask_for_backup(&local, &["--name", "before-upgrade", "--claim", "ondemand"]);
+    assert!(!ok && said.contains("exists already"), "{said}");
+}

@@ -864,3 +864,48 @@ async fn a_backup_is_started_as_a_job_and_the_ended_runs_go_after_it() {
     assert_eq!(status["lastScheduledBackup"], "2026-12-01T10:00:00Z");
     assert_allowed_by_cluster_role(&requests);
 }
+
+#[tokio::test]
+async fn a_consensus_backup_is_taken_by_a_job_it_owns_and_its_status_says_so() {
+    // No schedule: the request names its own destination.
+    let cc = cluster(json!({"replicas": 3}), true);
+    let mut objects = running_cluster_objects(&cc, InitialClusterState::Existing);
+    objects.push(json!({
+        "apiVersion": "consensus.dev/v1alpha1", "kind": "ConsensusBackup",
+        "metadata": {"name": "before-upgrade", "namespace": NS, "uid": "99999999-2222-4333-8444-555555555555",
+            "creationTimestamp": "2026-12-01T10:04:00Z", "generation": 1},
+        "spec": {"clusterName": "demo", "destination": {"s3": {"bucket": "backups",
+            "endpoint": "http://s3.local:9000", "forcePathStyle": true, "credentialsSecret": {"name": "s3"}}}},
+    }));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    let ctx = context(client, healthy(3));
+
+    reconcile(Arc::new(cc), ctx.clone()).await.expect("reconciles");
+
+    let requests = api.requests();
+    let job = &only(&requests, "POST", JOBS).body;
+    assert_eq!(job["metadata"]["name"], "before-upgrade-backup-1");
+    assert_eq!(job["metadata"]["annotations"]["consensus.dev/backup-request"], "before-upgrade");
+    let owner = &job["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["kind"].as_str(), owner["name"].as_str()),
+        (Some("ConsensusBackup"), Some("before-upgrade"))
+    );
+    assert_eq!(owner["controller"], true);
+    // Still labelled as the cluster's run, which is how its progress wakes the cluster.
+    assert_eq!(job["metadata"]["labels"]["app.kubernetes.io/instance"], "demo");
+    let args = job["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("\"--name\",\"demo-20261201T100400Z-before-upgrade\""), "{args}");
+    assert!(!args.contains("--retain-count"), "a request deletes no backup: {args}");
+    // Its own status, applied by the status field manager; the cluster's schedule untouched.
+    let written = only(&requests, "PATCH", &format!("{BACKUPS}/before-upgrade/status"));
+    assert_eq!(written.query.get("fieldManager").map(String::as_str), Some(STATUS_FIELD_MANAGER));
+    assert_eq!(written.body["status"]["phase"], "Running");
+    assert_eq!(written.body["status"]["attempts"], 1);
+    let cluster_status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(cluster_status.get("lastScheduledBackup"), None);
+    let started: Vec<_> =
+        events(&requests).into_iter().filter(|(_, reason, _)| reason == "BackupStarted").collect();
+    assert_eq!(started.len(), 2, "one on the cluster, one on the request: {started:?}");
+    assert_allowed_by_cluster_role(&requests);
+}

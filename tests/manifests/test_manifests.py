@@ -187,7 +187,7 @@ def test_images_are_the_ones_make_images_tags_with_the_workspace_version():
 # again with the new template), and member restarts (pods deleted). A verb added here
 # without code that needs it, or code that needs one missing here, is a mistake.
 OPERATOR_PERMISSIONS = {
-    ("consensus.dev", "consensusclusters"): {"list", "watch", "patch"},
+    ("consensus.dev", "consensusclusters"): {"get", "list", "watch", "patch"},
     ("consensus.dev", "consensusclusters/status"): {"patch"},
     ("consensus.dev", "consensusclusters/finalizers"): {"update"},
     ("consensus.dev", "consensusbackups"): {"list", "watch"},

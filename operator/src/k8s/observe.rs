@@ -20,7 +20,7 @@ use super::apply::managed_content;
 use super::{Error, backups, requests};
 use crate::membership::observe::combine;
 use crate::membership::{Members, Target};
-use crate::plan::backup::{BackupRequest, removable};
+use crate::plan::backup::{BackupRequest, last_scheduled, removable};
 use crate::plan::{Observed, ObservedMember, ordinal};
 use crate::platform;
 use crate::resources::storage::{self, StorageChange, Volume};
@@ -86,11 +86,7 @@ pub async fn observe(
             // Once a cluster id is reported, a cluster has run here, whatever is deleted later.
             established: cc.status.as_ref().is_some_and(|s| s.cluster_id.is_some()),
             now: Timestamp::now(),
-            last_scheduled_backup: cc
-                .status
-                .as_ref()
-                .and_then(|s| s.last_scheduled_backup.as_ref())
-                .map(|t| t.0),
+            last_scheduled_backup: last_scheduled(cc.status.as_ref()),
             ..Observed::default()
         },
         ..Observation::default()

@@ -15,11 +15,11 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::apply::managed_content;
 use super::events::Events;
@@ -185,8 +185,14 @@ fn controller(
         .graceful_shutdown_on(stop.clone())
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(%error, "controller");
+            match result {
+                Ok(_) => {}
+                // A ConsensusBackup naming a cluster that does not exist: its own status
+                // says so (requests::check_cluster).
+                Err(controller::Error::ObjectNotFound(object)) => {
+                    debug!(%object, "no such ConsensusCluster");
+                }
+                Err(error) => warn!(%error, "controller"),
             }
         });
     // The requests no cluster takes, for their status to say so.

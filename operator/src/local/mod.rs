@@ -28,7 +28,7 @@ use spec_file::{Declared, SpecFile};
 use workload::Workload;
 
 use crate::membership::{EtcdMembers, Members, Target, observe};
-use crate::plan::backup::{backup_name, outcome_event, removable, request_updates};
+use crate::plan::backup::{backup_name, last_scheduled, outcome_event, removable, request_updates};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::BackupJob;
@@ -222,11 +222,7 @@ impl Platform for Operator {
             lost_data: self.workload.lost_data(),
             established: self.previous.as_ref().is_some_and(|s| s.cluster_id.is_some()),
             now,
-            last_scheduled_backup: self
-                .previous
-                .as_ref()
-                .and_then(|s| s.last_scheduled_backup.as_ref())
-                .map(|t| t.0),
+            last_scheduled_backup: last_scheduled(self.previous.as_ref()),
             backup_runs: self.backups.observe(now),
             backup_requests: self.backups.requests(),
             ..Observed::default()

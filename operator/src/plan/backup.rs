@@ -168,6 +168,12 @@ fn last_slot(last_scheduled: Option<Timestamp>, runs: &[BackupRun]) -> Option<Ti
     runs_of(runs, None).map(|r| r.slot).chain(last_scheduled).max()
 }
 
+/// `status.lastScheduledBackup` of the status written before: what the platform observes as
+/// `Observed::last_scheduled_backup`.
+pub fn last_scheduled(status: Option<&ConsensusClusterStatus>) -> Option<Timestamp> {
+    status.and_then(|s| s.last_scheduled_backup.as_ref()).map(|t| t.0)
+}
+
 /// How long after the `attempt`-th try failed the next one may start.
 pub fn retry_delay(attempt: u32) -> Duration {
     let doublings = attempt.saturating_sub(1).min(16);
