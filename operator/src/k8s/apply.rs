@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use consensus_crds::FIELD_MANAGER;
+use consensus_crds::{FIELD_MANAGER, STATUS_FIELD_MANAGER};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -68,6 +68,27 @@ pub fn managed_content<T: Serialize>(object: &T) -> u64 {
     // serde_json's maps are ordered by key, so equal objects hash equally.
     value.to_string().hash(&mut hasher);
     hasher.finish()
+}
+
+/// Applies `status` to `object`'s status subresource under the status field manager,
+/// forced: status is the operator's alone.
+pub async fn apply_status<K>(client: &Client, object: &K, status: &impl Serialize) -> Result<(), kube::Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    Api::<K>::namespaced(client.clone(), &object.namespace().unwrap_or_default())
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::apply(STATUS_FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,9 +4,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use consensus_crds::{
-    ConsensusCluster, ConsensusClusterSpec, ConsensusClusterStatus, STATUS_FIELD_MANAGER, VolumeReclaimPolicy,
-};
+use consensus_crds::{ConsensusCluster, ConsensusClusterSpec, ConsensusClusterStatus, VolumeReclaimPolicy};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim, Pod};
@@ -18,7 +16,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use super::apply::{Applied, Change, apply};
+use super::apply::{Applied, Change, apply, apply_status};
 use super::events::Events;
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
@@ -495,14 +493,7 @@ async fn update_status<M>(
     if cc.status.as_ref() == Some(&status) {
         return Ok(status);
     }
-    let body = serde_json::json!({
-        "apiVersion": ConsensusCluster::api_version(&()),
-        "kind": ConsensusCluster::kind(&()),
-        "status": status,
-    });
-    Api::<ConsensusCluster>::namespaced(ctx.client.clone(), &cc.namespace().unwrap_or_default())
-        .patch_status(&name, &PatchParams::apply(STATUS_FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await?;
+    apply_status(&ctx.client, cc, &status).await?;
     Ok(status)
 }
 
@@ -520,7 +511,7 @@ async fn update_requests<M>(
         else {
             continue;
         };
-        requests::write_status(&ctx.client, asked, &update.status).await?;
+        apply_status(&ctx.client, asked, &update.status).await?;
         if let Some(run) = update.ended_run {
             ctx.metrics.backup_ended(&metrics_key(cc), run);
         }

@@ -5,14 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use consensus_crds::{ConsensusBackup, ConsensusBackupStatus, ConsensusCluster, STATUS_FIELD_MANAGER};
+use consensus_crds::{ConsensusBackup, ConsensusCluster};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::{Api, Client, Resource, ResourceExt};
 use tracing::warn;
 
 use super::Error;
+use super::apply::apply_status;
 use crate::plan::backup::{BackupRequest, unclaimed};
 
 /// A request whose cluster is missing is looked at again this often: the cluster may be
@@ -44,27 +45,6 @@ pub fn request_of(backup: &ConsensusBackup) -> BackupRequest {
     }
 }
 
-/// Writes a ConsensusBackup's status.
-pub async fn write_status(
-    client: &Client,
-    backup: &ConsensusBackup,
-    status: &ConsensusBackupStatus,
-) -> Result<(), Error> {
-    let body = serde_json::json!({
-        "apiVersion": ConsensusBackup::api_version(&()),
-        "kind": ConsensusBackup::kind(&()),
-        "status": status,
-    });
-    Api::<ConsensusBackup>::namespaced(client.clone(), &backup.namespace().unwrap_or_default())
-        .patch_status(
-            &backup.name_any(),
-            &PatchParams::apply(STATUS_FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await?;
-    Ok(())
-}
-
 /// One look at a request: when its cluster does not exist, its status says so; otherwise
 /// the cluster's reconcile takes it.
 pub async fn check_cluster(backup: Arc<ConsensusBackup>, client: Arc<Client>) -> Result<Action, Error> {
@@ -79,7 +59,7 @@ pub async fn check_cluster(backup: Arc<ConsensusBackup>, client: Arc<Client>) ->
     }
     let status = unclaimed(&request, cluster, &namespace);
     if status != request.status {
-        write_status(&client, &backup, &status).await?;
+        apply_status(&client, &*backup, &status).await?;
     }
     Ok(Action::requeue(UNCLAIMED_RECHECK))
 }
