@@ -379,6 +379,16 @@ async fn members_that_lost_quorum_are_in_status_as_they_answer() {
         status["members"].as_array().expect("members").iter().filter_map(|m| m["name"].as_str()).collect();
     assert_eq!(names, ["demo-0", "demo-1", "demo-2"]);
     assert_eq!(condition(status, "QuorumLost")["status"], "True");
+    // Told at once, as a Warning naming what is missing; the metric says since when.
+    let warning = events(&requests).into_iter().find(|(_, reason, _)| reason == "QuorumLost");
+    let (type_, _, note) = warning.expect("a QuorumLost event");
+    assert_eq!(type_, "Warning");
+    assert!(note.contains("0 of 3 voters are healthy and no leader is known"), "{note}");
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains(r#"consensus_operator_quorum_lost_since_timestamp_seconds{cluster="default/demo"}"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -67,6 +67,7 @@ pub struct Metrics {
     backup_size: Family<ClusterLabels, Gauge>,
     backup_durations: Histogram,
     backup_failures: Family<BackupFailureLabels, Counter>,
+    quorum_lost_since: Family<ClusterLabels, Gauge>,
     /// Phase of each cluster, by `namespace/name`; the gauge is recomputed from it so a
     /// cluster moving between phases is never counted twice.
     phases: Mutex<BTreeMap<String, Phase>>,
@@ -109,6 +110,12 @@ impl Default for Metrics {
             "Backup runs that failed, by cluster and cause (backup::failure_kind)",
             backup_failures.clone(),
         );
+        let quorum_lost_since = Family::<ClusterLabels, Gauge>::default();
+        registry.register(
+            "quorum_lost_since_timestamp_seconds",
+            "When a cluster without quorum lost it (Unix time); absent while it has quorum",
+            quorum_lost_since.clone(),
+        );
         // Every phase is present from the start, so a query for one never comes back empty.
         for phase in PHASES {
             clusters.get_or_create(&PhaseLabels { phase: phase_name(phase) }).set(0);
@@ -123,6 +130,7 @@ impl Default for Metrics {
             backup_size,
             backup_durations,
             backup_failures,
+            quorum_lost_since,
             phases: Mutex::default(),
         }
     }
@@ -152,6 +160,20 @@ impl Metrics {
             let count = phases.values().filter(|&&p| p == each).count();
             let labels = PhaseLabels { phase: phase_name(each) };
             self.clusters.get_or_create(&labels).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// When `cluster` lost its quorum as its status says, `None` while it has one (or is
+    /// gone): the series is there exactly while the quorum is lost, for alerts to key on.
+    pub fn set_quorum_lost(&self, cluster: &str, since: Option<k8s_openapi::jiff::Timestamp>) {
+        let labels = ClusterLabels { cluster: cluster.to_owned() };
+        match since {
+            Some(since) => {
+                self.quorum_lost_since.get_or_create(&labels).set(since.as_second());
+            }
+            None => {
+                self.quorum_lost_since.remove(&labels);
+            }
         }
     }
 
@@ -212,6 +234,18 @@ mod tests {
         assert!(metrics.render().contains(r#"consensus_operator_clusters{phase="Running"} 1"#));
         metrics.set_phase("a/one", Some(Phase::Updating));
         assert!(metrics.render().contains(r#"consensus_operator_clusters{phase="Updating"} 1"#));
+    }
+
+    #[test]
+    fn a_quorum_loss_is_a_series_while_it_lasts() {
+        let metrics = Metrics::default();
+        let since: k8s_openapi::jiff::Timestamp = "2026-12-01T10:05:00Z".parse().expect("time");
+        metrics.set_quorum_lost("a/one", Some(since));
+        let text = metrics.render();
+        let series = r#"consensus_operator_quorum_lost_since_timestamp_seconds{cluster="a/one"} 1796119500"#;
+        assert!(text.contains(series), "{text}");
+        metrics.set_quorum_lost("a/one", None);
+        assert!(!metrics.render().contains(r#"quorum_lost_since_timestamp_seconds{cluster="a/one"}"#));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use super::observe::{Observation, observe};
 use super::{Error, backups, requests};
 use crate::membership::{self, MembershipError};
 use crate::plan::backup::{self, backup_name, outcome_event};
+use crate::plan::recovery::{quorum_event, quorum_lost_since};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::BackupJob;
@@ -109,7 +110,12 @@ pub async fn converge_with<M: membership::Members>(
         events.publish(type_, event.reason, "Backup", event.message, None).await;
     }
     update_requests(ctx, cc, &observation, &step, failure.as_deref()).await?;
+    if let Some(event) = quorum_event(cc.status.as_ref(), &status) {
+        let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
+        events.publish(type_, event.reason, "Observe", event.message, None).await;
+    }
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
+    ctx.metrics.set_quorum_lost(&metrics_key(cc), quorum_lost_since(Some(&status)));
     ctx.metrics.set_last_backup(&metrics_key(cc), status.last_backup.as_ref());
     acted?;
     events.finish()?;
@@ -563,6 +569,7 @@ async fn clean_up<M>(cc: &ConsensusCluster, ctx: &Context<M>) -> Result<Action, 
         events.finish()?;
     }
     ctx.metrics.set_phase(&metrics_key(cc), None);
+    ctx.metrics.set_quorum_lost(&metrics_key(cc), None);
     Ok(Action::await_change())
 }
 

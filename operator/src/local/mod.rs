@@ -29,6 +29,7 @@ use workload::Workload;
 
 use crate::membership::{EtcdMembers, Members, Target, observe};
 use crate::plan::backup::{backup_name, last_scheduled, outcome_event, removable, request_updates};
+use crate::plan::recovery::quorum_event;
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::BackupJob;
@@ -334,6 +335,9 @@ impl Operator {
             Time(observation.observed.now),
         );
         if let Some(event) = outcome_event(self.previous.as_ref(), &status) {
+            self.events.emit(event.reason, &event.message);
+        }
+        if let Some(event) = quorum_event(self.previous.as_ref(), &status) {
             self.events.emit(event.reason, &event.message);
         }
         let observed = &observation.observed;

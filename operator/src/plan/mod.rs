@@ -5,8 +5,8 @@
 //!
 //! `assess` names the situation first and `plan` maps it to a step; membership changes
 //! (adding learners, changing the voters, removing members) are worked out in
-//! `scaling.rs`, scheduled backups in `backup.rs`. `status` derives its conditions from the
-//! situation, not the step's text.
+//! `scaling.rs`, backups (scheduled and asked for) in `backup.rs`, quorum loss in
+//! `recovery.rs`. `status` derives its conditions from the situation, not the step's text.
 
 use std::collections::BTreeMap;
 
@@ -824,6 +824,7 @@ fn zone_condition(observed: &Observed) -> NewCondition {
 }
 
 pub mod backup;
+pub mod recovery;
 mod scaling;
 pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, log_caught_up, ordinal};
 
