@@ -71,6 +71,49 @@ pub struct ConsensusClusterStatus {
     /// once, also across operator restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scheduled_backup: Option<Time>,
+    /// A recovery from quorum loss under way: where it comes from, kept here so an operator
+    /// that stops half-way resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery: Option<RecoveryRecord>,
+    /// The last recovery from quorum loss that finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_recovery: Option<RecoveryRecord>,
+}
+
+/// A recovery from quorum loss: the cluster made again, under a new cluster id, from one
+/// member's data or a backup, then grown back to its declared size.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryRecord {
+    /// Survivor (a member's own data) or Backup.
+    pub source: RecoverySource,
+    /// The member whose data it came from, or the backup's location.
+    pub from: String,
+    /// For a survivor, its applied Raft index when it was chosen (the highest of the
+    /// members that answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_index: Option<i64>,
+    /// The cluster id it replaced (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_cluster_id: Option<String>,
+    /// The `--initial-cluster-token` of the new cluster, from which its id follows.
+    pub cluster_token: String,
+    /// When the quorum was lost.
+    pub quorum_lost: Time,
+    /// When the recovery started.
+    pub started: Time,
+    /// When the cluster was back at its declared size with a quorum; absent while under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Time>,
+    /// What may be lost: writes a survivor had not applied when the quorum went, or
+    /// everything after the backup.
+    pub lost_writes: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoverySource {
+    Survivor,
+    Backup,
 }
 
 /// Summary of the cluster's state, shown by `kubectl get cc`.

@@ -93,7 +93,19 @@ fn full_status(caught_up: bool) -> ConsensusClusterStatus {
             verified: Some(true),
         }),
         next_backup: Some(time.clone()),
-        last_scheduled_backup: Some(time),
+        last_scheduled_backup: Some(time.clone()),
+        recovery: None,
+        last_recovery: Some(RecoveryRecord {
+            source: RecoverySource::Survivor,
+            from: "demo-2".into(),
+            applied_index: Some(120),
+            previous_cluster_id: Some("abc".into()),
+            cluster_token: "recovered-1".into(),
+            quorum_lost: time.clone(),
+            started: time.clone(),
+            finished: Some(time),
+            lost_writes: "none that demo-2 had applied".into(),
+        }),
     }
 }
 

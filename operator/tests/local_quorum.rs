@@ -42,3 +42,86 @@ fn a_quorum_lost_to_paused_members_is_told_at_once_and_so_is_its_end() {
         "{regained}"
     );
 }
+
+const RECOVERING: &str = r#"apiVersion: consensus.dev/v1alpha1
+kind: ConsensusCluster
+metadata:
+  name: demo
+spec:
+  replicas: 3
+  recovery:
+    autoRestore: true
+    quorumLossTimeout: 5s
+"#;
+
+const KEYS: usize = 100;
+
+/// `KEYS` puts through etcd's own Rust client.
+fn write_keys(endpoints: Vec<String>) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect(endpoints, None).await.expect("connecting");
+        for i in 0..KEYS {
+            client.put(format!("/kept/{i:03}"), format!("value-{i}"), None).await.expect("a put");
+        }
+    });
+}
+
+/// How many keys under `/kept/` a linearizable read through etcd's own client finds.
+fn kept_keys(endpoints: Vec<String>) -> Option<usize> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect(endpoints, None).await.ok()?;
+        let options = etcd_client::GetOptions::new().with_prefix().with_count_only();
+        let found = client.get("/kept/", Some(options)).await.ok()?;
+        usize::try_from(found.count()).ok()
+    })
+}
+
+#[test]
+fn two_members_lost_with_their_data_come_back_from_the_survivor_with_every_write() {
+    let mut local = Local::declaring(RECOVERING);
+    local.start(None);
+    let before = local.wait_for_voters(3);
+    write_keys(local.recorded().into_values().collect());
+    let context = |local: &Local| {
+        format!(
+            "status: {:#?}\nevents:\n{}\nlog:\n{}",
+            local.status(),
+            local.events().join("\n"),
+            local.log()
+        )
+    };
+
+    // Two members gone, and their disks with them.
+    for name in ["demo-1", "demo-2"] {
+        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
+        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+    }
+    let status = wait_until(
+        "a finished recovery",
+        || context(&local),
+        || local.status().filter(|s| s.last_recovery.is_some()),
+    );
+    let recovery = status.last_recovery.clone().expect("a recovery");
+    assert_eq!(
+        (recovery.source, recovery.from.as_str()),
+        (consensus_crds::RecoverySource::Survivor, "demo-0")
+    );
+    assert_eq!(recovery.previous_cluster_id, before.cluster_id);
+    assert_ne!(status.cluster_id, before.cluster_id, "a new cluster id");
+    assert!(recovery.finished.is_some() && status.recovery.is_none());
+    let back = local.wait_for_voters(3);
+    let names: Vec<&str> = back.members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["demo-0", "demo-1", "demo-2"], "members keep their names");
+    let found = wait_until(
+        "every key readable",
+        || context(&local),
+        || kept_keys(local.recorded().into_values().collect()).filter(|n| *n == KEYS),
+    );
+    assert_eq!(found, KEYS, "nothing the survivor applied is lost");
+    let events = local.events();
+    for reason in ["QuorumLost", "RecoveryStarted", "Recovered"] {
+        assert!(events.iter().any(|e| e.contains(&format!(" {reason} "))), "no {reason}: {events:#?}");
+    }
+}

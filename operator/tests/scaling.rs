@@ -509,10 +509,12 @@ impl World {
             Step::RemoveMember { id, .. } => self.members.members.retain(|m| m.id != *id),
             // Volumes are deleted, and pods restarted, by the operator itself on the fake API
             // server; the pods in this world never fall behind their template, and its
-            // clusters declare no backups.
+            // clusters declare no backups and no recovery.
             Step::DeleteVolume { .. }
             | Step::UpdateMember { .. }
             | Step::TakeBackup { .. }
+            | Step::BeginRecovery { .. }
+            | Step::Recover { .. }
             | Step::CreateWorkload { .. }
             | Step::RefuseSpec { .. }
             | Step::Wait { .. }

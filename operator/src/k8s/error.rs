@@ -16,6 +16,8 @@ pub enum Error {
     Membership(#[from] crate::membership::MembershipError),
     #[error("starting a backup: {0}")]
     Backup(String),
+    #[error("recovering from quorum loss: {0}")]
+    Recovery(&'static str),
     #[error("adding or removing the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -29,6 +31,7 @@ impl Error {
             Self::Serialize(_) => "serialize",
             Self::Membership(_) => "membership",
             Self::Backup(_) => "backup",
+            Self::Recovery(_) => "recovery",
             Self::Finalizer(inner) => match inner.as_ref() {
                 // The reconcile's own error, wrapped by the finalizer helper: report its cause.
                 kube::runtime::finalizer::Error::ApplyFailed(e)

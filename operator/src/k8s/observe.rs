@@ -21,6 +21,7 @@ use super::{Error, backups, requests};
 use crate::membership::observe::combine;
 use crate::membership::{Members, Target};
 use crate::plan::backup::{BackupRequest, last_scheduled, removable};
+use crate::plan::recovery::{quorum_lost_since, recovery_in};
 use crate::plan::{Observed, ObservedMember, ordinal};
 use crate::platform;
 use crate::resources::storage::{self, StorageChange, Volume};
@@ -73,6 +74,10 @@ fn managed_entry<K: k8s_openapi::Resource + ResourceExt + Serialize>(object: &K)
     (object_key(K::KIND, &object.name_any()), managed_content(object))
 }
 
+/// Recovery from quorum loss is carried out by the local platform only, so far.
+pub const RECOVERY_UNSUPPORTED: &str = "this operator does not recover a cluster on Kubernetes from quorum loss \
+     yet (the local platform does): restore a backup by hand (consensus-node restore)";
+
 pub async fn observe(
     client: &Client,
     members: &impl Members,
@@ -87,6 +92,10 @@ pub async fn observe(
             established: cc.status.as_ref().is_some_and(|s| s.cluster_id.is_some()),
             now: Timestamp::now(),
             last_scheduled_backup: last_scheduled(cc.status.as_ref()),
+            last_backup: cc.status.as_ref().and_then(|s| s.last_backup.clone()),
+            quorum_lost_since: quorum_lost_since(cc.status.as_ref()),
+            recovery: recovery_in(cc.status.as_ref()),
+            recovery_unsupported: Some(RECOVERY_UNSUPPORTED),
             ..Observed::default()
         },
         ..Observation::default()

@@ -23,7 +23,7 @@ use super::observe::{Observation, observe};
 use super::{Error, backups, requests};
 use crate::membership::{self, MembershipError};
 use crate::plan::backup::{self, backup_name, outcome_event};
-use crate::plan::recovery::{quorum_event, quorum_lost_since};
+use crate::plan::recovery::{quorum_event, quorum_lost_since, recovery_event};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::BackupJob;
@@ -110,7 +110,8 @@ pub async fn converge_with<M: membership::Members>(
         events.publish(type_, event.reason, "Backup", event.message, None).await;
     }
     update_requests(ctx, cc, &observation, &step, failure.as_deref()).await?;
-    if let Some(event) = quorum_event(cc.status.as_ref(), &status) {
+    let quorum = quorum_event(cc.status.as_ref(), &status);
+    for event in quorum.into_iter().chain(recovery_event(cc.status.as_ref(), &status)) {
         let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
         events.publish(type_, event.reason, "Observe", event.message, None).await;
     }
@@ -134,7 +135,9 @@ pub async fn converge_with<M: membership::Members>(
         | Step::TransferLeadership { .. }
         | Step::RemoveMember { .. }
         | Step::DeleteVolume { .. }
-        | Step::UpdateMember { .. } => STEP_RECHECK,
+        | Step::UpdateMember { .. }
+        | Step::BeginRecovery { .. }
+        | Step::Recover { .. } => STEP_RECHECK,
     };
     // Nothing on the API server changes when a backup slot comes or a failed one is due again.
     let schedule = backup::wake_in(&cc.spec, &observation.observed).unwrap_or(planned);
@@ -220,7 +223,8 @@ fn workload_members(spec: &ConsensusClusterSpec, step: &Step, observation: &Obse
         return None;
     }
     let (replicas, state) = match step {
-        Step::RefuseSpec { .. } => return None,
+        // The members are what is being made again.
+        Step::RefuseSpec { .. } | Step::BeginRecovery { .. } | Step::Recover { .. } => return None,
         // The configuration may still say a leader was seen before status had a cluster id.
         Step::CreateWorkload { replicas, bootstrap: true } if !observation.bootstrapped => {
             (*replicas, InitialClusterState::New)
@@ -378,6 +382,10 @@ async fn act<M: membership::Members>(
                 "backup {backup}{asked_by} (attempt {attempt}) is being taken from {from} by Job {job}"
             );
             normal("BackupStarted", "Backup", note, Some(reference::<Job>(&namespace, &job))).await;
+        }
+        // Never planned here (`Observed::recovery_unsupported`); refused should that change.
+        Step::BeginRecovery { .. } | Step::Recover { .. } => {
+            return Err(Error::Recovery(super::observe::RECOVERY_UNSUPPORTED));
         }
         Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
     }

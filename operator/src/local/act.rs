@@ -129,7 +129,9 @@ pub async fn membership_step(
         | Step::Wait { .. }
         | Step::Steady
         | Step::UpdateMember { .. }
-        | Step::TakeBackup { .. } => {}
+        | Step::TakeBackup { .. }
+        | Step::BeginRecovery { .. }
+        | Step::Recover { .. } => {}
     }
     Ok(())
 }

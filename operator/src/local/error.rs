@@ -29,6 +29,9 @@ pub enum LocalError {
     /// or was not carried out in time.
     #[error("{0}")]
     Request(String),
+    /// A recovery from quorum loss that cannot be carried out as recorded.
+    #[error("{0}")]
+    Recovery(String),
     #[error("serializing the status: {0}")]
     SerializeStatus(serde_yaml::Error),
 }

@@ -8,6 +8,7 @@ mod atomic;
 mod backups;
 mod error;
 mod process;
+mod recovery;
 pub mod request;
 mod spec_file;
 mod status_file;
@@ -29,7 +30,7 @@ use workload::Workload;
 
 use crate::membership::{EtcdMembers, Members, Target, observe};
 use crate::plan::backup::{backup_name, last_scheduled, outcome_event, removable, request_updates};
-use crate::plan::recovery::quorum_event;
+use crate::plan::recovery::{quorum_event, quorum_lost_since, recovery_event, recovery_in};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
 use crate::resources::backup::BackupJob;
@@ -124,6 +125,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
     })?;
     let workload = Workload::open(&state_dir, &name, &node_bin)?;
     let backups = backups::Backups::new(&state_dir, &name, &node_bin);
+    let recovery = recovery::Recovery::new(&state_dir, &name, &node_bin);
     let status_path = status_file::path(&state_dir, &name);
     let events = act::Events::new(&state_dir, &name);
     tracing::info!(cluster = %name, file = %args.file.display(), status = %status_path.display(), "local mode");
@@ -133,6 +135,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
         status_path,
         workload,
         backups,
+        recovery,
         members: EtcdMembers::default(),
         events,
         fault_after: act::fault_after(),
@@ -173,6 +176,7 @@ struct Operator {
     status_path: PathBuf,
     workload: Workload,
     backups: backups::Backups,
+    recovery: recovery::Recovery,
     members: EtcdMembers,
     events: act::Events,
     /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the step after which this run dies, for tests.
@@ -226,6 +230,9 @@ impl Platform for Operator {
             last_scheduled_backup: last_scheduled(self.previous.as_ref()),
             backup_runs: self.backups.observe(now),
             backup_requests: self.backups.requests(),
+            last_backup: self.previous.as_ref().and_then(|s| s.last_backup.clone()),
+            quorum_lost_since: quorum_lost_since(self.previous.as_ref()),
+            recovery: recovery_in(self.previous.as_ref()),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);
@@ -269,6 +276,12 @@ impl Platform for Operator {
                 let asked_by = request.as_ref().map_or_else(String::new, |r| format!(" request={r}"));
                 self.events
                     .emit("BackupStarted", &format!("{backup} attempt={attempt} from={from}{asked_by}"));
+            }
+            Step::BeginRecovery { record } => {
+                tracing::warn!(from = %record.from, source = ?record.source, "recovering from quorum loss");
+            }
+            Step::Recover { record } => {
+                self.recovery.recover(&mut self.workload, record).await?;
             }
             Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
             // Never planned locally: every member runs this operator's consensus-node.
@@ -337,7 +350,8 @@ impl Operator {
         if let Some(event) = outcome_event(self.previous.as_ref(), &status) {
             self.events.emit(event.reason, &event.message);
         }
-        if let Some(event) = quorum_event(self.previous.as_ref(), &status) {
+        let quorum = quorum_event(self.previous.as_ref(), &status);
+        for event in quorum.into_iter().chain(recovery_event(self.previous.as_ref(), &status)) {
             self.events.emit(event.reason, &event.message);
         }
         let observed = &observation.observed;

@@ -413,6 +413,76 @@ impl Workload {
         Ok(process)
     }
 
+    /// The `--initial-cluster-token` the members were started with.
+    pub fn cluster_token(&self) -> Option<&str> {
+        self.record.as_ref().map(|r| r.initial_cluster_token.as_str())
+    }
+
+    /// Makes the cluster again from `snapshot` under `token` (a recovery from quorum loss):
+    /// every member stopped, their data directories moved into `keep` (the old cluster's
+    /// data, for a person to look at; never started again), the first member restored from
+    /// the snapshot on its own ports and started alone. The others join again as learners,
+    /// by the usual steps.
+    pub async fn recreate_from(
+        &mut self,
+        snapshot: &Path,
+        token: &str,
+        keep: &Path,
+    ) -> Result<(), LocalError> {
+        let Some(first) = self.members().first().cloned() else {
+            return Err(LocalError::Recovery(
+                "a recovery needs the members' record, and there is none".to_owned(),
+            ));
+        };
+        self.stop().await;
+        std::fs::create_dir_all(keep).map_err(|source| LocalError::State {
+            action: "creating",
+            path: keep.to_owned(),
+            source,
+        })?;
+        let known: Vec<String> = self.known().into_iter().map(|m| m.name).collect();
+        for name in known {
+            let data = self.data_dir(&name);
+            if data.exists() {
+                let moved = keep.join(&name);
+                std::fs::rename(&data, &moved).map_err(|source| LocalError::State {
+                    action: "moving aside",
+                    path: data,
+                    source,
+                })?;
+            }
+        }
+        let peer = format!("{}={}", first.name, first.peer_url());
+        let output = tokio::process::Command::new(&self.node_bin)
+            .arg("restore")
+            .arg("--snapshot")
+            .arg(snapshot)
+            .arg("--data-dir")
+            .arg(self.data_dir(&first.name))
+            .args(["--name", &first.name, "--initial-cluster", &peer, "--initial-cluster-token", token])
+            .args(["--initial-advertise-peer-urls", &first.peer_url()])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .map_err(|source| LocalError::Spawn { member: first.name.clone(), source })?;
+        if !output.status.success() {
+            return Err(LocalError::Recovery(format!(
+                "restoring {} from {}: {}",
+                first.name,
+                snapshot.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let member = MemberRecord { join_existing: false, ..first };
+        self.restarts.clear();
+        self.save(Record {
+            initial_cluster_token: token.to_owned(),
+            members: vec![member],
+            reserved: Vec::new(),
+        })?;
+        self.supervise()
+    }
+
     /// Stops every member (SIGTERM, then SIGKILL after a grace period).
     pub async fn stop(&mut self) {
         let mut processes: Vec<&mut Process> = self.processes.values_mut().collect();

@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use backup::{BackupRequest, BackupRun};
+use consensus_crds::{BackupRecord, RecoveryRecord};
 
 /// What the platform saw of one cluster in this reconcile.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -57,6 +58,15 @@ pub struct Observed {
     pub backup_runs: Vec<BackupRun>,
     /// The backups asked for now (ConsensusBackups, request files), ended ones too.
     pub backup_requests: Vec<BackupRequest>,
+    /// `status.lastBackup`: the newest verified backup, which a recovery may come from.
+    pub last_backup: Option<BackupRecord>,
+    /// When the cluster lost its quorum, while it has not regained it (status says).
+    pub quorum_lost_since: Option<Timestamp>,
+    /// `status.recovery`: a recovery from quorum loss under way.
+    pub recovery: Option<RecoveryRecord>,
+    /// Why this platform does not recover from quorum loss, when it does not: nothing is
+    /// planned, and the `QuorumLost` condition says so.
+    pub recovery_unsupported: Option<&'static str>,
 }
 
 impl Observed {
@@ -117,6 +127,13 @@ pub enum Step {
     /// from member `from` and streamed to `spec.backup.destination` by a Job or process.
     /// With `request`, the backup that ConsensusBackup asked for, made at `slot`.
     TakeBackup { slot: Timestamp, attempt: u32, from: String, request: Option<String> },
+    /// Records a recovery from quorum loss in status before anything is changed: what the
+    /// new cluster is made from.
+    BeginRecovery { record: Box<RecoveryRecord> },
+    /// Makes the cluster again from the recorded source under its new token: the first
+    /// member restored from it, the others stopped and their data put away. Carried out
+    /// idempotently until a member answers under the new cluster id.
+    Recover { record: Box<RecoveryRecord> },
     /// Nothing to do until the situation changes; `reason` says what we wait for.
     Wait { reason: String },
     /// The cluster is in its declared shape.
@@ -134,8 +151,13 @@ impl Step {
             | Step::TransferLeadership { .. }
             | Step::RemoveMember { .. }
             | Step::DeleteVolume { .. }
-            | Step::UpdateMember { .. } => true,
-            Step::RefuseSpec { .. } | Step::Wait { .. } | Step::Steady | Step::TakeBackup { .. } => false,
+            | Step::UpdateMember { .. }
+            | Step::Recover { .. } => true,
+            Step::RefuseSpec { .. }
+            | Step::Wait { .. }
+            | Step::Steady
+            | Step::TakeBackup { .. }
+            | Step::BeginRecovery { .. } => false,
         }
     }
 
@@ -152,6 +174,8 @@ impl Step {
             Step::DeleteVolume { .. } => "DeleteVolume",
             Step::UpdateMember { .. } => "UpdateMember",
             Step::TakeBackup { .. } => "TakeBackup",
+            Step::BeginRecovery { .. } => "BeginRecovery",
+            Step::Recover { .. } => "Recover",
             Step::Wait { .. } => "Wait",
             Step::Steady => "Steady",
         }
@@ -386,6 +410,11 @@ impl Situation {
 /// scheduled backups folded in (`backup::with_backups`).
 pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
     let situation = assess(spec, observed);
+    if !matches!(situation, Situation::InvalidSpec(_))
+        && let Some(step) = recovery::step(spec, observed)
+    {
+        return step;
+    }
     // Nothing changes the membership: a backup may start, also while a member is down (a
     // degraded cluster is when a backup is worth most).
     let quiet = matches!(situation, Situation::Steady | Situation::MembersUnhealthy(_));
@@ -468,8 +497,12 @@ pub fn status(
     let established = has_quorum || observed.leader.is_some() || was_established(previous);
     let quorum_lost = observed.workload_replicas.is_some() && established && !has_quorum;
 
+    let recovering = matches!(step, Step::BeginRecovery { .. } | Step::Recover { .. })
+        || (observed.recovery.is_some() && !recovery::finished(spec, observed));
     let phase = if observed.workload_replicas.is_none() {
         Phase::Pending
+    } else if recovering {
+        Phase::Restoring
     } else if quorum_lost {
         Phase::QuorumLost
     } else if health.is_none() {
@@ -512,7 +545,7 @@ pub fn status(
         available(health.as_ref(), observed),
         progressing(&situation, step, failure, stuck),
         degraded(&situation, observed, step, quorum_lost, stuck),
-        quorum_lost_condition(spec, &situation, quorum_lost, established),
+        quorum_lost_condition(spec, observed, &situation, quorum_lost, established),
         zone_condition(observed),
     ];
     // BackupSucceeded is dropped with spec.backup, and kept as it was while a backup is
@@ -554,6 +587,17 @@ pub fn status(
         last_backup: backups.last_backup,
         next_backup: backups.next_backup,
         last_scheduled_backup: backups.last_scheduled,
+        recovery: match step {
+            Step::BeginRecovery { record } if failure.is_none() => Some((**record).clone()),
+            _ if recovery::finished(spec, observed) => None,
+            _ => observed.recovery.clone(),
+        },
+        last_recovery: match &observed.recovery {
+            Some(record) if recovery::finished(spec, observed) => {
+                Some(RecoveryRecord { finished: Some(now.clone()), ..record.clone() })
+            }
+            _ => previous.and_then(|p| p.last_recovery.clone()),
+        },
     }
 }
 
@@ -679,6 +723,15 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
             | Step::UpdateMember { .. },
             _,
         ) => condition(TYPE, true, step.name(), describe(step)),
+        (Step::BeginRecovery { record } | Step::Recover { record }, _) => condition(
+            TYPE,
+            true,
+            "Recovering",
+            format!(
+                "making the cluster again from {} ({:?}) after its quorum was lost at {}; lost: {}",
+                record.from, record.source, record.quorum_lost.0, record.lost_writes
+            ),
+        ),
         (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
         (Step::Steady | Step::TakeBackup { .. }, _) => {
             condition(TYPE, false, "Reconciled", "the cluster is in its declared shape")
@@ -752,34 +805,45 @@ fn degraded(
 
 fn quorum_lost_condition(
     spec: &ConsensusClusterSpec,
+    observed: &Observed,
     situation: &Situation,
     quorum_lost: bool,
     established: bool,
 ) -> NewCondition {
     const TYPE: &str = condition::QUORUM_LOST;
-    // Declared but not acted on: said here, where a person looks when quorum is lost, and
-    // while it is not, before they count on it.
-    let not_restored = if spec.recovery.auto_restore {
-        "; spec.recovery.autoRestore is set, but this operator does not restore a cluster \
-         automatically yet: after a quorum loss, restore a backup by hand (consensus-node restore)"
-    } else {
-        ""
-    };
     if quorum_lost {
         let message = match situation {
             Situation::NoQuorum { .. } | Situation::NoMemberAnswers => situation.wait_reason(),
             _ => "fewer than a quorum of voters are healthy".to_owned(),
         };
-        condition(TYPE, true, "NotEnoughHealthyVoters", format!("{message}{not_restored}"))
-    } else if established {
-        condition(
-            TYPE,
-            false,
-            "QuorumHealthy",
-            format!("a leader and a quorum of healthy voters{not_restored}"),
-        )
+        let recovery = match &observed.recovery {
+            Some(record) => format!("recovering from {} ({:?})", record.from, record.source),
+            None => recovery::not_recovering(spec, observed),
+        };
+        condition(TYPE, true, "NotEnoughHealthyVoters", format!("{message}; {recovery}"))
     } else {
-        condition(TYPE, false, "Bootstrapping", format!("the cluster has not had a leader yet{not_restored}"))
+        // Declared but not acted on here: said where a person looks, before they count on it.
+        let unsupported = match observed.recovery_unsupported {
+            Some(why) if spec.recovery.auto_restore => {
+                format!("; spec.recovery.autoRestore is set, but {why}")
+            }
+            _ => String::new(),
+        };
+        if established {
+            condition(
+                TYPE,
+                false,
+                "QuorumHealthy",
+                format!("a leader and a quorum of healthy voters{unsupported}"),
+            )
+        } else {
+            condition(
+                TYPE,
+                false,
+                "Bootstrapping",
+                format!("the cluster has not had a leader yet{unsupported}"),
+            )
+        }
     }
 }
 

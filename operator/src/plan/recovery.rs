@@ -1,10 +1,26 @@
-//! Quorum loss, as status reports it: when it started (the `QuorumLost` condition's
-//! transition to True, kept across reconciles and operator restarts) and the event each
-//! platform reports when it starts and when it ends. Recovering from it (from a survivor or
-//! a backup) is not built yet: `QuorumLost` says so when `spec.recovery.autoRestore` asks.
+//! Quorum loss: when it started (the `QuorumLost` condition's transition to True, kept
+//! across reconciles and operator restarts), the events each platform reports when it
+//! starts and ends, and the recovery from it with `spec.recovery.autoRestore`: once the
+//! quorum has been lost for `spec.recovery.quorumLossTimeout`, the cluster is made again
+//! under a new cluster id from the member that answers with the highest applied index (its
+//! own data, so nothing it applied is lost), or, when none answers, from the newest verified
+//! backup; then grown back to its declared size by the usual steps (learners, one joint
+//! change). Members keep their names.
+//!
+//! The recovery is recorded in `status.recovery` before anything is changed
+//! (`BeginRecovery`), so an operator that stops half-way resumes it (`Recover`, which a
+//! platform carries out idempotently); it ends when the new cluster is at its declared size
+//! with a quorum, and moves to `status.lastRecovery`.
 
-use consensus_crds::{ConsensusClusterStatus, condition};
+use std::time::Duration;
+
+use consensus_crds::{
+    ConsensusClusterSpec, ConsensusClusterStatus, RecoveryRecord, RecoverySource, condition, parse_duration,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+
+use super::{Health, Observed, Step};
 
 /// When the cluster lost its quorum, while it has not regained it.
 pub fn quorum_lost_since(status: Option<&ConsensusClusterStatus>) -> Option<Timestamp> {
@@ -58,6 +74,135 @@ pub fn quorum_event(
         _ => None,
     }
 }
+
+/// The recovery under way, as status records it.
+pub fn recovery_in(status: Option<&ConsensusClusterStatus>) -> Option<RecoveryRecord> {
+    status?.recovery.clone()
+}
+
+/// The step recovery asks for, if any: carrying on with one under way until the new
+/// cluster answers, or starting one once the quorum has been lost for longer than the
+/// timeout and the spec allows it.
+pub fn step(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Step> {
+    if let Some(record) = &observed.recovery {
+        // Restored once a member answers with a cluster id other than the one replaced; from
+        // then on the cluster grows back by the usual steps.
+        let old = record.previous_cluster_id.as_deref();
+        let answering = observed.cluster_id.map(|id| format!("{id:x}"));
+        let restored = answering.is_some_and(|id| Some(id.as_str()) != old);
+        return (!restored).then(|| Step::Recover { record: Box::new(record.clone()) });
+    }
+    if !spec.recovery.auto_restore || observed.recovery_unsupported.is_some() {
+        return None;
+    }
+    let since = observed.quorum_lost_since?;
+    let timeout = parse_duration(&spec.recovery.quorum_loss_timeout).unwrap_or(Duration::from_secs(300));
+    if since.checked_add(timeout).is_ok_and(|due| observed.now < due) {
+        return None;
+    }
+    let record = source(observed, since)?;
+    Some(Step::BeginRecovery { record: Box::new(record) })
+}
+
+/// Where a recovery starting now comes from: the answering member with the highest applied
+/// index, else the newest verified backup; `None` when there is neither.
+fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord> {
+    let survivor = observed
+        .members
+        .iter()
+        .flatten()
+        .filter_map(|m| Some((m, m.applied_index?)))
+        .max_by_key(|(m, index)| (*index, std::cmp::Reverse(m.name.clone())));
+    let record = |source, from: String, applied_index: Option<u64>, lost_writes: String| RecoveryRecord {
+        source,
+        from,
+        applied_index: applied_index.and_then(|i| i64::try_from(i).ok()),
+        previous_cluster_id: observed.cluster_id.map(|id| format!("{id:x}")),
+        cluster_token: format!("recovered-{}", observed.now.as_nanosecond()),
+        quorum_lost: Time(quorum_lost),
+        started: Time(observed.now),
+        finished: None,
+        lost_writes,
+    };
+    if let Some((member, index)) = survivor {
+        let lost = format!(
+            "none that {} had applied (index {index}); writes a quorum committed that it had not applied",
+            member.name
+        );
+        return Some(record(RecoverySource::Survivor, member.name.clone(), Some(index), lost));
+    }
+    let backup = observed.last_backup.as_ref().filter(|b| b.verified == Some(true))?;
+    let lost =
+        format!("every write after revision {} (the backup taken at {})", backup.revision, backup.time.0);
+    Some(record(RecoverySource::Backup, backup.location.clone(), None, lost))
+}
+
+/// Why nothing recovers a cluster that has lost its quorum, for the `QuorumLost` condition.
+pub fn not_recovering(spec: &ConsensusClusterSpec, observed: &Observed) -> String {
+    if let (true, Some(why)) = (spec.recovery.auto_restore, observed.recovery_unsupported) {
+        return format!("spec.recovery.autoRestore is set, but {why}");
+    }
+    if !spec.recovery.auto_restore {
+        return "spec.recovery.autoRestore is off: recovering loses the writes the members that are gone \
+                had not passed on, so it is your decision"
+            .to_owned();
+    }
+    match (observed.quorum_lost_since, source(observed, observed.now)) {
+        (_, None) => {
+            "no member answers with its data and there is no verified backup to recover from".to_owned()
+        }
+        (Some(since), Some(record)) => format!(
+            "recovery from {} starts {} after the loss at {since} (spec.recovery.quorumLossTimeout)",
+            record.from, spec.recovery.quorum_loss_timeout
+        ),
+        (None, Some(_)) => String::new(),
+    }
+}
+
+/// Whether the recovery under way is done: the new cluster at its declared size, all its
+/// voters healthy under a leader.
+pub fn finished(spec: &ConsensusClusterSpec, observed: &Observed) -> bool {
+    let Some(record) = &observed.recovery else { return false };
+    let Some(health) = Health::of(observed) else { return false };
+    let new_id = observed.cluster_id.map(|id| format!("{id:x}"));
+    new_id.is_some()
+        && new_id != record.previous_cluster_id
+        && health.has_quorum()
+        && i64::try_from(health.voters).ok() == Some(i64::from(spec.replicas))
+        && health.healthy_voters == health.voters
+        && health.members.len() == health.voters
+}
+
+/// The event for a recovery that started or finished between two statuses.
+pub fn recovery_event(
+    previous: Option<&ConsensusClusterStatus>,
+    next: &ConsensusClusterStatus,
+) -> Option<QuorumEvent> {
+    let before = previous.and_then(|p| p.recovery.as_ref());
+    if let (None, Some(started)) = (before, next.recovery.as_ref()) {
+        let message = format!(
+            "recovering from the quorum lost at {}: a new cluster from {} ({:?}), then grown back; lost: {}",
+            started.quorum_lost.0, started.from, started.source, started.lost_writes
+        );
+        return Some(QuorumEvent { warning: true, reason: "RecoveryStarted", message });
+    }
+    let done = next
+        .last_recovery
+        .as_ref()
+        .filter(|r| previous.and_then(|p| p.last_recovery.as_ref()) != Some(*r))?;
+    let message = format!(
+        "recovered from {} ({:?}) as cluster {}, at its declared size again{}",
+        done.from,
+        done.source,
+        next.cluster_id.as_deref().unwrap_or("unknown"),
+        done.finished.as_ref().map_or_else(String::new, |t| format!(" at {}", t.0))
+    );
+    Some(QuorumEvent { warning: false, reason: "Recovered", message })
+}
+
+#[cfg(test)]
+#[path = "recovery_tests.rs"]
+mod decisions;
 
 #[cfg(test)]
 mod tests {

@@ -150,6 +150,9 @@ impl Model {
                 panic!("restarting {name}, though every member runs the current template")
             }
             Step::TakeBackup { .. } => panic!("a backup taken, though the spec declares none"),
+            Step::BeginRecovery { .. } | Step::Recover { .. } => {
+                panic!("a recovery, though the spec does not ask for one")
+            }
             Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
         }
         assert!(!self.voters().is_multiple_of(2), "{} voters after {step:?}", self.voters());

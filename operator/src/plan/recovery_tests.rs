@@ -1,0 +1,162 @@
+use consensus_crds::{BackupRecord, ConsensusClusterSpec, Phase, RecoverySource};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::super::{Observed, ObservedMember, Step, plan, status};
+use super::*;
+
+fn t(text: &str) -> Timestamp {
+    text.parse().expect("a timestamp")
+}
+
+fn spec(auto_restore: bool) -> ConsensusClusterSpec {
+    serde_json::from_value(serde_json::json!({
+        "replicas": 3,
+        "recovery": { "autoRestore": auto_restore, "quorumLossTimeout": "2m" },
+    }))
+    .expect("spec parses")
+}
+
+fn member(ordinal: u64, applied: Option<u64>) -> ObservedMember {
+    ObservedMember {
+        id: ordinal + 1,
+        name: format!("demo-{ordinal}"),
+        is_learner: false,
+        healthy: false,
+        zone: None,
+        applied_index: applied,
+        outdated: Some(false),
+    }
+}
+
+/// Three members, no leader: demo-0 and demo-2 answer (with what they applied), demo-1
+/// does not; the quorum was lost at 10:00, looked at `now`.
+fn lost(now: &str) -> Observed {
+    Observed {
+        generation: Some(1),
+        workload_replicas: Some(3),
+        members: Some(vec![member(0, Some(90)), member(1, None), member(2, Some(120))]),
+        cluster_id: Some(0xabc),
+        volumes: (0..3).map(|i| format!("demo-{i}")).collect(),
+        established: true,
+        now: t(now),
+        quorum_lost_since: Some(t("2026-12-01T10:00:00Z")),
+        ..Observed::default()
+    }
+}
+
+/// What status said while the cluster served.
+fn served() -> ConsensusClusterStatus {
+    ConsensusClusterStatus { leader: Some("demo-0".to_owned()), ..ConsensusClusterStatus::default() }
+}
+
+fn begun(step: &Step) -> RecoveryRecord {
+    match step {
+        Step::BeginRecovery { record } => (**record).clone(),
+        other => panic!("no recovery begun: {other:?}"),
+    }
+}
+
+#[test]
+fn a_loss_shorter_than_the_timeout_is_waited_out() {
+    let observed = lost("2026-12-01T10:01:59Z");
+    let step = plan(&spec(true), &observed);
+    assert!(!matches!(step, Step::BeginRecovery { .. } | Step::Recover { .. }), "{step:?}");
+    let status = status(&spec(true), &observed, &step, None, Some(&served()), Time(observed.now));
+    assert_eq!(status.phase, Some(Phase::QuorumLost));
+    let lost = status.conditions.iter().find(|c| c.type_ == condition::QUORUM_LOST).expect("QuorumLost");
+    assert!(lost.message.contains("recovery from demo-2 starts 2m after the loss"), "{}", lost.message);
+}
+
+#[test]
+fn without_auto_restore_nothing_is_done_and_the_condition_says_why() {
+    let observed = lost("2026-12-01T11:00:00Z");
+    let step = plan(&spec(false), &observed);
+    assert!(!matches!(step, Step::BeginRecovery { .. }), "{step:?}");
+    let status = status(&spec(false), &observed, &step, None, Some(&served()), Time(observed.now));
+    let lost = status.conditions.iter().find(|c| c.type_ == condition::QUORUM_LOST).expect("QuorumLost");
+    assert!(lost.message.contains("spec.recovery.autoRestore is off"), "{}", lost.message);
+}
+
+#[test]
+fn past_the_timeout_the_member_that_applied_most_is_the_survivor() {
+    let observed = lost("2026-12-01T10:02:00Z");
+    let step = plan(&spec(true), &observed);
+    let record = begun(&step);
+    assert_eq!(
+        (record.source, record.from.as_str(), record.applied_index),
+        (RecoverySource::Survivor, "demo-2", Some(120))
+    );
+    assert_eq!(record.previous_cluster_id.as_deref(), Some("abc"));
+    assert_eq!(record.quorum_lost, Time(t("2026-12-01T10:00:00Z")));
+    // Recorded in status before anything is changed, and said.
+    let status = status(&spec(true), &observed, &step, None, None, Time(observed.now));
+    assert_eq!(status.recovery.as_ref(), Some(&record));
+    assert_eq!(status.phase, Some(Phase::Restoring));
+    let event = recovery_event(None, &status).expect("an event");
+    assert_eq!((event.warning, event.reason), (true, "RecoveryStarted"));
+}
+
+#[test]
+fn with_no_member_answering_the_newest_verified_backup_is_the_source() {
+    let mut observed = lost("2026-12-01T10:05:00Z");
+    for m in observed.members.as_mut().expect("members") {
+        m.applied_index = None;
+    }
+    // Nothing to recover from yet.
+    assert!(!matches!(plan(&spec(true), &observed), Step::BeginRecovery { .. }));
+    observed.last_backup = Some(BackupRecord {
+        name: "demo-20261201T090000Z".to_owned(),
+        time: Time(t("2026-12-01T09:00:02Z")),
+        location: "file:///keep/demo-20261201T090000Z.snapshot".to_owned(),
+        revision: 4711,
+        size_bytes: 1024,
+        sha256: "ab".repeat(32),
+        verified: Some(true),
+    });
+    let record = begun(&plan(&spec(true), &observed));
+    assert_eq!(record.source, RecoverySource::Backup);
+    assert_eq!(record.from, "file:///keep/demo-20261201T090000Z.snapshot");
+    assert!(record.lost_writes.contains("after revision 4711"), "{}", record.lost_writes);
+    // An unverified backup is no source.
+    observed.last_backup.as_mut().expect("a backup").verified = None;
+    assert!(!matches!(plan(&spec(true), &observed), Step::BeginRecovery { .. }));
+}
+
+#[test]
+fn a_recovery_under_way_is_carried_on_until_the_new_cluster_answers_then_grows_back() {
+    let mut observed = lost("2026-12-01T10:02:00Z");
+    let record = begun(&plan(&spec(true), &observed));
+    observed.recovery = Some(record.clone());
+    // Resumed by any operator that looks, whatever the members say meanwhile.
+    assert_eq!(plan(&spec(true), &observed), Step::Recover { record: Box::new(record.clone()) });
+    observed.cluster_id = None;
+    assert_eq!(plan(&spec(true), &observed), Step::Recover { record: Box::new(record.clone()) });
+    // demo-0 answers as the one member of a new cluster: it grows back by the usual steps.
+    observed.cluster_id = Some(0xdef);
+    observed.workload_replicas = Some(1);
+    observed.members =
+        Some(vec![ObservedMember { healthy: true, applied_index: Some(3), ..member(0, None) }]);
+    observed.leader = Some(1);
+    observed.leader_raft_index = Some(3);
+    observed.volumes = vec!["demo-0".to_owned()];
+    observed.quorum_lost_since = None;
+    let step = plan(&spec(true), &observed);
+    assert_eq!(step, Step::AddLearner { name: "demo-1".to_owned() });
+    let growing = status(&spec(true), &observed, &step, None, None, Time(observed.now));
+    assert_eq!((growing.phase, growing.recovery.as_ref()), (Some(Phase::Restoring), Some(&record)));
+    // Back at three healthy voters: done, and moved to lastRecovery.
+    observed.workload_replicas = Some(3);
+    observed.members = Some(
+        (0..3).map(|i| ObservedMember { healthy: true, applied_index: Some(9), ..member(i, None) }).collect(),
+    );
+    observed.leader_raft_index = Some(9);
+    let step = plan(&spec(true), &observed);
+    let done = status(&spec(true), &observed, &step, None, None, Time(observed.now));
+    assert_eq!(done.recovery, None);
+    let last = done.last_recovery.clone().expect("lastRecovery");
+    assert_eq!((last.from.as_str(), last.finished.clone()), ("demo-2", Some(Time(observed.now))));
+    assert_eq!(done.phase, Some(Phase::Running));
+    let previous = ConsensusClusterStatus { recovery: Some(record), ..ConsensusClusterStatus::default() };
+    assert_eq!(recovery_event(Some(&previous), &done).map(|e| e.reason), Some("Recovered"));
+}
