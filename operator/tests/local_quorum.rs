@@ -125,3 +125,47 @@ fn two_members_lost_with_their_data_come_back_from_the_survivor_with_every_write
         assert!(events.iter().any(|e| e.contains(&format!(" {reason} "))), "no {reason}: {events:#?}");
     }
 }
+
+#[test]
+fn a_cluster_whose_every_member_lost_its_data_comes_back_from_its_newest_backup() {
+    let backed_up = RECOVERING.replace(
+        "  recovery:\n",
+        "  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n      volume:\n        claimName: keep\n  recovery:\n",
+    );
+    let mut local = Local::declaring(&backed_up);
+    local.start(None);
+    let before = local.wait_for_voters(3);
+    write_keys(local.recorded().into_values().collect());
+    let context = |local: &Local| {
+        format!(
+            "status: {:#?}\nevents:\n{}\nlog:\n{}",
+            local.status(),
+            local.events().join("\n"),
+            local.log()
+        )
+    };
+    // A backup of every key, then all three members and their disks gone.
+    local.edit(|line| (line.trim() == "suspend: true").then(|| "    suspend: false".to_owned()));
+    let backup = wait_until("a backup", || context(&local), || local.status()?.last_backup);
+    for name in ["demo-0", "demo-1", "demo-2"] {
+        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
+        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+    }
+    let status = wait_until(
+        "a finished recovery",
+        || context(&local),
+        || local.status().filter(|s| s.last_recovery.is_some()),
+    );
+    let recovery = status.last_recovery.clone().expect("a recovery");
+    assert_eq!(recovery.source, consensus_crds::RecoverySource::Backup);
+    assert_eq!(recovery.from, backup.location);
+    assert!(recovery.lost_writes.contains(&format!("after revision {}", backup.revision)), "{recovery:?}");
+    assert_ne!(status.cluster_id, before.cluster_id, "a new cluster id");
+    local.wait_for_voters(3);
+    let found = wait_until(
+        "every key readable",
+        || context(&local),
+        || kept_keys(local.recorded().into_values().collect()).filter(|n| *n == KEYS),
+    );
+    assert_eq!(found, KEYS, "every write up to the backup's revision");
+}
