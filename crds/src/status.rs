@@ -108,6 +108,10 @@ pub struct RecoveryRecord {
     /// What may be lost: writes a survivor had not applied when the quorum went, or
     /// everything after the backup.
     pub lost_writes: String,
+    /// The `consensus.dev/recover` request it was started by; absent when
+    /// `spec.recovery.autoRestore` started it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<Time>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

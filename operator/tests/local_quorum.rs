@@ -173,3 +173,64 @@ fn a_cluster_whose_every_member_lost_its_data_comes_back_from_its_newest_backup(
     );
     assert_eq!(found, KEYS, "every write up to the backup's revision");
 }
+
+#[test]
+fn five_members_losing_three_wait_for_a_person_and_the_documented_request_heals_them() {
+    let five =
+        RECOVERING.replace("replicas: 3", "replicas: 5").replace("autoRestore: true", "autoRestore: false");
+    let mut local = Local::declaring(&five);
+    local.start(None);
+    let before = local.wait_for_voters(5);
+    write_keys(local.recorded().into_values().collect());
+    let context = |local: &Local| {
+        format!(
+            "status: {:#?}\nevents:\n{}\nlog:\n{}",
+            local.status(),
+            local.events().join("\n"),
+            local.log()
+        )
+    };
+    for name in ["demo-2", "demo-3", "demo-4"] {
+        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
+        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+    }
+    // Lost, and left as it is: the condition says how to ask for a recovery.
+    let message = wait_until(
+        "the condition to say how to recover",
+        || context(&local),
+        || {
+            let status = local.status()?;
+            let lost =
+                status.conditions.iter().find(|c| c.type_ == condition::QUORUM_LOST && c.status == "True")?;
+            lost.message
+                .contains("annotate the cluster with consensus.dev/recover=")
+                .then(|| lost.message.clone())
+        },
+    );
+    assert!(message.contains("autoRestore is off"), "{message}");
+    assert_eq!(local.status().and_then(|s| s.last_recovery), None);
+
+    // The request, as the README shows it: the time now.
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    local.edit(|line| {
+        (line == "  name: demo")
+            .then(|| format!("  name: demo\n  annotations:\n    consensus.dev/recover: \"{now}\""))
+    });
+    let status = wait_until(
+        "a finished recovery",
+        || context(&local),
+        || local.status().filter(|s| s.last_recovery.is_some()),
+    );
+    let recovery = status.last_recovery.expect("a recovery");
+    assert_eq!(recovery.source, consensus_crds::RecoverySource::Survivor);
+    assert!(["demo-0", "demo-1"].contains(&recovery.from.as_str()), "{recovery:?}");
+    assert!(recovery.requested.is_some(), "{recovery:?}");
+    assert_ne!(status.cluster_id, before.cluster_id);
+    local.wait_for_voters(5);
+    let found = wait_until(
+        "every key readable",
+        || context(&local),
+        || kept_keys(local.recorded().into_values().collect()).filter(|n| *n == KEYS),
+    );
+    assert_eq!(found, KEYS);
+}

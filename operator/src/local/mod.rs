@@ -75,12 +75,17 @@ struct Declaration {
     refused: Option<String>,
     /// Counts changes of the file since start, as `metadata.generation` counts spec changes.
     generation: i64,
+    /// The file's `consensus.dev/recover` annotation.
+    recovery_request: Option<String>,
 }
 
 impl Declaration {
     fn update(&mut self, declared: Declared) {
         let (spec, refused) = match declared {
-            Declared::Cluster { name, spec } if name == self.name => (*spec, None),
+            Declared::Cluster { name, spec, recover } if name == self.name => {
+                self.recovery_request = recover;
+                (*spec, None)
+            }
             Declared::Cluster { name, .. } => (
                 self.spec.clone(),
                 Some(format!(
@@ -104,8 +109,8 @@ impl Declaration {
 pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<(), LocalError> {
     let node_bin = node_binary(args.node_bin.as_deref())?;
     let mut file = SpecFile::new(&args.file);
-    let (name, spec) = match file.changed()? {
-        Some(Declared::Cluster { name, spec }) => (name, *spec),
+    let (name, spec, recovery_request) = match file.changed()? {
+        Some(Declared::Cluster { name, spec, recover }) => (name, *spec, recover),
         Some(Declared::Unreadable(reason)) => {
             return Err(LocalError::ParseSpec { path: args.file.clone(), reason });
         }
@@ -130,7 +135,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
     let events = act::Events::new(&state_dir, &name);
     tracing::info!(cluster = %name, file = %args.file.display(), status = %status_path.display(), "local mode");
     let mut operator = Operator {
-        declaration: Declaration { name, spec, refused: None, generation: 1 },
+        declaration: Declaration { name, spec, refused: None, generation: 1, recovery_request },
         previous: status_file::read(&status_path),
         status_path,
         workload,
@@ -233,6 +238,7 @@ impl Platform for Operator {
             last_backup: self.previous.as_ref().and_then(|s| s.last_backup.clone()),
             quorum_lost_since: quorum_lost_since(self.previous.as_ref()),
             recovery: recovery_in(self.previous.as_ref()),
+            recovery_request: self.declaration.recovery_request.clone(),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);

@@ -13,6 +13,8 @@ pub enum Declared {
     Cluster {
         name: String,
         spec: Box<ConsensusClusterSpec>,
+        /// The `consensus.dev/recover` annotation: a recovery asked for by hand.
+        recover: Option<String>,
     },
     /// The file cannot be read as a ConsensusCluster; the reason is for the user.
     Unreadable(String),
@@ -56,8 +58,9 @@ pub fn parse(content: &str) -> Declared {
         Ok(cluster) => cluster,
         Err(err) => return Declared::Unreadable(err.to_string()),
     };
+    let recover = cluster.metadata.annotations.and_then(|mut a| a.remove(consensus_crds::RECOVER_ANNOTATION));
     match cluster.metadata.name {
-        Some(name) if !name.is_empty() => Declared::Cluster { name, spec: Box::new(cluster.spec) },
+        Some(name) if !name.is_empty() => Declared::Cluster { name, spec: Box::new(cluster.spec), recover },
         _ => Declared::Unreadable("metadata.name is missing".to_owned()),
     }
 }
@@ -69,7 +72,7 @@ mod tests {
     #[test]
     fn the_samples_parse() {
         let sample = include_str!("../../../manifests/samples/three-members.yaml");
-        let Declared::Cluster { name, spec } = parse(sample) else { panic!("sample does not parse") };
+        let Declared::Cluster { name, spec, .. } = parse(sample) else { panic!("sample does not parse") };
         assert_eq!(name, "demo");
         assert_eq!(spec.replicas, 3);
     }

@@ -67,6 +67,8 @@ pub struct Observed {
     /// Why this platform does not recover from quorum loss, when it does not: nothing is
     /// planned, and the `QuorumLost` condition says so.
     pub recovery_unsupported: Option<&'static str>,
+    /// The `consensus.dev/recover` annotation: a recovery asked for by hand.
+    pub recovery_request: Option<String>,
 }
 
 impl Observed {

@@ -15,17 +15,21 @@
 use std::time::Duration;
 
 use consensus_crds::{
-    ConsensusClusterSpec, ConsensusClusterStatus, RecoveryRecord, RecoverySource, condition, parse_duration,
+    ConsensusClusterSpec, ConsensusClusterStatus, RECOVER_ANNOTATION, RecoveryRecord, RecoverySource,
+    condition, parse_duration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Health, Observed, Step};
 
-/// When the cluster lost its quorum, while it has not regained it.
+/// When the cluster lost its quorum, while it has not regained it: to the second, as status
+/// is written (and as a person writes the time of a request), whether the status was read
+/// back or is the one in memory.
 pub fn quorum_lost_since(status: Option<&ConsensusClusterStatus>) -> Option<Timestamp> {
     let lost = status?.conditions.iter().find(|c| c.type_ == condition::QUORUM_LOST && c.status == "True")?;
-    Some(lost.last_transition_time.0)
+    let at = lost.last_transition_time.0;
+    Some(Timestamp::from_second(at.as_second()).unwrap_or(at))
 }
 
 /// How the start or end of a quorum loss is reported.
@@ -61,8 +65,6 @@ pub fn quorum_event(
                 .find(|c| c.type_ == condition::QUORUM_LOST)
                 .map_or(since, |c| c.last_transition_time.0);
             let seconds = regained.duration_since(since).as_secs();
-            // As status writes times: to the second.
-            let since = Timestamp::from_second(since.as_second()).unwrap_or(since);
             Some(QuorumEvent {
                 warning: false,
                 reason: "QuorumRegained",
@@ -92,16 +94,41 @@ pub fn step(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Step> {
         let restored = answering.is_some_and(|id| Some(id.as_str()) != old);
         return (!restored).then(|| Step::Recover { record: Box::new(record.clone()) });
     }
-    if !spec.recovery.auto_restore || observed.recovery_unsupported.is_some() {
+    if observed.recovery_unsupported.is_some() {
         return None;
     }
     let since = observed.quorum_lost_since?;
-    let timeout = parse_duration(&spec.recovery.quorum_loss_timeout).unwrap_or(Duration::from_secs(300));
-    if since.checked_add(timeout).is_ok_and(|due| observed.now < due) {
-        return None;
+    // Asked for by hand: at once. Automatic: once the loss has lasted the timeout.
+    let requested = request(observed).ok().flatten();
+    if requested.is_none() {
+        let timeout = parse_duration(&spec.recovery.quorum_loss_timeout).unwrap_or(Duration::from_secs(300));
+        if !spec.recovery.auto_restore || since.checked_add(timeout).is_ok_and(|due| observed.now < due) {
+            return None;
+        }
     }
     let record = source(observed, since)?;
-    Some(Step::BeginRecovery { record: Box::new(record) })
+    Some(Step::BeginRecovery {
+        record: Box::new(RecoveryRecord { requested: requested.map(Time), ..record }),
+    })
+}
+
+/// The `consensus.dev/recover` request that asks for a recovery of the quorum loss under
+/// way, if there is one; an error says why the annotation asks for none.
+fn request(observed: &Observed) -> Result<Option<Timestamp>, String> {
+    let (Some(value), Some(since)) = (observed.recovery_request.as_deref(), observed.quorum_lost_since)
+    else {
+        return Ok(None);
+    };
+    let at: Timestamp = value.parse().map_err(|_| {
+        format!("the {RECOVER_ANNOTATION} annotation {value:?} is not a time (RFC 3339, UTC)")
+    })?;
+    if at < since {
+        return Err(format!(
+            "the {RECOVER_ANNOTATION} request of {at} was made before the quorum was lost at {since}; annotate \
+             again to recover from this loss"
+        ));
+    }
+    Ok(Some(at))
 }
 
 /// Where a recovery starting now comes from: the answering member with the highest applied
@@ -123,6 +150,7 @@ fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord>
         started: Time(observed.now),
         finished: None,
         lost_writes,
+        requested: None,
     };
     if let Some((member, index)) = survivor {
         let lost = format!(
@@ -142,10 +170,15 @@ pub fn not_recovering(spec: &ConsensusClusterSpec, observed: &Observed) -> Strin
     if let (true, Some(why)) = (spec.recovery.auto_restore, observed.recovery_unsupported) {
         return format!("spec.recovery.autoRestore is set, but {why}");
     }
+    if let Err(why) = request(observed) {
+        return why;
+    }
     if !spec.recovery.auto_restore {
-        return "spec.recovery.autoRestore is off: recovering loses the writes the members that are gone \
-                had not passed on, so it is your decision"
-            .to_owned();
+        return format!(
+            "spec.recovery.autoRestore is off: recovering loses the writes the members that are gone had not \
+             passed on, so it is your decision; to recover now, annotate the cluster with {RECOVER_ANNOTATION}=\
+             <the time now, RFC 3339>"
+        );
     }
     match (observed.quorum_lost_since, source(observed, observed.now)) {
         (_, None) => {

@@ -160,3 +160,25 @@ fn a_recovery_under_way_is_carried_on_until_the_new_cluster_answers_then_grows_b
     let previous = ConsensusClusterStatus { recovery: Some(record), ..ConsensusClusterStatus::default() };
     assert_eq!(recovery_event(Some(&previous), &done).map(|e| e.reason), Some("Recovered"));
 }
+
+#[test]
+fn a_recovery_asked_for_by_hand_starts_at_once_but_only_for_the_loss_under_way() {
+    let mut observed = lost("2026-12-01T10:00:30Z");
+    // Made before the loss began: left over from an earlier one, ignored, and said.
+    observed.recovery_request = Some("2026-12-01T09:59:00Z".to_owned());
+    assert!(!matches!(plan(&spec(false), &observed), Step::BeginRecovery { .. }));
+    let why = not_recovering(&spec(false), &observed);
+    assert!(why.contains("made before the quorum was lost at 2026-12-01T10:00:00Z; annotate again"), "{why}");
+    observed.recovery_request = Some("soon".to_owned());
+    assert!(not_recovering(&spec(false), &observed).contains("is not a time"));
+    // Made during it: at once, though autoRestore is off and the timeout has not passed.
+    observed.recovery_request = Some("2026-12-01T10:00:20Z".to_owned());
+    let record = begun(&plan(&spec(false), &observed));
+    assert_eq!(record.requested, Some(Time(t("2026-12-01T10:00:20Z"))));
+    assert_eq!(record.from, "demo-2");
+    // Without a request, autoRestore off says how to ask.
+    observed.recovery_request = None;
+    assert!(
+        not_recovering(&spec(false), &observed).contains("annotate the cluster with consensus.dev/recover=")
+    );
+}
