@@ -105,6 +105,7 @@ fn full_status(caught_up: bool) -> ConsensusClusterStatus {
             started: time.clone(),
             finished: Some(time),
             lost_writes: "none that demo-2 had applied".into(),
+            requested: None,
         }),
     }
 }
