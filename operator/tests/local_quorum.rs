@@ -234,3 +234,57 @@ fn five_members_losing_three_wait_for_a_person_and_the_documented_request_heals_
     );
     assert_eq!(found, KEYS);
 }
+
+#[test]
+fn an_operator_killed_at_each_part_of_a_recovery_is_finished_by_the_next() {
+    let mut local = Local::declaring(RECOVERING);
+    local.start(None);
+    let before = local.wait_for_voters(3);
+    write_keys(local.recorded().into_values().collect());
+    let context = |local: &Local| {
+        format!(
+            "status: {:#?}\nevents:\n{}\nlog:\n{}",
+            local.status(),
+            local.events().join("\n"),
+            local.log()
+        )
+    };
+    // The quorum lost while no operator runs (nothing restarts the members).
+    local.kill_operator_only();
+    for name in ["demo-1", "demo-2"] {
+        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
+        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+    }
+    // Each run dies at the next part; the one after picks the recovery up where it stopped.
+    for fault in ["BeginRecovery", "RecoverSnapshot", "RecoverReplace", "RecoverRestore"] {
+        let died_before = local.log().matches("exiting right after this point").count();
+        local.start(Some(fault));
+        let log_path = local.dir.path().join("operator.log");
+        let log_tail = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let code = wait_until(&format!("the operator to die after {fault}"), log_tail, || local.exited());
+        assert_eq!(code, Some(local_support::FAULT_EXIT), "{}", context(&local));
+        let log = local.log();
+        assert_eq!(log.matches("exiting right after this point").count(), died_before + 1);
+        assert!(log.rsplit("local mode").next().is_some_and(|run| run.contains(fault)), "{log}");
+    }
+    local.start(None);
+    let status = wait_until(
+        "a finished recovery",
+        || context(&local),
+        || local.status().filter(|s| s.last_recovery.is_some()),
+    );
+    assert_ne!(status.cluster_id, before.cluster_id);
+    // The old data kept aside, and the restore the crash interrupted beside it.
+    let token = status.last_recovery.expect("a recovery").cluster_token;
+    let replaced = local.state().join("demo.recovery").join(token).join("replaced");
+    assert!(replaced.join("demo-0").is_dir() && replaced.join("demo-0.1").is_dir(), "{}", replaced.display());
+    local.wait_for_voters(3);
+    let found = wait_until(
+        "every key readable",
+        || context(&local),
+        || kept_keys(local.recorded().into_values().collect()).filter(|n| *n == KEYS),
+    );
+    assert_eq!(found, KEYS, "nothing the survivor applied is lost, whatever the crashes");
+    let started = local.events().iter().filter(|e| e.contains(" RecoveryStarted ")).count();
+    assert_eq!(started, 1, "one recovery, resumed: {}", context(&local));
+}

@@ -121,7 +121,7 @@ fn scale_with_fault(local: &mut Local, replicas: i32, fault: &str) -> bool {
             "operator exit with fault {fault}; log tail:\n{}",
             tail.join("\n")
         );
-        assert!(local.log().contains("exiting right after this step"), "{}", local.log());
+        assert!(local.log().contains("exiting right after this point"), "{}", local.log());
         local.start(None);
     }
     local.wait_for_voters(usize::try_from(replicas).unwrap_or(0));

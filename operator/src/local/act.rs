@@ -36,7 +36,13 @@ pub fn fault_after() -> Option<String> {
 /// Dies as a crash would: no cleanup, members left running in their own process groups,
 /// for the next run to adopt.
 pub fn die_after(step: &Step) -> ! {
-    tracing::error!(step = step.name(), "{FAULT_ENV}: exiting right after this step");
+    die_at(step.name())
+}
+
+/// Dies at the fault point `point` (a step's name, or a part of one such as
+/// `RecoverSnapshot`).
+pub fn die_at(point: &str) -> ! {
+    tracing::error!(point, "{FAULT_ENV}: exiting right after this point");
     std::process::exit(FAULT_EXIT)
 }
 

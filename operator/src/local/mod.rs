@@ -130,7 +130,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
     })?;
     let workload = Workload::open(&state_dir, &name, &node_bin)?;
     let backups = backups::Backups::new(&state_dir, &name, &node_bin);
-    let recovery = recovery::Recovery::new(&state_dir, &name, &node_bin);
+    let recovery = recovery::Recovery::new(&state_dir, &name, &node_bin, act::fault_after());
     let status_path = status_file::path(&state_dir, &name);
     let events = act::Events::new(&state_dir, &name);
     tracing::info!(cluster = %name, file = %args.file.display(), status = %status_path.display(), "local mode");
@@ -285,6 +285,9 @@ impl Platform for Operator {
             }
             Step::BeginRecovery { record } => {
                 tracing::warn!(from = %record.from, source = ?record.source, "recovering from quorum loss");
+                if self.fault_after.as_deref() == Some(step.name()) {
+                    act::die_after(step);
+                }
             }
             Step::Recover { record } => {
                 self.recovery.recover(&mut self.workload, record).await?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use consensus_crds::{RecoveryRecord, RecoverySource};
 
 use super::LocalError;
+use super::act::die_at;
 use super::workload::Workload;
 
 /// A survivor's snapshot of a store our size takes seconds; past this it is not coming.
@@ -18,11 +19,24 @@ const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
 pub struct Recovery {
     dir: PathBuf,
     node_bin: PathBuf,
+    /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the part of a recovery after which this run dies,
+    /// for tests (`RecoverSnapshot`, `RecoverReplace`, `RecoverRestore`).
+    fault_after: Option<String>,
 }
 
 impl Recovery {
-    pub fn new(state_dir: &Path, cluster: &str, node_bin: &Path) -> Self {
-        Self { dir: state_dir.join(format!("{cluster}.recovery")), node_bin: node_bin.to_owned() }
+    pub fn new(state_dir: &Path, cluster: &str, node_bin: &Path, fault_after: Option<String>) -> Self {
+        Self {
+            dir: state_dir.join(format!("{cluster}.recovery")),
+            node_bin: node_bin.to_owned(),
+            fault_after,
+        }
+    }
+
+    fn fault_point(&self, point: &str) {
+        if self.fault_after.as_deref() == Some(point) {
+            die_at(point);
+        }
     }
 
     /// Carries out `record` on `workload`; nothing when the workload runs under its token
@@ -44,8 +58,9 @@ impl Recovery {
                 }
             },
         };
+        self.fault_point("RecoverSnapshot");
         let keep = self.dir.join(&record.cluster_token).join("replaced");
-        workload.recreate_from(&snapshot, &record.cluster_token, &keep).await
+        workload.recreate_from(&snapshot, &record.cluster_token, &keep, |point| self.fault_point(point)).await
     }
 
     /// The survivor's applied state as a snapshot file, taken once.

@@ -422,12 +422,15 @@ impl Workload {
     /// every member stopped, their data directories moved into `keep` (the old cluster's
     /// data, for a person to look at; never started again), the first member restored from
     /// the snapshot on its own ports and started alone. The others join again as learners,
-    /// by the usual steps.
+    /// by the usual steps. Done again from the start after a crash until the record names
+    /// `token`: nothing has run under it before then, so nothing of the new cluster is lost.
+    /// `fault_point` is called after each part, for tests.
     pub async fn recreate_from(
         &mut self,
         snapshot: &Path,
         token: &str,
         keep: &Path,
+        fault_point: impl Fn(&str),
     ) -> Result<(), LocalError> {
         let Some(first) = self.members().first().cloned() else {
             return Err(LocalError::Recovery(
@@ -444,7 +447,14 @@ impl Workload {
         for name in known {
             let data = self.data_dir(&name);
             if data.exists() {
-                let moved = keep.join(&name);
+                // A second try moves a first try's restore aside too, under another name.
+                let mut moved = keep.join(&name);
+                for n in 1.. {
+                    if !moved.exists() {
+                        break;
+                    }
+                    moved = keep.join(format!("{name}.{n}"));
+                }
                 std::fs::rename(&data, &moved).map_err(|source| LocalError::State {
                     action: "moving aside",
                     path: data,
@@ -452,6 +462,7 @@ impl Workload {
                 })?;
             }
         }
+        fault_point("RecoverReplace");
         let peer = format!("{}={}", first.name, first.peer_url());
         let output = tokio::process::Command::new(&self.node_bin)
             .arg("restore")
@@ -473,6 +484,7 @@ impl Workload {
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
+        fault_point("RecoverRestore");
         let member = MemberRecord { join_existing: false, ..first };
         self.restarts.clear();
         self.save(Record {
