@@ -1,7 +1,10 @@
-//! `make bench`, scaling part: the time from editing `replicas` to every voter healthy in
-//! the status, for 3 -> 5 and 5 -> 3 on the local platform, without and with a write load.
-//! Runs the real `consensus-operator local` (next to this binary) on a fresh cluster in a
-//! temporary directory and prints a small table.
+//! `make bench`, scaling and recovery part: the time from editing `replicas` to every voter
+//! healthy in the status, for 3 -> 5 and 5 -> 3 on the local platform, without and with a
+//! write load; and the time from a quorum loss (members killed, their data wiped) to the
+//! first acknowledged write and to every voter healthy again, recovered from the survivor
+//! and from a backup, beside `spec.recovery.quorumLossTimeout`. Runs the real
+//! `consensus-operator local` (next to this binary) on fresh clusters in temporary
+//! directories and prints small tables.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +19,25 @@ const SAMPLE: &str = include_str!("../../../manifests/samples/three-members.yaml
 /// Fresh runs per cell; the median is printed, with the spread.
 const RUNS: usize = 3;
 const DEADLINE: Duration = Duration::from_secs(120);
+/// The recovering cluster: backed up on demand of the bench (suspended until it resumes
+/// the schedule), recovered automatically after `QUORUM_LOSS_TIMEOUT`.
+const RECOVERING: &str = "apiVersion: consensus.dev/v1alpha1
+kind: ConsensusCluster
+metadata:
+  name: demo
+spec:
+  replicas: 3
+  backup:
+    schedule: \"* * * * *\"
+    suspend: true
+    destination:
+      volume:
+        claimName: keep
+  recovery:
+    autoRestore: true
+    quorumLossTimeout: 5s
+";
+const QUORUM_LOSS_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Cluster {
     dir: PathBuf,
@@ -23,9 +45,9 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start(operator_bin: &Path, dir: PathBuf) -> anyhow::Result<Self> {
+    fn start(operator_bin: &Path, dir: PathBuf, declared: &str) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("cluster.yaml"), SAMPLE)?;
+        std::fs::write(dir.join("cluster.yaml"), declared)?;
         let log = std::fs::File::create(dir.join("operator.log"))?;
         let operator = Command::new(operator_bin)
             .arg("local")
@@ -47,16 +69,45 @@ impl Cluster {
     }
 
     fn set_replicas(&self, replicas: i32) -> anyhow::Result<()> {
+        self.edit("replicas:", &format!("replicas: {replicas}"))
+    }
+
+    /// Replaces the line that starts with `field` (after its indentation) with `line`.
+    fn edit(&self, field: &str, line: &str) -> anyhow::Result<()> {
         let file = self.dir.join("cluster.yaml");
         let text = std::fs::read_to_string(&file)?;
         let edited: Vec<String> = text
             .lines()
-            .map(|l| match l.trim_start().strip_prefix("replicas:") {
-                Some(_) => format!("{}replicas: {replicas}", &l[..l.len() - l.trim_start().len()]),
+            .map(|l| match l.trim_start().strip_prefix(field) {
+                Some(_) => format!("{}{line}", &l[..l.len() - l.trim_start().len()]),
                 None => l.to_owned(),
             })
             .collect();
         std::fs::write(&file, edited.join("\n") + "\n")?;
+        Ok(())
+    }
+
+    /// Kills member `name` (SIGKILL) and deletes its data directory, as a lost disk would.
+    fn lose(&self, name: &str) -> anyhow::Result<()> {
+        let members = self.dir.join("state").join("demo");
+        let pid: libc::pid_t = std::fs::read_to_string(members.join(format!("{name}.pid")))?.trim().parse()?;
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        std::fs::remove_dir_all(members.join(name))?;
+        Ok(())
+    }
+
+    /// Waits until `check` holds for the status.
+    fn wait_for(&self, what: &str, check: impl Fn(&ConsensusClusterStatus) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + DEADLINE;
+        while !self.status().is_some_and(|s| check(&s)) {
+            if Instant::now() > deadline {
+                bail!("no {what} within {DEADLINE:?}; see {}", self.dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Ok(())
     }
 
@@ -149,7 +200,7 @@ fn run(
     run: usize,
 ) -> anyhow::Result<Cell> {
     let dir = std::env::temp_dir().join(format!("scale-bench-{}-{load}-{run}", std::process::id()));
-    let cluster = Cluster::start(operator_bin, dir)?;
+    let cluster = Cluster::start(operator_bin, dir, SAMPLE)?;
     cluster.wait_for_voters(3)?;
     let load = load.then(|| start_load(runtime, cluster.endpoints()));
     let began = Instant::now();
@@ -167,6 +218,57 @@ fn run(
         cell.writes_per_second = acked.load(Ordering::Relaxed) as f64 / began.elapsed().as_secs_f64();
     }
     Ok(cell)
+}
+
+/// Until one put is acknowledged by any of the members the status file names now.
+fn first_write(runtime: &tokio::runtime::Runtime, cluster: &Cluster) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    let options = etcd_client::ConnectOptions::new().with_timeout(Duration::from_millis(500));
+    loop {
+        let endpoints = cluster.endpoints();
+        let put = runtime.block_on(async {
+            let mut client = etcd_client::Client::connect(&endpoints, Some(options.clone())).await?;
+            client.put("bench/recovered", "x", None).await
+        });
+        if put.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no write acknowledged within {DEADLINE:?}; see {}", cluster.dir.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One recovery on a fresh cluster: from the survivor (two of three lost) or from a backup
+/// (all three lost); the time from the loss to the first acknowledged write, and to every
+/// voter healthy again.
+fn recover(
+    operator_bin: &Path,
+    runtime: &tokio::runtime::Runtime,
+    from_backup: bool,
+    run: usize,
+) -> anyhow::Result<(Duration, Duration)> {
+    let dir = std::env::temp_dir().join(format!("recovery-bench-{}-{from_backup}-{run}", std::process::id()));
+    let cluster = Cluster::start(operator_bin, dir, RECOVERING)?;
+    cluster.wait_for_voters(3)?;
+    let lost: &[&str] = if from_backup {
+        cluster.edit("suspend:", "suspend: false")?;
+        cluster.wait_for("a backup", |s| s.last_backup.is_some())?;
+        cluster.edit("suspend:", "suspend: true")?;
+        &["demo-0", "demo-1", "demo-2"]
+    } else {
+        &["demo-1", "demo-2"]
+    };
+    let began = Instant::now();
+    for name in lost {
+        cluster.lose(name)?;
+    }
+    first_write(runtime, &cluster)?;
+    let writable = began.elapsed();
+    cluster.wait_for("a finished recovery", |s| s.last_recovery.is_some())?;
+    cluster.wait_for_voters(3)?;
+    Ok((writable, began.elapsed()))
 }
 
 fn median(mut values: Vec<Duration>) -> (Duration, Duration, Duration) {
@@ -205,6 +307,35 @@ fn main() -> anyhow::Result<()> {
         let label = if load { "one client putting in a loop" } else { "none" };
         let wps = if load { format!("{wps:.0}") } else { "-".to_owned() };
         println!("| {label} | {} | {} | {wps} |", fmt(up), fmt(down));
+    }
+    println!();
+    println!(
+        "Recovery from quorum loss on the local platform (autoRestore, quorumLossTimeout {} s): members",
+        QUORUM_LOSS_TIMEOUT.as_secs()
+    );
+    println!("killed and their data wiped -> the first acknowledged put, and -> three healthy voters;");
+    println!("median of {RUNS} fresh clusters (min-max):");
+    println!();
+    println!("| source | lost | to a write | to three voters | of which the timeout |");
+    println!("|---|---|---|---|---|");
+    for from_backup in [false, true] {
+        let mut writable = Vec::new();
+        let mut whole = Vec::new();
+        for i in 0..RUNS {
+            let (w, all) = recover(&operator_bin, &runtime, from_backup, i)?;
+            writable.push(w);
+            whole.push(all);
+        }
+        let fmt = |d: (Duration, Duration, Duration)| {
+            format!("{:.2} s ({:.2}-{:.2})", d.0.as_secs_f64(), d.1.as_secs_f64(), d.2.as_secs_f64())
+        };
+        let (source, lost) = if from_backup { ("newest backup", "3 of 3") } else { ("survivor", "2 of 3") };
+        println!(
+            "| {source} | {lost} | {} | {} | {} s |",
+            fmt(median(writable)),
+            fmt(median(whole)),
+            QUORUM_LOSS_TIMEOUT.as_secs()
+        );
     }
     Ok(())
 }

@@ -437,7 +437,9 @@ impl Workload {
                 "a recovery needs the members' record, and there is none".to_owned(),
             ));
         };
-        self.stop().await;
+        // Killed, not stopped: their data is set aside and never started again, and a leader
+        // without a quorum would spend its whole grace trying to hand over.
+        self.stop_within(Duration::ZERO).await;
         std::fs::create_dir_all(keep).map_err(|source| LocalError::State {
             action: "creating",
             path: keep.to_owned(),
@@ -497,8 +499,12 @@ impl Workload {
 
     /// Stops every member (SIGTERM, then SIGKILL after a grace period).
     pub async fn stop(&mut self) {
+        self.stop_within(STOP_GRACE).await;
+    }
+
+    async fn stop_within(&mut self, grace: Duration) {
         let mut processes: Vec<&mut Process> = self.processes.values_mut().collect();
-        Process::stop_all(&mut processes, STOP_GRACE).await;
+        Process::stop_all(&mut processes, grace).await;
         for name in self.processes.keys() {
             let _ = std::fs::remove_file(self.pid_file(name));
         }
