@@ -33,6 +33,9 @@ enum Command {
     /// member and compare HashKV at its revision with its manifest; the verdict is recorded
     /// in the manifest. Exits 1 when it fails.
     Verify(VerifyArgs),
+    /// Download a stored backup into a file for `restore --snapshot`, its sha256 checked
+    /// against its manifest first; prints the manifest.
+    Fetch(FetchArgs),
 }
 
 const BACKUP_HELP: &str = "\
@@ -102,6 +105,21 @@ impl StoreArgs {
             path_style: self.s3_path_style,
         }
     }
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    /// s3://BUCKET/PREFIX or file:///DIR, where the backup is.
+    #[arg(long)]
+    from: consensus_node::backup::Destination,
+    /// The backup's name: <name>.snapshot and <name>.json.
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The file to write the snapshot to.
+    #[arg(long)]
+    to: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -456,6 +474,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Restore(args) => restore(args),
         Command::Backup(args) => backup(args).await,
         Command::Verify(args) => verify(args).await,
+        Command::Fetch(args) => {
+            let manifest =
+                consensus_node::backup::fetch(&args.from, &args.store.options(), &args.name, &args.to)
+                    .await?;
+            println!("{}", serde_json::to_string(&manifest)?);
+            Ok(())
+        }
     }
 }
 

@@ -309,3 +309,47 @@ async fn a_backup_changed_after_it_was_written_fails_verification_and_says_so_in
     assert_eq!(verdict.verified, Some(false));
     assert!(verdict.verification.is_some_and(|why| why.contains("the cluster reported")));
 }
+
+/// `consensus-node fetch` with `args`, the test's S3 credentials in its environment.
+fn fetch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_consensus-node"))
+        .arg("fetch")
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("consensus-node runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_backup_is_fetched_whole_and_checked_before_a_restore() {
+    let (_cluster, follower) = cluster_with_data().await;
+    let (root, s3) = s3::with_bucket("backups").await;
+    let store = ["--s3-endpoint", &s3, "--s3-path-style"];
+    let args = ["--endpoint", &follower, "--to", "s3://backups/prod/demo", "--name", "demo-1"];
+    let taken = manifest(backup(&[&args[..], &store[..]].concat(), SECRET_KEY));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let to = dir.path().join("demo-1.snapshot");
+    let to_arg = to.display().to_string();
+    let from = ["--from", "s3://backups/prod/demo", "--name", "demo-1", "--to", &to_arg];
+
+    let fetched: Manifest =
+        serde_json::from_str(ok(fetch(&[&from[..], &store[..]].concat())).trim()).expect("the manifest");
+    assert_eq!(fetched, taken);
+    assert_stored_as_the_manifest_says(&to, &taken);
+    assert_eq!(restored_keys(&to).await.len(), 101, "the fetched snapshot restores every key");
+
+    // A stored object that changed since it was written is refused, and nothing is left.
+    std::fs::remove_file(&to).expect("removing the fetched file");
+    let object = root.path().join("backups/prod/demo/demo-1.snapshot");
+    let mut bytes = std::fs::read(&object).expect("the object");
+    bytes[100] ^= 0xff;
+    std::fs::write(&object, bytes).expect("corrupting it");
+    let refused = fetch(&[&from[..], &store[..]].concat());
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("it changed since it was written"), "{said}");
+    assert_eq!(file_names(dir.path()), Vec::<String>::new(), "no partial snapshot left behind");
+}

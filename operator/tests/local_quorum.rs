@@ -132,11 +132,39 @@ fn two_members_lost_with_their_data_come_back_from_the_survivor_with_every_write
 
 #[test]
 fn a_cluster_whose_every_member_lost_its_data_comes_back_from_its_newest_backup() {
+    recovers_from_its_newest_backup("      volume:\n        claimName: keep\n", &[]);
+}
+
+#[test]
+fn a_cluster_backed_up_to_s3_comes_back_from_there() {
+    // A real S3 server (s3s-fs) for as long as the test runs; the operator's own
+    // environment holds the credentials locally.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (_root, endpoint) = runtime.block_on(consensus_e2e::s3::with_bucket("backups"));
+    let destination = format!(
+        "      s3:\n        bucket: backups\n        endpoint: {endpoint}\n        forcePathStyle: true\n        \
+         credentialsSecret:\n          name: unused-locally\n"
+    );
+    let credentials = [
+        ("AWS_ACCESS_KEY_ID", consensus_e2e::s3::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", consensus_e2e::s3::SECRET_KEY),
+    ];
+    recovers_from_its_newest_backup(&destination, &credentials);
+}
+
+/// Backed up to `destination` (the YAML under `destination:`), then every member lost with
+/// its data: the cluster comes back from the backup with every key up to its revision.
+fn recovers_from_its_newest_backup(destination: &str, env: &[(&str, &str)]) {
     let backed_up = RECOVERING.replace(
         "  recovery:\n",
-        "  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n      volume:\n        claimName: keep\n  recovery:\n",
+        &format!("  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n{destination}  recovery:\n"),
     );
     let mut local = Local::declaring(&backed_up);
+    local.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     local.start(None);
     let before = local.wait_for_voters(3);
     write_keys(local.recorded().into_values().collect());

@@ -352,6 +352,43 @@ pub async fn verify_stored(
     Ok(manifest)
 }
 
+/// Fetches the backup `name` stored in `destination` into the file `to`, for a restore: read
+/// into a staged file beside it and renamed into place only once its sha256 is what its
+/// manifest says, so `to` is never a partial or changed object. Returns the manifest.
+pub async fn fetch(
+    destination: &Destination,
+    s3: &S3Options,
+    name: &str,
+    to: &std::path::Path,
+) -> anyhow::Result<Manifest> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (store, prefix, root) = open(destination, s3)?;
+    let manifest_key = key(&prefix, &format!("{name}.json"));
+    let bytes = store
+        .get(&manifest_key)
+        .await
+        .with_context(|| format!("reading {root}/{manifest_key}"))?
+        .bytes()
+        .await?;
+    let manifest: Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{root}/{manifest_key} is no backup manifest"))?;
+    let object = key(&prefix, &format!("{name}.snapshot"));
+    let staged = to.with_extension("fetching");
+    let sha256 = verify::download(store.as_ref(), &object, &staged).await?;
+    if sha256 != manifest.sha256 {
+        let _ = std::fs::remove_file(&staged);
+        bail!(
+            "{root}/{object} has sha256 {sha256}, its manifest says {}: it changed since it was written",
+            manifest.sha256
+        );
+    }
+    std::fs::File::open(&staged)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", staged.display()))?;
+    std::fs::rename(&staged, to).with_context(|| format!("renaming into {}", to.display()))?;
+    Ok(manifest)
+}
+
 /// The backups of cluster `cluster_id` directly under `prefix`, from their manifests. An
 /// object without a readable manifest, another cluster's backup sharing the place, or
 /// anything under a deeper prefix is not ours to judge and is left alone.

@@ -99,7 +99,11 @@ pub async fn verify(
 }
 
 /// Streams `object` into `file`; the SHA-256 of what was read.
-async fn download(store: &dyn ObjectStore, object: &ObjectPath, file: &Path) -> anyhow::Result<String> {
+pub(super) async fn download(
+    store: &dyn ObjectStore,
+    object: &ObjectPath,
+    file: &Path,
+) -> anyhow::Result<String> {
     let mut stream = store.get(object).await.with_context(|| format!("reading {object} back"))?.into_stream();
     let mut out =
         tokio::fs::File::create(file).await.with_context(|| format!("creating {}", file.display()))?;

@@ -90,7 +90,8 @@ impl Cluster {
     /// Kills member `name` (SIGKILL) and deletes its data directory, as a lost disk would.
     fn lose(&self, name: &str) -> anyhow::Result<()> {
         let members = self.dir.join("state").join("demo");
-        let pid: libc::pid_t = std::fs::read_to_string(members.join(format!("{name}.pid")))?.trim().parse()?;
+        let pid: libc::pid_t =
+            std::fs::read_to_string(members.join(format!("{name}.pid")))?.trim().parse()?;
         // SAFETY: kill(2) takes plain integers and touches no memory of ours.
         unsafe {
             libc::kill(pid, libc::SIGKILL);

@@ -290,7 +290,7 @@ impl Platform for Operator {
                 }
             }
             Step::Recover { record } => {
-                self.recovery.recover(&mut self.workload, record).await?;
+                self.recovery.recover(&mut self.workload, record, &self.declaration.spec).await?;
             }
             Step::Steady if new => tracing::info!("steady: the cluster is in its declared shape"),
             // Never planned locally: every member runs this operator's consensus-node.
