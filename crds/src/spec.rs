@@ -346,9 +346,13 @@ fn default_retention_count() -> u32 {
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoverySpec {
-    /// Restore the newest backup into a new cluster when quorum has been lost for
-    /// `quorumLossTimeout`. Off by default: a restore loses every write made after that
-    /// backup, so turning it on is a decision about your data, not ours.
+    /// Make the cluster again, under a new cluster id, when its quorum has been lost for
+    /// `quorumLossTimeout`: from the member that answers with the most applied, else from
+    /// the newest verified backup; then grow it back. Off by default: a recovery loses what
+    /// the members that are gone had not passed on (everything after the backup, from a
+    /// backup), so turning it on is a decision about your data, not ours. The
+    /// `consensus.dev/recover` annotation asks for one by hand. Carried out by the local
+    /// platform; not yet on Kubernetes, which says so in the `QuorumLost` condition.
     #[serde(default)]
     pub auto_restore: bool,
     /// How long the cluster must be without quorum before an automatic restore.

@@ -530,16 +530,33 @@ fn volumes() -> Vec<Value> {
 #[tokio::test]
 async fn deleting_a_cluster_keeps_its_volumes_by_default_and_says_so() {
     let cc = deleted(json!({"replicas": 3}));
-    let (client, api) = FakeApi::start(with_cluster(&cc, volumes()));
+    // A ConsensusBackup's run, which the request owns: it goes with the cluster it takes.
+    let mut objects = volumes();
+    objects.push(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "before-upgrade-backup-1", "namespace": NS, "labels": {
+            "app.kubernetes.io/name": "consensus-backup", "app.kubernetes.io/instance": "demo",
+            "app.kubernetes.io/component": "backup", "app.kubernetes.io/managed-by": "consensus-operator"}},
+    }));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
 
     reconcile(Arc::new(cc), context(client, FakeMembers::unreachable())).await.expect("reconciles");
 
-    assert_eq!(api.story(), [format!("GET {PVCS}"), format!("POST {EVENTS}"), format!("PATCH {CC}")]);
+    assert_eq!(
+        api.story(),
+        [
+            format!("GET {JOBS}"),
+            format!("DELETE {JOBS}/before-upgrade-backup-1"),
+            format!("GET {PVCS}"),
+            format!("POST {EVENTS}"),
+            format!("PATCH {CC}")
+        ]
+    );
     let requests = api.requests();
     let (_, reason, note) = events(&requests).remove(0);
     assert_eq!(reason, "VolumesRetained");
     assert!(note.contains("data-demo-0, data-demo-1, data-demo-2"), "{note}");
-    let remove = &requests[2].body;
+    let remove = &requests[4].body;
     assert_eq!(remove[1], json!({"op": "remove", "path": "/metadata/finalizers/0"}));
 }
 
@@ -553,6 +570,7 @@ async fn deleting_a_cluster_with_reclaim_policy_delete_deletes_its_volumes() {
     assert_eq!(
         api.story(),
         [
+            format!("GET {JOBS}"),
             format!("GET {PVCS}"),
             format!("DELETE {PVCS}/data-demo-0"),
             format!("DELETE {PVCS}/data-demo-1"),

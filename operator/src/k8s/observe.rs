@@ -96,6 +96,7 @@ pub async fn observe(
             quorum_lost_since: quorum_lost_since(cc.status.as_ref()),
             recovery: recovery_in(cc.status.as_ref()),
             recovery_unsupported: Some(RECOVERY_UNSUPPORTED),
+            status_cluster_id: cc.status.as_ref().and_then(|s| s.cluster_id.clone()),
             ..Observed::default()
         },
         ..Observation::default()

@@ -26,7 +26,7 @@ use crate::plan::backup::{self, backup_name, outcome_event};
 use crate::plan::recovery::{quorum_event, quorum_lost_since, recovery_event};
 use crate::plan::{self, Observed, Step};
 use crate::platform::{self, Platform, Round};
-use crate::resources::backup::BackupJob;
+use crate::resources::backup::{BackupJob, run_selector};
 use crate::resources::storage::StorageChange;
 use crate::resources::{self, BuildError, Guarded, InitialClusterState, Members, labels};
 
@@ -109,7 +109,6 @@ pub async fn converge_with<M: membership::Members>(
         let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
         events.publish(type_, event.reason, "Backup", event.message, None).await;
     }
-    update_requests(ctx, cc, &observation, &step, failure.as_deref()).await?;
     let quorum = quorum_event(cc.status.as_ref(), &status);
     for event in quorum.into_iter().chain(recovery_event(cc.status.as_ref(), &status)) {
         let type_ = if event.warning { EventType::Warning } else { EventType::Normal };
@@ -118,7 +117,12 @@ pub async fn converge_with<M: membership::Members>(
     ctx.metrics.set_phase(&metrics_key(cc), status.phase);
     ctx.metrics.set_quorum_lost(&metrics_key(cc), quorum_lost_since(Some(&status)));
     ctx.metrics.set_last_backup(&metrics_key(cc), status.last_backup.as_ref());
+    // After everything about the cluster is told: a request that cannot be written to (one
+    // deleted meanwhile) fails the reconcile, to be written by the next, and keeps nothing
+    // about the cluster from being said.
+    let requests = update_requests(ctx, cc, &observation, &step, failure.as_deref()).await;
     acted?;
+    requests?;
     events.finish()?;
     let planned = match step {
         Step::Steady => STEADY_RECHECK,
@@ -547,6 +551,17 @@ async fn clean_up<M>(cc: &ConsensusCluster, ctx: &Context<M>) -> Result<Action, 
     let namespace = cc.namespace().unwrap_or_default();
     let selector = labels::selector_string(&name);
     let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), &namespace);
+    // The runs of its ConsensusBackups, which they own: the cluster they take is gone.
+    let jobs = Api::<Job>::namespaced(ctx.client.clone(), &namespace);
+    let background =
+        DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..DeleteParams::default() };
+    for job in jobs.list(&ListParams::default().labels(&run_selector(&name))).await? {
+        match jobs.delete(&job.name_any(), &background).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
     let names: Vec<String> = claims
         .list(&ListParams::default().labels(&selector))
         .await?

@@ -16,8 +16,8 @@ use super::Error;
 use super::apply::apply_status;
 use crate::plan::backup::{BackupRequest, unclaimed};
 
-/// A request whose cluster is missing is looked at again this often: the cluster may be
-/// created after it.
+/// A request that has not ended is looked at again this often: its cluster may be created
+/// after it, or deleted under it.
 const UNCLAIMED_RECHECK: Duration = Duration::from_secs(60);
 
 /// The ConsensusBackups of the cluster `cluster`, ended ones too, but none being deleted.
@@ -54,8 +54,10 @@ pub async fn check_cluster(backup: Arc<ConsensusBackup>, client: Arc<Client>) ->
     }
     let namespace = backup.namespace().unwrap_or_default();
     let cluster = &backup.spec.cluster_name;
+    // Looked at again while it has not ended, also when its cluster exists: that cluster may
+    // be deleted under it, and nothing else would say so.
     if Api::<ConsensusCluster>::namespaced((*client).clone(), &namespace).get_opt(cluster).await?.is_some() {
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(UNCLAIMED_RECHECK));
     }
     let status = unclaimed(&request, cluster, &namespace);
     if status != request.status {

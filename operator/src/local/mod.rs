@@ -239,6 +239,7 @@ impl Platform for Operator {
             quorum_lost_since: quorum_lost_since(self.previous.as_ref()),
             recovery: recovery_in(self.previous.as_ref()),
             recovery_request: self.declaration.recovery_request.clone(),
+            status_cluster_id: self.previous.as_ref().and_then(|s| s.cluster_id.clone()),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);
@@ -323,8 +324,13 @@ impl Operator {
     /// One observe-plan-act round; its problems are logged and retried next round. True
     /// when it carried out a step that changes the cluster or a change is under way.
     async fn reconcile(&mut self) -> bool {
-        // Keeping member processes alive is the platform's job, as the kubelet's is for pods.
-        if let Err(err) = self.workload.supervise() {
+        // Keeping member processes alive is the platform's job, as the kubelet's is for pods;
+        // but not while a recovery is making them again: a member started on a half-made
+        // data directory would answer as what it is not.
+        let recovering = self.previous.as_ref().and_then(|s| s.recovery.as_ref());
+        let remaking =
+            recovering.is_some_and(|r| self.workload.cluster_token() != Some(r.cluster_token.as_str()));
+        if !remaking && let Err(err) = self.workload.supervise() {
             tracing::warn!("{err}");
         }
         let (spec, refused) = (self.declaration.spec.clone(), self.declaration.refused.clone());

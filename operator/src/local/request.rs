@@ -66,6 +66,14 @@ pub async fn run(args: BackupArgs) -> Result<ConsensusBackupStatus, LocalError> 
             request_path.display()
         )));
     }
+    // The status an earlier request of this name left (its request file removed): not this
+    // request's.
+    let status_path = dir.join(format!("{name}.status.json"));
+    match std::fs::remove_file(&status_path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(LocalError::State { action: "removing", path: status_path, source }),
+    }
     let destination = args.claim.map(|claim_name| BackupDestination {
         s3: None,
         volume: Some(VolumeDestination { claim_name, path: "/".to_owned() }),
@@ -76,7 +84,6 @@ pub async fn run(args: BackupArgs) -> Result<ConsensusBackupStatus, LocalError> 
     write_atomically(&request_path, &json).map_err(state("writing", &request_path))?;
     eprintln!("asked for backup {name} of {} ({})", args.cluster, request_path.display());
 
-    let status_path = dir.join(format!("{name}.status.json"));
     let deadline = Instant::now() + args.timeout;
     let mut said = None;
     loop {

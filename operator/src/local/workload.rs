@@ -465,6 +465,15 @@ impl Workload {
             }
         }
         fault_point("RecoverReplace");
+        // A restore interrupted before leaves its staging directory, which a new one refuses.
+        let staging = self.dir.join(format!(".{}.restoring", first.name));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(|source| LocalError::State {
+                action: "removing",
+                path: staging,
+                source,
+            })?;
+        }
         let peer = format!("{}={}", first.name, first.peer_url());
         let output = tokio::process::Command::new(&self.node_bin)
             .arg("restore")

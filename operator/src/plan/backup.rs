@@ -117,12 +117,17 @@ pub fn destination<'a>(
     request.and_then(|r| r.destination.as_ref()).or(spec.backup.as_ref().map(|b| &b.destination))
 }
 
-/// The runs of `request`, or of the schedule for `None`.
+/// The runs of `request`, or of the schedule for `None`. A request's are those made for it
+/// (its name and the time it was made): an earlier request of the same name, deleted and
+/// made again, has runs of its own.
 fn runs_of<'a>(
     runs: &'a [BackupRun],
-    request: Option<&'a str>,
+    request: Option<&'a BackupRequest>,
 ) -> impl Iterator<Item = &'a BackupRun> + Clone {
-    runs.iter().filter(move |r| r.request.as_deref() == request)
+    runs.iter().filter(move |r| match request {
+        None => r.request.is_none(),
+        Some(q) => r.request.as_deref() == Some(q.name.as_str()) && r.slot == q.created,
+    })
 }
 
 /// The requests still to be carried out (their status has not ended), oldest first.
@@ -137,11 +142,9 @@ fn pending(observed: &Observed) -> impl Iterator<Item = &BackupRequest> {
 /// said, and a request's status what its runs said once it has ended (or the request is
 /// gone).
 pub fn removable(run: &BackupRun, requests: &[BackupRequest]) -> bool {
+    let made_for = |q: &&BackupRequest| run.request.as_ref() == Some(&q.name) && q.created == run.slot;
     run.outcome != RunOutcome::Running
-        && run
-            .request
-            .as_ref()
-            .is_none_or(|name| requests.iter().find(|q| &q.name == name).is_none_or(|q| q.status.ended()))
+        && (run.request.is_none() || requests.iter().find(made_for).is_none_or(|q| q.status.ended()))
 }
 
 fn chrono_utc(at: Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -224,7 +227,7 @@ fn next_try<'a>(tries: impl Iterator<Item = &'a BackupRun>) -> Option<(Timestamp
 /// try's delay is over. One without a destination is never taken (its status says why).
 fn requested<'a>(spec: &ConsensusClusterSpec, observed: &'a Observed) -> Option<(&'a BackupRequest, Due)> {
     pending(observed).filter(|r| destination(spec, Some(r)).is_some()).find_map(|request| {
-        let mut tries = runs_of(&observed.backup_runs, Some(&request.name)).peekable();
+        let mut tries = runs_of(&observed.backup_runs, Some(request)).peekable();
         if tries.peek().is_none() {
             return Some((request, Due { slot: request.created, attempt: 1 }));
         }
@@ -243,7 +246,7 @@ pub fn wake_in(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Durat
     // A request not tried yet is due now (it waits for the cluster); a failed one at its
     // next try; one being taken ends through the platform's own notice.
     let requests = pending(observed).filter_map(|request| {
-        let mut tries = runs_of(&observed.backup_runs, Some(&request.name)).peekable();
+        let mut tries = runs_of(&observed.backup_runs, Some(request)).peekable();
         match tries.peek() {
             None => Some(observed.now),
             Some(_) => next_try(tries).map(|(ready, _)| ready),
@@ -459,7 +462,7 @@ fn retry_words(run: &BackupRun, at: Timestamp) -> String {
 /// The run of `request` (of the schedule for `None`) started last: for the schedule, the
 /// one `BackupSucceeded` and the cluster's backup events speak of (a request's runs are
 /// reported in the request's own status).
-pub fn latest_run<'a>(runs: &'a [BackupRun], request: Option<&'a str>) -> Option<&'a BackupRun> {
+pub fn latest_run<'a>(runs: &'a [BackupRun], request: Option<&'a BackupRequest>) -> Option<&'a BackupRun> {
     runs_of(runs, request).max_by_key(|r| (r.started, r.attempt))
 }
 
@@ -476,7 +479,7 @@ fn request_status(
         return request.status.clone();
     }
     let now = Time(observed.now);
-    let tries: Vec<&BackupRun> = runs_of(&observed.backup_runs, Some(&request.name)).collect();
+    let tries: Vec<&BackupRun> = runs_of(&observed.backup_runs, Some(request)).collect();
     let first_started = tries.iter().map(|r| r.started).min().map(Time);
     let latest = tries.iter().max_by_key(|r| r.attempt).copied();
     let this = match step {
@@ -495,7 +498,8 @@ fn request_status(
         backup: None,
     };
     if destination(spec, Some(request)).is_none() {
-        let message = "no destination: spec.destination is unset and the cluster declares no                        spec.backup.destination; create another ConsensusBackup that names one"
+        let message = "no destination: spec.destination is unset and the cluster declares no \
+                       spec.backup.destination; create another ConsensusBackup that names one"
             .to_owned();
         return ConsensusBackupStatus { completed_at: Some(now), ..status(BackupPhase::Failed, message) };
     }
@@ -509,12 +513,14 @@ fn request_status(
                 ..status(BackupPhase::Running, message)
             };
         }
+        // What keeps a run from starting (a claim that is not there, a Job in the way) is
+        // for a person to mend: given up, so it never holds the schedule or later requests.
         (Some((attempt, from)), Some(failure)) => {
             let message = format!(
-                "starting attempt {attempt} from {from} failed: {failure}; tried again at the next reconcile"
+                "starting attempt {attempt} from {from} failed: {failure}; nothing was stored: create another \
+                 ConsensusBackup once that is mended"
             );
-            let phase = if latest.is_some() { BackupPhase::Retrying } else { BackupPhase::Pending };
-            return status(phase, message);
+            return ConsensusBackupStatus { completed_at: Some(now), ..status(BackupPhase::Failed, message) };
         }
         (None, _) => {}
     }
@@ -573,7 +579,7 @@ pub fn request_updates<'a>(
                 return None;
             }
             let event = request_event(&request.status, &status);
-            let ended_run = latest_run(&observed.backup_runs, Some(&request.name))
+            let ended_run = latest_run(&observed.backup_runs, Some(request))
                 .filter(|_| event.as_ref().is_some_and(|e| e.run_ended));
             Some(RequestUpdate { request, status, event, ended_run })
         })

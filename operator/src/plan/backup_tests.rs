@@ -537,3 +537,36 @@ fn ended_runs_are_removable_once_their_request_has_its_outcome() {
     let going = request_run("b", "2026-12-01T10:04:00Z", 1, RunOutcome::Running);
     assert!(!removable(&going, &[]));
 }
+
+#[test]
+fn a_request_that_cannot_start_is_given_up_and_holds_nothing_up() {
+    let spec = spec(3, "@hourly");
+    let mut observed = steady("2026-12-01T10:05:00Z");
+    observed.backup_requests = vec![request("b", "2026-12-01T10:04:00Z")];
+    let step = plan(&spec, &observed);
+    let updates = request_updates(&spec, &observed, &step, Some("the destination claim keep does not exist"));
+    let failed = &updates[0].status;
+    assert_eq!(failed.phase, Some(BackupPhase::Failed));
+    assert!(failed.message.as_deref().is_some_and(|m| m.contains("keep does not exist; nothing was stored")));
+    observed.backup_requests[0].status = failed.clone();
+    assert!(matches!(plan(&spec, &observed), Step::TakeBackup { request: None, .. }), "the schedule goes on");
+}
+
+#[test]
+fn a_request_made_again_under_an_old_name_has_runs_of_its_own() {
+    let spec = spec(3, "@hourly");
+    let mut observed = steady("2026-12-01T10:05:00Z");
+    observed.last_scheduled_backup = Some(t("2026-12-01T10:00:00Z"));
+    // The first "b" succeeded; its Job lingers while the new "b" is made.
+    observed.backup_runs =
+        vec![request_run("b", "2026-12-01T09:00:00Z", 1, succeeded("2026-12-01T09:00:05Z", 3))];
+    observed.backup_requests = vec![request("b", "2026-12-01T10:04:00Z")];
+    let step = plan(&spec, &observed);
+    assert!(
+        matches!(&step, Step::TakeBackup { request: Some(r), slot, .. } if r == "b" && *slot == t("2026-12-01T10:04:00Z")),
+        "{step:?}"
+    );
+    let updates = request_updates(&spec, &observed, &step, None);
+    assert_eq!(updates[0].status.phase, Some(BackupPhase::Running), "not the old run's success");
+    assert!(removable(&observed.backup_runs[0], &observed.backup_requests), "the old run can go");
+}

@@ -69,6 +69,8 @@ pub struct Observed {
     pub recovery_unsupported: Option<&'static str>,
     /// The `consensus.dev/recover` annotation: a recovery asked for by hand.
     pub recovery_request: Option<String>,
+    /// `status.clusterId`: the cluster's id as last seen, when no member answers now.
+    pub status_cluster_id: Option<String>,
 }
 
 impl Observed {
@@ -412,8 +414,11 @@ impl Situation {
 /// scheduled backups folded in (`backup::with_backups`).
 pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
     let situation = assess(spec, observed);
+    // Decided from this observation, not only from what status said: members that came back
+    // after the timeout end the loss, and nothing is recovered.
+    let lost_now = matches!(situation, Situation::NoQuorum { .. } | Situation::NoMemberAnswers);
     if !matches!(situation, Situation::InvalidSpec(_))
-        && let Some(step) = recovery::step(spec, observed)
+        && let Some(step) = recovery::step(spec, observed, lost_now)
     {
         return step;
     }
@@ -591,7 +596,7 @@ pub fn status(
         last_scheduled_backup: backups.last_scheduled,
         recovery: match step {
             Step::BeginRecovery { record } if failure.is_none() => Some((**record).clone()),
-            _ if recovery::finished(spec, observed) => None,
+            _ if recovery::finished(spec, observed) || recovery::abandoned_now(observed) => None,
             _ => observed.recovery.clone(),
         },
         last_recovery: match &observed.recovery {

@@ -77,31 +77,34 @@ pub fn quorum_event(
     }
 }
 
+/// How far ahead of this operator's clock a request's time may be (clocks differ).
+const REQUEST_SKEW: Duration = Duration::from_secs(300);
+
 /// The recovery under way, as status records it.
 pub fn recovery_in(status: Option<&ConsensusClusterStatus>) -> Option<RecoveryRecord> {
     status?.recovery.clone()
 }
 
 /// The step recovery asks for, if any: carrying on with one under way until the new
-/// cluster answers, or starting one once the quorum has been lost for longer than the
-/// timeout and the spec allows it.
-pub fn step(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<Step> {
+/// cluster answers, or starting one once the quorum, lost now (`lost_now`), has been lost
+/// for longer than the timeout and the spec allows it.
+pub fn step(spec: &ConsensusClusterSpec, observed: &Observed, lost_now: bool) -> Option<Step> {
     if let Some(record) = &observed.recovery {
         // Restored once a member answers with a cluster id other than the one replaced; from
-        // then on the cluster grows back by the usual steps.
-        let old = record.previous_cluster_id.as_deref();
-        let answering = observed.cluster_id.map(|id| format!("{id:x}"));
-        let restored = answering.is_some_and(|id| Some(id.as_str()) != old);
-        return (!restored).then(|| Step::Recover { record: Box::new(record.clone()) });
+        // then on the cluster grows back by the usual steps. The old cluster serving again
+        // (its members back before theirs were replaced) ends the recovery: `abandoned`.
+        let restored = answering_new_cluster(observed, record);
+        return (!restored && !abandoned(observed, record))
+            .then(|| Step::Recover { record: Box::new(record.clone()) });
     }
-    if observed.recovery_unsupported.is_some() {
+    if observed.recovery_unsupported.is_some() || !lost_now {
         return None;
     }
     let since = observed.quorum_lost_since?;
     // Asked for by hand: at once. Automatic: once the loss has lasted the timeout.
     let requested = request(observed).ok().flatten();
     if requested.is_none() {
-        let timeout = parse_duration(&spec.recovery.quorum_loss_timeout).unwrap_or(Duration::from_secs(300));
+        let timeout = parse_duration(&spec.recovery.quorum_loss_timeout).unwrap_or(Duration::from_secs(600));
         if !spec.recovery.auto_restore || since.checked_add(timeout).is_ok_and(|due| observed.now < due) {
             return None;
         }
@@ -122,6 +125,11 @@ fn request(observed: &Observed) -> Result<Option<Timestamp>, String> {
     let at: Timestamp = value.parse().map_err(|_| {
         format!("the {RECOVER_ANNOTATION} annotation {value:?} is not a time (RFC 3339, UTC)")
     })?;
+    if at > observed.now.checked_add(REQUEST_SKEW).unwrap_or(observed.now) {
+        return Err(format!(
+            "the {RECOVER_ANNOTATION} request of {at} is in the future; give the time now (RFC 3339, UTC)"
+        ));
+    }
     if at < since {
         return Err(format!(
             "the {RECOVER_ANNOTATION} request of {at} was made before the quorum was lost at {since}; annotate \
@@ -131,9 +139,37 @@ fn request(observed: &Observed) -> Result<Option<Timestamp>, String> {
     Ok(Some(at))
 }
 
+/// The id of the cluster as it was: what members answer with, or what status last said.
+fn old_cluster_id(observed: &Observed) -> Option<String> {
+    observed.cluster_id.map(|id| format!("{id:x}")).or_else(|| observed.status_cluster_id.clone())
+}
+
+/// A member answers under a cluster id other than the one the recovery replaces.
+fn answering_new_cluster(observed: &Observed, record: &RecoveryRecord) -> bool {
+    let answering = observed.cluster_id.map(|id| format!("{id:x}"));
+    answering.is_some() && answering != record.previous_cluster_id
+}
+
+/// The cluster the recovery was to replace has a leader and a quorum again: nothing of it
+/// was replaced (a platform replaces all at once, after killing every member), so the
+/// recovery is dropped and the cluster serves on.
+fn abandoned(observed: &Observed, record: &RecoveryRecord) -> bool {
+    let answering = observed.cluster_id.map(|id| format!("{id:x}"));
+    answering.is_some()
+        && answering == record.previous_cluster_id
+        && Health::of(observed).is_some_and(|h| h.has_quorum())
+}
+
+/// The recovery under way was dropped: the cluster it was to replace serves again.
+pub fn abandoned_now(observed: &Observed) -> bool {
+    observed.recovery.as_ref().is_some_and(|record| abandoned(observed, record))
+}
+
 /// Where a recovery starting now comes from: the answering member with the highest applied
-/// index, else the newest verified backup; `None` when there is neither.
+/// index, else the newest verified backup; `None` when there is neither, or when the id of
+/// the cluster it replaces is not known (a restored cluster is told from the old one by it).
 fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord> {
+    let previous_cluster_id = Some(old_cluster_id(observed)?);
     let survivor = observed
         .members
         .iter()
@@ -144,7 +180,7 @@ fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord>
         source,
         from,
         applied_index: applied_index.and_then(|i| i64::try_from(i).ok()),
-        previous_cluster_id: observed.cluster_id.map(|id| format!("{id:x}")),
+        previous_cluster_id: previous_cluster_id.clone(),
         cluster_token: format!("recovered-{}", observed.now.as_nanosecond()),
         quorum_lost: Time(quorum_lost),
         started: Time(observed.now),
@@ -167,8 +203,8 @@ fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord>
 
 /// Why nothing recovers a cluster that has lost its quorum, for the `QuorumLost` condition.
 pub fn not_recovering(spec: &ConsensusClusterSpec, observed: &Observed) -> String {
-    if let (true, Some(why)) = (spec.recovery.auto_restore, observed.recovery_unsupported) {
-        return format!("spec.recovery.autoRestore is set, but {why}");
+    if let Some(why) = observed.recovery_unsupported {
+        return why.to_owned();
     }
     if let Err(why) = request(observed) {
         return why;
@@ -197,9 +233,7 @@ pub fn not_recovering(spec: &ConsensusClusterSpec, observed: &Observed) -> Strin
 pub fn finished(spec: &ConsensusClusterSpec, observed: &Observed) -> bool {
     let Some(record) = &observed.recovery else { return false };
     let Some(health) = Health::of(observed) else { return false };
-    let new_id = observed.cluster_id.map(|id| format!("{id:x}"));
-    new_id.is_some()
-        && new_id != record.previous_cluster_id
+    answering_new_cluster(observed, record)
         && health.has_quorum()
         && i64::try_from(health.voters).ok() == Some(i64::from(spec.replicas))
         && health.healthy_voters == health.voters
@@ -219,10 +253,17 @@ pub fn recovery_event(
         );
         return Some(QuorumEvent { warning: true, reason: "RecoveryStarted", message });
     }
-    let done = next
-        .last_recovery
-        .as_ref()
-        .filter(|r| previous.and_then(|p| p.last_recovery.as_ref()) != Some(*r))?;
+    let finished_one = next.last_recovery.as_ref() != previous.and_then(|p| p.last_recovery.as_ref());
+    if let (Some(dropped), None, false) = (before, next.recovery.as_ref(), finished_one) {
+        let message = format!(
+            "the cluster has a leader and a quorum again under its own id {}: nothing was replaced, and the \
+             recovery from {} is dropped",
+            dropped.previous_cluster_id.as_deref().unwrap_or("unknown"),
+            dropped.from
+        );
+        return Some(QuorumEvent { warning: false, reason: "RecoveryDropped", message });
+    }
+    let done = next.last_recovery.as_ref().filter(|_| finished_one)?;
     let message = format!(
         "recovered from {} ({:?}) as cluster {}, at its declared size again{}",
         done.from,

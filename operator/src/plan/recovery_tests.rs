@@ -182,3 +182,65 @@ fn a_recovery_asked_for_by_hand_starts_at_once_but_only_for_the_loss_under_way()
         not_recovering(&spec(false), &observed).contains("annotate the cluster with consensus.dev/recover=")
     );
 }
+
+#[test]
+fn members_back_after_the_timeout_end_the_loss_and_nothing_is_recovered() {
+    // Status still says the quorum was lost long ago; the members answer with a leader now.
+    let mut observed = lost("2026-12-01T11:00:00Z");
+    observed.members = Some(
+        (0..3).map(|i| ObservedMember { healthy: true, applied_index: Some(9), ..member(i, None) }).collect(),
+    );
+    observed.leader = Some(1);
+    observed.leader_raft_index = Some(9);
+    let step = plan(&spec(true), &observed);
+    assert!(!matches!(step, Step::BeginRecovery { .. }), "{step:?}");
+    // Nor by hand.
+    observed.recovery_request = Some("2026-12-01T10:59:00Z".to_owned());
+    assert!(!matches!(plan(&spec(false), &observed), Step::BeginRecovery { .. }));
+}
+
+#[test]
+fn a_recovery_needs_the_old_cluster_id_and_takes_it_from_status_when_nobody_answers() {
+    let mut observed = lost("2026-12-01T10:05:00Z");
+    observed.members = None;
+    observed.cluster_id = None;
+    observed.last_backup = Some(BackupRecord {
+        name: "b".to_owned(),
+        time: Time(t("2026-12-01T09:00:02Z")),
+        location: "file:///keep/b.snapshot".to_owned(),
+        revision: 7,
+        size_bytes: 1,
+        sha256: String::new(),
+        verified: Some(true),
+    });
+    // Without it a restored cluster could not be told from the old one: nothing begins.
+    assert!(!matches!(plan(&spec(true), &observed), Step::BeginRecovery { .. }));
+    observed.status_cluster_id = Some("abc".to_owned());
+    let record = begun(&plan(&spec(true), &observed));
+    assert_eq!(record.previous_cluster_id.as_deref(), Some("abc"));
+    // An old member back under the old id does not count as restored.
+    observed.recovery = Some(record.clone());
+    observed.cluster_id = Some(0xabc);
+    observed.members = Some(vec![ObservedMember { applied_index: Some(3), ..member(1, None) }]);
+    assert_eq!(plan(&spec(true), &observed), Step::Recover { record: Box::new(record) });
+}
+
+#[test]
+fn the_old_cluster_serving_again_drops_a_recovery_that_replaced_nothing() {
+    let mut observed = lost("2026-12-01T10:02:00Z");
+    let record = begun(&plan(&spec(true), &observed));
+    observed.recovery = Some(record.clone());
+    observed.members = Some(
+        (0..3)
+            .map(|i| ObservedMember { healthy: true, applied_index: Some(130), ..member(i, None) })
+            .collect(),
+    );
+    observed.leader = Some(3);
+    observed.leader_raft_index = Some(130);
+    let step = plan(&spec(true), &observed);
+    assert!(!matches!(step, Step::Recover { .. } | Step::BeginRecovery { .. }), "{step:?}");
+    let now = status(&spec(true), &observed, &step, None, None, Time(observed.now));
+    assert_eq!((now.recovery.as_ref(), now.last_recovery.as_ref()), (None, None));
+    let before = ConsensusClusterStatus { recovery: Some(record), ..ConsensusClusterStatus::default() };
+    assert_eq!(recovery_event(Some(&before), &now).map(|e| e.reason), Some("RecoveryDropped"));
+}
