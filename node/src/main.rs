@@ -107,8 +107,9 @@ impl StoreArgs {
     }
 }
 
+/// A backup stored earlier: where, and which.
 #[derive(clap::Args)]
-struct FetchArgs {
+struct StoredBackupArgs {
     /// s3://BUCKET/PREFIX or file:///DIR, where the backup is.
     #[arg(long)]
     from: consensus_node::backup::Destination,
@@ -117,6 +118,12 @@ struct FetchArgs {
     name: String,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+#[derive(clap::Args)]
+struct FetchArgs {
+    #[command(flatten)]
+    stored: StoredBackupArgs,
     /// The file to write the snapshot to.
     #[arg(long)]
     to: PathBuf,
@@ -124,14 +131,8 @@ struct FetchArgs {
 
 #[derive(clap::Args)]
 struct VerifyArgs {
-    /// s3://BUCKET/PREFIX or file:///DIR, where the backup is.
-    #[arg(long)]
-    from: consensus_node::backup::Destination,
-    /// The backup's name: <name>.snapshot and <name>.json.
-    #[arg(long)]
-    name: String,
     #[command(flatten)]
-    store: StoreArgs,
+    stored: StoredBackupArgs,
     /// Where the scratch member lives while it runs.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     scratch_dir: PathBuf,
@@ -475,9 +476,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Backup(args) => backup(args).await,
         Command::Verify(args) => verify(args).await,
         Command::Fetch(args) => {
-            let manifest =
-                consensus_node::backup::fetch(&args.from, &args.store.options(), &args.name, &args.to)
-                    .await?;
+            let StoredBackupArgs { from, name, store } = args.stored;
+            let manifest = consensus_node::backup::fetch(&from, &store.options(), &name, &args.to).await?;
             println!("{}", serde_json::to_string(&manifest)?);
             Ok(())
         }
@@ -485,17 +485,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let manifest = consensus_node::backup::verify_stored(
-        &args.from,
-        &args.store.options(),
-        &args.name,
-        &args.scratch_dir,
-    )
-    .await?;
+    let StoredBackupArgs { from, name, store } = args.stored;
+    let manifest =
+        consensus_node::backup::verify_stored(&from, &store.options(), &name, &args.scratch_dir).await?;
     println!("{}", serde_json::to_string(&manifest)?);
     match manifest.verification {
         Some(why) if manifest.verified != Some(true) => {
-            bail!("backup {} failed verification: {why}", args.name)
+            bail!("backup {name} failed verification: {why}")
         }
         _ => Ok(()),
     }

@@ -15,8 +15,6 @@ fn a_quorum_lost_to_paused_members_is_told_at_once_and_so_is_its_end() {
     let mut local = Local::declaring(&RECOVERING.replace("quorumLossTimeout: 5s", "quorumLossTimeout: 10m"));
     local.start(None);
     let before = local.wait_for_voters(3);
-    let context =
-        |local: &Local| format!("status: {:#?}\nevents:\n{}", local.status(), local.events().join("\n"));
     let paused: Vec<u32> =
         ["demo-1", "demo-2"].iter().map(|name| local.member_pid(name).expect("a member pid")).collect();
     for pid in &paused {
@@ -82,25 +80,27 @@ fn kept_keys(endpoints: Vec<String>) -> Option<usize> {
     })
 }
 
+/// What a failed wait shows: the status, the events and the operator's log.
+fn context(local: &Local) -> String {
+    format!("status: {:#?}\nevents:\n{}\nlog:\n{}", local.status(), local.events().join("\n"), local.log())
+}
+
+/// Member `name` gone with its disk: killed, its data directory deleted.
+fn lose(local: &Local, name: &str) {
+    kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
+    std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+}
+
 #[test]
 fn two_members_lost_with_their_data_come_back_from_the_survivor_with_every_write() {
     let mut local = Local::declaring(RECOVERING);
     local.start(None);
     let before = local.wait_for_voters(3);
     write_keys(local.recorded().into_values().collect());
-    let context = |local: &Local| {
-        format!(
-            "status: {:#?}\nevents:\n{}\nlog:\n{}",
-            local.status(),
-            local.events().join("\n"),
-            local.log()
-        )
-    };
 
     // Two members gone, and their disks with them.
     for name in ["demo-1", "demo-2"] {
-        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
-        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+        lose(&local, name);
     }
     let status = wait_until(
         "a finished recovery",
@@ -168,20 +168,11 @@ fn recovers_from_its_newest_backup(destination: &str, env: &[(&str, &str)]) {
     local.start(None);
     let before = local.wait_for_voters(3);
     write_keys(local.recorded().into_values().collect());
-    let context = |local: &Local| {
-        format!(
-            "status: {:#?}\nevents:\n{}\nlog:\n{}",
-            local.status(),
-            local.events().join("\n"),
-            local.log()
-        )
-    };
     // A backup of every key, then all three members and their disks gone.
     local.edit(|line| (line.trim() == "suspend: true").then(|| "    suspend: false".to_owned()));
     let backup = wait_until("a backup", || context(&local), || local.status()?.last_backup);
     for name in ["demo-0", "demo-1", "demo-2"] {
-        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
-        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+        lose(&local, name);
     }
     let status = wait_until(
         "a finished recovery",
@@ -210,17 +201,8 @@ fn five_members_losing_three_wait_for_a_person_and_the_documented_request_heals_
     local.start(None);
     let before = local.wait_for_voters(5);
     write_keys(local.recorded().into_values().collect());
-    let context = |local: &Local| {
-        format!(
-            "status: {:#?}\nevents:\n{}\nlog:\n{}",
-            local.status(),
-            local.events().join("\n"),
-            local.log()
-        )
-    };
     for name in ["demo-2", "demo-3", "demo-4"] {
-        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
-        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+        lose(&local, name);
     }
     // Lost, and left as it is: the condition says how to ask for a recovery.
     let message = wait_until(
@@ -269,19 +251,10 @@ fn an_operator_killed_at_each_part_of_a_recovery_is_finished_by_the_next() {
     local.start(None);
     let before = local.wait_for_voters(3);
     write_keys(local.recorded().into_values().collect());
-    let context = |local: &Local| {
-        format!(
-            "status: {:#?}\nevents:\n{}\nlog:\n{}",
-            local.status(),
-            local.events().join("\n"),
-            local.log()
-        )
-    };
     // The quorum lost while no operator runs (nothing restarts the members).
     local.kill_operator_only();
     for name in ["demo-1", "demo-2"] {
-        kill(local.member_pid(name).expect("a member pid"), libc::SIGKILL);
-        std::fs::remove_dir_all(local.state().join("demo").join(name)).expect("wiping its data");
+        lose(&local, name);
     }
     // Each run dies at the next part; the one after picks the recovery up where it stopped.
     for fault in ["BeginRecovery", "RecoverSnapshot", "RecoverReplace", "RecoverRestore"] {

@@ -328,6 +328,25 @@ async fn verify_and_record(
         .with_context(|| format!("recording the verdict in {manifest_key}"))
 }
 
+/// The manifest of the backup `name` under `prefix`, and its key.
+async fn read_manifest(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    root: &str,
+    name: &str,
+) -> anyhow::Result<(ObjectPath, Manifest)> {
+    let manifest_key = key(prefix, &format!("{name}.json"));
+    let bytes = store
+        .get(&manifest_key)
+        .await
+        .with_context(|| format!("reading {root}/{manifest_key}"))?
+        .bytes()
+        .await?;
+    let manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{root}/{manifest_key} is no backup manifest"))?;
+    Ok((manifest_key, manifest))
+}
+
 /// Verifies the backup `name` stored in `destination` again (it may have changed since it
 /// was written) and records the verdict in its manifest, which is returned.
 pub async fn verify_stored(
@@ -338,15 +357,7 @@ pub async fn verify_stored(
 ) -> anyhow::Result<Manifest> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, prefix, root) = open(destination, s3)?;
-    let manifest_key = key(&prefix, &format!("{name}.json"));
-    let bytes = store
-        .get(&manifest_key)
-        .await
-        .with_context(|| format!("reading {root}/{manifest_key}"))?
-        .bytes()
-        .await?;
-    let mut manifest: Manifest = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{root}/{manifest_key} is no backup manifest"))?;
+    let (manifest_key, mut manifest) = read_manifest(store.as_ref(), &prefix, &root, name).await?;
     let object = key(&prefix, &format!("{name}.snapshot"));
     verify_and_record(store.as_ref(), &object, &manifest_key, &mut manifest, scratch).await?;
     Ok(manifest)
@@ -363,15 +374,7 @@ pub async fn fetch(
 ) -> anyhow::Result<Manifest> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, prefix, root) = open(destination, s3)?;
-    let manifest_key = key(&prefix, &format!("{name}.json"));
-    let bytes = store
-        .get(&manifest_key)
-        .await
-        .with_context(|| format!("reading {root}/{manifest_key}"))?
-        .bytes()
-        .await?;
-    let manifest: Manifest = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{root}/{manifest_key} is no backup manifest"))?;
+    let (_, manifest) = read_manifest(store.as_ref(), &prefix, &root, name).await?;
     let object = key(&prefix, &format!("{name}.snapshot"));
     let staged = to.with_extension("fetching");
     let sha256 = verify::download(store.as_ref(), &object, &staged).await?;
