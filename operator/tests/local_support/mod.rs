@@ -229,9 +229,14 @@ impl Local {
         for path in runs.map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".run.json")) {
             let record: Option<serde_json::Value> =
                 std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok());
-            if let Some(pid) = record.and_then(|r| r.get("pid")?.as_u64()).and_then(|p| u32::try_from(p).ok())
+            if let Some(pid) = record.and_then(|r| r.get("pid")?.as_u64()).and_then(|p| i32::try_from(p).ok())
             {
-                kill(pid, libc::SIGKILL);
+                // The run's whole process group (it leads one): the scratch member its
+                // verification starts goes with it.
+                // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
             }
         }
     }
