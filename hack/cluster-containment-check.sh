@@ -40,15 +40,17 @@ else bad "$SERVICE_IP is routable from the host: $route"; fi
 
 # Every pod namespace: on-link pod range only, no default route.
 outside=192.0.2.1 # TEST-NET-1: an address outside every range the cluster uses
-pods=0
+# A pod of another test may be deleted while this runs: a namespace gone between the listing
+# and its reading has nothing left to check.
+pods=0 gone=0
 for ns in $(ip netns list | awk '{print $1}' | grep "^$NETNS_PREFIX" || true); do
+  routes=$(ip -n "$ns" route show 2>/dev/null) || { gone=$((gone + 1)); continue; }
   pods=$((pods + 1))
-  routes=$(ip -n "$ns" route show)
   grep -q '^default' <<<"$routes" && bad "$ns has a default route"
   ip -n "$ns" route get "$outside" >/dev/null 2>&1 && bad "$ns can route to $outside"
   ip -n "$ns" route get "$SERVICE_IP" >/dev/null 2>&1 && bad "$ns can route to $SERVICE_IP"
 done
-ok "$pods pod namespaces without a route beyond the bridge"
+ok "$pods pod namespaces without a route beyond the bridge ($gone gone while looked at)"
 
 # Forwarding off the bridge is dropped; no NAT rule of any kind exists for the pod range.
 ruleset=$(nft list table inet "$NFT_TABLE" 2>/dev/null || true)
