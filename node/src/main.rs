@@ -151,7 +151,8 @@ refuse each other. Use a new --initial-cluster-token, so the new cluster is neve
 for the old one.
 
 The snapshot's checksum is verified first: a damaged file is refused and nothing is
-created. The data directory must be absent or empty.";
+created. The data directory must be absent or empty, unless --replace-into names where
+what it holds goes.";
 
 #[derive(clap::Args)]
 struct RestoreArgs {
@@ -170,6 +171,11 @@ struct RestoreArgs {
     initial_cluster_token: String,
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2380")]
     initial_advertise_peer_urls: Vec<String>,
+    /// Replace the member in --data-dir: what it holds is moved into this directory first
+    /// (kept, never deleted), and a --data-dir this same restore (same snapshot name, flags
+    /// and token) made before is left as it is, so a retried restore succeeds.
+    #[arg(long)]
+    replace_into: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -328,6 +334,7 @@ fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         name: args.name,
         initial_cluster_token: args.initial_cluster_token,
         advertise_peer_urls: args.initial_advertise_peer_urls,
+        replace_into: args.replace_into,
     };
     let restored = consensus_node::restore::restore(&config)?;
     println!(

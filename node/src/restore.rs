@@ -39,6 +39,11 @@ pub struct RestoreConfig {
     pub initial_cluster: Vec<(String, String)>,
     pub initial_cluster_token: String,
     pub advertise_peer_urls: Vec<String>,
+    /// Replacing a member: its data directory, if it holds anything, is moved into this
+    /// directory first (never deleted), and a data directory this same restore made
+    /// already is kept as it is, so the restore can be run again until it has succeeded
+    /// once (the operator's recovery Job does). Without it the data directory must be empty.
+    pub replace_into: Option<PathBuf>,
 }
 
 /// What a restore made, for the operator.
@@ -73,8 +78,19 @@ pub fn restore(config: &RestoreConfig) -> anyhow::Result<Restored> {
     let members = initial_members(&config.initial_cluster, &config.initial_cluster_token);
     let member_id =
         own_initial_id(&members, &config.name, &config.advertise_peer_urls, &config.initial_cluster_token)?;
+    let ids: Vec<u64> = members.keys().copied().collect();
+    let cluster_id = cluster_id_for(&ids, &config.initial_cluster_token);
+    let identity = Identity { name: config.name.clone(), member_id, cluster_id };
+    if config.replace_into.is_some()
+        && let Some(revision) = made_already(&config.data_dir, &identity)?
+    {
+        return Ok(Restored { member_id, cluster_id, revision });
+    }
     open_snapshot(&config.snapshot)
         .with_context(|| format!("refusing snapshot {}", config.snapshot.display()))?;
+    if let Some(keep) = &config.replace_into {
+        set_aside(&config.data_dir, keep)?;
+    }
     if !is_empty_or_absent(&config.data_dir)? {
         bail!(
             "data directory {} is not empty: restore creates a new member and never overwrites one",
@@ -86,15 +102,16 @@ pub fn restore(config: &RestoreConfig) -> anyhow::Result<Restored> {
         .file_name()
         .with_context(|| format!("--data-dir {} names no directory", config.data_dir.display()))?;
     let staging = config.data_dir.with_file_name(format!(".{}.restoring", file_name.to_string_lossy()));
+    if staging.exists() && config.replace_into.is_some() {
+        // Left by a try of this same replacement that was interrupted: nothing in it counts.
+        fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
     if staging.exists() {
         bail!(
             "{} exists, left by an interrupted restore; remove it and run restore again",
             staging.display()
         );
     }
-    let ids: Vec<u64> = members.keys().copied().collect();
-    let cluster_id = cluster_id_for(&ids, &config.initial_cluster_token);
-    let identity = Identity { name: config.name.clone(), member_id, cluster_id };
     let built = build(config, &staging, &identity, members).and_then(|revision| {
         // Renaming onto an empty directory replaces it, so an empty --data-dir made in
         // advance (a volume mount point's subdirectory, say) is fine.
@@ -111,6 +128,44 @@ pub fn restore(config: &RestoreConfig) -> anyhow::Result<Restored> {
             Err(e)
         }
     }
+}
+
+/// The revision of the member `identity` names when `data_dir` holds it already (an earlier
+/// run of the same restore, and whatever it has served since).
+fn made_already(data_dir: &Path, identity: &Identity) -> anyhow::Result<Option<i64>> {
+    let layout = Layout::new(data_dir);
+    match Identity::load(&layout.member) {
+        Ok(Some(found)) if &found == identity => {
+            let store = MvccStore::open(&layout.store())?;
+            Ok(Some(store.read()?.revision()?))
+        }
+        // Another member's data, or none: replaced.
+        Ok(_) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading the identity in {}", data_dir.display())),
+    }
+}
+
+/// Moves a non-empty `data_dir` into `keep`, under its own name or, taken by an earlier
+/// replacement, the first free `<name>.<n>`.
+fn set_aside(data_dir: &Path, keep: &Path) -> anyhow::Result<()> {
+    if is_empty_or_absent(data_dir)? {
+        return Ok(());
+    }
+    let name = data_dir.file_name().with_context(|| format!("{} names no directory", data_dir.display()))?;
+    fs::create_dir_all(keep).with_context(|| format!("creating {}", keep.display()))?;
+    let mut to = keep.join(name);
+    for n in 1.. {
+        if !to.exists() {
+            break;
+        }
+        to = keep.join(format!("{}.{n}", name.to_string_lossy()));
+    }
+    fs::rename(data_dir, &to)
+        .with_context(|| format!("moving {} to {}", data_dir.display(), to.display()))?;
+    sync_dir(keep)?;
+    let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    sync_dir(parent)?;
+    Ok(())
 }
 
 fn build(

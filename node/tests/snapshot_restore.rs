@@ -192,6 +192,60 @@ async fn restore_refuses_a_damaged_snapshot_and_a_used_data_dir() {
     assert!(member.data_dir.join("member").join("identity.json").exists());
 }
 
+/// The operator's recovery replaces a member's data by a restore that it may run more than
+/// once: what was there is kept aside, a staging directory left by an interrupted try is
+/// cleared, and a repeat of the same restore changes nothing, also after the member ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_replace_into_keeps_the_old_data_and_a_repeat_changes_nothing() {
+    let source = TestCluster::start(1);
+    source.leader().await;
+    let endpoint = source.endpoints();
+    ok(source.etcdctl(&endpoint, &["put", "k", "v"]));
+    let work = tempfile::tempdir().expect("tempdir");
+    let snapshot = work.path().join("snap.db").display().to_string();
+    ok(etcdctl(&endpoint, &["snapshot", "save", &snapshot], None));
+
+    let mut target = TestCluster::prepare_with_token(1, "restored");
+    let data_dir = target.members[0].data_dir.clone();
+    std::fs::create_dir_all(&data_dir).expect("mkdir");
+    std::fs::write(data_dir.join("old-member"), b"old data").expect("write");
+    let name = data_dir.file_name().expect("a name").to_string_lossy().into_owned();
+    let staging = data_dir.with_file_name(format!(".{name}.restoring"));
+    std::fs::create_dir_all(staging.join("half")).expect("a leftover staging directory");
+    let keep = work.path().join("replaced");
+    let mut args = restore_args(&snapshot, &target, &target.members[0]);
+    args.extend(["--replace-into".to_owned(), keep.display().to_string()]);
+
+    let first = ok(run_restore(&args));
+    assert_eq!(std::fs::read(keep.join(&name).join("old-member")).expect("kept"), b"old data");
+    assert!(!staging.exists(), "the leftover staging directory is cleared");
+    assert!(data_dir.join("member").join("identity.json").exists());
+    target.start_member(0);
+    target.leader().await;
+    ok(target.etcdctl(&target.endpoints(), &["put", "after", "restore"]));
+    target.members[0].terminate();
+
+    // Run again (a Job retried after its pod was lost): the member and its new write stay.
+    let again = ok(run_restore(&args));
+    let member_of = |said: &str| said.rsplit_once(": ").map(|(_, who)| who.to_owned());
+    assert_eq!(member_of(&again), member_of(&first), "the same member: {first} / {again}");
+    assert!(!keep.join(format!("{name}.1")).exists(), "a repeat moves nothing aside");
+    target.members[0].restart();
+    target.leader().await;
+    let member = &target.members[0];
+    assert_eq!(get(member, "k", true).await.expect("get").as_deref(), Some(&b"v"[..]));
+    assert_eq!(get(member, "after", true).await.expect("get").as_deref(), Some(&b"restore"[..]));
+
+    // Another snapshot's restore does replace it, the first replacement kept beside the old.
+    target.members[0].terminate();
+    let mut other = restore_args(&snapshot, &target, &target.members[0]);
+    let token = other.iter().position(|a| a == "restored").expect("the token");
+    other[token] = "restored-again".to_owned();
+    other.extend(["--replace-into".to_owned(), keep.display().to_string()]);
+    ok(run_restore(&other));
+    assert!(keep.join(format!("{name}.1")).join("member").exists(), "the first restore kept aside");
+}
+
 async fn hash_kv(member: &TestMember, revision: i64) -> Option<HashKvResponse> {
     let request = HashKvRequest { revision };
     maintenance(member).hash_kv(request).await.ok().map(|r| r.into_inner())

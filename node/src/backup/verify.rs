@@ -63,6 +63,7 @@ pub async fn verify(
         initial_cluster: vec![("verify".to_owned(), peer.clone())],
         initial_cluster_token: token.clone(),
         advertise_peer_urls: vec![peer.clone()],
+        replace_into: None,
     };
     if let Err(error) = tokio::task::spawn_blocking(move || restore(&config)).await? {
         return Ok(Err(Mismatch(format!("it does not restore: {error:#}"))));
