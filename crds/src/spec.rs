@@ -351,8 +351,7 @@ pub struct RecoverySpec {
     /// the newest verified backup; then grow it back. Off by default: a recovery loses what
     /// the members that are gone had not passed on (everything after the backup, from a
     /// backup), so turning it on is a decision about your data, not ours. The
-    /// `consensus.dev/recover` annotation asks for one by hand. Carried out by the local
-    /// platform; not yet on Kubernetes, which says so in the `QuorumLost` condition.
+    /// `consensus.dev/recover` annotation asks for one by hand.
     #[serde(default)]
     pub auto_restore: bool,
     /// How long the cluster must be without quorum before an automatic restore.

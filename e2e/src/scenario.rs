@@ -217,7 +217,11 @@ impl Cluster {
 
     /// The member pods (the cluster's selector labels).
     pub fn pods(&self) -> Vec<PodInfo> {
-        pods(self.ns(), &format!("app.kubernetes.io/instance={}", self.name))
+        // Backup and recovery runs carry the instance label too, never the members' name.
+        pods(
+            self.ns(),
+            &format!("app.kubernetes.io/name=consensus-node,app.kubernetes.io/instance={}", self.name),
+        )
     }
 
     /// The client endpoint of each member pod, by pod name.

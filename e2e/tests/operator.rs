@@ -1179,3 +1179,168 @@ fn wipe_volume(cluster: &Cluster, claim: &str) {
     let out = out.expect("the wipe could not be started");
     assert!(out.status.success(), "wiping {path}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `THREE` with a recovery section.
+fn recovering(auto_restore: bool, extra: &str) -> String {
+    format!("{THREE}  recovery:\n    autoRestore: {auto_restore}\n    quorumLossTimeout: 20s\n{extra}")
+}
+
+/// The members' volumes lost, as disks replaced under them: each emptied, its pod deleted
+/// so that the StatefulSet starts it again on the empty volume.
+fn lose_data(cluster: &Cluster, members: &[&str]) {
+    for member in members {
+        wipe_volume(cluster, &format!("data-{member}"));
+    }
+    for member in members {
+        cluster.kubectl(&["delete", "pod", member, "--wait=false"]);
+    }
+}
+
+/// Puts `count` keys under `prefix` through the leader; the revision of the last.
+fn put_keys(cluster: &Cluster, prefix: &str, count: usize) -> i64 {
+    let leader = cluster.status()["leader"].as_str().expect("a leader").to_owned();
+    let endpoint = &cluster.endpoints()[&leader];
+    for i in 0..count {
+        etcdctl(endpoint, &["put", &format!("{prefix}{i:03}"), "value"]);
+    }
+    let last = etcdctl(endpoint, &["get", &format!("{prefix}{:03}", count - 1), "-w", "json"]);
+    let last: serde_json::Value = serde_json::from_str(&last).expect("JSON");
+    last["kvs"][0]["mod_revision"].as_i64().expect("a revision")
+}
+
+/// The keys under `prefix` as the cluster's members serve them (linearizable).
+fn keys_under(cluster: &Cluster, prefix: &str) -> usize {
+    let endpoints: Vec<String> = cluster.endpoints().into_values().collect();
+    let out = etcdctl(&endpoints.join(","), &["get", "--prefix", prefix, "--keys-only"]);
+    out.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+/// The finished recovery in status, once the cluster is back at three healthy voters
+/// under another cluster id than `old_id`.
+fn wait_for_recovery(cluster: &Cluster, old_id: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(420);
+    loop {
+        let status = cluster.status();
+        let recovered = status["lastRecovery"]["finished"].is_string()
+            && status["recovery"].is_null()
+            && status["clusterId"].as_str().is_some_and(|id| id != old_id);
+        if recovered {
+            return cluster.wait_running(3);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not recovered in time: {status:#}\nevents:\n{}\npods: {:?}",
+            cluster.events().join("\n"),
+            cluster.pods()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_18_two_members_losing_their_data_heal_from_the_survivor_under_a_new_cluster_id() {
+    let _timer = Timer::start("18 quorum lost, healed from the survivor");
+    deploy_operator();
+    let cluster = Cluster::create("cc-survivor", "demo", &recovering(true, ""));
+    let before = cluster.wait_running(3);
+    let old_id = before["clusterId"].as_str().expect("clusterId").to_owned();
+    put_keys(&cluster, "/e2e/kept/", 100);
+    let leader = before["leader"].as_str().expect("a leader").to_owned();
+    let survivor = cluster.pods().into_iter().map(|p| p.name).find(|p| *p != leader).expect("a follower");
+    let endpoint = cluster.endpoints()[&survivor].clone();
+    // Everything acknowledged has reached the survivor before the others go.
+    wait_until(DEADLINE, "the survivor to have applied every write", || {
+        let got = etcdctl_try(&endpoint, &["get", "--consistency=s", "/e2e/kept/099", "--print-value-only"]);
+        (got.ok()?.trim() == "value").then_some(())
+    });
+    let lost: Vec<String> = cluster.pods().into_iter().map(|p| p.name).filter(|p| *p != survivor).collect();
+    lose_data(&cluster, &lost.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let status = wait_for_recovery(&cluster, &old_id);
+    let record = &status["lastRecovery"];
+    assert_eq!(record["source"], "Survivor", "{record}");
+    assert_eq!(record["from"], survivor.as_str(), "{record}");
+    assert_eq!(record["previousClusterId"], old_id.as_str(), "{record}");
+    assert_eq!(keys_under(&cluster, "/e2e/kept/"), 100, "every write the survivor had applied");
+    let events = cluster.events();
+    for reason in [
+        "QuorumLost",
+        "RecoveryStarted",
+        "RecoverySnapshot",
+        "RecoveryStoppedMembers",
+        "RecoveryRestore",
+        "RecoveryReplacedVolumes",
+        "RecoveryStartedMembers",
+        "Recovered",
+    ] {
+        assert!(events.iter().any(|e| e.starts_with(reason)), "no {reason} event:\n{}", events.join("\n"));
+    }
+    // The survivor's old data is kept on its volume, beside the snapshot it was made from.
+    let volume =
+        cluster.kubectl(&["get", "pvc", &format!("data-{survivor}"), "-o", "jsonpath={.spec.volumeName}"]);
+    let path = kubectl_json(&["get", "pv", &volume])["spec"]["local"]["path"].as_str().map(str::to_owned);
+    if let (Some(path), Ok(_)) = (path, std::env::var("LOCAL_CLUSTER_STATE")) {
+        let kept = std::path::Path::new(&path)
+            .join("replaced")
+            .join(record["clusterToken"].as_str().expect("a token"));
+        assert!(kept.join("data").join("member").exists(), "{} holds no old data", kept.display());
+        assert!(kept.join("source.snapshot").exists(), "{} holds no snapshot", kept.display());
+    }
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_when_asked() {
+    let _timer = Timer::start("19 quorum lost, restored from a backup by request");
+    deploy_operator();
+    let runtime = runtime();
+    let (_root, endpoint) = s3_for_pods(&runtime);
+    let backup = format!(
+        "  backup:\n    schedule: \"@daily\"\n    suspend: true\n    destination:\n{}",
+        s3_destination(&endpoint, "backups", "s3")
+    );
+    let cluster = Cluster::create("cc-from-backup", "demo", &recovering(false, &backup));
+    create_s3_secret(&cluster, "s3", SECRET_KEY);
+    let before = cluster.wait_running(3);
+    let old_id = before["clusterId"].as_str().expect("clusterId").to_owned();
+    let backed_up = put_keys(&cluster, "/e2e/backed-up/", 50);
+    ask_for_backup(&cluster, "before-the-disaster", "demo", None);
+    wait_until(DEADLINE, "the backup verified", || {
+        let backup = cluster.status()["lastBackup"].clone();
+        (backup["verified"] == true).then_some(())
+    });
+    put_keys(&cluster, "/e2e/after/", 10);
+    let members: Vec<String> = cluster.pods().into_iter().map(|p| p.name).collect();
+    lose_data(&cluster, &members.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // autoRestore is off: the loss is told, and nothing happens past the timeout.
+    let (since, message) = wait_until(DEADLINE, "QuorumLost saying what to do", || {
+        let status = cluster.status();
+        let lost = status["conditions"].as_array()?.iter().find(|c| c["type"] == "QuorumLost")?.clone();
+        let message = lost["message"].as_str().unwrap_or_default().to_owned();
+        (lost["status"] == "True" && message.contains("consensus.dev/recover"))
+            .then(|| (lost["lastTransitionTime"].as_str().unwrap_or_default().to_owned(), message))
+    });
+    assert!(message.contains("autoRestore is off"), "{message}");
+    let lost_at: k8s_openapi::jiff::Timestamp = since.parse().expect("a time");
+    let past_timeout = lost_at + Duration::from_secs(30);
+    wait_until(DEADLINE, "the quorum loss timeout (20 s) to have passed", || {
+        (k8s_openapi::jiff::Timestamp::now() > past_timeout).then_some(())
+    });
+    assert_eq!(cluster.condition("QuorumLost").map(|c| c.0).as_deref(), Some("True"));
+    let events = cluster.events();
+    assert!(events.iter().any(|e| e.starts_with("QuorumLost")), "{}", events.join("\n"));
+    assert!(!events.iter().any(|e| e.starts_with("RecoveryStarted")), "{}", events.join("\n"));
+    assert!(cluster.status()["recovery"].is_null());
+
+    // The documented request: the time of the loss or later.
+    cluster.kubectl(&["annotate", "cc", "demo", &format!("consensus.dev/recover={since}")]);
+    let status = wait_for_recovery(&cluster, &old_id);
+    let record = &status["lastRecovery"];
+    assert_eq!(record["source"], "Backup", "{record}");
+    assert_eq!(record["requested"], since.as_str(), "{record}");
+    assert_eq!(keys_under(&cluster, "/e2e/backed-up/"), 50, "every write up to the backup");
+    assert_eq!(keys_under(&cluster, "/e2e/after/"), 0, "the backup's revision {backed_up} and nothing after");
+    assert!(record["lostWrites"].as_str().is_some_and(|w| w.contains("after revision")), "{record}");
+}

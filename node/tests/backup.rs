@@ -331,7 +331,8 @@ async fn a_stored_backup_is_fetched_whole_and_checked_before_a_restore() {
     let args = ["--endpoint", &follower, "--to", "s3://backups/prod/demo", "--name", "demo-1"];
     let taken = manifest(backup(&[&args[..], &store[..]].concat(), SECRET_KEY));
     let dir = tempfile::tempdir().expect("tempdir");
-    let to = dir.path().join("demo-1.snapshot");
+    // Into a directory not made yet, as a recovery's on a member's volume.
+    let to = dir.path().join("replaced").join("demo-1.snapshot");
     let to_arg = to.display().to_string();
     let from = ["--from", "s3://backups/prod/demo", "--name", "demo-1", "--to", &to_arg];
 

@@ -194,6 +194,7 @@ OPERATOR_PERMISSIONS = {
     ("consensus.dev", "consensusbackups/status"): {"patch"},
     ("consensus.dev", "consensusbackups/finalizers"): {"update"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "statefulsets/scale"): {"patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},

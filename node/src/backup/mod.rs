@@ -376,6 +376,9 @@ pub async fn fetch(
     let (store, prefix, root) = open(destination, s3)?;
     let (_, manifest) = read_manifest(store.as_ref(), &prefix, &root, name).await?;
     let object = key(&prefix, &format!("{name}.snapshot"));
+    if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let staged = to.with_extension("fetching");
     let sha256 = verify::download(store.as_ref(), &object, &staged).await?;
     if sha256 != manifest.sha256 {

@@ -17,7 +17,7 @@ pub enum Error {
     #[error("starting a backup: {0}")]
     Backup(String),
     #[error("recovering from quorum loss: {0}")]
-    Recovery(&'static str),
+    Recovery(String),
     #[error("adding or removing the finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }

@@ -10,6 +10,7 @@ mod leader;
 pub mod metrics;
 mod observe;
 pub mod reconcile;
+mod recovery;
 mod requests;
 mod run;
 mod triggers;

@@ -74,10 +74,6 @@ fn managed_entry<K: k8s_openapi::Resource + ResourceExt + Serialize>(object: &K)
     (object_key(K::KIND, &object.name_any()), managed_content(object))
 }
 
-/// Recovery from quorum loss is carried out by the local platform only, so far.
-pub const RECOVERY_UNSUPPORTED: &str = "this operator does not recover a cluster on Kubernetes from quorum loss \
-     yet (the local platform does): restore a backup by hand (consensus-node restore)";
-
 pub async fn observe(
     client: &Client,
     members: &impl Members,
@@ -95,7 +91,6 @@ pub async fn observe(
             last_backup: cc.status.as_ref().and_then(|s| s.last_backup.clone()),
             quorum_lost_since: quorum_lost_since(cc.status.as_ref()),
             recovery: recovery_in(cc.status.as_ref()),
-            recovery_unsupported: Some(RECOVERY_UNSUPPORTED),
             status_cluster_id: cc.status.as_ref().and_then(|s| s.cluster_id.clone()),
             ..Observed::default()
         },

@@ -20,7 +20,7 @@ use super::apply::{Applied, Change, apply, apply_status};
 use super::events::Events;
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
-use super::{Error, backups, requests};
+use super::{Error, backups, recovery, requests};
 use crate::membership::{self, MembershipError};
 use crate::plan::backup::{self, backup_name, outcome_event};
 use crate::plan::recovery::{quorum_event, quorum_lost_since, recovery_event};
@@ -387,11 +387,21 @@ async fn act<M: membership::Members>(
             );
             normal("BackupStarted", "Backup", note, Some(reference::<Job>(&namespace, &job))).await;
         }
-        // Never planned here (`Observed::recovery_unsupported`); refused should that change.
-        Step::BeginRecovery { .. } | Step::Recover { .. } => {
-            return Err(Error::Recovery(super::observe::RECOVERY_UNSUPPORTED));
+        Step::Recover { record } => {
+            if let Some(done) = recovery::advance(&ctx.client, cc, observation, record).await? {
+                let related = match done.job {
+                    Some(job) => reference::<Job>(&namespace, &job),
+                    None => reference::<StatefulSet>(&namespace, &cluster),
+                };
+                normal(done.reason, "Recover", done.note, Some(related)).await;
+            }
         }
-        Step::RefuseSpec { .. } | Step::CreateWorkload { .. } | Step::Wait { .. } | Step::Steady => {}
+        // Recorded in status by this reconcile, before anything is changed.
+        Step::BeginRecovery { .. }
+        | Step::RefuseSpec { .. }
+        | Step::CreateWorkload { .. }
+        | Step::Wait { .. }
+        | Step::Steady => {}
     }
     Ok(())
 }

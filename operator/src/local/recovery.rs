@@ -14,6 +14,7 @@ use consensus_crds::{ConsensusClusterSpec, RecoveryRecord, RecoverySource};
 use super::LocalError;
 use super::act::die_at;
 use super::workload::Workload;
+use crate::resources::backup::{s3_flags, stored_backup};
 
 /// A survivor's snapshot of a store our size takes seconds; past this it is not coming.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -74,23 +75,16 @@ impl Recovery {
             return Ok(snapshot);
         }
         let unusable = |why: &str| LocalError::Recovery(format!("the backup {}: {why}", record.from));
-        let (from, file) = record.from.rsplit_once('/').ok_or_else(|| unusable("not a location"))?;
-        let name = file.strip_suffix(".snapshot").ok_or_else(|| unusable("not a .snapshot object"))?;
-        let mut args = vec!["fetch".to_owned(), "--from".to_owned(), from.to_owned(), "--name".to_owned()];
-        args.push(name.to_owned());
+        let (from, name) =
+            stored_backup(&record.from).ok_or_else(|| unusable("not a stored backup's location"))?;
+        let mut args = ["fetch", "--from", from, "--name", name].map(str::to_owned).to_vec();
         if let Some(bucket) = from.strip_prefix("s3://").map(|rest| rest.split('/').next().unwrap_or(rest)) {
             let s3 =
                 spec.backup.as_ref().and_then(|b| b.destination.s3.as_ref()).filter(|s3| s3.bucket == bucket);
             let s3 = s3.ok_or_else(|| {
                 unusable("its bucket is not spec.backup.destination's, so how to reach it is unknown")
             })?;
-            args.extend(["--s3-region".to_owned(), s3.region.clone()]);
-            if let Some(endpoint) = &s3.endpoint {
-                args.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
-            }
-            if s3.force_path_style {
-                args.push("--s3-path-style".to_owned());
-            }
+            args.extend(s3_flags(s3));
         }
         std::fs::create_dir_all(&self.dir).map_err(|source| LocalError::State {
             action: "creating",

@@ -64,9 +64,6 @@ pub struct Observed {
     pub quorum_lost_since: Option<Timestamp>,
     /// `status.recovery`: a recovery from quorum loss under way.
     pub recovery: Option<RecoveryRecord>,
-    /// Why this platform does not recover from quorum loss, when it does not: nothing is
-    /// planned, and the `QuorumLost` condition says so.
-    pub recovery_unsupported: Option<&'static str>,
     /// The `consensus.dev/recover` annotation: a recovery asked for by hand.
     pub recovery_request: Option<String>,
     /// `status.clusterId`: the cluster's id as last seen, when no member answers now.
@@ -829,27 +826,10 @@ fn quorum_lost_condition(
         };
         condition(TYPE, true, "NotEnoughHealthyVoters", format!("{message}; {recovery}"))
     } else {
-        // Declared but not acted on here: said where a person looks, before they count on it.
-        let unsupported = match observed.recovery_unsupported {
-            Some(why) if spec.recovery.auto_restore => {
-                format!("; spec.recovery.autoRestore is set, but {why}")
-            }
-            _ => String::new(),
-        };
         if established {
-            condition(
-                TYPE,
-                false,
-                "QuorumHealthy",
-                format!("a leader and a quorum of healthy voters{unsupported}"),
-            )
+            condition(TYPE, false, "QuorumHealthy", "a leader and a quorum of healthy voters")
         } else {
-            condition(
-                TYPE,
-                false,
-                "Bootstrapping",
-                format!("the cluster has not had a leader yet{unsupported}"),
-            )
+            condition(TYPE, false, "Bootstrapping", "the cluster has not had a leader yet")
         }
     }
 }
@@ -896,7 +876,7 @@ fn zone_condition(observed: &Observed) -> NewCondition {
 
 pub mod backup;
 pub mod recovery;
-mod scaling;
+pub mod scaling;
 pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, log_caught_up, ordinal};
 
 #[cfg(test)]

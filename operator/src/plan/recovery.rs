@@ -97,7 +97,7 @@ pub fn step(spec: &ConsensusClusterSpec, observed: &Observed, lost_now: bool) ->
         return (!restored && !abandoned(observed, record))
             .then(|| Step::Recover { record: Box::new(record.clone()) });
     }
-    if observed.recovery_unsupported.is_some() || !lost_now {
+    if !lost_now {
         return None;
     }
     let since = observed.quorum_lost_since?;
@@ -203,9 +203,6 @@ fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord>
 
 /// Why nothing recovers a cluster that has lost its quorum, for the `QuorumLost` condition.
 pub fn not_recovering(spec: &ConsensusClusterSpec, observed: &Observed) -> String {
-    if let Some(why) = observed.recovery_unsupported {
-        return why.to_owned();
-    }
     if let Err(why) = request(observed) {
         return why;
     }

@@ -558,19 +558,3 @@ proptest! {
         prop_assert_eq!(first, second);
     }
 }
-
-#[test]
-fn an_automatic_restore_a_platform_does_not_carry_out_says_so() {
-    let mut asked = spec(3);
-    asked.recovery.auto_restore = true;
-    let unsupported = Observed { recovery_unsupported: Some("not on this platform"), ..running(3) };
-    let status = status_now(&asked, &unsupported);
-    let quorum = find(&status, condition::QUORUM_LOST);
-    assert_eq!(quorum.status, "False");
-    assert!(quorum.message.contains("autoRestore is set, but not on this platform"), "{}", quorum.message);
-    // Where it is carried out, or not asked for, nothing to say.
-    assert!(!find(&status_now(&asked, &running(3)), condition::QUORUM_LOST).message.contains("autoRestore"));
-    assert!(
-        !find(&status_now(&spec(3), &unsupported), condition::QUORUM_LOST).message.contains("autoRestore")
-    );
-}

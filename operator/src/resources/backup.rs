@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use consensus_crds::{
-    BackupDestination, ConsensusCluster, ConsensusClusterSpec, RetentionSpec, parse_duration,
+    BackupDestination, ConsensusCluster, ConsensusClusterSpec, RetentionSpec, S3Destination, parse_duration,
 };
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
@@ -121,49 +121,7 @@ pub fn job(
     let cluster = Cluster::new(cc)?;
     let endpoint = member_client_url(cluster.name, cluster.namespace, run.member);
     let to = destination_url(run.destination, cluster.namespace, cluster.name, Path::new(VOLUME_MOUNT));
-    let mut env = Vec::new();
-    let mut volumes = vec![Volume {
-        name: "tmp".to_owned(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    }];
-    let mut mounts =
-        vec![VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() }];
-    if let Some(s3) = &run.destination.s3 {
-        let secret = &s3.credentials_secret;
-        for (name, key) in [
-            ("AWS_ACCESS_KEY_ID", &secret.access_key_id_key),
-            ("AWS_SECRET_ACCESS_KEY", &secret.secret_access_key_key),
-        ] {
-            env.push(EnvVar {
-                name: name.to_owned(),
-                value: None,
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret.name.clone(),
-                        key: key.clone(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-            });
-        }
-    }
-    if let Some(volume) = &run.destination.volume {
-        volumes.push(Volume {
-            name: "destination".to_owned(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: volume.claim_name.clone(),
-                read_only: Some(false),
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: "destination".to_owned(),
-            mount_path: VOLUME_MOUNT.to_owned(),
-            ..VolumeMount::default()
-        });
-    }
+    let (env, volumes, mounts) = destination_access(Some(run.destination));
     let labels = run_labels(cluster.name);
     let mut annotations = BTreeMap::from([
         (BACKUP_ANNOTATION.to_owned(), run.backup.to_owned()),
@@ -212,6 +170,78 @@ pub fn job(
     })
 }
 
+/// What a pod needs to reach `destination`, if any: the S3 credentials from the Secret it names as
+/// environment, or its claim mounted at [`VOLUME_MOUNT`]; and a scratch `/tmp`, as the root
+/// filesystem is read-only.
+pub(super) fn destination_access(
+    destination: Option<&BackupDestination>,
+) -> (Vec<EnvVar>, Vec<Volume>, Vec<VolumeMount>) {
+    let mut env = Vec::new();
+    let mut volumes = vec![Volume {
+        name: "tmp".to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    }];
+    let mut mounts =
+        vec![VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() }];
+    if let Some(s3) = destination.and_then(|d| d.s3.as_ref()) {
+        let secret = &s3.credentials_secret;
+        for (name, key) in [
+            ("AWS_ACCESS_KEY_ID", &secret.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", &secret.secret_access_key_key),
+        ] {
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: key.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        }
+    }
+    if let Some(volume) = destination.and_then(|d| d.volume.as_ref()) {
+        volumes.push(Volume {
+            name: "destination".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: volume.claim_name.clone(),
+                read_only: Some(false),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "destination".to_owned(),
+            mount_path: VOLUME_MOUNT.to_owned(),
+            ..VolumeMount::default()
+        });
+    }
+    (env, volumes, mounts)
+}
+
+/// The `consensus-node` flags that reach an S3-compatible store (credentials come from the
+/// environment).
+pub fn s3_flags(s3: &S3Destination) -> Vec<String> {
+    let mut args = vec!["--s3-region".to_owned(), s3.region.clone()];
+    if let Some(endpoint) = &s3.endpoint {
+        args.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
+    }
+    if s3.force_path_style {
+        args.push("--s3-path-style".to_owned());
+    }
+    args
+}
+
+/// A stored backup's location (`status.lastBackup.location`) as the `--from` and `--name`
+/// of `consensus-node fetch`: where it is stored, and its name without `.snapshot`.
+pub fn stored_backup(location: &str) -> Option<(&str, &str)> {
+    let (from, file) = location.rsplit_once('/')?;
+    Some((from, file.strip_suffix(".snapshot")?)).filter(|(from, name)| !from.is_empty() && !name.is_empty())
+}
+
 /// Where the backups of `cluster` go: `s3://BUCKET/PREFIX`, the prefix `<namespace>/<cluster>`
 /// unless the spec names one; or the directory `path` inside the volume mounted at
 /// `volume_root`.
@@ -252,13 +282,7 @@ pub fn command(run: &BackupJob<'_>, endpoint: &str, to: &str, report: &str) -> V
             .map(str::to_owned)
             .to_vec();
     if let Some(s3) = &run.destination.s3 {
-        args.extend(["--s3-region".to_owned(), s3.region.clone()]);
-        if let Some(endpoint) = &s3.endpoint {
-            args.extend(["--s3-endpoint".to_owned(), endpoint.clone()]);
-        }
-        if s3.force_path_style {
-            args.push("--s3-path-style".to_owned());
-        }
+        args.extend(s3_flags(s3));
     }
     let Some(retention) = run.retention else { return args };
     args.extend(["--retain-count".to_owned(), retention.max_count.to_string()]);

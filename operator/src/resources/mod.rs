@@ -5,6 +5,7 @@ pub mod backup;
 mod config;
 mod disruption;
 pub mod labels;
+pub mod recovery;
 mod services;
 mod statefulset;
 pub mod storage;
@@ -32,6 +33,8 @@ pub enum BuildError {
         "a backup was planned without a destination (neither its ConsensusBackup nor spec.backup names one)"
     )]
     NoBackupDestination,
+    #[error("a recovery cannot use its source: {0}")]
+    BackupSource(String),
 }
 
 /// Everything one cluster is made of, in the order it is applied: configuration and

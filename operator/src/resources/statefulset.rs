@@ -19,8 +19,8 @@ use super::{
 };
 
 const CONTAINER: &str = "consensus-node";
-const DATA_VOLUME: &str = "data";
-const DATA_MOUNT: &str = "/var/lib/consensus";
+pub(super) const DATA_VOLUME: &str = "data";
+pub(super) const DATA_MOUNT: &str = "/var/lib/consensus";
 /// The image's non-root user; fsGroup makes the volume writable for it.
 const USER_ID: i64 = 65532;
 const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
