@@ -937,3 +937,92 @@ async fn a_consensus_backup_is_taken_by_a_job_it_owns_and_its_status_says_so() {
     assert_eq!(started.len(), 2, "one on the cluster, one on the request: {started:?}");
     assert_allowed_by_cluster_role(&requests);
 }
+
+/// A cluster whose quorum was lost at 10:00 with two of three members gone: demo-0 answers
+/// alone with what it applied; status still has the old cluster's id.
+fn lost_quorum(annotation: Option<&str>) -> (ConsensusCluster, Vec<Value>, FakeMembers) {
+    let mut cc = cluster(json!({"replicas": 3}), true);
+    if let Some(at) = annotation {
+        cc.metadata.annotations = Some([("consensus.dev/recover".to_owned(), at.to_owned())].into());
+    }
+    cc.status = Some(
+        serde_json::from_value(json!({
+            "phase": "QuorumLost", "clusterId": format!("{CLUSTER_ID:x}"),
+            "conditions": [{
+                "type": "QuorumLost", "status": "True", "reason": "NotEnoughHealthyVoters",
+                "message": "1 of 3 voters are healthy", "lastTransitionTime": "2026-12-01T10:00:00Z",
+            }],
+        }))
+        .expect("status"),
+    );
+    let objects = not_ready(running_cluster_objects(&cc, InitialClusterState::Existing));
+    let mut left = members(3);
+    for member in &mut left[1..] {
+        member.answers = false;
+    }
+    (cc, objects, FakeMembers::answering(Cluster { members: left, leader: None }))
+}
+
+#[tokio::test]
+async fn a_recovery_asked_for_by_annotation_is_recorded_first_and_then_takes_the_survivors_snapshot() {
+    let (cc, objects, members) = lost_quorum(Some("2026-12-01T10:05:00Z"));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects.clone()));
+    reconcile(Arc::new(cc.clone()), context(client, members)).await.expect("reconciles");
+
+    // Recorded before anything is changed: nothing applied, nothing created.
+    let requests = api.requests();
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    let record = &status["recovery"];
+    assert_eq!(record["source"], "Survivor", "{record}");
+    assert_eq!(record["from"], "demo-0");
+    assert_eq!(record["requested"], "2026-12-01T10:05:00Z");
+    assert_eq!(record["previousClusterId"], format!("{CLUSTER_ID:x}"));
+    assert_eq!(status["phase"], "Restoring");
+    let started = events(&requests).into_iter().find(|(_, reason, _)| reason == "RecoveryStarted");
+    assert_eq!(started.map(|(type_, _, _)| type_).as_deref(), Some("Warning"));
+    assert!(
+        api.writes().iter().all(|w| w.path == format!("{CC}/status") || w.path == EVENTS),
+        "{:#?}",
+        api.story()
+    );
+
+    // The next reconcile carries it on: the survivor's snapshot Job, on its own volume.
+    let (cc, _, members) = lost_quorum(Some("2026-12-01T10:05:00Z"));
+    let cc = ConsensusCluster { status: serde_json::from_value(status.clone()).ok(), ..cc };
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    reconcile(Arc::new(cc), context(client, members)).await.expect("reconciles");
+    let requests = api.requests();
+    let job = &only(&requests, "POST", JOBS).body;
+    assert_eq!(job["metadata"]["name"], "demo-recovery-snapshot");
+    let token = record["clusterToken"].as_str().expect("a token");
+    assert_eq!(job["metadata"]["annotations"]["consensus.dev/recovery-token"], token);
+    assert_eq!(job["metadata"]["labels"]["app.kubernetes.io/name"], "consensus-recovery");
+    let pod = &job["spec"]["template"]["spec"];
+    let claim = pod["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find_map(|v| v["persistentVolumeClaim"]["claimName"].as_str());
+    assert_eq!(claim, Some("data-demo-0"));
+    let args: Vec<&str> =
+        pod["containers"][0]["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
+    let to = format!("file:///var/lib/consensus/replaced/{token}");
+    assert_eq!(
+        args,
+        ["backup", "--endpoint", "http://demo-0.demo-peer.default.svc:2379", "--to", &to, "--name", "source"]
+    );
+    assert!(events(&requests).iter().any(|(_, reason, _)| reason == "RecoverySnapshot"));
+    assert_allowed_by_cluster_role(&requests);
+}
+
+#[tokio::test]
+async fn a_request_made_before_the_loss_recovers_nothing_and_says_so() {
+    let (cc, objects, members) = lost_quorum(Some("2026-12-01T09:00:00Z"));
+    let (client, api) = FakeApi::start(with_cluster(&cc, objects));
+    reconcile(Arc::new(cc), context(client, members)).await.expect("reconciles");
+    let requests = api.requests();
+    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    assert_eq!(status["recovery"], Value::Null);
+    let message = condition(status, "QuorumLost")["message"].as_str().unwrap_or_default();
+    assert!(message.contains("was made before the quorum was lost"), "{message}");
+}

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use consensus_crds::{ConsensusBackup, ConsensusCluster};
+use consensus_crds::{ConsensusBackup, ConsensusCluster, RECOVER_ANNOTATION};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerStateTerminated, Node, PersistentVolumeClaim, Pod, Service,
@@ -92,6 +92,7 @@ pub async fn observe(
             quorum_lost_since: quorum_lost_since(cc.status.as_ref()),
             recovery: recovery_in(cc.status.as_ref()),
             status_cluster_id: cc.status.as_ref().and_then(|s| s.cluster_id.clone()),
+            recovery_request: cc.annotations().get(RECOVER_ANNOTATION).cloned(),
             ..Observed::default()
         },
         ..Observation::default()
