@@ -1336,7 +1336,17 @@ fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_w
 
     // The documented request: the time of the loss or later.
     cluster.kubectl(&["annotate", "cc", "demo", &format!("consensus.dev/recover={since}")]);
+    // The active operator dies half-way, its members stopped: the standby carries on from
+    // what it observes.
+    wait_until(DEADLINE, "the members stopped for the restore", || {
+        cluster.events().iter().any(|e| e.starts_with("RecoveryStoppedMembers")).then_some(())
+    });
+    let holder = consensus_e2e::scenario::lease_holder().expect("an operator holds the Lease");
+    kubectl_ok(&["-n", OPERATOR_NAMESPACE, "delete", "pod", &holder, "--grace-period=0", "--force"], None);
     let status = wait_for_recovery(&cluster, &old_id);
+    let started = cluster.events().iter().filter(|e| e.starts_with("RecoveryStarted")).count();
+    assert_eq!(started, 1, "one recovery, carried on by the next operator");
+    wait_until(DEADLINE, "two ready operator replicas", || (ready_operators() == 2).then_some(()));
     let record = &status["lastRecovery"];
     assert_eq!(record["source"], "Backup", "{record}");
     assert_eq!(record["requested"], since.as_str(), "{record}");

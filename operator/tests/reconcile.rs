@@ -971,7 +971,10 @@ async fn a_recovery_asked_for_by_annotation_is_recorded_first_and_then_takes_the
 
     // Recorded before anything is changed: nothing applied, nothing created.
     let requests = api.requests();
-    let status = &only(&requests, "PATCH", &format!("{CC}/status")).body["status"];
+    let written = &only(&requests, "PATCH", &format!("{CC}/status")).body;
+    // Only onto the version it was decided from: a stale copy never starts a second one.
+    assert_eq!(written["metadata"]["resourceVersion"], "7");
+    let status = &written["status"];
     let record = &status["recovery"];
     assert_eq!(record["source"], "Survivor", "{record}");
     assert_eq!(record["from"], "demo-0");

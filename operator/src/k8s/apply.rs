@@ -71,16 +71,23 @@ pub fn managed_content<T: Serialize>(object: &T) -> u64 {
 }
 
 /// Applies `status` to `object`'s status subresource under the status field manager,
-/// forced: status is the operator's alone.
+/// forced: status is the operator's alone. Only onto the version of `object` it was decided
+/// from (its resourceVersion a precondition): status is what the operator remembers (a
+/// recovery under way, the last scheduled backup), and a reconcile of a cached copy older
+/// than the last write would otherwise write it back, starting a second recovery or taking
+/// a slot again. Refused (409), the reconcile is retried on the newer copy.
 pub async fn apply_status<K>(client: &Client, object: &K, status: &impl Serialize) -> Result<(), kube::Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + DeserializeOwned + Clone + Debug,
 {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(version) = object.resource_version() {
+        body["metadata"] = serde_json::json!({"resourceVersion": version});
+    }
     Api::<K>::namespaced(client.clone(), &object.namespace().unwrap_or_default())
         .patch_status(
             &object.name_any(),
