@@ -1215,9 +1215,9 @@ fn keys_under(cluster: &Cluster, prefix: &str) -> usize {
     out.lines().filter(|l| !l.trim().is_empty()).count()
 }
 
-/// The finished recovery in status, once the cluster is back at three healthy voters
+/// The finished recovery in status, once the cluster is back at `voters` healthy voters
 /// under another cluster id than `old_id`.
-fn wait_for_recovery(cluster: &Cluster, old_id: &str) -> serde_json::Value {
+fn wait_for_recovery(cluster: &Cluster, old_id: &str, voters: usize) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(420);
     loop {
         let status = cluster.status();
@@ -1225,7 +1225,7 @@ fn wait_for_recovery(cluster: &Cluster, old_id: &str) -> serde_json::Value {
             && status["recovery"].is_null()
             && status["clusterId"].as_str().is_some_and(|id| id != old_id);
         if recovered {
-            return cluster.wait_running(3);
+            return cluster.wait_running(voters);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -1257,7 +1257,7 @@ fn scenario_18_two_members_losing_their_data_heal_from_the_survivor_under_a_new_
     let lost: Vec<String> = cluster.pods().into_iter().map(|p| p.name).filter(|p| *p != survivor).collect();
     lose_data(&cluster, &lost.iter().map(String::as_str).collect::<Vec<_>>());
 
-    let status = wait_for_recovery(&cluster, &old_id);
+    let status = wait_for_recovery(&cluster, &old_id, 3);
     let record = &status["lastRecovery"];
     assert_eq!(record["source"], "Survivor", "{record}");
     assert_eq!(record["from"], survivor.as_str(), "{record}");
@@ -1276,16 +1276,19 @@ fn scenario_18_two_members_losing_their_data_heal_from_the_survivor_under_a_new_
     ] {
         assert!(events.iter().any(|e| e.starts_with(reason)), "no {reason} event:\n{}", events.join("\n"));
     }
-    // The survivor's old data is kept on its volume, beside the snapshot it was made from.
-    let volume =
-        cluster.kubectl(&["get", "pvc", &format!("data-{survivor}"), "-o", "jsonpath={.spec.volumeName}"]);
+    // The new cluster starts from the first member's volume, which keeps the survivor's
+    // snapshot it was made from, and what it held before (the survivor's own data, when it
+    // was the survivor).
+    let volume = cluster.kubectl(&["get", "pvc", "data-demo-0", "-o", "jsonpath={.spec.volumeName}"]);
     let path = kubectl_json(&["get", "pv", &volume])["spec"]["local"]["path"].as_str().map(str::to_owned);
     if let (Some(path), Ok(_)) = (path, std::env::var("LOCAL_CLUSTER_STATE")) {
         let kept = std::path::Path::new(&path)
             .join("replaced")
             .join(record["clusterToken"].as_str().expect("a token"));
-        assert!(kept.join("data").join("member").exists(), "{} holds no old data", kept.display());
         assert!(kept.join("source.snapshot").exists(), "{} holds no snapshot", kept.display());
+        if survivor == "demo-0" {
+            assert!(kept.join("data").join("member").exists(), "{} holds no old data", kept.display());
+        }
     }
 }
 
@@ -1343,7 +1346,7 @@ fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_w
     });
     let holder = consensus_e2e::scenario::lease_holder().expect("an operator holds the Lease");
     kubectl_ok(&["-n", OPERATOR_NAMESPACE, "delete", "pod", &holder, "--grace-period=0", "--force"], None);
-    let status = wait_for_recovery(&cluster, &old_id);
+    let status = wait_for_recovery(&cluster, &old_id, 3);
     let started = cluster.events().iter().filter(|e| e.starts_with("RecoveryStarted")).count();
     assert_eq!(started, 1, "one recovery, carried on by the next operator");
     wait_until(DEADLINE, "two ready operator replicas", || (ready_operators() == 2).then_some(()));
@@ -1353,4 +1356,49 @@ fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_w
     assert_eq!(keys_under(&cluster, "/e2e/backed-up/"), 50, "every write up to the backup");
     assert_eq!(keys_under(&cluster, "/e2e/after/"), 0, "the backup's revision {backed_up} and nothing after");
     assert!(record["lostWrites"].as_str().is_some_and(|w| w.contains("after revision")), "{record}");
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_20_five_members_losing_three_wait_out_the_timeout_then_heal_from_a_survivor() {
+    let _timer = Timer::start("20 five members losing three");
+    deploy_operator();
+    let five = |timeout: &str| {
+        format!(
+            "  replicas: 5\n  storage:\n    size: 1Gi\n  recovery:\n    autoRestore: true\n    quorumLossTimeout: \
+             {timeout}\n"
+        )
+    };
+    let cluster = Cluster::create("cc-five-lose-three", "demo", &five("10m"));
+    let before = cluster.wait_running(5);
+    let old_id = before["clusterId"].as_str().expect("clusterId").to_owned();
+    put_keys(&cluster, "/e2e/five/", 50);
+    let leader = before["leader"].as_str().expect("a leader").to_owned();
+    let mut names: Vec<String> = cluster.pods().into_iter().map(|p| p.name).collect();
+    names.sort_by_key(|n| *n != leader);
+    let (lost, kept) = names.split_at(3);
+    for member in kept {
+        let endpoint = cluster.endpoints()[member].clone();
+        wait_until(DEADLINE, "every write on the members that stay", || {
+            let got =
+                etcdctl_try(&endpoint, &["get", "--consistency=s", "/e2e/five/049", "--print-value-only"]);
+            (got.ok()?.trim() == "value").then_some(())
+        });
+    }
+    lose_data(&cluster, &lost.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Lost, and said so, but within its timeout nothing is done.
+    let message = wait_until(DEADLINE, "QuorumLost saying when a recovery starts", || {
+        let (value, _, message) = cluster.condition("QuorumLost")?;
+        (value == "True" && message.contains("starts 10m after the loss")).then_some(message)
+    });
+    assert!(kept.iter().any(|m| message.contains(&format!("recovery from {m}"))), "{message}");
+    assert!(cluster.status()["recovery"].is_null());
+    // A shorter timeout, long passed: it heals from the survivor that applied the most.
+    cluster.apply(&five("20s"));
+    let status = wait_for_recovery(&cluster, &old_id, 5);
+    let record = &status["lastRecovery"];
+    assert_eq!(record["source"], "Survivor", "{record}");
+    assert!(kept.iter().any(|m| record["from"] == m.as_str()), "{record}");
+    assert_eq!(keys_under(&cluster, "/e2e/five/"), 50, "every write the survivors had applied");
 }

@@ -7,8 +7,9 @@
 //!    recovery's token (the old data kept aside on its volume);
 //! 4. the other members' claims deleted: they hold the old cluster, whose id the new one
 //!    refuses (a StorageClass with `reclaimPolicy: Retain` keeps the volumes themselves);
-//! 5. the StatefulSet scaled back: the first member starts the new cluster alone, the others
-//!    start empty and are added back as learners by the usual steps.
+//! 5. the StatefulSet scaled to 1: the first member starts the new cluster alone, and the
+//!    others are added back by the usual steps of a scale-up (learners, then their pods, on
+//!    new volumes placed around it, then one joint change).
 //!
 //! The Jobs stay once done (their logs say what happened) and are deleted by the next
 //! recovery, or with the cluster.
@@ -22,7 +23,6 @@ use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use super::observe::Observation;
-use crate::plan::scaling::ordinal;
 use crate::resources::recovery::{
     Part, TOKEN_ANNOTATION, first_member, restore_job, run_selector, snapshot_job,
 };
@@ -63,7 +63,7 @@ pub enum Next {
     /// The StatefulSet to 0 replicas.
     Stop,
     DeleteClaims(Vec<String>),
-    /// The StatefulSet back to the declared size.
+    /// The StatefulSet to the first member alone.
     Start,
     /// A part failed: its Job is deleted to be made again on the next reconcile.
     Failed(Part, String),
@@ -136,7 +136,7 @@ pub async fn advance(
     let selector = ListParams::default().labels(&run_selector(&cluster));
     let listed = jobs.list(&selector).await?.items;
     let run_pods = pods.list(&selector).await?.items;
-    let first = first_member(&cluster, record);
+    let first = first_member(&cluster);
     let first_claim = volume_claim_name(&first);
     let other_claims = claims
         .list(&ListParams::default().labels(&labels::selector_string(&cluster)))
@@ -203,9 +203,10 @@ pub async fn advance(
             }
             let name = part.job_name(&cluster);
             let note = match (part, record.source) {
-                (Part::Snapshot, RecoverySource::Survivor) => {
-                    format!("Job {name} takes the snapshot of {first} onto its volume, while it still runs")
-                }
+                (Part::Snapshot, RecoverySource::Survivor) => format!(
+                    "Job {name} streams the snapshot of {} onto the volume of {first}, while it still runs",
+                    record.from
+                ),
                 (Part::Snapshot, RecoverySource::Backup) => {
                     format!("Job {name} fetches the backup {} onto the volume of {first}", record.from)
                 }
@@ -243,13 +244,10 @@ pub async fn advance(
             done("RecoveryReplacedVolumes", note, None)
         }
         Next::Start => {
-            // The first member among those the StatefulSet runs, whatever its ordinal.
-            let first_ordinal = ordinal(&first).map_or(0, |(_, n)| i32::try_from(n).unwrap_or(0));
-            let replicas = cc.spec.replicas.max(first_ordinal + 1);
-            scale(client, &namespace, &cluster, replicas).await?;
+            scale(client, &namespace, &cluster, 1).await?;
             let note = format!(
-                "starting the members again (StatefulSet {cluster} to {replicas} replicas): {first} runs the new \
-                 cluster, the others are added to it as learners"
+                "starting {first} (StatefulSet {cluster} to 1 replica): it runs the new cluster alone, and the \
+                 others are added to it as in a scale-up"
             );
             done("RecoveryStartedMembers", note, None)
         }

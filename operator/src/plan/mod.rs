@@ -876,7 +876,7 @@ fn zone_condition(observed: &Observed) -> NewCondition {
 
 pub mod backup;
 pub mod recovery;
-pub mod scaling;
+mod scaling;
 pub use scaling::{LEARNER_CAUGHT_UP_ENTRIES, caught_up, log_caught_up, ordinal};
 
 #[cfg(test)]

@@ -40,16 +40,11 @@ const REPORT_PATH: &str = "/dev/termination-log";
 
 /// Selects the backup runs of one cluster.
 pub fn run_labels(cluster: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (labels::NAME.to_owned(), APP_NAME.to_owned()),
-        (labels::INSTANCE.to_owned(), cluster.to_owned()),
-        (labels::COMPONENT.to_owned(), "backup".to_owned()),
-        (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
-    ])
+    labels::run(APP_NAME, "backup", cluster)
 }
 
 pub fn run_selector(cluster: &str) -> String {
-    run_labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels::as_selector(&run_labels(cluster))
 }
 
 /// One backup run to make a Job (or process) of.
@@ -99,13 +94,7 @@ impl<'a> BackupJob<'a> {
 /// pods carry it as a label value): a long owner name is cut, the rest never.
 fn job_name(owner: &str, part: &str, attempt: u32) -> String {
     let part = if part.is_empty() { String::new() } else { format!("-{part}") };
-    let suffix = format!("-backup{part}-{attempt}");
-    let keep = 63usize.saturating_sub(suffix.len()).min(owner.len());
-    let mut cut = keep;
-    while !owner.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}{suffix}", owner[..cut].trim_end_matches('-'))
+    super::job_name(owner, &format!("-backup{part}-{attempt}"))
 }
 
 /// The Job that takes `run`: the node image running `consensus-node backup` against the

@@ -20,7 +20,24 @@ pub fn selector(cluster: &str) -> BTreeMap<String, String> {
 
 /// The selector as `status.selector` carries it for the scale subresource.
 pub fn selector_string(cluster: &str) -> String {
-    selector(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    as_selector(&selector(cluster))
+}
+
+/// `k=v,...`, as a label selector is written.
+pub fn as_selector(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// Labels of the pods that run for a cluster but are none of its members (backup and
+/// recovery Jobs): `app` is never the members' name, so no Service, budget or spread
+/// constraint of the members counts them.
+pub fn run(app: &str, component: &str, cluster: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (NAME.to_owned(), app.to_owned()),
+        (INSTANCE.to_owned(), cluster.to_owned()),
+        (COMPONENT.to_owned(), component.to_owned()),
+        (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+    ])
 }
 
 /// Selector labels plus the descriptive ones.

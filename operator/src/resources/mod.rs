@@ -125,6 +125,16 @@ impl<'a> Cluster<'a> {
     }
 }
 
+/// `<owner><suffix>` within the 63 characters a Job's name may have (its pods carry it as a
+/// label value): a long owner name is cut, the suffix never.
+fn job_name(owner: &str, suffix: &str) -> String {
+    let mut cut = 63usize.saturating_sub(suffix.len()).min(owner.len());
+    while !owner.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", owner[..cut].trim_end_matches('-'))
+}
+
 pub fn peer_service_name(cluster: &str) -> String {
     format!("{cluster}-peer")
 }

@@ -1,8 +1,9 @@
 //! The two Jobs that make a cluster again on Kubernetes after it lost its quorum
 //! (`plan::recovery` decides, `k8s::recovery` carries it out). Both mount the volume of the
-//! member the new cluster starts from, and everything of one recovery stays on that volume in
-//! `replaced/<token>/`: the source's snapshot, then the member's old data, moved aside:
-//! - `snapshot`: a survivor's own snapshot, taken from it while it still runs (it answers
+//! first member, which the new cluster starts from, as locally, and everything of one
+//! recovery stays on that volume in `replaced/<token>/`: the source's snapshot, then the
+//! member's old data, moved aside:
+//! - `snapshot`: a survivor's snapshot, streamed from it while it still runs (it answers
 //!   without a quorum, and what it serves is what it applied), or the newest verified backup
 //!   fetched from the destination, its sha256 checked against its manifest;
 //! - `restore`: once every member is stopped, that member's data replaced by a one-member
@@ -53,32 +54,24 @@ impl Part {
 
     /// `<cluster>-recovery-<part>`, within the 63 characters a Job's name may have.
     pub fn job_name(self, cluster: &str) -> String {
-        let suffix = format!("-recovery-{}", self.as_str());
-        let keep = 63usize.saturating_sub(suffix.len()).min(cluster.len());
-        format!("{}{suffix}", cluster[..keep].trim_end_matches('-'))
+        super::job_name(cluster, &format!("-recovery-{}", self.as_str()))
     }
 }
 
 pub fn run_labels(cluster: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (labels::NAME.to_owned(), APP_NAME.to_owned()),
-        (labels::INSTANCE.to_owned(), cluster.to_owned()),
-        (labels::COMPONENT.to_owned(), "recovery".to_owned()),
-        (labels::MANAGED_BY.to_owned(), labels::MANAGER.to_owned()),
-    ])
+    labels::run(APP_NAME, "recovery", cluster)
 }
 
 pub fn run_selector(cluster: &str) -> String {
-    run_labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels::as_selector(&run_labels(cluster))
 }
 
-/// The member the new cluster starts from, under its own name: the survivor itself (its
-/// data goes no further than its own volume), or the first member for a backup.
-pub fn first_member(cluster: &str, record: &RecoveryRecord) -> String {
-    match record.source {
-        RecoverySource::Survivor => record.from.clone(),
-        RecoverySource::Backup => format!("{cluster}-0"),
-    }
+/// The member the new cluster starts from, whatever the source: the first, so that it runs
+/// alone and the others are added, as in a scale-up. Started together, members whose
+/// volumes are new could be placed first and leave the zone of its volume no room under
+/// the spread constraints.
+pub fn first_member(cluster: &str) -> String {
+    format!("{cluster}-0")
 }
 
 /// Where one recovery keeps what it uses and what it replaces, on the first member's volume.
@@ -90,18 +83,18 @@ fn snapshot_file(record: &RecoveryRecord) -> String {
     format!("{}/source.snapshot", recovery_dir(record))
 }
 
-/// The `snapshot` Job. A survivor's runs on the survivor's node (`node`, where its pod
-/// runs), as its volume can be mounted only there.
+/// The `snapshot` Job. It runs on the first member's node (`node`, where its pod runs, if
+/// it does), as its volume can be mounted only there while the pod has it.
 pub fn snapshot_job(
     cc: &ConsensusCluster,
     record: &RecoveryRecord,
     node: Option<&str>,
 ) -> Result<Job, BuildError> {
     let cluster = Cluster::new(cc)?;
-    let first = first_member(cluster.name, record);
+    let first = first_member(cluster.name);
     let (args, access) = match record.source {
         RecoverySource::Survivor => {
-            let endpoint = member_client_url(cluster.name, cluster.namespace, &first);
+            let endpoint = member_client_url(cluster.name, cluster.namespace, &record.from);
             let to = format!("file://{}", recovery_dir(record));
             let args = ["backup", "--endpoint", &endpoint, "--to", &to, "--name", "source"];
             (args.map(str::to_owned).to_vec(), None)
@@ -138,7 +131,7 @@ pub fn snapshot_job(
 /// The `restore` Job, run once every member has stopped.
 pub fn restore_job(cc: &ConsensusCluster, record: &RecoveryRecord) -> Result<Job, BuildError> {
     let cluster = Cluster::new(cc)?;
-    let first = first_member(cluster.name, record);
+    let first = first_member(cluster.name);
     let peer = peer_url(cluster.name, cluster.namespace, &first);
     let data_dir = format!("{DATA_MOUNT}/data");
     let initial_cluster = format!("{first}={peer}");
