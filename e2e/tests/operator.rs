@@ -1274,7 +1274,8 @@ fn scenario_18_two_members_losing_their_data_heal_from_the_survivor_under_a_new_
         "RecoveryStartedMembers",
         "Recovered",
     ] {
-        assert!(events.iter().any(|e| e.starts_with(reason)), "no {reason} event:\n{}", events.join("\n"));
+        let told = events.iter().any(|e| e.starts_with(&format!("{reason}:")));
+        assert!(told, "no {reason} event:\n{}", events.join("\n"));
     }
     // The new cluster starts from the first member's volume, which keeps the survivor's
     // snapshot it was made from, and what it held before (the survivor's own data, when it
@@ -1334,7 +1335,7 @@ fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_w
     assert_eq!(cluster.condition("QuorumLost").map(|c| c.0).as_deref(), Some("True"));
     let events = cluster.events();
     assert!(events.iter().any(|e| e.starts_with("QuorumLost")), "{}", events.join("\n"));
-    assert!(!events.iter().any(|e| e.starts_with("RecoveryStarted")), "{}", events.join("\n"));
+    assert!(!events.iter().any(|e| e.starts_with("RecoveryStarted:")), "{}", events.join("\n"));
     assert!(cluster.status()["recovery"].is_null());
 
     // The documented request: the time of the loss or later.
@@ -1347,8 +1348,9 @@ fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_w
     let holder = consensus_e2e::scenario::lease_holder().expect("an operator holds the Lease");
     kubectl_ok(&["-n", OPERATOR_NAMESPACE, "delete", "pod", &holder, "--grace-period=0", "--force"], None);
     let status = wait_for_recovery(&cluster, &old_id, 3);
-    let started = cluster.events().iter().filter(|e| e.starts_with("RecoveryStarted")).count();
-    assert_eq!(started, 1, "one recovery, carried on by the next operator");
+    let events = cluster.events();
+    let started = events.iter().filter(|e| e.starts_with("RecoveryStarted:")).count();
+    assert_eq!(started, 1, "one recovery, carried on by the next operator:\n{}", events.join("\n"));
     wait_until(DEADLINE, "two ready operator replicas", || (ready_operators() == 2).then_some(()));
     let record = &status["lastRecovery"];
     assert_eq!(record["source"], "Backup", "{record}");
