@@ -352,5 +352,6 @@ async fn a_stored_backup_is_fetched_whole_and_checked_before_a_restore() {
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("it changed since it was written"), "{said}");
-    assert_eq!(file_names(dir.path()), Vec::<String>::new(), "no partial snapshot left behind");
+    let parent = to.parent().expect("a directory");
+    assert_eq!(file_names(parent), Vec::<String>::new(), "no partial snapshot left behind");
 }
