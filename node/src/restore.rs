@@ -139,9 +139,9 @@ fn made_already(data_dir: &Path, identity: &Identity) -> anyhow::Result<Option<i
             let store = MvccStore::open(&layout.store())?;
             Ok(Some(store.read()?.revision()?))
         }
-        // Another member's data, or none: replaced.
-        Ok(_) => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading the identity in {}", data_dir.display())),
+        // Another member's data, none, or data damaged past reading its identity (likely
+        // enough after a disaster): replaced, kept aside as it is.
+        Ok(_) | Err(_) => Ok(None),
     }
 }
 

@@ -209,6 +209,9 @@ async fn restore_replace_into_keeps_the_old_data_and_a_repeat_changes_nothing() 
     let data_dir = target.members[0].data_dir.clone();
     std::fs::create_dir_all(&data_dir).expect("mkdir");
     std::fs::write(data_dir.join("old-member"), b"old data").expect("write");
+    // Damaged past reading who it was: replaced all the same, kept as it is.
+    std::fs::create_dir_all(data_dir.join("member")).expect("mkdir");
+    std::fs::write(data_dir.join("member").join("identity.json"), b"\x00garbage").expect("write");
     let name = data_dir.file_name().expect("a name").to_string_lossy().into_owned();
     let staging = data_dir.with_file_name(format!(".{name}.restoring"));
     std::fs::create_dir_all(staging.join("half")).expect("a leftover staging directory");

@@ -5,11 +5,11 @@
 //! 2. the StatefulSet scaled to 0, until every member pod is gone;
 //! 3. the `restore` Job: the first member's data replaced by a one-member cluster under the
 //!    recovery's token (the old data kept aside on its volume);
-//! 4. the other members' claims deleted: they hold the old cluster, whose id the new one
-//!    refuses (a StorageClass with `reclaimPolicy: Retain` keeps the volumes themselves);
-//! 5. the StatefulSet scaled to 1: the first member starts the new cluster alone, and the
-//!    others are added back by the usual steps of a scale-up (learners, then their pods, on
-//!    new volumes placed around it, then one joint change).
+//! 4. the StatefulSet scaled to 1: the first member starts the new cluster alone, and the
+//!    others are added back by the usual steps of a scale-up: the planner first deletes the
+//!    other members' claims (`DeleteVolume`: they hold the old cluster, and no member runs on
+//!    them), only once the new cluster serves, then adds learners, their pods on new volumes
+//!    placed around the first, then one joint change.
 //!
 //! The Jobs stay once done (their logs say what happened) and are deleted by the next
 //! recovery, or with the cluster.
@@ -17,23 +17,27 @@
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER, RecoveryRecord, RecoverySource};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use super::observe::Observation;
+use crate::resources::labels;
 use crate::resources::recovery::{
     Part, TOKEN_ANNOTATION, first_member, restore_job, run_selector, snapshot_job,
 };
-use crate::resources::{labels, volume_claim_name};
 
 /// Where one of the recovery's Jobs stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobState {
     Absent,
-    /// Left by an earlier recovery (another token): deleted before this one's is made.
+    /// Left by an earlier recovery (another token, made before this one started): deleted
+    /// before this one's is made.
     Stale,
+    /// Made for a recovery that started after the one this reconcile knows of: this
+    /// reconcile's copy of the resource is stale, and does nothing.
+    Newer,
     Running,
     Succeeded,
     /// Failed after its retries: why, as its last pod said.
@@ -50,8 +54,6 @@ pub struct Facts {
     pub replicas: Option<i32>,
     /// Member pods that exist, running or not.
     pub member_pods: usize,
-    /// The claims of the members other than the first, each with whether it is being deleted.
-    pub other_claims: Vec<(String, bool)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,16 +64,22 @@ pub enum Next {
     Await(String),
     /// The StatefulSet to 0 replicas.
     Stop,
-    DeleteClaims(Vec<String>),
     /// The StatefulSet to the first member alone.
     Start,
+    /// The StatefulSet back to the declared size: members stopped before their survivor's
+    /// snapshot was stored, which only a running survivor gives.
+    Restart,
     /// A part failed: its Job is deleted to be made again on the next reconcile.
     Failed(Part, String),
 }
 
 /// The next part of a recovery, from where things stand.
 pub fn next(facts: &Facts) -> Next {
-    for (part, state) in [(Part::Snapshot, &facts.snapshot), (Part::Restore, &facts.restore)] {
+    let parts = [(Part::Snapshot, &facts.snapshot), (Part::Restore, &facts.restore)];
+    if parts.iter().any(|(_, state)| **state == JobState::Newer) {
+        return Next::Await("a newer copy of the resource (a Job of a later recovery exists)".to_owned());
+    }
+    for (part, state) in parts {
         if *state == JobState::Stale {
             return Next::DeleteStale(part);
         }
@@ -81,22 +89,12 @@ pub fn next(facts: &Facts) -> Next {
         JobState::Succeeded if !stopped => {
             Next::Await("the first member to start the new cluster from its restored data".to_owned())
         }
-        JobState::Succeeded => {
-            let deleting: Vec<String> =
-                facts.other_claims.iter().filter(|(_, deleting)| !deleting).map(|(c, _)| c.clone()).collect();
-            if !deleting.is_empty() {
-                Next::DeleteClaims(deleting)
-            } else if !facts.other_claims.is_empty() {
-                Next::Await("the other members' claims to be deleted".to_owned())
-            } else {
-                Next::Start
-            }
-        }
+        JobState::Succeeded => Next::Start,
         JobState::Running => {
             Next::Await("the restore Job to make the first member of the new cluster".to_owned())
         }
         JobState::Failed(why) => Next::Failed(Part::Restore, why.clone()),
-        JobState::Absent | JobState::Stale => match &facts.snapshot {
+        JobState::Absent | JobState::Stale | JobState::Newer => match &facts.snapshot {
             JobState::Succeeded if !stopped => Next::Stop,
             JobState::Succeeded if facts.member_pods > 0 => {
                 Next::Await(format!("{} member pods to stop", facts.member_pods))
@@ -106,10 +104,12 @@ pub fn next(facts: &Facts) -> Next {
             JobState::Failed(why) => Next::Failed(Part::Snapshot, why.clone()),
             // A survivor's snapshot is taken from it running: its members are started again
             // should they have been stopped without one (its Job deleted by hand, say).
-            JobState::Absent | JobState::Stale if stopped && facts.source == RecoverySource::Survivor => {
-                Next::Start
+            JobState::Absent | JobState::Stale | JobState::Newer
+                if stopped && facts.source == RecoverySource::Survivor =>
+            {
+                Next::Restart
             }
-            JobState::Absent | JobState::Stale => Next::Create(Part::Snapshot),
+            JobState::Absent | JobState::Stale | JobState::Newer => Next::Create(Part::Snapshot),
         },
     }
 }
@@ -132,28 +132,17 @@ pub async fn advance(
     let (cluster, namespace) = (cc.name_any(), cc.namespace().unwrap_or_default());
     let jobs = Api::<Job>::namespaced(client.clone(), &namespace);
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
-    let claims = Api::<PersistentVolumeClaim>::namespaced(client.clone(), &namespace);
     let selector = ListParams::default().labels(&run_selector(&cluster));
     let listed = jobs.list(&selector).await?.items;
     let run_pods = pods.list(&selector).await?.items;
     let first = first_member(&cluster);
-    let first_claim = volume_claim_name(&first);
-    let other_claims = claims
-        .list(&ListParams::default().labels(&labels::selector_string(&cluster)))
-        .await?
-        .items
-        .into_iter()
-        .filter(|c| c.name_any() != first_claim)
-        .map(|c| (c.name_any(), c.metadata.deletion_timestamp.is_some()))
-        .collect();
-    let state = |part: Part| job_state(&listed, &run_pods, &part.job_name(&cluster), &record.cluster_token);
+    let state = |part: Part| job_state(&listed, &run_pods, &part.job_name(&cluster), record);
     let facts = Facts {
         source: record.source,
         snapshot: state(Part::Snapshot),
         restore: state(Part::Restore),
         replicas: observation.observed.workload_replicas,
         member_pods: observation.pods.len(),
-        other_claims,
     };
     let background =
         DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..DeleteParams::default() };
@@ -229,20 +218,6 @@ pub async fn advance(
             );
             done("RecoveryStoppedMembers", note, None)
         }
-        Next::DeleteClaims(names) => {
-            for name in &names {
-                match claims.delete(name, &DeleteParams::default()).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(status)) if status.is_not_found() => {}
-                    Err(error) => return Err(error.into()),
-                }
-            }
-            let note = format!(
-                "deleted {}: they hold the old cluster; those members start empty and join the new one",
-                names.join(", ")
-            );
-            done("RecoveryReplacedVolumes", note, None)
-        }
         Next::Start => {
             scale(client, &namespace, &cluster, 1).await?;
             let note = format!(
@@ -250,6 +225,15 @@ pub async fn advance(
                  others are added to it as in a scale-up"
             );
             done("RecoveryStartedMembers", note, None)
+        }
+        Next::Restart => {
+            scale(client, &namespace, &cluster, cc.spec.replicas).await?;
+            let note = format!(
+                "starting the members again (StatefulSet {cluster} to {} replicas): the snapshot of {} is \
+                 taken from it running",
+                cc.spec.replicas, record.from
+            );
+            done("RecoveryRestartedMembers", note, None)
         }
     }
 }
@@ -265,11 +249,18 @@ async fn scale(client: &Client, namespace: &str, cluster: &str, replicas: i32) -
     Ok(())
 }
 
-/// Where the Job `name` of the recovery under `token` stands, with why its last pod failed.
-fn job_state(jobs: &[Job], pods: &[Pod], name: &str, token: &str) -> JobState {
+/// Where the Job `name` of `record`'s recovery stands, with why its last pod failed.
+fn job_state(jobs: &[Job], pods: &[Pod], name: &str, record: &RecoveryRecord) -> JobState {
     let Some(job) = jobs.iter().find(|j| j.name_any() == name) else { return JobState::Absent };
-    if job.annotations().get(TOKEN_ANNOTATION).map(String::as_str) != Some(token) {
-        return JobState::Stale;
+    if job.annotations().get(TOKEN_ANNOTATION) != Some(&record.cluster_token) {
+        // Status is written before a recovery's first Job is made, so a Job of another token
+        // made since this recovery started belongs to a later one this copy does not show.
+        let made = job.creation_timestamp().map(|t| t.0);
+        return if made.is_some_and(|made| made >= record.started.0) {
+            JobState::Newer
+        } else {
+            JobState::Stale
+        };
     }
     let status = job.status.as_ref();
     if status.and_then(|s| s.succeeded).unwrap_or(0) > 0 {
@@ -308,7 +299,6 @@ mod tests {
             restore,
             replicas: Some(replicas),
             member_pods: pods,
-            other_claims: vec![("data-demo-1".to_owned(), false), ("data-demo-2".to_owned(), false)],
         }
     }
 
@@ -323,15 +313,10 @@ mod tests {
         assert!(matches!(next(&facts(Succeeded, Absent, 0, 1)), Next::Await(_)));
         assert_eq!(next(&facts(Succeeded, Absent, 0, 0)), Next::Create(Part::Restore));
         assert!(matches!(next(&facts(Succeeded, Running, 0, 0)), Next::Await(_)));
-        // The old members' claims go before anything starts, then the members start.
-        let restored = facts(Succeeded, Succeeded, 0, 0);
-        assert_eq!(next(&restored), Next::DeleteClaims(vec!["data-demo-1".into(), "data-demo-2".into()]));
-        let deleting = Facts { other_claims: vec![("data-demo-1".to_owned(), true)], ..restored.clone() };
-        assert!(matches!(next(&deleting), Next::Await(_)), "started only once they are gone");
-        let gone = Facts { other_claims: Vec::new(), ..restored };
-        assert_eq!(next(&gone), Next::Start);
-        // Started: the new empty claims the StatefulSet makes are never deleted.
-        let started = facts(Succeeded, Succeeded, 3, 3);
+        // Restored: the first member starts alone.
+        assert_eq!(next(&facts(Succeeded, Succeeded, 0, 0)), Next::Start);
+        // Started: nothing more for the recovery to do.
+        let started = facts(Succeeded, Succeeded, 1, 1);
         assert!(matches!(next(&started), Next::Await(_)));
     }
 
@@ -346,12 +331,15 @@ mod tests {
         assert_eq!(next(&facts(Succeeded, Failed(why.clone()), 0, 0)), Next::Failed(Part::Restore, why));
         assert_eq!(next(&facts(Stale, Absent, 3, 3)), Next::DeleteStale(Part::Snapshot));
         assert_eq!(next(&facts(Succeeded, Stale, 3, 3)), Next::DeleteStale(Part::Restore));
+        // A later recovery's Job: this copy of the resource is stale and touches nothing.
+        assert!(matches!(next(&facts(Newer, Absent, 3, 3)), Next::Await(_)));
+        assert!(matches!(next(&facts(Succeeded, Newer, 0, 0)), Next::Await(_)));
     }
 
     #[test]
     fn a_survivor_stopped_without_its_snapshot_is_started_again_while_a_backup_is_fetched_anyway() {
         use JobState::*;
-        assert_eq!(next(&facts(Absent, Absent, 0, 0)), Next::Start);
+        assert_eq!(next(&facts(Absent, Absent, 0, 0)), Next::Restart);
         let backup = Facts { source: RecoverySource::Backup, ..facts(Absent, Absent, 0, 0) };
         assert_eq!(next(&backup), Next::Create(Part::Snapshot));
     }

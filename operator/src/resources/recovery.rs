@@ -177,6 +177,7 @@ fn job(
         mount_path: DATA_MOUNT.to_owned(),
         ..VolumeMount::default()
     });
+    let placement = &cluster.spec.placement;
     let labels = run_labels(cluster.name);
     let mut metadata = cluster.metadata(part.job_name(cluster.name));
     metadata.labels = Some(labels.clone());
@@ -193,6 +194,11 @@ fn job(
                     restart_policy: Some("Never".to_owned()),
                     enable_service_links: Some(false),
                     security_context: Some(pod_security_context()),
+                    // Where the members may run, so may what mounts their volumes.
+                    tolerations: (!placement.tolerations.is_empty()).then(|| placement.tolerations.clone()),
+                    node_selector: (!placement.node_selector.is_empty())
+                        .then(|| placement.node_selector.clone()),
+                    priority_class_name: cluster.spec.pod_template.priority_class_name.clone(),
                     containers: vec![Container {
                         name: part.as_str().to_owned(),
                         image: Some(cluster.spec.image.clone()),
