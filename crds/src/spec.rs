@@ -89,6 +89,10 @@ pub struct ConsensusClusterSpec {
     #[serde(default)]
     pub recovery: RecoverySpec,
 
+    /// How the cluster starts the first time: empty, or from a backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<BootstrapSpec>,
+
     /// Labels, annotations and priority class added to every member pod.
     #[serde(default)]
     pub pod_template: PodTemplateOverrides,
@@ -368,6 +372,32 @@ impl Default for RecoverySpec {
 
 fn default_quorum_loss_timeout() -> String {
     "10m".to_owned()
+}
+
+/// How a new cluster starts. Read only until the cluster has first had a leader: a cluster
+/// that ran is never made again from it.
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapSpec {
+    /// Start from a backup in `spec.backup.destination` (reached with its settings and
+    /// credentials) instead of empty: every key and revision of the backup, under a new
+    /// cluster id, the first member restored from it and the others added as in a scale-up.
+    /// Also under the name of a deleted cluster, whose backups its destination holds; volumes
+    /// such a cluster left are never adopted (`storage.existingVolumes` cannot be `Adopt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<FromBackupSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct FromBackupSpec {
+    /// The backup, as `status.lastBackup.location` and a backup's manifest give it
+    /// (`s3://BUCKET/PREFIX/NAME.snapshot`, `file:///DIR/NAME.snapshot`); it must be in
+    /// `spec.backup.destination`. Unset: the newest verified backup there, of whichever
+    /// cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub location: Option<String>,
 }
 
 /// Additions to every member pod.

@@ -71,8 +71,8 @@ pub struct ConsensusClusterStatus {
     /// once, also across operator restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scheduled_backup: Option<Time>,
-    /// A recovery from quorum loss under way: where it comes from, kept here so an operator
-    /// that stops half-way resumes it.
+    /// A recovery from quorum loss (or a bootstrap from a backup) under way: where it comes
+    /// from, kept here so an operator that stops half-way resumes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery: Option<RecoveryRecord>,
     /// The last recovery from quorum loss that finished.
@@ -81,7 +81,8 @@ pub struct ConsensusClusterStatus {
 }
 
 /// A recovery from quorum loss: the cluster made again, under a new cluster id, from one
-/// member's data or a backup, then grown back to its declared size.
+/// member's data or a backup, then grown back to its declared size; or a new cluster's
+/// first start from a backup (`spec.bootstrap.fromBackup`), the same way.
 #[derive(KubeSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RecoveryRecord {
@@ -98,8 +99,10 @@ pub struct RecoveryRecord {
     pub previous_cluster_id: Option<String>,
     /// The `--initial-cluster-token` of the new cluster, from which its id follows.
     pub cluster_token: String,
-    /// When the quorum was lost.
-    pub quorum_lost: Time,
+    /// When the quorum was lost; absent for a cluster made from a backup when it first
+    /// started (`spec.bootstrap.fromBackup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum_lost: Option<Time>,
     /// When the recovery started.
     pub started: Time,
     /// When the cluster was back at its declared size with a quorum; absent while under way.

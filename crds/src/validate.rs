@@ -51,13 +51,60 @@ pub fn validate_spec(spec: &ConsensusClusterSpec) -> Vec<SpecProblem> {
     if let Err(err) = parse_duration(&spec.recovery.quorum_loss_timeout) {
         problems.push(SpecProblem { field: "recovery.quorumLossTimeout", message: err.to_string() });
     }
+    if spec.bootstrap.as_ref().is_some_and(|b| b.from_backup.is_some()) {
+        problems.extend(from_backup_problems(spec));
+    }
+    problems
+}
+
+/// A cluster made from a backup reads it with `spec.backup.destination`'s settings, and
+/// never starts on an earlier cluster's volumes: they hold another cluster, not the backup.
+fn from_backup_problems(spec: &ConsensusClusterSpec) -> Vec<SpecProblem> {
+    let mut problems = Vec::new();
+    if spec.backup.is_none() {
+        problems.push(SpecProblem {
+            field: "bootstrap.fromBackup",
+            message: "the backup is read from spec.backup.destination, and there is no spec.backup"
+                .to_owned(),
+        });
+    }
+    if spec.storage.existing_volumes == crate::ExistingVolumePolicy::Adopt {
+        problems.push(SpecProblem {
+            field: "storage.existingVolumes",
+            message:
+                "Adopt resumes the cluster an earlier one left on its volumes, and bootstrap.fromBackup \
+                      makes a new one from a backup: set one of them"
+                    .to_owned(),
+        });
+    }
     problems
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BackupDestination, BackupSpec, RetentionSpec, VolumeDestination};
+    use crate::{
+        BackupDestination, BackupSpec, BootstrapSpec, ExistingVolumePolicy, FromBackupSpec, RetentionSpec,
+        VolumeDestination,
+    };
+
+    #[test]
+    fn a_cluster_from_a_backup_needs_a_destination_and_never_adopts_volumes() {
+        let from_backup = |spec: ConsensusClusterSpec| ConsensusClusterSpec {
+            bootstrap: Some(BootstrapSpec { from_backup: Some(FromBackupSpec::default()) }),
+            ..spec
+        };
+        assert_eq!(validate_spec(&from_backup(with_backup("@daily", None))), vec![]);
+        let fields =
+            |spec: &ConsensusClusterSpec| validate_spec(spec).iter().map(|p| p.field).collect::<Vec<_>>();
+        assert_eq!(fields(&from_backup(spec(3))), ["bootstrap.fromBackup"]);
+        let mut adopting = from_backup(with_backup("@daily", None));
+        adopting.storage.existing_volumes = ExistingVolumePolicy::Adopt;
+        assert_eq!(fields(&adopting), ["storage.existingVolumes"]);
+        // An empty bootstrap section asks for nothing.
+        let empty = ConsensusClusterSpec { bootstrap: Some(BootstrapSpec::default()), ..spec(3) };
+        assert_eq!(validate_spec(&empty), vec![]);
+    }
 
     fn spec(replicas: i32) -> ConsensusClusterSpec {
         serde_json::from_value(serde_json::json!({ "replicas": replicas })).expect("spec parses")

@@ -48,6 +48,11 @@ fn full_spec(replicas: i32, labels: BTreeMap<String, String>, auto_restore: bool
             suspend: auto_restore,
         }),
         recovery: RecoverySpec { auto_restore, quorum_loss_timeout: "15m".into() },
+        bootstrap: Some(BootstrapSpec {
+            from_backup: Some(FromBackupSpec {
+                location: (!auto_restore).then(|| "s3://platform-backups/prod/locks/locks-1.snapshot".into()),
+            }),
+        }),
         pod_template: PodTemplateOverrides {
             labels,
             annotations: BTreeMap::from([("team".into(), "platform".into())]),
@@ -101,7 +106,7 @@ fn full_status(caught_up: bool) -> ConsensusClusterStatus {
             applied_index: Some(120),
             previous_cluster_id: Some("abc".into()),
             cluster_token: "recovered-1".into(),
-            quorum_lost: time.clone(),
+            quorum_lost: Some(time.clone()),
             started: time.clone(),
             finished: Some(time),
             lost_writes: "none that demo-2 had applied".into(),

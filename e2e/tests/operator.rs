@@ -1218,7 +1218,8 @@ fn keys_under(cluster: &Cluster, prefix: &str) -> usize {
 /// The finished recovery in status, once the cluster is back at `voters` healthy voters
 /// under another cluster id than `old_id`.
 fn wait_for_recovery(cluster: &Cluster, old_id: &str, voters: usize) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(420);
+    // Bounds the operator dying at each part too: each death waits out its Lease.
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
     loop {
         let status = cluster.status();
         let recovered = status["lastRecovery"]["finished"].is_string()
@@ -1234,6 +1235,55 @@ fn wait_for_recovery(cluster: &Cluster, old_id: &str, voters: usize) -> serde_js
             cluster.pods()
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The operator's replicas die at each of `points` (`CONSENSUS_OPERATOR_FAULT_AFTER` on its
+/// Deployment, see operator/src/fault.rs) while this lives; rolled out without it again when
+/// dropped, also when the scenario fails.
+struct FaultPoints;
+
+impl FaultPoints {
+    const ENV: &str = "CONSENSUS_OPERATOR_FAULT_AFTER";
+    /// The exit status of a run killed at a fault point (`FAULT_EXIT` there).
+    const EXIT: i64 = 86;
+
+    fn set(points: &[&str]) -> Self {
+        Self::roll_out(&format!("{}={}", Self::ENV, points.join(",")));
+        Self
+    }
+
+    fn roll_out(change: &str) {
+        let deployment = "deployment/consensus-operator";
+        kubectl_ok(&["-n", OPERATOR_NAMESPACE, "set", "env", deployment, change], None);
+        let status = ["-n", OPERATOR_NAMESPACE, "rollout", "status", deployment, "--timeout=240s"];
+        kubectl_ok(&status, None);
+    }
+
+    /// How often the operator's containers died at a fault point since it was set, and
+    /// whether every restart was one.
+    fn deaths() -> (i64, bool) {
+        let pods = kubectl_json(&["-n", OPERATOR_NAMESPACE, "get", "pods", "-l", OPERATOR_LABEL]);
+        let containers: Vec<serde_json::Value> = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                p["status"]["containerStatuses"][0].as_object().cloned().map(serde_json::Value::Object)
+            })
+            .collect();
+        let restarts: i64 = containers.iter().map(|c| c["restartCount"].as_i64().unwrap_or(0)).sum();
+        let all_faults = containers
+            .iter()
+            .filter(|c| c["restartCount"].as_i64().unwrap_or(0) > 0)
+            .all(|c| c["lastState"]["terminated"]["exitCode"].as_i64() == Some(Self::EXIT));
+        (restarts, all_faults)
+    }
+}
+
+impl Drop for FaultPoints {
+    fn drop(&mut self) {
+        Self::roll_out(&format!("{}-", Self::ENV));
     }
 }
 
@@ -1254,10 +1304,28 @@ fn scenario_18_two_members_losing_their_data_heal_from_the_survivor_under_a_new_
         let got = etcdctl_try(&endpoint, &["get", "--consistency=s", "/e2e/kept/099", "--print-value-only"]);
         (got.ok()?.trim() == "value").then_some(())
     });
+    // The operator dies right after each part of the recovery, whichever replica takes it;
+    // the one that takes over next carries on from what it observes.
+    let parts = [
+        "RecoveryStarted",
+        "RecoverySnapshot",
+        "RecoveryStoppedMembers",
+        "RecoveryRestore",
+        "RecoveryStartedMembers",
+    ];
+    let faults = FaultPoints::set(&parts);
     let lost: Vec<String> = cluster.pods().into_iter().map(|p| p.name).filter(|p| *p != survivor).collect();
     lose_data(&cluster, &lost.iter().map(String::as_str).collect::<Vec<_>>());
 
     let status = wait_for_recovery(&cluster, &old_id, 3);
+    let (deaths, all_at_faults) = FaultPoints::deaths();
+    assert!(all_at_faults, "an operator died of something else than a fault point");
+    assert!(
+        deaths >= i64::try_from(parts.len()).expect("a count"),
+        "{deaths} deaths at {} points",
+        parts.len()
+    );
+    drop(faults);
     let record = &status["lastRecovery"];
     assert_eq!(record["source"], "Survivor", "{record}");
     assert_eq!(record["from"], survivor.as_str(), "{record}");
@@ -1274,8 +1342,11 @@ fn scenario_18_two_members_losing_their_data_heal_from_the_survivor_under_a_new_
         "VolumeDeleted",
         "Recovered",
     ] {
-        let told = events.iter().any(|e| e.starts_with(&format!("{reason}:")));
-        assert!(told, "no {reason} event:\n{}", events.join("\n"));
+        let told = events.iter().filter(|e| e.starts_with(&format!("{reason}:"))).count();
+        assert!(told > 0, "no {reason} event:\n{}", events.join("\n"));
+        if parts.contains(&reason) {
+            assert_eq!(told, 1, "{reason} once, whatever the crashes:\n{}", events.join("\n"));
+        }
     }
     // The new cluster starts from the first member's volume, which keeps the survivor's
     // snapshot it was made from, and what it held before (the survivor's own data, when it
@@ -1409,4 +1480,99 @@ fn scenario_20_five_members_losing_three_wait_out_the_timeout_then_heal_from_a_s
     assert_eq!(record["source"], "Survivor", "{record}");
     assert!(kept.iter().any(|m| record["from"] == m.as_str()), "{record}");
     assert_eq!(keys_under(&cluster, "/e2e/five/"), 50, "every write the survivors had applied");
+}
+
+/// Members stopped in place (SIGSTOP of their containers' processes, which keep their data
+/// and their pods) while this lives; continued when dropped, also when the scenario fails.
+/// The local control plane's containers are this machine's podman containers.
+struct Paused(Vec<u32>);
+
+impl Paused {
+    fn members(cluster: &Cluster, members: &[&str]) -> Self {
+        let pids = members
+            .iter()
+            .map(|member| {
+                let labels = [
+                    format!("label=io.kubernetes.pod.namespace={}", cluster.ns()),
+                    format!("label=io.kubernetes.pod.name={member}"),
+                    "label=io.kubernetes.container.name=consensus-node".to_owned(),
+                ];
+                let mut ps = std::process::Command::new("podman");
+                ps.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs", "ps", "--format", "{{.Pid}}"]);
+                for label in &labels {
+                    ps.args(["--filter", label]);
+                }
+                let out = ps.output().expect("podman ps");
+                let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                pid.parse::<u32>().unwrap_or_else(|_| panic!("the process of {member}: {pid:?}"))
+            })
+            .collect();
+        let paused = Self(pids);
+        paused.signal("-STOP");
+        paused
+    }
+
+    fn signal(&self, signal: &str) {
+        for pid in &self.0 {
+            let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "kill {signal} {pid}");
+        }
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+    }
+}
+
+#[test]
+#[ignore = "needs a Kubernetes cluster: make e2e-local"]
+fn scenario_21_an_outage_shorter_than_the_timeout_is_told_and_nothing_is_replaced() {
+    if std::env::var("LOCAL_CLUSTER_STATE").is_err() {
+        eprintln!("scenario 21 stops members' processes in place: only on the local control plane");
+        return;
+    }
+    let _timer = Timer::start("21 an outage shorter than the timeout");
+    deploy_operator();
+    let cluster = Cluster::create(
+        "cc-short-outage",
+        "demo",
+        &format!("{THREE}  recovery:\n    autoRestore: true\n    quorumLossTimeout: 5m\n"),
+    );
+    let before = cluster.wait_running(3);
+    let old_id = before["clusterId"].as_str().expect("clusterId").to_owned();
+    put_keys(&cluster, "/e2e/outage/", 20);
+    let leader = before["leader"].as_str().expect("a leader").to_owned();
+    let followers: Vec<String> =
+        cluster.pods().into_iter().map(|p| p.name).filter(|p| *p != leader).collect();
+    let pods_before: Vec<String> = cluster.pods().into_iter().map(|p| p.uid).collect();
+    let paused = Paused::members(&cluster, &followers.iter().map(String::as_str).collect::<Vec<_>>());
+    let message = wait_until(DEADLINE, "QuorumLost while two members are stopped", || {
+        let (value, _, message) = cluster.condition("QuorumLost")?;
+        (value == "True").then_some(message)
+    });
+    assert!(message.contains("starts 5m after the loss"), "{message}");
+    drop(paused);
+
+    // Back within the timeout: the loss ends by itself, and nothing is replaced.
+    wait_until(DEADLINE, "the quorum regained", || {
+        let (value, _, _) = cluster.condition("QuorumLost")?;
+        (value == "False").then_some(())
+    });
+    let after = cluster.wait_running(3);
+    assert_eq!(after["clusterId"], old_id.as_str(), "the same cluster");
+    assert!(after["recovery"].is_null() && after["lastRecovery"].is_null(), "{after:#}");
+    let events = cluster.events();
+    for reason in ["QuorumLost", "QuorumRegained"] {
+        assert!(
+            events.iter().any(|e| e.starts_with(&format!("{reason}:"))),
+            "no {reason}:\n{}",
+            events.join("\n")
+        );
+    }
+    assert!(!events.iter().any(|e| e.starts_with("Recovery")), "{}", events.join("\n"));
+    assert_eq!(keys_under(&cluster, "/e2e/outage/"), 20);
+    let pods_after: Vec<String> = cluster.pods().into_iter().map(|p| p.uid).collect();
+    assert_eq!(pods_after, pods_before, "no member pod replaced");
 }

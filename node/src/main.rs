@@ -107,15 +107,12 @@ impl StoreArgs {
     }
 }
 
-/// A backup stored earlier: where, and which.
+/// Where backups stored earlier are.
 #[derive(clap::Args)]
 struct StoredBackupArgs {
     /// s3://BUCKET/PREFIX or file:///DIR, where the backup is.
     #[arg(long)]
     from: consensus_node::backup::Destination,
-    /// The backup's name: <name>.snapshot and <name>.json.
-    #[arg(long)]
-    name: String,
     #[command(flatten)]
     store: StoreArgs,
 }
@@ -124,6 +121,13 @@ struct StoredBackupArgs {
 struct FetchArgs {
     #[command(flatten)]
     stored: StoredBackupArgs,
+    /// The backup's name: <name>.snapshot and <name>.json.
+    #[arg(long, required_unless_present = "newest", conflicts_with = "newest")]
+    name: Option<String>,
+    /// The newest verified backup in --from, of whichever cluster (a new cluster made from
+    /// the backups of one deleted).
+    #[arg(long)]
+    newest: bool,
     /// The file to write the snapshot to.
     #[arg(long)]
     to: PathBuf,
@@ -133,6 +137,9 @@ struct FetchArgs {
 struct VerifyArgs {
     #[command(flatten)]
     stored: StoredBackupArgs,
+    /// The backup's name: <name>.snapshot and <name>.json.
+    #[arg(long)]
+    name: String,
     /// Where the scratch member lives while it runs.
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     scratch_dir: PathBuf,
@@ -483,8 +490,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Backup(args) => backup(args).await,
         Command::Verify(args) => verify(args).await,
         Command::Fetch(args) => {
-            let StoredBackupArgs { from, name, store } = args.stored;
-            let manifest = consensus_node::backup::fetch(&from, &store.options(), &name, &args.to).await?;
+            let StoredBackupArgs { from, store } = args.stored;
+            let name = args.name.as_deref();
+            let manifest = consensus_node::backup::fetch(&from, &store.options(), name, &args.to).await?;
             println!("{}", serde_json::to_string(&manifest)?);
             Ok(())
         }
@@ -492,13 +500,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let StoredBackupArgs { from, name, store } = args.stored;
+    let StoredBackupArgs { from, store } = args.stored;
     let manifest =
-        consensus_node::backup::verify_stored(&from, &store.options(), &name, &args.scratch_dir).await?;
+        consensus_node::backup::verify_stored(&from, &store.options(), &args.name, &args.scratch_dir).await?;
     println!("{}", serde_json::to_string(&manifest)?);
     match manifest.verification {
         Some(why) if manifest.verified != Some(true) => {
-            bail!("backup {name} failed verification: {why}")
+            bail!("backup {} failed verification: {why}", args.name)
         }
         _ => Ok(()),
     }

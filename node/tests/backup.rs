@@ -355,3 +355,39 @@ async fn a_stored_backup_is_fetched_whole_and_checked_before_a_restore() {
     let parent = to.parent().expect("a directory");
     assert_eq!(file_names(parent), Vec::<String>::new(), "no partial snapshot left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_verified_backup_is_fetched_when_none_is_named() {
+    let (cluster, follower) = cluster_with_data().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stored_in = format!("file://{}", dir.path().join("backups").display());
+    let take = |name: &str, extra: &[&str]| {
+        let args = ["--endpoint", &follower, "--to", &stored_in, "--name", name];
+        manifest(backup(&[&args[..], extra].concat(), SECRET_KEY))
+    };
+    let verified = take("older-verified", &["--verify"]);
+    assert_eq!(verified.verified, Some(true));
+    ok(cluster.etcdctl(&cluster.endpoints(), &["put", "/after", "x"]));
+    // Newer, but never verified: not what a new cluster is made from.
+    let unverified = take("newer-unverified", &[]);
+    assert!(unverified.taken > verified.taken, "{} after {}", unverified.taken, verified.taken);
+    let to = dir.path().join("fetched").join("source.snapshot");
+    let newest = ["--from", &stored_in, "--newest", "--to", &to.display().to_string()];
+
+    let fetched: Manifest = serde_json::from_str(ok(fetch(&newest)).trim()).expect("the manifest");
+    assert_eq!(fetched.name, "older-verified");
+    assert_stored_as_the_manifest_says(&to, &verified);
+    assert_eq!(restored_keys(&to).await.len(), 101, "every key of the backup, nothing after");
+
+    // With no verified backup left, nothing is fetched, and it says why.
+    std::fs::remove_file(&to).expect("removing the fetched file");
+    std::fs::remove_file(dir.path().join("backups").join("older-verified.json")).expect("its manifest");
+    let refused = fetch(&newest);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("no verified backup in"), "{said}");
+    assert!(!to.exists());
+    // A name and --newest together are refused before anything is read.
+    let both = fetch(&[&newest[..], &["--name", "older-verified"]].concat());
+    assert!(!both.status.success());
+}

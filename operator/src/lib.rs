@@ -4,6 +4,7 @@
 //! and each platform observes and acts: `k8s` on Kubernetes, `local` with member processes
 //! on this machine (development and end-to-end tests).
 
+pub mod fault;
 pub mod k8s;
 pub mod local;
 pub mod membership;

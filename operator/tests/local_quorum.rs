@@ -263,7 +263,7 @@ fn an_operator_killed_at_each_part_of_a_recovery_is_finished_by_the_next() {
         let log_path = local.dir.path().join("operator.log");
         let log_tail = || std::fs::read_to_string(&log_path).unwrap_or_default();
         let code = wait_until(&format!("the operator to die after {fault}"), log_tail, || local.exited());
-        assert_eq!(code, Some(local_support::FAULT_EXIT), "{}", context(&local));
+        assert_eq!(code, Some(consensus_operator::fault::FAULT_EXIT), "{}", context(&local));
         let log = local.log();
         assert_eq!(log.matches("exiting right after this point").count(), died_before + 1);
         assert!(log.rsplit("local mode").next().is_some_and(|run| run.contains(fault)), "{log}");
@@ -288,4 +288,82 @@ fn an_operator_killed_at_each_part_of_a_recovery_is_finished_by_the_next() {
     assert_eq!(found, KEYS, "nothing the survivor applied is lost, whatever the crashes");
     let started = local.events().iter().filter(|e| e.contains(" RecoveryStarted ")).count();
     assert_eq!(started, 1, "one recovery, resumed: {}", context(&local));
+}
+
+#[test]
+fn a_new_cluster_named_like_a_deleted_one_is_made_from_its_newest_verified_backup() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (_root, endpoint) = runtime.block_on(consensus_e2e::s3::with_bucket("backups"));
+    let backed_up = RECOVERING.replace(
+        "  recovery:\n",
+        &format!(
+            "  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n      s3:\n        bucket: backups\n        \
+             endpoint: {endpoint}\n        forcePathStyle: true\n        credentialsSecret:\n          name: \
+             unused-locally\n  recovery:\n"
+        ),
+    );
+    let credentials: Vec<(String, String)> = [
+        ("AWS_ACCESS_KEY_ID", consensus_e2e::s3::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", consensus_e2e::s3::SECRET_KEY),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    let mut old = Local::declaring(&backed_up);
+    old.env = credentials.clone();
+    old.start(None);
+    let before = old.wait_for_voters(3);
+    write_keys(old.recorded().into_values().collect());
+    old.edit(|line| (line.trim() == "suspend: true").then(|| "    suspend: false".to_owned()));
+    let backup = wait_until(
+        "a verified backup",
+        || context(&old),
+        || old.status()?.last_backup.filter(|b| b.verified == Some(true)),
+    );
+    // The cluster and the machine it ran on are gone; its backups are not.
+    old.kill_all();
+    drop(old);
+
+    // A cluster of the same name elsewhere, from the newest verified backup in the place.
+    let mut new = Local::declaring(
+        &backed_up.replace("  recovery:\n", "  bootstrap:\n    fromBackup: {}\n  recovery:\n"),
+    );
+    new.env = credentials;
+    new.start(None);
+    let status = wait_until(
+        "the cluster made from the backup",
+        || context(&new),
+        || new.status().filter(|s| s.last_recovery.is_some()),
+    );
+    let made = status.last_recovery.clone().expect("a record");
+    assert_eq!(made.source, consensus_crds::RecoverySource::Backup);
+    assert!(made.quorum_lost.is_none() && made.previous_cluster_id.is_none(), "{made:?}");
+    assert!(backup.location.starts_with(&made.from), "{} in {}", backup.location, made.from);
+    assert_ne!(status.cluster_id, before.cluster_id, "a new cluster id");
+    let back = new.wait_for_voters(3);
+    let names: Vec<&str> = back.members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["demo-0", "demo-1", "demo-2"]);
+    let found = wait_until(
+        "every key readable",
+        || context(&new),
+        || kept_keys(new.recorded().into_values().collect()).filter(|n| *n == KEYS),
+    );
+    assert_eq!(found, KEYS, "every write of the backup");
+    let events = new.events();
+    assert!(
+        events.iter().any(|e| e.contains(" RecoveryStarted ") && e.contains("newest verified backup")),
+        "{events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| e.contains(" Recovered made from the newest verified backup")),
+        "{events:#?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains(" QuorumLost ")),
+        "a cluster that never ran lost nothing: {events:#?}"
+    );
 }

@@ -9,8 +9,9 @@ use std::sync::Mutex;
 
 use consensus_crds::MemberRole;
 use consensus_e2e::load::{Sampler, Writer};
+use consensus_operator::fault::FAULT_EXIT;
 use consensus_operator::membership::MemberOps;
-use local_support::{FAULT_EXIT, Local, kill, wait_until};
+use local_support::{Local, kill, wait_until};
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 

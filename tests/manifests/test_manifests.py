@@ -199,7 +199,7 @@ OPERATOR_PERMISSIONS = {
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "patch", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "list", "create", "patch", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("storage.k8s.io", "storageclasses"): {"get"},
     ("", "nodes"): {"get"},

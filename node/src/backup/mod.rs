@@ -369,12 +369,17 @@ pub async fn verify_stored(
 pub async fn fetch(
     destination: &Destination,
     s3: &S3Options,
-    name: &str,
+    name: Option<&str>,
     to: &std::path::Path,
 ) -> anyhow::Result<Manifest> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, prefix, root) = open(destination, s3)?;
-    let (_, manifest) = read_manifest(store.as_ref(), &prefix, &root, name).await?;
+    let manifest = match name {
+        Some(name) => read_manifest(store.as_ref(), &prefix, &root, name).await?.1,
+        None => newest_verified(stored(store.as_ref(), &prefix, None).await?)
+            .with_context(|| format!("no verified backup in {root}/{prefix}"))?,
+    };
+    let name = manifest.name.as_str();
     let object = key(&prefix, &format!("{name}.snapshot"));
     if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -395,17 +400,33 @@ pub async fn fetch(
     Ok(manifest)
 }
 
-/// The backups of cluster `cluster_id` directly under `prefix`, from their manifests. An
-/// object without a readable manifest, another cluster's backup sharing the place, or
-/// anything under a deeper prefix is not ours to judge and is left alone.
-async fn stored(store: &dyn ObjectStore, prefix: &str, cluster_id: &str) -> anyhow::Result<Vec<Manifest>> {
+/// The backup taken last of those verified: what a new cluster is made from when no backup
+/// is named. One that failed verification, or was never verified, is never chosen.
+fn newest_verified(manifests: Vec<Manifest>) -> Option<Manifest> {
+    manifests
+        .into_iter()
+        .filter(|m| m.verified == Some(true))
+        .filter_map(|m| Some((m.taken.parse::<jiff::Timestamp>().ok()?, m)))
+        .max_by(|(a, m), (b, n)| a.cmp(b).then_with(|| m.name.cmp(&n.name)))
+        .map(|(_, m)| m)
+}
+
+/// The backups directly under `prefix`, from their manifests: of cluster `cluster_id`, or of
+/// any when it is `None`. An object without a readable manifest, another cluster's backup
+/// sharing the place, or anything under a deeper prefix is not ours to judge and is left
+/// alone.
+async fn stored(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    cluster_id: Option<&str>,
+) -> anyhow::Result<Vec<Manifest>> {
     let listed =
         store.list_with_delimiter(Some(&ObjectPath::from(prefix))).await.context("listing the backups")?;
     let mut manifests = Vec::new();
     for object in listed.objects.iter().filter(|o| o.location.as_ref().ends_with(".json")) {
         let bytes = store.get(&object.location).await?.bytes().await?;
         match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(manifest) if manifest.cluster_id == cluster_id => manifests.push(manifest),
+            Ok(manifest) if cluster_id.is_none_or(|id| manifest.cluster_id == id) => manifests.push(manifest),
             Ok(_) => {}
             Err(error) => {
                 tracing::warn!(object = %object.location, %error, "not a backup manifest; left alone")
@@ -424,7 +445,7 @@ async fn prune(
     policy: &retention::Policy,
     cluster_id: &str,
 ) -> anyhow::Result<Vec<String>> {
-    let manifests = stored(store, prefix, cluster_id).await?;
+    let manifests = stored(store, prefix, Some(cluster_id)).await?;
     let backups: Vec<retention::Stored> = manifests
         .iter()
         .filter_map(|m| {

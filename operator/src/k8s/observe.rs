@@ -24,6 +24,7 @@ use crate::plan::backup::{BackupRequest, last_scheduled, removable};
 use crate::plan::recovery::{quorum_lost_since, recovery_in};
 use crate::plan::{Observed, ObservedMember, ordinal};
 use crate::platform;
+use crate::resources::backup::{VOLUME_MOUNT, destination_url};
 use crate::resources::storage::{self, StorageChange, Volume};
 use crate::resources::{
     self, INITIAL_CLUSTER_STATE_KEY, InitialClusterState, LOST_DATA_EXIT_CODE, LOST_DATA_MESSAGE,
@@ -93,6 +94,10 @@ pub async fn observe(
             recovery: recovery_in(cc.status.as_ref()),
             status_cluster_id: cc.status.as_ref().and_then(|s| s.cluster_id.clone()),
             recovery_request: cc.annotations().get(RECOVER_ANNOTATION).cloned(),
+            // As the Jobs that reach it see it (a claim mounted at VOLUME_MOUNT).
+            backup_destination: (cc.spec.backup.as_ref()).map(|b| {
+                destination_url(&b.destination, &namespace, &name, std::path::Path::new(VOLUME_MOUNT))
+            }),
             ..Observed::default()
         },
         ..Observation::default()

@@ -21,6 +21,7 @@ use super::events::Events;
 use super::metrics::Metrics;
 use super::observe::{Observation, observe};
 use super::{Error, backups, recovery, requests};
+use crate::fault;
 use crate::membership::{self, MembershipError};
 use crate::plan::backup::{self, backup_name, outcome_event};
 use crate::plan::recovery::{quorum_event, quorum_lost_since, recovery_event};
@@ -121,6 +122,7 @@ pub async fn converge_with<M: membership::Members>(
     // deleted meanwhile) fails the reconcile, to be written by the next, and keeps nothing
     // about the cluster from being said.
     let requests = update_requests(ctx, cc, &observation, &step, failure.as_deref()).await;
+    events.die_at_fault_points();
     acted?;
     requests?;
     events.finish()?;
@@ -617,11 +619,13 @@ struct EventLog<'a> {
     recorder: &'a Events,
     regarding: ObjectReference,
     failed: Mutex<Option<kube::Error>>,
+    /// The reasons of the Events told, in order.
+    told: Mutex<Vec<String>>,
 }
 
 impl<'a> EventLog<'a> {
     fn about<K: Resource<DynamicType = ()>>(recorder: &'a Events, object: &K) -> Self {
-        Self { recorder, regarding: object.object_ref(&()), failed: Mutex::default() }
+        Self { recorder, regarding: object.object_ref(&()), failed: Mutex::default(), told: Mutex::default() }
     }
 
     async fn publish(
@@ -639,10 +643,13 @@ impl<'a> EventLog<'a> {
             action: action.to_owned(),
             secondary: related,
         };
-        if let Err(error) = self.recorder.publish(&event, &self.regarding).await {
-            warn!(%error, reason, "publishing an event failed");
-            let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
-            failed.get_or_insert(error);
+        match self.recorder.publish(&event, &self.regarding).await {
+            Ok(()) => self.told.lock().unwrap_or_else(PoisonError::into_inner).push(reason.to_owned()),
+            Err(error) => {
+                warn!(%error, reason, "publishing an event failed");
+                let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+                failed.get_or_insert(error);
+            }
         }
     }
 
@@ -655,6 +662,13 @@ impl<'a> EventLog<'a> {
         };
         let note = format!("{verb} {} {}", applied.kind, applied.name);
         self.publish(EventType::Normal, reason, action, note, Some(applied.reference)).await;
+    }
+
+    /// Dies at a fault point (`crate::fault`) this reconcile reached: an Event it told.
+    fn die_at_fault_points(&self) {
+        for reason in self.told.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            fault::reached(reason);
+        }
     }
 
     fn finish(self) -> Result<(), Error> {

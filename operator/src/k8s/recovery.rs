@@ -17,13 +17,14 @@
 use consensus_crds::{ConsensusCluster, FIELD_MANAGER, RecoveryRecord, RecoverySource};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::{Api, Client, ResourceExt};
 
 use super::Error;
 use super::observe::Observation;
 use crate::resources::labels;
+use crate::resources::member_claim;
 use crate::resources::recovery::{
     Part, TOKEN_ANNOTATION, first_member, restore_job, run_selector, snapshot_job,
 };
@@ -175,6 +176,10 @@ pub async fn advance(
             )))
         }
         Next::Create(part) => {
+            if part == Part::Snapshot && !observation.observed.volumes.contains(&first) {
+                // A new cluster made from a backup: no member has run, so no claim exists.
+                create_claim(client, cc, &first).await?;
+            }
             let job = match part {
                 Part::Snapshot => {
                     let members = ListParams::default().labels(&labels::selector_string(&cluster));
@@ -235,6 +240,18 @@ pub async fn advance(
             );
             done("RecoveryRestartedMembers", note, None)
         }
+    }
+}
+
+/// The claim of `member`, made before its pod as the StatefulSet would make it.
+async fn create_claim(client: &Client, cc: &ConsensusCluster, member: &str) -> Result<(), Error> {
+    let claim = member_claim(cc, member)?;
+    let claims =
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), &cc.namespace().unwrap_or_default());
+    match claims.create(&PostParams::default(), &claim).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 

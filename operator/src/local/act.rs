@@ -12,10 +12,6 @@ use super::workload::Workload;
 use crate::membership::{EtcdMembers, Members, MembershipError};
 use crate::plan::Step;
 
-/// Exit status of a run killed by the fault point, distinct from any error exit.
-pub const FAULT_EXIT: i32 = 86;
-const FAULT_ENV: &str = "CONSENSUS_OPERATOR_FAULT_AFTER";
-
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
     #[error(transparent)]
@@ -26,24 +22,6 @@ pub enum StepError {
     NoBackupDestination,
     #[error("member {0} is not among the running members")]
     NoSuchMember(String),
-}
-
-/// The step name after which this run should die, from `CONSENSUS_OPERATOR_FAULT_AFTER`.
-pub fn fault_after() -> Option<String> {
-    std::env::var(FAULT_ENV).ok().filter(|s| !s.is_empty())
-}
-
-/// Dies as a crash would: no cleanup, members left running in their own process groups,
-/// for the next run to adopt.
-pub fn die_after(step: &Step) -> ! {
-    die_at(step.name())
-}
-
-/// Dies at the fault point `point` (a step's name, or a part of one such as
-/// `RecoverSnapshot`).
-pub fn die_at(point: &str) -> ! {
-    tracing::error!(point, "{FAULT_ENV}: exiting right after this point");
-    std::process::exit(FAULT_EXIT)
 }
 
 pub struct Events {

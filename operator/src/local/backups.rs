@@ -75,6 +75,17 @@ pub struct Backups {
 }
 
 impl Backups {
+    /// Where `destination` keeps the backups of `cluster` here: a claim `C` is the directory
+    /// `<state-dir>/volumes/C/`.
+    pub fn destination_url(&self, destination: &BackupDestination, cluster: &str) -> String {
+        match &destination.volume {
+            Some(volume) => {
+                destination_url(destination, "default", cluster, &self.volumes.join(&volume.claim_name))
+            }
+            None => destination_url(destination, "default", cluster, &self.volumes),
+        }
+    }
+
     pub fn new(state_dir: &Path, cluster: &str, node_bin: &Path) -> Self {
         Self {
             dir: state_dir.join(format!("{cluster}.backups")),
@@ -225,14 +236,11 @@ impl Backups {
         };
         let id = record.id();
         self.write(&record)?;
-        let to = match &run.destination.volume {
-            Some(volume) => {
-                let root = self.volumes.join(&volume.claim_name);
-                std::fs::create_dir_all(&root).map_err(state("creating", &root))?;
-                destination_url(run.destination, "default", cluster, &root)
-            }
-            None => destination_url(run.destination, "default", cluster, &self.volumes),
-        };
+        if let Some(volume) = &run.destination.volume {
+            let root = self.volumes.join(&volume.claim_name);
+            std::fs::create_dir_all(&root).map_err(state("creating", &root))?;
+        }
+        let to = self.destination_url(run.destination, cluster);
         let report = self.file(&id, "report.json");
         let log_path = self.file(&id, "log");
         let log = std::fs::File::create(&log_path).map_err(state("creating", &log_path))?;

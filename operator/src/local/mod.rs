@@ -28,6 +28,7 @@ pub use error::LocalError;
 use spec_file::{Declared, SpecFile};
 use workload::Workload;
 
+use crate::fault;
 use crate::membership::{EtcdMembers, Members, Target, observe};
 use crate::plan::backup::{backup_name, last_scheduled, outcome_event, removable, request_updates};
 use crate::plan::recovery::{quorum_event, quorum_lost_since, recovery_event, recovery_in};
@@ -130,7 +131,7 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
     })?;
     let workload = Workload::open(&state_dir, &name, &node_bin)?;
     let backups = backups::Backups::new(&state_dir, &name, &node_bin);
-    let recovery = recovery::Recovery::new(&state_dir, &name, &node_bin, act::fault_after());
+    let recovery = recovery::Recovery::new(&state_dir, &name, &node_bin);
     let status_path = status_file::path(&state_dir, &name);
     let events = act::Events::new(&state_dir, &name);
     tracing::info!(cluster = %name, file = %args.file.display(), status = %status_path.display(), "local mode");
@@ -143,7 +144,6 @@ pub async fn run(args: LocalArgs, shutdown: impl Future<Output = ()>) -> Result<
         recovery,
         members: EtcdMembers::default(),
         events,
-        fault_after: act::fault_after(),
         last_step: None,
         announced: false,
     };
@@ -184,8 +184,6 @@ struct Operator {
     recovery: recovery::Recovery,
     members: EtcdMembers,
     events: act::Events,
-    /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the step after which this run dies, for tests.
-    fault_after: Option<String>,
     last_step: Option<Step>,
     announced: bool,
 }
@@ -240,6 +238,8 @@ impl Platform for Operator {
             recovery: recovery_in(self.previous.as_ref()),
             recovery_request: self.declaration.recovery_request.clone(),
             status_cluster_id: self.previous.as_ref().and_then(|s| s.cluster_id.clone()),
+            backup_destination: (self.declaration.spec.backup.as_ref())
+                .map(|b| self.backups.destination_url(&b.destination, &self.declaration.name)),
             ..Observed::default()
         };
         platform::fill(&mut observed, &view);
@@ -286,9 +286,7 @@ impl Platform for Operator {
             }
             Step::BeginRecovery { record } => {
                 tracing::warn!(from = %record.from, source = ?record.source, "recovering from quorum loss");
-                if self.fault_after.as_deref() == Some(step.name()) {
-                    act::die_after(step);
-                }
+                fault::reached(step.name());
             }
             Step::Recover { record } => {
                 self.recovery.recover(&mut self.workload, record, &self.declaration.spec).await?;
@@ -311,9 +309,7 @@ impl Platform for Operator {
                     seen,
                 )
                 .await?;
-                if self.fault_after.as_deref() == Some(step.name()) {
-                    act::die_after(step);
-                }
+                fault::reached(step.name());
             }
         }
         Ok(())

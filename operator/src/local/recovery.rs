@@ -12,9 +12,9 @@ use std::time::Duration;
 use consensus_crds::{ConsensusClusterSpec, RecoveryRecord, RecoverySource};
 
 use super::LocalError;
-use super::act::die_at;
 use super::workload::Workload;
-use crate::resources::backup::{s3_flags, stored_backup};
+use crate::fault;
+use crate::resources::backup::{fetch_source, s3_flags};
 
 /// A survivor's snapshot of a store our size takes seconds; past this it is not coming.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
@@ -22,24 +22,11 @@ const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(120);
 pub struct Recovery {
     dir: PathBuf,
     node_bin: PathBuf,
-    /// `CONSENSUS_OPERATOR_FAULT_AFTER`: the part of a recovery after which this run dies,
-    /// for tests (`RecoverSnapshot`, `RecoverReplace`, `RecoverRestore`).
-    fault_after: Option<String>,
 }
 
 impl Recovery {
-    pub fn new(state_dir: &Path, cluster: &str, node_bin: &Path, fault_after: Option<String>) -> Self {
-        Self {
-            dir: state_dir.join(format!("{cluster}.recovery")),
-            node_bin: node_bin.to_owned(),
-            fault_after,
-        }
-    }
-
-    fn fault_point(&self, point: &str) {
-        if self.fault_after.as_deref() == Some(point) {
-            die_at(point);
-        }
+    pub fn new(state_dir: &Path, cluster: &str, node_bin: &Path) -> Self {
+        Self { dir: state_dir.join(format!("{cluster}.recovery")), node_bin: node_bin.to_owned() }
     }
 
     /// Carries out `record` on `workload`; nothing when the workload runs under its token
@@ -57,9 +44,9 @@ impl Recovery {
             RecoverySource::Survivor => self.survivor_snapshot(workload, record).await?,
             RecoverySource::Backup => self.fetched_backup(record, spec).await?,
         };
-        self.fault_point("RecoverSnapshot");
+        fault::reached("RecoverSnapshot");
         let keep = self.dir.join(&record.cluster_token).join("replaced");
-        workload.recreate_from(&snapshot, &record.cluster_token, &keep, |point| self.fault_point(point)).await
+        workload.recreate_from(&snapshot, &record.cluster_token, &keep).await
     }
 
     /// The backup the record names as a snapshot file, fetched once (`consensus-node fetch`
@@ -75,9 +62,9 @@ impl Recovery {
             return Ok(snapshot);
         }
         let unusable = |why: &str| LocalError::Recovery(format!("the backup {}: {why}", record.from));
-        let (from, name) =
-            stored_backup(&record.from).ok_or_else(|| unusable("not a stored backup's location"))?;
-        let mut args = ["fetch", "--from", from, "--name", name].map(str::to_owned).to_vec();
+        let (source, from) = fetch_source(&record.from);
+        let mut args = vec!["fetch".to_owned()];
+        args.extend(source);
         if let Some(bucket) = from.strip_prefix("s3://").map(|rest| rest.split('/').next().unwrap_or(rest)) {
             let s3 =
                 spec.backup.as_ref().and_then(|b| b.destination.s3.as_ref()).filter(|s3| s3.bucket == bucket);

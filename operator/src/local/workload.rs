@@ -418,24 +418,34 @@ impl Workload {
         self.record.as_ref().map(|r| r.initial_cluster_token.as_str())
     }
 
-    /// Makes the cluster again from `snapshot` under `token` (a recovery from quorum loss):
+    /// Makes the cluster again from `snapshot` under `token` (a recovery from quorum loss, or
+    /// a new cluster's start from a backup):
     /// every member stopped, their data directories moved into `keep` (the old cluster's
     /// data, for a person to look at; never started again), the first member restored from
     /// the snapshot on its own ports and started alone. The others join again as learners,
     /// by the usual steps. Done again from the start after a crash until the record names
     /// `token`: nothing has run under it before then, so nothing of the new cluster is lost.
-    /// `fault_point` is called after each part, for tests.
+    /// Each part is a fault point (`crate::fault`), for tests.
     pub async fn recreate_from(
         &mut self,
         snapshot: &Path,
         token: &str,
         keep: &Path,
-        fault_point: impl Fn(&str),
     ) -> Result<(), LocalError> {
-        let Some(first) = self.members().first().cloned() else {
-            return Err(LocalError::Recovery(
-                "a recovery needs the members' record, and there is none".to_owned(),
-            ));
+        let first = match self.members().first() {
+            Some(first) => first.clone(),
+            // A new cluster made from a backup: created without members, and its first is
+            // made here.
+            None if self.record.is_some() => {
+                let cluster =
+                    self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                self.reserve(&format!("{cluster}-0"))?
+            }
+            None => {
+                return Err(LocalError::Recovery(
+                    "a recovery needs the members' record, and there is none".to_owned(),
+                ));
+            }
         };
         // Killed, not stopped: their data is set aside and never started again, and a leader
         // without a quorum would spend its whole grace trying to hand over.
@@ -464,7 +474,7 @@ impl Workload {
                 })?;
             }
         }
-        fault_point("RecoverReplace");
+        crate::fault::reached("RecoverReplace");
         // A restore interrupted before leaves its staging directory, which a new one refuses.
         let staging = self.dir.join(format!(".{}.restoring", first.name));
         if staging.exists() {
@@ -495,7 +505,7 @@ impl Workload {
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
-        fault_point("RecoverRestore");
+        crate::fault::reached("RecoverRestore");
         let member = MemberRecord { join_existing: false, ..first };
         self.restarts.clear();
         self.save(Record {

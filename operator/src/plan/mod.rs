@@ -68,6 +68,10 @@ pub struct Observed {
     pub recovery_request: Option<String>,
     /// `status.clusterId`: the cluster's id as last seen, when no member answers now.
     pub status_cluster_id: Option<String>,
+    /// Where `spec.backup.destination` keeps this cluster's backups, as the platform reaches
+    /// them (`resources::backup::destination_url`); a new cluster made from a backup takes
+    /// the newest verified one there unless one is named.
+    pub backup_destination: Option<String>,
 }
 
 impl Observed {
@@ -244,8 +248,12 @@ impl<'a> Health<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Situation {
     InvalidSpec(String),
-    /// Volumes of an earlier cluster of this name exist and the spec does not adopt them.
-    KeptVolumes(Vec<String>),
+    /// Volumes of an earlier cluster of this name exist and the spec does not adopt them;
+    /// `from_backup`: it makes the cluster from a backup, so it never may.
+    KeptVolumes {
+        names: Vec<String>,
+        from_backup: bool,
+    },
     NotCreated,
     /// The membership is being changed towards the spec; this is its next step.
     Changing(Step),
@@ -280,7 +288,8 @@ fn assess(spec: &ConsensusClusterSpec, observed: &Observed) -> Situation {
         return Situation::InvalidSpec(reasons.join("; "));
     }
     if refuses_kept_volumes(spec, observed) {
-        return Situation::KeptVolumes(observed.kept_volumes.clone());
+        let from_backup = spec.bootstrap.as_ref().is_some_and(|b| b.from_backup.is_some());
+        return Situation::KeptVolumes { names: observed.kept_volumes.clone(), from_backup };
     }
     let Some(current) = observed.workload_replicas else {
         return Situation::NotCreated;
@@ -393,12 +402,16 @@ impl Situation {
                 format!("waiting for {} to become healthy again", names.join(", "))
             }
             Situation::InvalidSpec(reason) | Situation::UpdateBlocked(reason) => reason.clone(),
-            Situation::KeptVolumes(names) => format!(
+            Situation::KeptVolumes { names, from_backup } => format!(
                 "volumes of an earlier cluster named like this one exist ({}); they hold its data and \
-                 cluster id, so nothing is created. Delete them (kubectl delete pvc {}), or set \
-                 spec.storage.existingVolumes to Adopt to resume that cluster on them",
+                 cluster id, so nothing is created. Delete them (kubectl delete pvc {}){}",
                 names.join(", "),
-                names.join(" ")
+                names.join(" "),
+                if *from_backup {
+                    ": a cluster made from a backup never starts on them"
+                } else {
+                    ", or set spec.storage.existingVolumes to Adopt to resume that cluster on them"
+                }
             ),
             Situation::NotCreated | Situation::Steady | Situation::Changing(_) | Situation::Updating(_) => {
                 String::new()
@@ -428,6 +441,10 @@ pub fn plan(spec: &ConsensusClusterSpec, observed: &Observed) -> Step {
 fn membership_step(spec: &ConsensusClusterSpec, observed: &Observed, situation: Situation) -> Step {
     match situation {
         Situation::InvalidSpec(reason) => Step::RefuseSpec { reason },
+        // Without members: the first is restored from the backup before it starts.
+        Situation::NotCreated if recovery::from_backup_pending(spec, observed) => {
+            Step::CreateWorkload { replicas: 0, bootstrap: false }
+        }
         Situation::NotCreated => Step::CreateWorkload {
             replicas: spec.replicas,
             // Adopted volumes hold a cluster's data: their members resume it, and a member
@@ -453,9 +470,10 @@ fn was_established(previous: Option<&ConsensusClusterStatus>) -> bool {
                         | Phase::Scaling
                         | Phase::Updating
                         | Phase::QuorumLost
-                        | Phase::Restoring
                 )
             )
+            // A recovery replaces a cluster that ran; a bootstrap from a backup, none.
+            || (p.phase == Some(Phase::Restoring) && p.recovery.as_ref().is_none_or(|r| r.quorum_lost.is_some()))
     })
 }
 
@@ -698,7 +716,7 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
             "Recreating",
             format!("creating {replicas} members that rejoin the cluster from their volumes"),
         ),
-        (Step::Wait { reason }, Situation::KeptVolumes(_)) => {
+        (Step::Wait { reason }, Situation::KeptVolumes { .. }) => {
             condition(TYPE, false, "KeptVolumes", reason.clone())
         }
         (Step::Wait { reason }, Situation::UpdateBlocked(_)) => {
@@ -727,15 +745,9 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
             | Step::UpdateMember { .. },
             _,
         ) => condition(TYPE, true, step.name(), describe(step)),
-        (Step::BeginRecovery { record } | Step::Recover { record }, _) => condition(
-            TYPE,
-            true,
-            "Recovering",
-            format!(
-                "making the cluster again from {} ({:?}) after its quorum was lost at {}; lost: {}",
-                record.from, record.source, record.quorum_lost.0, record.lost_writes
-            ),
-        ),
+        (Step::BeginRecovery { record } | Step::Recover { record }, _) => {
+            condition(TYPE, true, "Recovering", recovery::describe(record))
+        }
         (Step::Wait { reason }, _) => condition(TYPE, true, "WaitingForMembers", reason.clone()),
         (Step::Steady | Step::TakeBackup { .. }, _) => {
             condition(TYPE, false, "Reconciled", "the cluster is in its declared shape")
@@ -799,7 +811,7 @@ fn degraded(
         Situation::MembershipMismatch { .. } => {
             condition(TYPE, true, "MembershipMismatch", situation.wait_reason())
         }
-        Situation::KeptVolumes(_) => condition(TYPE, true, "KeptVolumes", situation.wait_reason()),
+        Situation::KeptVolumes { .. } => condition(TYPE, true, "KeptVolumes", situation.wait_reason()),
         _ if !observed.refused_changes.is_empty() => {
             condition(TYPE, true, "ChangeRefused", observed.refused_changes.join("; "))
         }

@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Health, Observed, Step};
+use crate::resources::backup::stored_backup;
 
 /// When the cluster lost its quorum, while it has not regained it: to the second, as status
 /// is written (and as a person writes the time of a request), whether the status was read
@@ -97,6 +98,9 @@ pub fn step(spec: &ConsensusClusterSpec, observed: &Observed, lost_now: bool) ->
         return (!restored && !abandoned(observed, record))
             .then(|| Step::Recover { record: Box::new(record.clone()) });
     }
+    if let Some(record) = bootstrap(spec, observed) {
+        return Some(Step::BeginRecovery { record: Box::new(record) });
+    }
     if !lost_now {
         return None;
     }
@@ -113,6 +117,61 @@ pub fn step(spec: &ConsensusClusterSpec, observed: &Observed, lost_now: bool) ->
     Some(Step::BeginRecovery {
         record: Box::new(RecoveryRecord { requested: requested.map(Time), ..record }),
     })
+}
+
+/// Whether the cluster is to be made from a backup (`spec.bootstrap.fromBackup`) and has not
+/// been yet: it never ran (no leader ever, no cluster id seen). Its workload is created
+/// without members, so no member starts a cluster of its own on an empty volume first.
+pub fn from_backup_pending(spec: &ConsensusClusterSpec, observed: &Observed) -> bool {
+    spec.bootstrap.as_ref().is_some_and(|b| b.from_backup.is_some())
+        && !observed.established
+        && observed.cluster_id.is_none()
+        && observed.status_cluster_id.is_none()
+}
+
+/// A cluster made from a backup starts as a recovery with nothing to replace, once its
+/// workload exists without members: the backup restored into the first member, which starts
+/// alone, and the others added as in a scale-up. The backup is the one named, or the
+/// newest verified one in the destination (`from` is the destination itself then).
+fn bootstrap(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<RecoveryRecord> {
+    if !from_backup_pending(spec, observed) || observed.workload_replicas != Some(0) {
+        return None;
+    }
+    let named = spec.bootstrap.as_ref()?.from_backup.as_ref()?.location.clone();
+    let from = named.or_else(|| observed.backup_destination.clone())?;
+    Some(RecoveryRecord {
+        source: RecoverySource::Backup,
+        from,
+        applied_index: None,
+        previous_cluster_id: None,
+        cluster_token: format!("restored-{}", observed.now.as_nanosecond()),
+        quorum_lost: None,
+        started: Time(observed.now),
+        finished: None,
+        lost_writes: "nothing of this cluster's: it starts with what the backup holds".to_owned(),
+        requested: None,
+    })
+}
+
+/// Where a recovery comes from, in words.
+fn source_text(record: &RecoveryRecord) -> String {
+    if stored_backup(&record.from).is_some() || record.source == RecoverySource::Survivor {
+        format!("{} ({:?})", record.from, record.source)
+    } else {
+        format!("the newest verified backup in {}", record.from)
+    }
+}
+
+/// What a recovery does, for its condition and Event.
+pub fn describe(record: &RecoveryRecord) -> String {
+    let from = source_text(record);
+    match &record.quorum_lost {
+        Some(lost) => format!(
+            "making the cluster again from {from} after its quorum was lost at {}; lost: {}",
+            lost.0, record.lost_writes
+        ),
+        None => format!("making the new cluster from {from}, then growing it to its declared size"),
+    }
 }
 
 /// The `consensus.dev/recover` request that asks for a recovery of the quorum loss under
@@ -182,7 +241,7 @@ fn source(observed: &Observed, quorum_lost: Timestamp) -> Option<RecoveryRecord>
         applied_index: applied_index.and_then(|i| i64::try_from(i).ok()),
         previous_cluster_id: previous_cluster_id.clone(),
         cluster_token: format!("recovered-{}", observed.now.as_nanosecond()),
-        quorum_lost: Time(quorum_lost),
+        quorum_lost: Some(Time(quorum_lost)),
         started: Time(observed.now),
         finished: None,
         lost_writes,
@@ -244,11 +303,9 @@ pub fn recovery_event(
 ) -> Option<QuorumEvent> {
     let before = previous.and_then(|p| p.recovery.as_ref());
     if let (None, Some(started)) = (before, next.recovery.as_ref()) {
-        let message = format!(
-            "recovering from the quorum lost at {}: a new cluster from {} ({:?}), then grown back; lost: {}",
-            started.quorum_lost.0, started.from, started.source, started.lost_writes
-        );
-        return Some(QuorumEvent { warning: true, reason: "RecoveryStarted", message });
+        // A bootstrap from a backup is news, not a warning: nothing was lost.
+        let warning = started.quorum_lost.is_some();
+        return Some(QuorumEvent { warning, reason: "RecoveryStarted", message: describe(started) });
     }
     let finished_one = next.last_recovery.as_ref() != previous.and_then(|p| p.last_recovery.as_ref());
     if let (Some(dropped), None, false) = (before, next.recovery.as_ref(), finished_one) {
@@ -261,10 +318,10 @@ pub fn recovery_event(
         return Some(QuorumEvent { warning: false, reason: "RecoveryDropped", message });
     }
     let done = next.last_recovery.as_ref().filter(|_| finished_one)?;
+    let (made, again) = if done.quorum_lost.is_some() { ("recovered", " again") } else { ("made", "") };
     let message = format!(
-        "recovered from {} ({:?}) as cluster {}, at its declared size again{}",
-        done.from,
-        done.source,
+        "{made} from {} as cluster {}, at its declared size{again}{}",
+        source_text(done),
         next.cluster_id.as_deref().unwrap_or("unknown"),
         done.finished.as_ref().map_or_else(String::new, |t| format!(" at {}", t.0))
     );

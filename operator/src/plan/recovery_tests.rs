@@ -88,7 +88,7 @@ fn past_the_timeout_the_member_that_applied_most_is_the_survivor() {
         (RecoverySource::Survivor, "demo-2", Some(120))
     );
     assert_eq!(record.previous_cluster_id.as_deref(), Some("abc"));
-    assert_eq!(record.quorum_lost, Time(t("2026-12-01T10:00:00Z")));
+    assert_eq!(record.quorum_lost, Some(Time(t("2026-12-01T10:00:00Z"))));
     // Recorded in status before anything is changed, and said.
     let status = status(&spec(true), &observed, &step, None, None, Time(observed.now));
     assert_eq!(status.recovery.as_ref(), Some(&record));
@@ -243,4 +243,93 @@ fn the_old_cluster_serving_again_drops_a_recovery_that_replaced_nothing() {
     assert_eq!((now.recovery.as_ref(), now.last_recovery.as_ref()), (None, None));
     let before = ConsensusClusterStatus { recovery: Some(record), ..ConsensusClusterStatus::default() };
     assert_eq!(recovery_event(Some(&before), &now).map(|e| e.reason), Some("RecoveryDropped"));
+}
+
+fn from_backup(location: Option<&str>) -> ConsensusClusterSpec {
+    serde_json::from_value(serde_json::json!({
+        "replicas": 3,
+        "backup": { "schedule": "@daily", "destination": { "volume": { "claimName": "backups" } } },
+        "bootstrap": { "fromBackup": { "location": location } },
+    }))
+    .expect("spec parses")
+}
+
+/// A resource just created: nothing of it exists yet.
+fn new_resource(now: &str) -> Observed {
+    Observed {
+        generation: Some(1),
+        now: t(now),
+        backup_destination: Some("file:///backup/demo".to_owned()),
+        ..Observed::default()
+    }
+}
+
+#[test]
+fn a_cluster_made_from_a_backup_starts_without_members_and_restores_the_first() {
+    let spec = from_backup(None);
+    let mut observed = new_resource("2026-12-01T10:00:00Z");
+    // No member may start on an empty volume: the workload is made without any.
+    assert_eq!(plan(&spec, &observed), Step::CreateWorkload { replicas: 0, bootstrap: false });
+    observed.workload_replicas = Some(0);
+    let record = begun(&plan(&spec, &observed));
+    assert_eq!(record.source, RecoverySource::Backup);
+    assert_eq!(record.from, "file:///backup/demo", "the newest verified backup there");
+    assert_eq!((&record.previous_cluster_id, &record.quorum_lost), (&None, &None));
+    let status = status(
+        &spec,
+        &observed,
+        &Step::BeginRecovery { record: Box::new(record.clone()) },
+        None,
+        None,
+        Time(observed.now),
+    );
+    let progressing =
+        status.conditions.iter().find(|c| c.type_ == condition::PROGRESSING).expect("Progressing");
+    assert!(
+        progressing.message.contains("the newest verified backup in file:///backup/demo"),
+        "{}",
+        progressing.message
+    );
+    let event = recovery_event(None, &status).expect("an event");
+    assert!(!event.warning, "nothing was lost: {}", event.message);
+
+    // Carried on until the restored member answers under its new id, then grown as usual.
+    observed.recovery = Some(record.clone());
+    assert_eq!(plan(&spec, &observed), Step::Recover { record: Box::new(record) });
+    observed.workload_replicas = Some(1);
+    observed.members = Some(vec![ObservedMember { healthy: true, ..member(0, Some(5)) }]);
+    observed.leader = Some(1);
+    observed.cluster_id = Some(0xdef);
+    observed.volumes = vec!["demo-0".to_owned()];
+    let step = plan(&spec, &observed);
+    assert!(matches!(step, Step::AddLearner { .. } | Step::ResizeWorkload { .. }), "{step:?}");
+}
+
+#[test]
+fn a_named_backup_is_the_source_and_a_cluster_that_ran_is_never_made_from_one() {
+    let location = "file:///backup/demo/demo-20261201.snapshot";
+    let spec = from_backup(Some(location));
+    let observed = Observed { workload_replicas: Some(0), ..new_resource("2026-12-01T10:00:00Z") };
+    assert_eq!(begun(&plan(&spec, &observed)).from, location);
+    // Once the cluster has had an id, fromBackup is history: its members rejoin it.
+    for ran in [
+        Observed { established: true, ..observed.clone() },
+        Observed { status_cluster_id: Some("abc".to_owned()), ..observed.clone() },
+    ] {
+        let step = plan(&spec, &ran);
+        assert!(!matches!(step, Step::BeginRecovery { .. }), "{step:?}");
+    }
+    let ran = Observed { established: true, workload_replicas: None, ..observed.clone() };
+    assert_eq!(plan(&spec, &ran), Step::CreateWorkload { replicas: 3, bootstrap: false });
+}
+
+#[test]
+fn volumes_an_earlier_cluster_left_hold_a_cluster_from_a_backup_back_and_are_named() {
+    let spec = from_backup(None);
+    let observed =
+        Observed { kept_volumes: vec!["data-demo-0".to_owned()], ..new_resource("2026-12-01T10:00:00Z") };
+    let step = plan(&spec, &observed);
+    let Step::Wait { reason } = &step else { panic!("{step:?}") };
+    assert!(reason.contains("data-demo-0") && reason.contains("never starts on them"), "{reason}");
+    assert!(!reason.contains("Adopt"), "{reason}");
 }

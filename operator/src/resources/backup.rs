@@ -231,6 +231,16 @@ pub fn stored_backup(location: &str) -> Option<(&str, &str)> {
     Some((from, file.strip_suffix(".snapshot")?)).filter(|(from, name)| !from.is_empty() && !name.is_empty())
 }
 
+/// The `--from` and `--name` of `consensus-node fetch` for the backup at `location`, and
+/// where it is stored; a location that names no backup is a destination, whose newest
+/// verified backup `--newest` fetches.
+pub fn fetch_source(location: &str) -> (Vec<String>, &str) {
+    match stored_backup(location) {
+        Some((from, name)) => (["--from", from, "--name", name].map(str::to_owned).to_vec(), from),
+        None => (["--from", location, "--newest"].map(str::to_owned).to_vec(), location),
+    }
+}
+
 /// Where the backups of `cluster` go: `s3://BUCKET/PREFIX`, the prefix `<namespace>/<cluster>`
 /// unless the spec names one; or the directory `path` inside the volume mounted at
 /// `volume_root`.

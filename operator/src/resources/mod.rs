@@ -19,7 +19,7 @@ use kube::Resource;
 
 pub use config::{INITIAL_CLUSTER_KEY, INITIAL_CLUSTER_STATE_KEY, InitialClusterState};
 pub use disruption::Guarded;
-pub use statefulset::volume_claim_name;
+pub use statefulset::{member_claim, volume_claim_name};
 
 pub const CLIENT_PORT: i32 = 2379;
 pub const PEER_PORT: i32 = 2380;

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::backup::{VOLUME_MOUNT, destination_access, destination_url, s3_flags, stored_backup};
+use super::backup::{VOLUME_MOUNT, destination_access, destination_url, fetch_source, s3_flags};
 use super::statefulset::{
     DATA_MOUNT, DATA_VOLUME, container_security_context, pod_security_context, volume_claim_name,
 };
@@ -101,8 +101,7 @@ pub fn snapshot_job(
         }
         RecoverySource::Backup => {
             let unusable = |why: &str| BuildError::BackupSource(format!("the backup {}: {why}", record.from));
-            let (from, name) =
-                stored_backup(&record.from).ok_or_else(|| unusable("not a stored backup's location"))?;
+            let (mut args, from) = fetch_source(&record.from);
             // Reached as the cluster's own backups are: its destination says how.
             let destination =
                 cc.spec.backup.as_ref().map(|b| &b.destination).ok_or_else(|| {
@@ -114,8 +113,8 @@ pub fn snapshot_job(
                     "it is not in spec.backup.destination ({ours}), so how to reach it is unknown"
                 )));
             }
-            let mut args = ["fetch", "--from", from, "--name", name, "--to"].map(str::to_owned).to_vec();
-            args.push(snapshot_file(record));
+            args.splice(0..0, ["fetch".to_owned()]);
+            args.extend(["--to".to_owned(), snapshot_file(record)]);
             args.extend(destination.s3.as_ref().map(s3_flags).unwrap_or_default());
             (args, Some(destination_access(Some(destination))))
         }

@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use consensus_crds::{VolumeReclaimPolicy, ZoneSpread};
+use consensus_crds::{ConsensusCluster, VolumeReclaimPolicy, ZoneSpread};
 use k8s_openapi::api::apps::v1::{
     StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
 };
@@ -15,7 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    CLIENT_PORT, Cluster, INITIAL_CLUSTER_KEY, INITIAL_CLUSTER_STATE_KEY, METRICS_PORT, PEER_PORT, labels,
+    BuildError, CLIENT_PORT, Cluster, INITIAL_CLUSTER_KEY, INITIAL_CLUSTER_STATE_KEY, METRICS_PORT,
+    PEER_PORT, labels,
 };
 
 const CONTAINER: &str = "consensus-node";
@@ -72,6 +73,17 @@ fn reclaim(policy: VolumeReclaimPolicy) -> &'static str {
         VolumeReclaimPolicy::Retain => "Retain",
         VolumeReclaimPolicy::Delete => "Delete",
     }
+}
+
+/// The claim of `member` as the StatefulSet would make it from its template, for a volume
+/// needed before the member's pod is: the first member's, restored from a backup before the
+/// new cluster starts. The StatefulSet takes a claim of that name as the member's.
+pub fn member_claim(cc: &ConsensusCluster, member: &str) -> Result<PersistentVolumeClaim, BuildError> {
+    let cluster = Cluster::new(cc)?;
+    let mut claim = volume_claim(&cluster);
+    claim.metadata.name = Some(volume_claim_name(member));
+    claim.metadata.namespace = Some(cluster.namespace.to_owned());
+    Ok(claim)
 }
 
 fn volume_claim(cluster: &Cluster<'_>) -> PersistentVolumeClaim {

@@ -14,7 +14,6 @@ use consensus_crds::ConsensusClusterStatus;
 pub const SAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/samples/three-members.yaml");
 /// Generous: debug binaries on two shared cores; a scale normally takes a few seconds.
 pub const DEADLINE: Duration = Duration::from_secs(180);
-pub const FAULT_EXIT: i32 = 86;
 
 /// The node binary next to the operator's, built first: `cargo test -p consensus-operator`
 /// builds only this package's binaries. Cargo makes this a no-op when it is fresh.
