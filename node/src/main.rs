@@ -310,17 +310,20 @@ fn sockets(urls: &[String]) -> anyhow::Result<Vec<SocketAddr>> {
     urls.iter().map(|u| socket(u)).collect()
 }
 
-/// `--initial-cluster` as `(name, peer-url)` pairs; empty means this member alone.
+/// `--initial-cluster` as `(name, peer-url)` pairs; empty means this member alone. An empty
+/// entry is no entry: `--initial-cluster=` (an empty variable, as a workload of no members yet
+/// writes it) means the same as no flag.
 fn parse_initial_cluster(
     pairs: &[String],
     name: &str,
     advertise_peer_urls: &[String],
 ) -> anyhow::Result<Vec<(String, String)>> {
+    let pairs: Vec<&String> = pairs.iter().filter(|p| !p.trim().is_empty()).collect();
     if pairs.is_empty() {
         return Ok(advertise_peer_urls.iter().map(|u| (name.to_owned(), u.clone())).collect());
     }
     pairs
-        .iter()
+        .into_iter()
         .map(|pair| {
             pair.split_once('=')
                 .map(|(n, u)| (n.to_owned(), u.to_owned()))
@@ -536,4 +539,22 @@ async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string(&outcome?)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_initial_cluster;
+
+    #[test]
+    fn an_empty_initial_cluster_entry_is_this_member_alone_and_a_bad_one_is_refused() {
+        let own = ["http://10.0.0.1:2380".to_owned()];
+        let alone = vec![("demo-0".to_owned(), own[0].clone())];
+        // As a ConfigMap of a workload without members yet has it: `--initial-cluster=`.
+        assert_eq!(parse_initial_cluster(&[String::new()], "demo-0", &own).expect("parses"), alone);
+        assert_eq!(parse_initial_cluster(&[], "demo-0", &own).expect("parses"), alone);
+        let two = ["a=http://a:2380".to_owned(), "b=http://b:2380".to_owned()];
+        assert_eq!(parse_initial_cluster(&two, "a", &own).expect("parses").len(), 2);
+        let bad = parse_initial_cluster(&["a".to_owned()], "a", &own).expect_err("refused");
+        assert!(bad.to_string().contains("is not name=peer-url"), "{bad}");
+    }
 }

@@ -379,9 +379,19 @@ async fn the_newest_verified_backup_is_fetched_when_none_is_named() {
     assert_stored_as_the_manifest_says(&to, &verified);
     assert_eq!(restored_keys(&to).await.len(), 101, "every key of the backup, nothing after");
 
-    // With no verified backup left, nothing is fetched, and it says why.
+    // A verified manifest whose object is gone (a prune interrupted between the two) is
+    // passed over for the next, and with no verified backup left nothing is fetched, and it
+    // says why.
     std::fs::remove_file(&to).expect("removing the fetched file");
-    std::fs::remove_file(dir.path().join("backups").join("older-verified.json")).expect("its manifest");
+    let mut newer = verified.clone();
+    (newer.name, newer.taken) = ("pruned-half-way".to_owned(), unverified.taken.clone());
+    let manifest_of = |name: &str| dir.path().join("backups").join(format!("{name}.json"));
+    std::fs::write(manifest_of("pruned-half-way"), serde_json::to_vec(&newer).expect("json"))
+        .expect("a manifest");
+    let fetched: Manifest = serde_json::from_str(ok(fetch(&newest)).trim()).expect("the manifest");
+    assert_eq!(fetched.name, "older-verified");
+    std::fs::remove_file(&to).expect("removing the fetched file");
+    std::fs::remove_file(manifest_of("older-verified")).expect("its manifest");
     let refused = fetch(&newest);
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);

@@ -374,12 +374,11 @@ pub async fn fetch(
 ) -> anyhow::Result<Manifest> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, prefix, root) = open(destination, s3)?;
-    let manifest = match name {
-        Some(name) => read_manifest(store.as_ref(), &prefix, &root, name).await?.1,
-        None => newest_verified(stored(store.as_ref(), &prefix, None).await?)
-            .with_context(|| format!("no verified backup in {root}/{prefix}"))?,
+    let (name, manifest) = match name {
+        Some(name) => (name.to_owned(), read_manifest(store.as_ref(), &prefix, &root, name).await?.1),
+        None => newest_verified(store.as_ref(), &prefix, &root).await?,
     };
-    let name = manifest.name.as_str();
+    let name = name.as_str();
     let object = key(&prefix, &format!("{name}.snapshot"));
     if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -400,15 +399,32 @@ pub async fn fetch(
     Ok(manifest)
 }
 
-/// The backup taken last of those verified: what a new cluster is made from when no backup
-/// is named. One that failed verification, or was never verified, is never chosen.
-fn newest_verified(manifests: Vec<Manifest>) -> Option<Manifest> {
-    manifests
+/// The backup taken last of those verified whose object is there (retention deletes the
+/// object first, so an interrupted prune can leave a manifest alone): what a new cluster is
+/// made from when no backup is named. One that failed verification, or was never verified,
+/// is never chosen.
+async fn newest_verified(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    root: &str,
+) -> anyhow::Result<(String, Manifest)> {
+    let mut verified: Vec<(jiff::Timestamp, Manifest)> = stored(store, prefix, None)
+        .await?
         .into_iter()
         .filter(|m| m.verified == Some(true))
         .filter_map(|m| Some((m.taken.parse::<jiff::Timestamp>().ok()?, m)))
-        .max_by(|(a, m), (b, n)| a.cmp(b).then_with(|| m.name.cmp(&n.name)))
-        .map(|(_, m)| m)
+        .collect();
+    verified.sort_by(|(a, m), (b, n)| b.cmp(a).then_with(|| n.name.cmp(&m.name)));
+    for (_, manifest) in verified {
+        match store.head(&key(prefix, &format!("{}.snapshot", manifest.name))).await {
+            Ok(_) => return Ok((manifest.name.clone(), manifest)),
+            Err(object_store::Error::NotFound { .. }) => {
+                tracing::warn!(backup = %manifest.name, "a verified manifest without its snapshot; skipped");
+            }
+            Err(error) => return Err(error).with_context(|| format!("reading {root}/{prefix}")),
+        }
+    }
+    bail!("no verified backup in {root}/{prefix}")
 }
 
 /// The backups directly under `prefix`, from their manifests: of cluster `cluster_id`, or of

@@ -457,11 +457,13 @@ fn membership_step(spec: &ConsensusClusterSpec, observed: &Observed, situation: 
     }
 }
 
-/// Whether the cluster has ever had a leader, judged from the status written before: a
-/// cluster without quorum is bootstrapping the first time and has lost quorum after that.
+/// Whether the cluster has ever had a quorum of healthy voters under a leader, judged from
+/// the status written before (each of these phases is decided only with one): a cluster
+/// without quorum is bootstrapping the first time and has lost quorum after that.
 fn was_established(previous: Option<&ConsensusClusterStatus>) -> bool {
     previous.is_some_and(|p| {
-        p.leader.is_some()
+        // Lost, so it had one (a cluster made from a backup is Restoring while it grows).
+        recovery::quorum_lost_since(Some(p)).is_some()
             || matches!(
                 p.phase,
                 Some(
@@ -515,8 +517,9 @@ pub fn status(
     let stuck = learners_stuck(&situation, previous, &now);
     let health = Health::of(observed);
     let has_quorum = health.as_ref().is_some_and(Health::has_quorum);
-    // A leader anyone reports was elected at some point, so the cluster has bootstrapped.
-    let established = has_quorum || observed.leader.is_some() || was_established(previous);
+    // A quorum is lost only once it was had: a leader elected while the other members are
+    // not ready yet (their pods starting) is still the cluster bootstrapping.
+    let established = has_quorum || was_established(previous);
     let quorum_lost = observed.workload_replicas.is_some() && established && !has_quorum;
 
     let recovering = matches!(step, Step::BeginRecovery { .. } | Step::Recover { .. })
@@ -710,6 +713,12 @@ fn progressing(situation: &Situation, step: &Step, failure: Option<&str>, stuck:
         (Step::CreateWorkload { replicas, bootstrap: true }, _) => {
             condition(TYPE, true, "Creating", format!("creating {replicas} members that bootstrap together"))
         }
+        (Step::CreateWorkload { replicas: 0, .. }, _) => condition(
+            TYPE,
+            true,
+            "Creating",
+            "creating the workload without members: the first is restored from the backup before it starts",
+        ),
         (Step::CreateWorkload { replicas, bootstrap: false }, _) => condition(
             TYPE,
             true,

@@ -95,6 +95,11 @@ pub fn step(spec: &ConsensusClusterSpec, observed: &Observed, lost_now: bool) ->
         // then on the cluster grows back by the usual steps. The old cluster serving again
         // (its members back before theirs were replaced) ends the recovery: `abandoned`.
         let restored = answering_new_cluster(observed, record);
+        // A bootstrap whose source the spec has changed since (a mistyped location, say)
+        // starts again from the new one, while nothing of it serves yet: nothing is lost.
+        if let Some(again) = bootstrap(spec, observed).filter(|b| !restored && b.from != record.from) {
+            return Some(Step::BeginRecovery { record: Box::new(again) });
+        }
         return (!restored && !abandoned(observed, record))
             .then(|| Step::Recover { record: Box::new(record.clone()) });
     }
@@ -134,7 +139,9 @@ pub fn from_backup_pending(spec: &ConsensusClusterSpec, observed: &Observed) -> 
 /// alone, and the others added as in a scale-up. The backup is the one named, or the
 /// newest verified one in the destination (`from` is the destination itself then).
 fn bootstrap(spec: &ConsensusClusterSpec, observed: &Observed) -> Option<RecoveryRecord> {
-    if !from_backup_pending(spec, observed) || observed.workload_replicas != Some(0) {
+    let members_to_start = observed.workload_replicas == Some(0)
+        || observed.recovery.as_ref().is_some_and(|r| r.quorum_lost.is_none());
+    if !from_backup_pending(spec, observed) || !members_to_start {
         return None;
     }
     let named = spec.bootstrap.as_ref()?.from_backup.as_ref()?.location.clone();
@@ -276,11 +283,12 @@ pub fn not_recovering(spec: &ConsensusClusterSpec, observed: &Observed) -> Strin
         (_, None) => {
             "no member answers with its data and there is no verified backup to recover from".to_owned()
         }
-        (Some(since), Some(record)) => format!(
-            "recovery from {} starts {} after the loss at {since} (spec.recovery.quorumLossTimeout)",
-            record.from, spec.recovery.quorum_loss_timeout
+        (since, Some(record)) => format!(
+            "recovery from {} starts {} after the loss{} (spec.recovery.quorumLossTimeout)",
+            record.from,
+            spec.recovery.quorum_loss_timeout,
+            since.map_or_else(String::new, |at| format!(" at {at}"))
         ),
-        (None, Some(_)) => String::new(),
     }
 }
 

@@ -47,7 +47,11 @@ fn lost(now: &str) -> Observed {
 
 /// What status said while the cluster served.
 fn served() -> ConsensusClusterStatus {
-    ConsensusClusterStatus { leader: Some("demo-0".to_owned()), ..ConsensusClusterStatus::default() }
+    ConsensusClusterStatus {
+        leader: Some("demo-0".to_owned()),
+        phase: Some(Phase::Running),
+        ..ConsensusClusterStatus::default()
+    }
 }
 
 fn begun(step: &Step) -> RecoveryRecord {
@@ -332,4 +336,25 @@ fn volumes_an_earlier_cluster_left_hold_a_cluster_from_a_backup_back_and_are_nam
     let Step::Wait { reason } = &step else { panic!("{step:?}") };
     assert!(reason.contains("data-demo-0") && reason.contains("never starts on them"), "{reason}");
     assert!(!reason.contains("Adopt"), "{reason}");
+}
+
+#[test]
+fn a_bootstrap_whose_source_is_changed_starts_again_from_the_new_one_until_it_serves() {
+    let observed = Observed { workload_replicas: Some(0), ..new_resource("2026-12-01T10:00:00Z") };
+    let first = begun(&plan(&from_backup(None), &observed));
+    let mut observed = Observed { recovery: Some(first.clone()), workload_replicas: Some(1), ..observed };
+    // The same source: carried on.
+    assert_eq!(plan(&from_backup(None), &observed), Step::Recover { record: Box::new(first.clone()) });
+    // Another: begun again from it, under a new token.
+    let location = "file:///backup/demo/demo-1.snapshot";
+    observed.now = t("2026-12-01T10:01:00Z");
+    let again = begun(&plan(&from_backup(Some(location)), &observed));
+    assert_eq!(again.from, location);
+    assert_ne!(again.cluster_token, first.cluster_token);
+    // Once the new cluster answers, the source is history.
+    observed.members = Some(vec![ObservedMember { healthy: true, ..member(0, Some(5)) }]);
+    observed.leader = Some(1);
+    observed.cluster_id = Some(0xdef);
+    let step = plan(&from_backup(Some(location)), &observed);
+    assert!(!matches!(step, Step::BeginRecovery { .. }), "{step:?}");
 }

@@ -159,11 +159,21 @@ fn members_without_a_leader_are_bootstrapping_the_first_time_and_lost_quorum_aft
     assert_eq!(first.phase, Some(Phase::Bootstrapping));
     assert_eq!(find(&first, condition::QUORUM_LOST).status, "False");
 
+    // Members answer with their cluster id before they elect anyone: still the first time.
+    let with_id = ConsensusClusterStatus { cluster_id: Some("abc".to_owned()), ..first.clone() };
+    let again = status(&spec(3), &observed, &step, None, Some(&with_id), at(1500));
+    assert_eq!(find(&again, condition::QUORUM_LOST).status, "False");
+
     let was_running = status_now(&spec(3), &running(3));
     let later = status(&spec(3), &observed, &step, None, Some(&was_running), at(2000));
     assert_eq!(later.phase, Some(Phase::QuorumLost));
     assert_eq!(find(&later, condition::QUORUM_LOST).status, "True");
     assert_eq!(find(&later, condition::DEGRADED).reason, "QuorumLost");
+    // Lost stays lost, whatever the phase said (a cluster made from a backup is Restoring
+    // until it is at its size), until a quorum is back.
+    let restoring = ConsensusClusterStatus { phase: Some(Phase::Restoring), leader: None, ..later.clone() };
+    let still = status(&spec(3), &observed, &step, None, Some(&restoring), at(3000));
+    assert_eq!(find(&still, condition::QUORUM_LOST).status, "True");
 }
 
 #[test]
@@ -182,13 +192,32 @@ fn one_member_down_is_degraded_but_available() {
 }
 
 #[test]
+fn a_leader_elected_before_the_others_are_ready_is_the_cluster_bootstrapping_not_a_loss() {
+    let mut observed = running(3);
+    if let Some(members) = observed.members.as_mut() {
+        members[1].healthy = false;
+        members[2].healthy = false;
+    }
+    let step = plan(&spec(3), &observed);
+    let first = status(&spec(3), &observed, &step, None, None, at(1000));
+    assert_eq!(first.phase, Some(Phase::Bootstrapping));
+    assert!(first.leader.is_some());
+    let next = status(&spec(3), &observed, &step, None, Some(&first), at(1005));
+    assert_eq!(next.phase, Some(Phase::Bootstrapping));
+    assert_eq!(find(&next, condition::QUORUM_LOST).status, "False", "no loss before a quorum was had");
+}
+
+#[test]
 fn two_of_three_down_is_quorum_lost() {
     let mut observed = running(3);
     if let Some(members) = observed.members.as_mut() {
         members[1].healthy = false;
         members[2].healthy = false;
     }
-    let status = status_now(&spec(3), &observed);
+    // After it ran: with no status before, it would be a cluster bootstrapping.
+    let was_running = status_now(&spec(3), &running(3));
+    let step = plan(&spec(3), &observed);
+    let status = status(&spec(3), &observed, &step, None, Some(&was_running), at(1000));
     assert_eq!(status.phase, Some(Phase::QuorumLost));
     assert_eq!(find(&status, condition::AVAILABLE).status, "False");
 }
