@@ -368,6 +368,13 @@ async fn the_newest_verified_backup_is_fetched_when_none_is_named() {
     let verified = take("older-verified", &["--verify"]);
     assert_eq!(verified.verified, Some(true));
     ok(cluster.etcdctl(&cluster.endpoints(), &["put", "/after", "x"]));
+    // Manifests give their time to the second: the next backup is taken in a later one.
+    let taken: jiff::Timestamp = verified.taken.parse().expect("a time");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while jiff::Timestamp::now().as_second() <= taken.as_second() {
+        assert!(std::time::Instant::now() < deadline, "the clock stands still");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // Newer, but never verified: not what a new cluster is made from.
     let unverified = take("newer-unverified", &[]);
     assert!(unverified.taken > verified.taken, "{} after {}", unverified.taken, verified.taken);
