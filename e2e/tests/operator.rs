@@ -842,7 +842,10 @@ fn scenario_14_a_cluster_that_ran_never_bootstraps_again_and_kept_volumes_are_ad
     let emptied = cluster.pods().into_iter().find(|p| p.name != leader).expect("a follower").name;
     let old_ids = member_ids(&cluster.endpoints()[&leader]).expect("MemberList");
     let operator = StoppedOperator::stop();
-    cluster.kubectl(&["delete", "statefulset", "demo"]);
+    // Foreground: the StatefulSet controller could otherwise re-create a pod the garbage
+    // collector just deleted, while the StatefulSet itself is still being removed (seen
+    // once: the pods stayed for minutes).
+    cluster.kubectl(&["delete", "statefulset", "demo", "--cascade=foreground"]);
     cluster.kubectl(&["delete", "configmap", "demo-config"]);
     wait_until(DEADLINE, "the member pods gone", || {
         let left =
@@ -1180,6 +1183,23 @@ fn wipe_volume(cluster: &Cluster, claim: &str) {
     assert!(out.status.success(), "wiping {path}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A daily backup schedule, suspended, to the S3 server at `endpoint` (bucket `backups`,
+/// credentials in the Secret `s3`): the spec's backup section.
+fn suspended_s3_backups(endpoint: &str) -> String {
+    format!(
+        "  backup:\n    schedule: \"@daily\"\n    suspend: true\n    destination:\n{}",
+        s3_destination(endpoint, "backups", "s3")
+    )
+}
+
+/// A backup of `cluster` now (the ConsensusBackup `name`), once it is verified.
+fn backed_up_now(cluster: &Cluster, name: &str) {
+    ask_for_backup(cluster, name, &cluster.name, None);
+    wait_until(DEADLINE, "the backup verified", || {
+        (cluster.status()["lastBackup"]["verified"] == true).then_some(())
+    });
+}
+
 /// `THREE` with a recovery section.
 fn recovering(auto_restore: bool, extra: &str) -> String {
     format!("{THREE}  recovery:\n    autoRestore: {auto_restore}\n    quorumLossTimeout: 20s\n{extra}")
@@ -1371,20 +1391,13 @@ fn scenario_19_every_member_losing_its_data_is_restored_from_the_newest_backup_w
     deploy_operator();
     let runtime = runtime();
     let (_root, endpoint) = s3_for_pods(&runtime);
-    let backup = format!(
-        "  backup:\n    schedule: \"@daily\"\n    suspend: true\n    destination:\n{}",
-        s3_destination(&endpoint, "backups", "s3")
-    );
-    let cluster = Cluster::create("cc-from-backup", "demo", &recovering(false, &backup));
+    let cluster =
+        Cluster::create("cc-from-backup", "demo", &recovering(false, &suspended_s3_backups(&endpoint)));
     create_s3_secret(&cluster, "s3", SECRET_KEY);
     let before = cluster.wait_running(3);
     let old_id = before["clusterId"].as_str().expect("clusterId").to_owned();
     let backed_up = put_keys(&cluster, "/e2e/backed-up/", 50);
-    ask_for_backup(&cluster, "before-the-disaster", "demo", None);
-    wait_until(DEADLINE, "the backup verified", || {
-        let backup = cluster.status()["lastBackup"].clone();
-        (backup["verified"] == true).then_some(())
-    });
+    backed_up_now(&cluster, "before-the-disaster");
     put_keys(&cluster, "/e2e/after/", 10);
     let members: Vec<String> = cluster.pods().into_iter().map(|p| p.name).collect();
     lose_data(&cluster, &members.iter().map(String::as_str).collect::<Vec<_>>());
@@ -1580,19 +1593,13 @@ fn scenario_22_a_deleted_cluster_is_made_again_from_its_newest_verified_backup()
     deploy_operator();
     let runtime = runtime();
     let (_root, endpoint) = s3_for_pods(&runtime);
-    let backup = format!(
-        "  backup:\n    schedule: \"@daily\"\n    suspend: true\n    destination:\n{}",
-        s3_destination(&endpoint, "backups", "s3")
-    );
+    let backup = suspended_s3_backups(&endpoint);
     let cluster = Cluster::create("cc-bootstrap", "demo", &format!("{THREE}{backup}"));
     create_s3_secret(&cluster, "s3", SECRET_KEY);
     let before = cluster.wait_running(3);
     let old_id = before["clusterId"].as_str().expect("clusterId").to_owned();
     put_keys(&cluster, "/e2e/backed-up/", 30);
-    ask_for_backup(&cluster, "last-good", "demo", None);
-    wait_until(DEADLINE, "the backup verified", || {
-        (cluster.status()["lastBackup"]["verified"] == true).then_some(())
-    });
+    backed_up_now(&cluster, "last-good");
     put_keys(&cluster, "/e2e/after/", 5);
 
     // Deleted; declared again under its name, from its backups. The volumes it kept

@@ -6,7 +6,7 @@
 
 mod local_support;
 
-use consensus_crds::{Phase, condition};
+use consensus_crds::{BackupRecord, ConsensusClusterStatus, Phase, condition};
 use local_support::{Local, kill, wait_until};
 
 #[test]
@@ -137,40 +137,70 @@ fn a_cluster_whose_every_member_lost_its_data_comes_back_from_its_newest_backup(
 
 #[test]
 fn a_cluster_backed_up_to_s3_comes_back_from_there() {
-    // A real S3 server (s3s-fs) for as long as the test runs; the operator's own
-    // environment holds the credentials locally.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let (_root, endpoint) = runtime.block_on(consensus_e2e::s3::with_bucket("backups"));
-    let destination = format!(
-        "      s3:\n        bucket: backups\n        endpoint: {endpoint}\n        forcePathStyle: true\n        \
-         credentialsSecret:\n          name: unused-locally\n"
-    );
-    let credentials = [
+    let (_s3, destination) = S3::start();
+    recovers_from_its_newest_backup(&destination, &S3::CREDENTIALS);
+}
+
+/// A real S3 server (s3s-fs) for as long as it lives, with the bucket `backups`; the
+/// operator's own environment holds the credentials locally.
+struct S3 {
+    _root: tempfile::TempDir,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl S3 {
+    const CREDENTIALS: [(&str, &str); 2] = [
         ("AWS_ACCESS_KEY_ID", consensus_e2e::s3::ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", consensus_e2e::s3::SECRET_KEY),
     ];
-    recovers_from_its_newest_backup(&destination, &credentials);
+
+    /// The server, and the YAML under `destination:` that names it.
+    fn start() -> (Self, String) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (root, endpoint) = runtime.block_on(consensus_e2e::s3::with_bucket("backups"));
+        let destination = format!(
+            "      s3:\n        bucket: backups\n        endpoint: {endpoint}\n        forcePathStyle: true\n        \
+             credentialsSecret:\n          name: unused-locally\n"
+        );
+        (Self { _root: root, _runtime: runtime }, destination)
+    }
+}
+
+/// `RECOVERING` backed up to `destination` (the YAML under `destination:`) every minute once
+/// resumed.
+fn backed_up(destination: &str) -> String {
+    RECOVERING.replace(
+        "  recovery:\n",
+        &format!("  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n{destination}  recovery:\n"),
+    )
+}
+
+/// `spec` running with `KEYS` written and then backed up (the schedule resumed), with `env`:
+/// the cluster, its status before, and the verified backup.
+fn running_and_backed_up(spec: &str, env: &[(&str, &str)]) -> (Local, ConsensusClusterStatus, BackupRecord) {
+    let mut local = Local::declaring(spec);
+    local.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    local.start(None);
+    let before = local.wait_for_voters(3);
+    write_keys(local.recorded().into_values().collect());
+    local.edit(|line| (line.trim() == "suspend: true").then(|| "    suspend: false".to_owned()));
+    let backup = wait_until(
+        "a verified backup",
+        || context(&local),
+        || local.status()?.last_backup.filter(|b| b.verified == Some(true)),
+    );
+    (local, before, backup)
 }
 
 /// Backed up to `destination` (the YAML under `destination:`), then every member lost with
 /// its data: the cluster comes back from the backup with every key up to its revision.
 fn recovers_from_its_newest_backup(destination: &str, env: &[(&str, &str)]) {
-    let backed_up = RECOVERING.replace(
-        "  recovery:\n",
-        &format!("  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n{destination}  recovery:\n"),
-    );
-    let mut local = Local::declaring(&backed_up);
-    local.env = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-    local.start(None);
-    let before = local.wait_for_voters(3);
-    write_keys(local.recorded().into_values().collect());
     // A backup of every key, then all three members and their disks gone.
-    local.edit(|line| (line.trim() == "suspend: true").then(|| "    suspend: false".to_owned()));
-    let backup = wait_until("a backup", || context(&local), || local.status()?.last_backup);
+    let (local, before, backup) = running_and_backed_up(&backed_up(destination), env);
     for name in ["demo-0", "demo-1", "demo-2"] {
         lose(&local, name);
     }
@@ -292,47 +322,17 @@ fn an_operator_killed_at_each_part_of_a_recovery_is_finished_by_the_next() {
 
 #[test]
 fn a_new_cluster_named_like_a_deleted_one_is_made_from_its_newest_verified_backup() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    let (_root, endpoint) = runtime.block_on(consensus_e2e::s3::with_bucket("backups"));
-    let backed_up = RECOVERING.replace(
-        "  recovery:\n",
-        &format!(
-            "  backup:\n    schedule: \"* * * * *\"\n    suspend: true\n    destination:\n      s3:\n        bucket: backups\n        \
-             endpoint: {endpoint}\n        forcePathStyle: true\n        credentialsSecret:\n          name: \
-             unused-locally\n  recovery:\n"
-        ),
-    );
-    let credentials: Vec<(String, String)> = [
-        ("AWS_ACCESS_KEY_ID", consensus_e2e::s3::ACCESS_KEY),
-        ("AWS_SECRET_ACCESS_KEY", consensus_e2e::s3::SECRET_KEY),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
-    let mut old = Local::declaring(&backed_up);
-    old.env = credentials.clone();
-    old.start(None);
-    let before = old.wait_for_voters(3);
-    write_keys(old.recorded().into_values().collect());
-    old.edit(|line| (line.trim() == "suspend: true").then(|| "    suspend: false".to_owned()));
-    let backup = wait_until(
-        "a verified backup",
-        || context(&old),
-        || old.status()?.last_backup.filter(|b| b.verified == Some(true)),
-    );
+    let (_s3, destination) = S3::start();
+    let spec = backed_up(&destination);
+    let (mut old, before, backup) = running_and_backed_up(&spec, &S3::CREDENTIALS);
     // The cluster and the machine it ran on are gone; its backups are not.
     old.kill_all();
     drop(old);
 
     // A cluster of the same name elsewhere, from the newest verified backup in the place.
-    let mut new = Local::declaring(
-        &backed_up.replace("  recovery:\n", "  bootstrap:\n    fromBackup: {}\n  recovery:\n"),
-    );
-    new.env = credentials;
+    let mut new =
+        Local::declaring(&spec.replace("  recovery:\n", "  bootstrap:\n    fromBackup: {}\n  recovery:\n"));
+    new.env = S3::CREDENTIALS.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     new.start(None);
     let status = wait_until(
         "the cluster made from the backup",

@@ -191,13 +191,19 @@ fn one_member_down_is_degraded_but_available() {
     assert_eq!(find(&status, condition::DEGRADED).reason, "MembersUnhealthy");
 }
 
-#[test]
-fn a_leader_elected_before_the_others_are_ready_is_the_cluster_bootstrapping_not_a_loss() {
+/// Three members under a leader, two of them not healthy (down, or not ready yet).
+fn two_of_three_unhealthy() -> Observed {
     let mut observed = running(3);
     if let Some(members) = observed.members.as_mut() {
         members[1].healthy = false;
         members[2].healthy = false;
     }
+    observed
+}
+
+#[test]
+fn a_leader_elected_before_the_others_are_ready_is_the_cluster_bootstrapping_not_a_loss() {
+    let observed = two_of_three_unhealthy();
     let step = plan(&spec(3), &observed);
     let first = status(&spec(3), &observed, &step, None, None, at(1000));
     assert_eq!(first.phase, Some(Phase::Bootstrapping));
@@ -209,11 +215,7 @@ fn a_leader_elected_before_the_others_are_ready_is_the_cluster_bootstrapping_not
 
 #[test]
 fn two_of_three_down_is_quorum_lost() {
-    let mut observed = running(3);
-    if let Some(members) = observed.members.as_mut() {
-        members[1].healthy = false;
-        members[2].healthy = false;
-    }
+    let observed = two_of_three_unhealthy();
     // After it ran: with no status before, it would be a cluster bootstrapping.
     let was_running = status_now(&spec(3), &running(3));
     let step = plan(&spec(3), &observed);
