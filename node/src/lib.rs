@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod failpoint;
 pub mod health;
 pub mod kv;
 pub mod lease;

@@ -33,12 +33,18 @@ const MEMBERSHIP_ATTEMPTS: usize = 5;
 /// A learner may be promoted once it is this close to the leader's log.
 pub const LEARNER_CATCH_UP_ENTRIES: u64 = 1000;
 
-/// Who this member is, written once into the data directory.
+/// Who this member is, written into the data directory before Raft starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub name: String,
     pub member_id: u64,
     pub cluster_id: u64,
+    /// A founder of a new cluster: the members it bootstraps Raft with, kept until a start
+    /// finds Raft's own state on disk. A member that crashed after saving its identity and
+    /// before Raft had its first membership bootstraps on the next start instead of waiting
+    /// forever for a leader (a one-member cluster, or every founder crashed alike).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub founding: Option<BTreeMap<u64, Member>>,
 }
 
 impl Identity {
@@ -185,12 +191,22 @@ async fn call_forward(
     if let Some(id) = cluster_id {
         tag_cluster(&mut call, id);
     }
-    let reply = client.forward(call).await.map_err(|status| match status.code() {
-        tonic::Code::DeadlineExceeded => ServerError::Timeout,
-        _ => ServerError::LeaderChanged,
-    })?;
+    let reply = client.forward(call).await.map_err(forward_failure)?;
     decode::<Result<ForwardResponse, ServerError>>(&reply.into_inner().payload)
         .map_err(|e| ServerError::Internal(e.to_string()))?
+}
+
+/// What a client is told when a forwarded request fails on the way to the leader. Only a
+/// deadline is etcd's timeout; anything else says what failed rather than claiming a leader
+/// change nobody saw.
+fn forward_failure(status: tonic::Status) -> ServerError {
+    match status.code() {
+        tonic::Code::DeadlineExceeded => ServerError::Timeout,
+        code => {
+            let cause = std::error::Error::source(&status).map(|s| format!(" ({s})")).unwrap_or_default();
+            ServerError::ForwardFailed(format!("{code:?}: {}{cause}", status.message()))
+        }
+    }
 }
 
 /// One Raft member as the Cluster API reports it.
@@ -732,5 +748,27 @@ impl Node {
             .as_ref()
             .and_then(|beats| beats.get(&id).cloned().flatten())
             .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forward_that_fails_on_the_way_says_what_failed_and_only_a_deadline_is_a_timeout() {
+        assert_eq!(forward_failure(tonic::Status::deadline_exceeded("late")), ServerError::Timeout);
+        let refused = forward_failure(tonic::Status::unavailable("connection refused"));
+        assert_eq!(refused, ServerError::ForwardFailed("Unavailable: connection refused".to_owned()));
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::Unavailable, "clients treat it as transient");
+        assert_eq!(
+            status.message(),
+            "etcdserver: forwarding to the leader failed: Unavailable: connection refused"
+        );
+        assert!(!matches!(
+            forward_failure(tonic::Status::resource_exhausted("too large")),
+            ServerError::LeaderChanged
+        ));
     }
 }

@@ -80,7 +80,7 @@ pub fn restore(config: &RestoreConfig) -> anyhow::Result<Restored> {
         own_initial_id(&members, &config.name, &config.advertise_peer_urls, &config.initial_cluster_token)?;
     let ids: Vec<u64> = members.keys().copied().collect();
     let cluster_id = cluster_id_for(&ids, &config.initial_cluster_token);
-    let identity = Identity { name: config.name.clone(), member_id, cluster_id };
+    let identity = Identity { name: config.name.clone(), member_id, cluster_id, founding: None };
     if config.replace_into.is_some()
         && let Some(revision) = made_already(&config.data_dir, &identity)?
     {

@@ -123,7 +123,7 @@ pub(crate) fn own_initial_id(
 /// Works out who this member is: from its data directory when it has one (refusing data
 /// of another cluster), from `--initial-cluster` for a new cluster, or from the running
 /// cluster for a member added with MemberAdd.
-async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyhow::Result<(Identity, bool)> {
+async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyhow::Result<Identity> {
     let members = initial_members(&config.initial_cluster, &config.initial_cluster_token);
     let ids: Vec<u64> = members.keys().copied().collect();
     let new_cluster_id = cluster_id_for(&ids, &config.initial_cluster_token);
@@ -146,7 +146,7 @@ async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyho
                 new_cluster_id
             );
         }
-        return Ok((identity, false));
+        return Ok(identity);
     }
     match config.initial_cluster_state {
         ClusterState::New => {
@@ -156,14 +156,20 @@ async fn resolve_identity(config: &MemberConfig, dir: &std::path::Path) -> anyho
                 &config.advertise_peer_urls,
                 &config.initial_cluster_token,
             )?;
-            let identity = Identity { name: config.name.clone(), member_id, cluster_id: new_cluster_id };
+            let identity = Identity {
+                name: config.name.clone(),
+                member_id,
+                cluster_id: new_cluster_id,
+                founding: Some(members),
+            };
             identity.save(dir)?;
-            Ok((identity, true))
+            crate::failpoint::eval("identity-saved")?;
+            Ok(identity)
         }
         ClusterState::Existing => {
             let identity = join_existing(config).await?;
             identity.save(dir)?;
-            Ok((identity, false))
+            Ok(identity)
         }
     }
 }
@@ -188,7 +194,12 @@ async fn join_existing(config: &MemberConfig) -> anyhow::Result<Identity> {
             // Two ids at these peer URLs: the voter that lost its data and the learner added
             // to replace it. The learner is this member; the old voter's id is refused.
             if let Some(joining) = own.iter().find(|m| refuse_lost_voter(m).is_ok()) {
-                return Ok(Identity { name: config.name.clone(), member_id: joining.id, cluster_id });
+                return Ok(Identity {
+                    name: config.name.clone(),
+                    member_id: joining.id,
+                    cluster_id,
+                    founding: None,
+                });
             }
             if let Some(lost) = own.first() {
                 refuse_lost_voter(lost)?;
@@ -255,7 +266,7 @@ pub async fn run(
     let layout = Layout::new(&config.data_dir);
     let dir = layout.member.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let (identity, bootstrap) = resolve_identity(&config, &dir).await?;
+    let mut identity = resolve_identity(&config, &dir).await?;
     tracing::info!(name = %identity.name, member = %format!("{:x}", identity.member_id), cluster = %format!("{:x}", identity.cluster_id), "starting member");
 
     let metrics = Metrics::new(identity.member_id, VERSION);
@@ -303,10 +314,15 @@ pub async fn run(
     )
     .await
     .context("starting Raft")?;
-    if bootstrap && !raft.is_initialized().await.context("reading Raft state")? {
-        raft.initialize(initial_members(&config.initial_cluster, &config.initial_cluster_token))
-            .await
-            .context("bootstrapping the cluster")?;
+    if let Some(founding) = identity.founding.take() {
+        if raft.is_initialized().await.context("reading Raft state")? {
+            // Raft's state read back from disk at this start: the bootstrap is behind us.
+            identity.save(&dir).context("saving the member identity")?;
+        } else {
+            // The identity on disk keeps `founding` until a later start reads Raft's state
+            // back: `initialize` returning says nothing of it being durable yet.
+            raft.initialize(founding).await.context("bootstrapping the cluster")?;
+        }
     }
     let node = Arc::new(Node::new(NodeParts {
         identity,

@@ -156,6 +156,82 @@ async fn a_member_of_another_cluster_refuses_its_raft_messages() {
     assert_eq!(get(&a.members[0], "owner", false).await.expect("read").as_deref(), Some(b"A".as_slice()));
 }
 
+/// A founder that crashed after saving its identity and before Raft held its first membership
+/// bootstraps when started again; it used to take the saved identity for a member that had
+/// run, and waited forever for a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_that_crashed_before_raft_was_initialized_bootstraps_when_started_again() {
+    use consensus_node::failpoint::{FAILPOINT_EXIT, FAILPOINTS_ENV};
+    let mut cluster = TestCluster::prepare_with_token(1, "crash-at-bootstrap");
+    cluster.members[0].env = vec![(FAILPOINTS_ENV.to_owned(), "identity-saved=exit".to_owned())];
+    cluster.start_member(0);
+    assert_eq!(cluster.members[0].wait_exit().code(), Some(FAILPOINT_EXIT));
+    assert!(cluster.members[0].data_dir.join("member/identity.json").exists(), "the identity was saved");
+
+    cluster.members[0].env.clear();
+    cluster.members[0].restart();
+    cluster.leader().await;
+    eventually("a write to the bootstrapped member", || async {
+        put(&cluster.members[0], "k", "v").await.ok()
+    })
+    .await;
+    // Started again, the member finds Raft's state and no longer carries the founding list.
+    cluster.members[0].terminate();
+    cluster.members[0].restart();
+    cluster.leader().await;
+    // JSON, then a 4-byte checksum.
+    let identity = std::fs::read(cluster.members[0].data_dir.join("member/identity.json")).expect("identity");
+    let identity = String::from_utf8_lossy(&identity);
+    assert!(!identity.contains("founding"), "{identity}");
+    assert_eq!(get(&cluster.members[0], "k", false).await.expect("read").as_deref(), Some(b"v".as_slice()));
+}
+
+/// Every peer request carries the sender's cluster id: a forwarded write, a membership change
+/// or a Raft message without one is refused and changes nothing. Only the roster question a
+/// joiner asks before it knows its cluster is answered without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_request_without_a_cluster_id_is_refused_and_changes_nothing() {
+    use consensus_node::member::{ForwardRequest, ForwardResponse};
+    use consensus_node::proto::etcdserverpb::PutRequest;
+    use consensus_node::proto::raft::RaftMessage;
+    use consensus_node::proto::raft::raft_peer_client::RaftPeerClient;
+    use consensus_node::raft::network::{decode, encode};
+    use consensus_node::raft::types::Command;
+    use prost::Message;
+
+    let cluster = TestCluster::start(1);
+    cluster.leader().await;
+    let channel = tonic::transport::Endpoint::from_shared(cluster.members[0].peer_url())
+        .expect("peer url")
+        .connect()
+        .await
+        .expect("peer port");
+    let mut peer = RaftPeerClient::new(channel);
+    let message = |request: &ForwardRequest| RaftMessage { payload: encode(request).expect("encode") };
+
+    let put = PutRequest { key: b"intruded".to_vec(), value: b"yes".to_vec(), ..Default::default() };
+    let untagged = [
+        ForwardRequest::Write(Command::Put(put.encode_to_vec())),
+        ForwardRequest::AddMember { peer_urls: vec!["http://127.0.0.1:1".to_owned()], learner: true },
+    ];
+    for request in &untagged {
+        let refused = peer.forward(message(request)).await.expect_err("refused without a cluster id");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+        assert!(refused.message().contains("without a cluster id"), "{refused}");
+    }
+    let append = peer.append_entries(RaftMessage { payload: Vec::new() }).await.expect_err("refused");
+    assert_eq!(append.code(), tonic::Code::FailedPrecondition, "{append}");
+
+    let roster = peer.forward(message(&ForwardRequest::Roster)).await.expect("the roster is answered");
+    let answer: Result<ForwardResponse, consensus_node::api::errors::ServerError> =
+        decode(&roster.into_inner().payload).expect("decode");
+    match answer.expect("roster") {
+        ForwardResponse::Roster { members, .. } => assert_eq!(members.len(), 1, "nothing was added"),
+        other => panic!("unexpected answer {other:?}"),
+    }
+    assert_eq!(get(&cluster.members[0], "intruded", false).await.expect("read"), None, "nothing was written");
+}
+
 /// Under a container runtime, `kubectl logs` or a pipe, stderr is no terminal: the log lines
 /// must be plain text. tracing's formatter writes colour codes unless it is told otherwise,
 /// and with them every field reads `ESC[3mname ESC[0m ESC[2m= ESC[0m` in a log file.

@@ -144,6 +144,36 @@ async fn kv_txn_and_compact() {
     expect_status(error, Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted");
 }
 
+/// A Txn nested 40 deep (etcd answers it in a millisecond) is answered, and clients of the
+/// same member are served meanwhile: its check once took time exponential in the depth on
+/// the runtime that drives Raft.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_txn_nested_forty_deep_is_answered_while_other_clients_are_served() {
+    let cluster = TestCluster::start(3);
+    cluster.leader().await;
+    let mut deep_client = client(&cluster.members[0]).await;
+    let mut other = client(&cluster.members[0]).await;
+    let mut deep = Txn::new().and_then([TxnOp::put("deep/40", "v", None)]);
+    for level in (0..40).rev() {
+        deep = Txn::new()
+            .when([Compare::version("deep/absent", CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(format!("deep/{level:02}"), "v", None), TxnOp::txn(deep)]);
+    }
+    let deadline = std::time::Duration::from_secs(10);
+    let (answered, served) = tokio::join!(
+        tokio::time::timeout(deadline, deep_client.txn(deep)),
+        tokio::time::timeout(deadline, other.put("other/key", "served", None)),
+    );
+    served.expect("another client is served within the deadline").expect("put");
+    let answered = answered.expect("the nested Txn is answered within the deadline").expect("txn");
+    assert!(answered.succeeded());
+    let written = other.get("deep/", Some(GetOptions::new().with_prefix())).await.expect("get");
+    assert_eq!(written.kvs().len(), 41, "every level's put: {:?}", keys(&written));
+    let revisions: std::collections::BTreeSet<i64> =
+        written.kvs().iter().map(|kv| kv.mod_revision()).collect();
+    assert_eq!(revisions.len(), 1, "one revision for the whole Txn: {revisions:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_prefix_history_prev_kv_cancel_and_progress() {
     let cluster = TestCluster::start(3);

@@ -27,7 +27,16 @@ const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may have; re-encoded blocks are split to fit.
+/// It is also the largest frame our server accepts (hyper's default, which `server.rs` keeps),
+/// so a longer frame is refused before its payload is waited for.
 const MAX_FRAME: usize = 16_384;
+/// The largest header list our server accepts (hyper's SETTINGS_MAX_HEADER_LIST_SIZE default,
+/// 16 KiB, counted as RFC 7541 does: name + value + 32 per field). A block decoding to more is
+/// refused here as it would be there, before it is copied.
+const MAX_HEADER_LIST: usize = 16 * 1024;
+/// A compressed block is at most this long: Huffman coding can make a field up to 30 bits per
+/// byte, so 4x the list limit is more than any block that decodes within it.
+const MAX_HEADER_BLOCK: usize = 4 * MAX_HEADER_LIST;
 
 fn malformed(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("HTTP/2 from client: {what}"))
@@ -76,6 +85,9 @@ impl FrameRewriter {
         while self.preface_left == 0 && input.len() - at >= FRAME_HEADER {
             let header = &input[at..at + FRAME_HEADER];
             let len = (usize::from(header[0]) << 16) | (usize::from(header[1]) << 8) | usize::from(header[2]);
+            if len > MAX_FRAME {
+                return Err(malformed(&format!("a frame of {len} bytes, over the {MAX_FRAME} allowed")));
+            }
             if input.len() - at < FRAME_HEADER + len {
                 break;
             }
@@ -87,6 +99,9 @@ impl FrameRewriter {
                 CONTINUATION => {
                     let pending =
                         self.pending.as_mut().ok_or_else(|| malformed("CONTINUATION without HEADERS"))?;
+                    if pending.block.len() + payload.len() > MAX_HEADER_BLOCK {
+                        return Err(malformed("a header block over the header list limit"));
+                    }
                     pending.block.extend_from_slice(payload);
                     if flags & END_HEADERS != 0 {
                         self.finish_block(output)?;
@@ -136,8 +151,23 @@ impl FrameRewriter {
 
     fn finish_block(&mut self, output: &mut Vec<u8>) -> io::Result<()> {
         let Some(pending) = self.pending.take() else { return Ok(()) };
-        let mut headers =
-            self.decoder.decode(&pending.block).map_err(|e| malformed(&format!("HPACK: {e:?}")))?;
+        let mut headers = Vec::new();
+        let mut list_size = 0;
+        self.decoder
+            .decode_with_cb(&pending.block, |name, value| {
+                // Fields past the limit are counted, not copied: a few bytes of indexed fields
+                // can name a large table entry many times over.
+                list_size += name.len() + value.len() + 32;
+                if list_size <= MAX_HEADER_LIST {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
+            .map_err(|e| malformed(&format!("HPACK: {e:?}")))?;
+        if list_size > MAX_HEADER_LIST {
+            return Err(malformed(&format!(
+                "a header list of {list_size} bytes, over the {MAX_HEADER_LIST} allowed"
+            )));
+        }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority"
                 && let Some(normalized) = normalize_authority(value)
@@ -342,6 +372,59 @@ mod tests {
             assert_eq!(authority.as_deref(), Some(b"127.0.0.1:2379".as_slice()));
         }
         assert_eq!(blocks[0][2], (b":path".to_vec(), b"/etcdserverpb.KV/Range".to_vec()));
+    }
+
+    fn process_all(frames: &[u8]) -> io::Result<Vec<u8>> {
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend_from_slice(frames);
+        let mut output = Vec::new();
+        FrameRewriter::default().process(&mut input, &mut output)?;
+        Ok(output)
+    }
+
+    #[test]
+    fn a_header_block_continued_past_the_limit_is_refused_not_buffered() {
+        let mut frames = Vec::new();
+        write_frame(&mut frames, HEADERS, 0, [0, 0, 0, 1], &[0x82]);
+        let filler = vec![0u8; MAX_FRAME];
+        for _ in 0..=MAX_HEADER_BLOCK / MAX_FRAME {
+            write_frame(&mut frames, CONTINUATION, 0, [0, 0, 0, 1], &filler);
+        }
+        let refused = process_all(&frames).expect_err("an endless header block is refused");
+        assert!(refused.to_string().contains("header list limit"), "{refused}");
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_server_allows_is_refused_before_its_payload_arrives() {
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // The header of a 16 MiB DATA frame, and none of its payload.
+        input.extend_from_slice(&[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 1]);
+        let refused = FrameRewriter::default().process(&mut input, &mut Vec::new()).expect_err("refused");
+        assert!(refused.to_string().contains("16777215 bytes"), "{refused}");
+    }
+
+    #[test]
+    fn a_small_block_naming_a_large_entry_many_times_is_refused_uncopied() {
+        // One 4000-byte value put in the dynamic table, then indexed 1000 times (1 byte each):
+        // 4 MB of headers from a 5 KB block.
+        let mut encoder = Encoder::new();
+        let value = vec![b'v'; 4000];
+        let mut block = encoder.encode([(b"x-big".as_slice(), value.as_slice())]);
+        block.extend(std::iter::repeat_n(0x80 | 62, 1000));
+        let mut frames = Vec::new();
+        write_frame(&mut frames, HEADERS, END_HEADERS, [0, 0, 0, 1], &block);
+        let refused = process_all(&frames).expect_err("refused");
+        assert!(refused.to_string().contains("header list of"), "{refused}");
+        // Within the limit, the same value once passes.
+        let mut frames = Vec::new();
+        write_frame(
+            &mut frames,
+            HEADERS,
+            END_HEADERS,
+            [0, 0, 0, 1],
+            &Encoder::new().encode([(b"x-big".as_slice(), value.as_slice())]),
+        );
+        assert!(process_all(&frames).is_ok());
     }
 
     #[test]

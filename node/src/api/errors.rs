@@ -89,13 +89,19 @@ pub enum ServerError {
     LeaderLeftOut(u64),
     #[error("etcdserver: {0:x} is not a member; add it as a learner first")]
     VoterNotMember(u64),
+    /// A request forwarded to the leader failed on the way (the connection, not the leader's
+    /// answer): its outcome is unknown, as with a timeout, and the message says what failed.
+    #[error("etcdserver: forwarding to the leader failed: {0}")]
+    ForwardFailed(String),
 }
 
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
         use ServerError::*;
         let code = match e {
-            NoLeader | LeaderChanged | Timeout | Stopped | NotSupportedForLearner => Code::Unavailable,
+            NoLeader | LeaderChanged | Timeout | Stopped | NotSupportedForLearner | ForwardFailed(_) => {
+                Code::Unavailable
+            }
             Compacted | FutureRevision => Code::OutOfRange,
             MemberNotFound => Code::NotFound,
             PeerUrlExists

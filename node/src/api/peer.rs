@@ -57,6 +57,20 @@ pub fn check_peer_request(
     }
 }
 
+/// Refuses a request that carries no cluster id (the interceptor above has refused a wrong
+/// one). Every Raft message, forwarded write and membership change must say which cluster
+/// sent it; only the roster question of a member that does not know its cluster yet (started
+/// with `--initial-cluster-state existing`, like etcd's `/members` for a joiner) goes without.
+fn require_cluster_id<T>(request: &Request<T>) -> Result<(), Status> {
+    if request.metadata().get(crate::member::CLUSTER_ID_HEADER).is_some() {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "peer request without a cluster id (metadata {})",
+        crate::member::CLUSTER_ID_HEADER
+    )))
+}
+
 fn bad_request(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("malformed peer message: {e}"))
 }
@@ -77,6 +91,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<RaftMessage>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        require_cluster_id(&request)?;
         // A malformed message ends the stream; the leader reconnects and resends.
         let requests = request
             .into_inner()
@@ -95,22 +110,26 @@ impl RaftPeer for PeerService {
     }
 
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        require_cluster_id(&request)?;
         let rpc: AppendEntriesRequest<TypeConfig> =
             decode(&request.into_inner().payload).map_err(bad_request)?;
         reply(self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        require_cluster_id(&request)?;
         let rpc: VoteRequest<TypeConfig> = decode(&request.into_inner().payload).map_err(bad_request)?;
         reply(self.node.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        require_cluster_id(&request)?;
         let rpc: VoteRequest<TypeConfig> = decode(&request.into_inner().payload).map_err(bad_request)?;
         reply(self.node.raft.pre_vote(rpc).await)
     }
 
     async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        require_cluster_id(&request)?;
         let rpc: TransferLeaderRequest<TypeConfig> =
             decode(&request.into_inner().payload).map_err(bad_request)?;
         reply(self.node.raft.handle_transfer_leader(rpc).await)
@@ -120,6 +139,7 @@ impl RaftPeer for PeerService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<RaftMessage>, Status> {
+        require_cluster_id(&request)?;
         let mut chunks = request.into_inner();
         let first = chunks.next().await.ok_or_else(|| bad_request("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header).map_err(bad_request)?;
@@ -143,7 +163,11 @@ impl RaftPeer for PeerService {
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let tagged = require_cluster_id(&request);
         let forwarded: ForwardRequest = decode(&request.into_inner().payload).map_err(bad_request)?;
+        if !matches!(forwarded, ForwardRequest::Roster) {
+            tagged?;
+        }
         let result = match forwarded {
             ForwardRequest::Members => Ok(self.node.known_members()),
             // A joiner decides from this answer whether it may start empty (see

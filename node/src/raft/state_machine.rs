@@ -255,6 +255,10 @@ fn write_snapshot<W: Write>(view: &ReadView, meta: &SnapshotMeta, out: W) -> io:
     Ok(out)
 }
 
+/// The longest header a snapshot file may have: its metadata is a few ids and a membership,
+/// a few hundred bytes for a large cluster.
+const MAX_SNAPSHOT_HEADER: u64 = 1 << 20;
+
 /// Length of the SHA-256 trailer that ends every snapshot file.
 pub const SNAPSHOT_CHECKSUM_LEN: u64 = 32;
 
@@ -360,7 +364,16 @@ pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>
     }
     let mut len = [0u8; 4];
     reader.read_exact(&mut len)?;
-    let mut header = vec![0u8; u32::from_le_bytes(len) as usize];
+    let len = u64::from(u32::from_le_bytes(len));
+    // The checksum only says the file is as its writer made it, not that the writer was ours:
+    // a length is believed only when it fits the file and a header (ids and a membership).
+    if len > MAX_SNAPSHOT_HEADER.min(body_len) {
+        return Err(invalid(format!(
+            "{}: a header of {len} bytes, over the {MAX_SNAPSHOT_HEADER} a snapshot header may have",
+            path.display()
+        )));
+    }
+    let mut header = vec![0u8; len as usize];
     reader.read_exact(&mut header)?;
     let meta = postcard::from_bytes(&header).map_err(invalid)?;
     Ok((meta, reader))
@@ -403,5 +416,27 @@ impl<W: Write> Write for HashingWriter<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_header_length_past_the_limit_is_refused_before_anything_is_allocated() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("hostile.snap");
+        // Our magic, a header length of 4 GiB - 1, and a checksum that matches: the file is
+        // intact, only its writer was not ours.
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
+        body.extend_from_slice(&[0u8; 64]);
+        let digest = Sha256::digest(&body);
+        body.extend_from_slice(&digest);
+        fs::write(&path, &body).expect("write");
+        let refused = open_snapshot(&path).err().expect("refused");
+        assert_eq!(refused.kind(), io::ErrorKind::InvalidData);
+        assert!(refused.to_string().contains("a header of 4294967295 bytes"), "{refused}");
     }
 }

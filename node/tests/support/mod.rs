@@ -82,6 +82,8 @@ pub struct TestMember {
     pub log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment for the next start (failpoints).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestMember {
@@ -111,6 +113,7 @@ impl TestMember {
         let child = Command::new(env!("CARGO_BIN_EXE_consensus-node"))
             .args(&self.args)
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -258,6 +261,7 @@ fn new_member(dir: &Path, name: &str) -> TestMember {
         log: dir.join(format!("{name}.log")),
         child: None,
         args: Vec::new(),
+        env: Vec::new(),
     }
 }
 

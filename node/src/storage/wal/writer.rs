@@ -198,6 +198,7 @@ impl Writer {
             return Ok(());
         }
         let started = Instant::now();
+        crate::failpoint::eval("wal-fsync")?;
         active.file.sync_data()?;
         let took = started.elapsed();
         active.dirty = false;
