@@ -132,6 +132,7 @@ impl Drop for TestNamespace {
     }
 }
 
+pub mod chaos;
 pub mod cluster_services;
 pub mod kubelet;
 pub mod load;

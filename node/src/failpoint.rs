@@ -5,7 +5,9 @@
 //! with an I/O error, a failing disk). Unset, every point costs one lookup in an empty list.
 //!
 //! Points: `identity-saved` (a founder's identity is on disk, Raft not yet initialized),
-//! `wal-fsync` (before each `fdatasync` of the write-ahead log).
+//! `wal-fsync` (before each `fdatasync` of the write-ahead log), `read-index` (before a
+//! linearizable read confirms leadership; `error` there skips the confirmation, a bug planted
+//! for the chaos checker's own test: reads served from local state).
 
 use std::sync::OnceLock;
 use std::time::Duration;

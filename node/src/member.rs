@@ -426,6 +426,11 @@ impl Node {
     /// Returns once this member has applied everything committed before the call: a read
     /// served after it is linearizable (ReadIndex, through the leader).
     pub async fn read_barrier(&self) -> Result<(), ServerError> {
+        if crate::failpoint::eval("read-index").is_err() {
+            // The chaos checker's own test: a bug planted on purpose, reads served from
+            // whatever this member has applied, leadership never confirmed.
+            return Ok(());
+        }
         let index = match self.on_leader(ForwardRequest::ReadIndex).await? {
             ForwardResponse::ReadIndex(index) => index,
             other => {

@@ -301,6 +301,14 @@ pub async fn run(
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,
         install_snapshot_timeout: 10_000,
+        // A restarted leader stands for election like any member (standard Raft), never takes
+        // its old term's leadership back at once (openraft's default). A leader replicates
+        // entries before its own log has them durable, so a quorum of followers can commit
+        // entries its log lost in the crash; back as leader of the same term it then wrote
+        // other entries at those indexes under the same log ids, and the followers took them
+        // for the ones they had: members diverged (found by the chaos harness, seed 13 of
+        // `CLASSES=fsync`). An election makes it learn the committed log first.
+        enable_leader_restore: Some(false),
         ..Config::default()
     }
     .validate()
@@ -527,6 +535,12 @@ async fn watch_leadership(
     tokio::pin!(stop);
     loop {
         let m = watch.borrow_watched().clone();
+        if let Err(fatal) = &m.running_state {
+            // Raft stops for good on a storage error (a failed fdatasync cannot be retried
+            // safely): the member exits, as etcd does, so whoever runs it starts it again,
+            // rather than keep its ports open with nothing behind them.
+            bail!("Raft stopped: {fatal}; exiting so that the member is restarted");
+        }
         // Peers first, so no scrape sees a leader but not the peer metrics.
         for (peer, _) in
             m.membership_config.membership().nodes().filter(|(id, _)| **id != node.identity.member_id)
@@ -546,6 +560,10 @@ async fn watch_leadership(
             m.last_applied.map_or(0, |a| a.index),
         );
         node.metrics.db_size(std::fs::metadata(&node.db_path).map(|md| md.len()).unwrap_or(0));
+        if m.current_leader != previous {
+            // As etcd's raft logs "elected leader at term": the one line that dates a failover.
+            tracing::info!(leader = ?m.current_leader.map(|id| format!("{id:x}")), term = m.current_term, "leader changed");
+        }
         previous = m.current_leader;
         tokio::select! {
             () = &mut stop => return Ok(()),

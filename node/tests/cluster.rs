@@ -156,6 +156,32 @@ async fn a_member_of_another_cluster_refuses_its_raft_messages() {
     assert_eq!(get(&a.members[0], "owner", false).await.expect("read").as_deref(), Some(b"A".as_slice()));
 }
 
+/// A leader killed and started again at once leads again only after an election, in a new
+/// term. openraft's default let it take its old term's leadership back at start: with its
+/// log missing entries a quorum of followers had committed (a leader sends before its own
+/// fsync), it wrote other entries under the same log ids and the members diverged (found by
+/// the chaos harness: `make chaos SEED=13 CLASSES=fsync`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_and_started_again_at_once_leads_only_after_an_election() {
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    eventually("a write", || async { put(&cluster.members[leader], "k", "v").await.ok() }).await;
+    let term = cluster.members[leader].status().await.expect("status").raft_term;
+    cluster.members[leader].kill9();
+    cluster.members[leader].restart();
+    let now = cluster.leader().await;
+    let status = cluster.members[now].status().await.expect("status");
+    assert!(
+        status.raft_term > term,
+        "leader {now} in term {} after the leader of term {term} restarted",
+        status.raft_term
+    );
+    assert_eq!(
+        get(&cluster.members[leader], "k", false).await.expect("read").as_deref(),
+        Some(b"v".as_slice())
+    );
+}
+
 /// A founder that crashed after saving its identity and before Raft held its first membership
 /// bootstraps when started again; it used to take the saved identity for a member that had
 /// run, and waited forever for a leader.

@@ -137,3 +137,31 @@ async fn a_member_with_a_damaged_log_refuses_to_start_and_says_where() {
     // The damaged file is left as it was for inspection.
     assert_eq!(std::fs::read(&segment).expect("read segment"), bytes);
 }
+
+/// A member whose disk fails an fdatasync stops (Raft cannot go on after a storage error)
+/// and exits, as etcd does, so whoever runs it starts it again; the write that met the
+/// failure is never acknowledged, and started on a good disk the member serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_fsync_fails_exits_and_acknowledges_nothing_it_did_not_persist() {
+    use consensus_node::failpoint::FAILPOINTS_ENV;
+    let mut cluster = TestCluster::start(1);
+    cluster.leader().await;
+    eventually("a first write", || async { put(&cluster.members[0], "before", "1").await.ok() }).await;
+    cluster.members[0].terminate();
+    cluster.members[0].env = vec![(FAILPOINTS_ENV.to_owned(), "wal-fsync=error".to_owned())];
+    cluster.members[0].restart();
+    // Starting, the member elects itself, which writes to its log: the fsync fails there.
+    let status = cluster.members[0].wait_exit();
+    assert!(!status.success(), "{status:?}");
+    assert!(cluster.members[0].log_text().contains("Raft stopped"), "{}", cluster.members[0].log_text());
+
+    cluster.members[0].env.clear();
+    cluster.members[0].restart();
+    cluster.leader().await;
+    assert_eq!(
+        get(&cluster.members[0], "before", false).await.expect("read").as_deref(),
+        Some(b"1".as_slice())
+    );
+    eventually("a write on a good disk", || async { put(&cluster.members[0], "after", "2").await.ok() })
+        .await;
+}

@@ -1,0 +1,216 @@
+//! What a chaos run records: every client request with its call and return times (the
+//! history the linearizability checker reads), the events the live watch delivered, the lock
+//! acquisitions, and the checks that need no model: no acknowledged write lost, watch
+//! guarantees, lock revisions.
+
+use serde::Serialize;
+
+/// One client request, in the shape `e2e/chaos-checker` reads (see its `Op`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Op {
+    pub client: usize,
+    /// Nanoseconds since the load started.
+    pub call: i64,
+    /// Nanoseconds since the load started; -1 for an unknown outcome.
+    #[serde(rename = "return")]
+    pub ret: i64,
+    pub kind: &'static str,
+    pub key: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lease: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "is_false")]
+    pub found: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub read: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub deleted: i64,
+    #[serde(skip_serializing_if = "is_false")]
+    pub succeeded: bool,
+    /// The revision the answer carried (writes), for the lost-write check; not the checker's.
+    #[serde(skip)]
+    pub revision: i64,
+    /// A serializable read: left out of the linearizability check (it may be stale).
+    #[serde(skip)]
+    pub serializable: bool,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Serialize)]
+struct CheckerInput<'a> {
+    operations: Vec<&'a Op>,
+}
+
+/// The history for the linearizability checker: every operation but serializable reads.
+pub fn checker_json(ops: &[Op]) -> String {
+    let operations = ops.iter().filter(|o| !o.serializable).collect();
+    serde_json::to_string(&CheckerInput { operations }).expect("a history serializes")
+}
+
+/// One change as a watch reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub revision: i64,
+    pub key: String,
+    /// None for a delete.
+    pub value: Option<String>,
+}
+
+/// Every acknowledged write must be in the store's history (`all`, every event from
+/// revision 1) at the revision its answer carried: a put with its value, a delete that
+/// deleted something as a delete. Returns what is missing.
+pub fn lost_writes(ops: &[Op], all: &[Event]) -> Vec<String> {
+    let mut lost = Vec::new();
+    for op in ops.iter().filter(|o| o.outcome == "ok") {
+        let expected = match op.kind {
+            "put" => Some(Some(op.value.clone())),
+            "cas" if op.succeeded => Some(Some(op.value.clone())),
+            "delete" if op.deleted > 0 => Some(None),
+            _ => None,
+        };
+        let Some(value) = expected else { continue };
+        let wanted = Event { revision: op.revision, key: op.key.clone(), value };
+        if !all.contains(&wanted) {
+            lost.push(format!(
+                "{} of {} acknowledged at revision {} is not in the history (client {}, answered {:.3} s into the load)",
+                op.kind,
+                op.key,
+                op.revision,
+                op.client,
+                op.ret as f64 / 1e9
+            ));
+        }
+    }
+    lost
+}
+
+/// The live watch's events against the store's history: in revision order, none twice, none
+/// left out between the first and the last it delivered, each as the history has it.
+pub fn watch_violations(delivered: &[Event], all: &[Event]) -> Vec<String> {
+    let mut violations = Vec::new();
+    for pair in delivered.windows(2) {
+        if pair[1].revision < pair[0].revision {
+            violations.push(format!("revision {} delivered after {}", pair[1].revision, pair[0].revision));
+        }
+    }
+    let (Some(first), Some(last)) = (delivered.first(), delivered.last()) else { return violations };
+    let expected: Vec<&Event> =
+        all.iter().filter(|e| e.revision >= first.revision && e.revision <= last.revision).collect();
+    let got: Vec<&Event> = delivered.iter().collect();
+    if got != expected {
+        let position =
+            got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
+        violations.push(format!(
+            "the watch delivered {} events for revisions {}..={}, the history has {}; first difference at {}: {:?} vs {:?}",
+            got.len(),
+            first.revision,
+            last.revision,
+            expected.len(),
+            position,
+            got.get(position),
+            expected.get(position)
+        ));
+    }
+    violations
+}
+
+/// A lock acquisition: when it was acknowledged and its fencing token (the lock key's create
+/// revision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acquisition {
+    pub acknowledged: i64,
+    pub revision: i64,
+}
+
+/// Fencing tokens strictly increase in the order the locks were granted.
+pub fn lock_violations(acquisitions: &[Acquisition]) -> Vec<String> {
+    let mut sorted = acquisitions.to_vec();
+    sorted.sort_by_key(|a| a.acknowledged);
+    sorted
+        .windows(2)
+        .filter(|pair| pair[1].revision <= pair[0].revision)
+        .map(|pair| {
+            format!(
+                "a lock granted after one of revision {} has revision {}",
+                pair[0].revision, pair[1].revision
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(revision: i64, key: &str, value: Option<&str>) -> Event {
+        Event { revision, key: key.to_owned(), value: value.map(str::to_owned) }
+    }
+
+    fn put(key: &str, value: &str, revision: i64) -> Op {
+        Op {
+            kind: "put",
+            key: key.into(),
+            value: value.into(),
+            outcome: "ok",
+            revision,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_acknowledged_put_missing_from_the_history_is_lost() {
+        let all = [event(2, "a", Some("1")), event(3, "b", Some("2"))];
+        assert!(lost_writes(&[put("a", "1", 2), put("b", "2", 3)], &all).is_empty());
+        assert_eq!(lost_writes(&[put("a", "9", 4)], &all).len(), 1);
+        let unknown = Op { outcome: "unknown", ..put("c", "3", 0) };
+        assert!(lost_writes(&[unknown], &all).is_empty(), "a write of unknown outcome may be gone");
+    }
+
+    #[test]
+    fn a_watch_with_a_gap_a_duplicate_or_out_of_order_is_caught() {
+        let all = [
+            event(2, "a", Some("1")),
+            event(3, "a", Some("2")),
+            event(4, "a", None),
+            event(5, "b", Some("3")),
+        ];
+        assert!(watch_violations(&all[1..], &all).is_empty());
+        assert!(!watch_violations(&[all[0].clone(), all[2].clone()], &all).is_empty(), "gap");
+        assert!(
+            !watch_violations(&[all[0].clone(), all[0].clone(), all[1].clone()], &all).is_empty(),
+            "duplicate"
+        );
+        assert!(!watch_violations(&[all[1].clone(), all[0].clone()], &all).is_empty(), "order");
+        assert!(
+            !watch_violations(&[event(2, "a", Some("other"))], &all).is_empty(),
+            "disagrees with the KV history"
+        );
+    }
+
+    #[test]
+    fn fencing_tokens_must_increase_in_grant_order() {
+        let granted = |acknowledged, revision| Acquisition { acknowledged, revision };
+        assert!(lock_violations(&[granted(10, 5), granted(20, 9), granted(30, 12)]).is_empty());
+        assert_eq!(lock_violations(&[granted(10, 5), granted(20, 5)]).len(), 1);
+        assert_eq!(lock_violations(&[granted(20, 4), granted(10, 7)]).len(), 1);
+    }
+
+    #[test]
+    fn serializable_reads_are_left_out_of_the_checker_history() {
+        let stale = Op { kind: "get", serializable: true, outcome: "ok", ..Default::default() };
+        let json = checker_json(&[put("a", "1", 2), stale]);
+        assert_eq!(json.matches("\"kind\"").count(), 1, "{json}");
+        assert!(json.contains("\"return\":0"), "{json}");
+    }
+}

@@ -1,0 +1,197 @@
+//! The members of a chaos run: real `consensus-node` processes on loopback, their peer URLs
+//! behind the fault proxies, killed, paused and restarted by PID. Every process is killed
+//! when the cluster is dropped, also when the run fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::proxy::Network;
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    /// Where the member listens for peers.
+    pub peer_port: u16,
+    /// What it advertises: the proxy in front of `peer_port`.
+    pub proxy_port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+    /// `--initial-cluster-state` and `--initial-cluster` for the next start.
+    state: &'static str,
+    initial_cluster: String,
+}
+
+impl Member {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn advertised_peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.proxy_port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+pub struct Cluster {
+    pub members: Vec<Member>,
+    pub network: Network,
+    node: PathBuf,
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a PID this harness started and has not yet waited for.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+impl Cluster {
+    /// `size` members of a new cluster in `dir`, their proxies served on the current runtime.
+    pub async fn start(node: &Path, dir: &Path, size: usize, token: &str) -> anyhow::Result<Self> {
+        let network = Network::new(size);
+        let mut members = Vec::new();
+        for i in 0..size {
+            let name = format!("m{i}");
+            let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let member = Member {
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                proxy_port: proxy.local_addr()?.port(),
+                data_dir: dir.join(&name),
+                log: dir.join(format!("{name}.log")),
+                name,
+                child: None,
+                paused: false,
+                state: "new",
+                initial_cluster: String::new(),
+            };
+            network.serve(proxy, i, member.peer_port);
+            members.push(member);
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.advertised_peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial_cluster.clone();
+        }
+        let mut cluster = Self { members, network, node: node.to_owned() };
+        for i in 0..size {
+            cluster.spawn(i, &[], token)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Member::endpoint).collect()
+    }
+
+    /// Starts member `i` with failpoints `failpoints` (`name=action` pairs).
+    pub fn spawn(&mut self, i: usize, failpoints: &[&str], token: &str) -> anyhow::Result<()> {
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log)?;
+        let peer_url = format!("http://127.0.0.1:{}", m.peer_port);
+        let child = Command::new(&self.node)
+            .args(["run", "--name", &m.name, "--data-dir"])
+            .arg(&m.data_dir)
+            .args(["--listen-client-urls", &m.endpoint(), "--advertise-client-urls", &m.endpoint()])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &m.advertised_peer_url(),
+            ])
+            .args(["--initial-cluster", &m.initial_cluster, "--initial-cluster-state", m.state])
+            .args(["--initial-cluster-token", token])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", free_port()?)])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .env("RUST_LOG", "info,openraft=warn")
+            .env(consensus_node::failpoint::FAILPOINTS_ENV, failpoints.join(","))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.node.display()))?;
+        self.network.set_pid(i, Some(child.id()));
+        m.child = Some(child);
+        m.paused = false;
+        Ok(())
+    }
+
+    /// kill -9: no chance to flush or hand anything over.
+    pub fn kill(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if let Some(mut child) = m.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        m.paused = false;
+        self.network.set_pid(i, None);
+    }
+
+    pub fn pause(&mut self, i: usize) {
+        if let Some(pid) = self.members[i].pid() {
+            signal(pid, libc::SIGSTOP);
+            self.members[i].paused = true;
+        }
+    }
+
+    pub fn resume(&mut self, i: usize) {
+        if let Some(pid) = self.members[i].pid() {
+            signal(pid, libc::SIGCONT);
+        }
+        self.members[i].paused = false;
+    }
+
+    /// Whether member `i`'s process ended on its own (a failing disk stops it); reaps it.
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.members[i].child.as_mut()?.try_wait().ok()??;
+        self.members[i].child = None;
+        self.network.set_pid(i, None);
+        Some(status)
+    }
+
+    /// The next start of member `i` joins the running cluster with an empty data directory.
+    pub fn rejoin_empty(&mut self, i: usize) -> anyhow::Result<()> {
+        let m = &mut self.members[i];
+        if m.data_dir.exists() {
+            std::fs::remove_dir_all(&m.data_dir)?;
+        }
+        m.state = "existing";
+        Ok(())
+    }
+
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.resume(i);
+            self.kill(i);
+        }
+    }
+}
+
+/// How long the harness waits for a cluster to serve again after every fault is healed.
+pub const SETTLE_DEADLINE: Duration = Duration::from_secs(30);

@@ -1,0 +1,433 @@
+//! The chaos harness (`make chaos`): a cluster of real `consensus-node` processes under a
+//! recorded client load while a seeded plan injects faults, then every history checked:
+//! linearizability by `e2e/chaos-checker` (porcupine), and here no acknowledged write lost,
+//! the watch's guarantees and the locks' fencing tokens.
+
+pub mod history;
+pub mod load;
+pub mod members;
+pub mod plan;
+pub mod proxy;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use history::{Event, Op};
+use members::Cluster;
+use plan::{Fault, FaultClass, Rng, Target};
+
+pub struct RunConfig {
+    pub node: PathBuf,
+    pub checker: PathBuf,
+    pub seed: u64,
+    pub classes: Vec<FaultClass>,
+    pub size: usize,
+    /// How long the load runs (faults included); settling and checking come on top.
+    pub length: Duration,
+    /// Where the run keeps its members' data, logs and history.
+    pub dir: PathBuf,
+    /// Failpoints every member starts with (the checker's own test plants a bug with one).
+    pub failpoints: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct RunReport {
+    pub faults: Vec<(FaultClass, Target)>,
+    pub operations: usize,
+    pub linearizability: Vec<String>,
+    pub lost_writes: Vec<String>,
+    pub watch: Vec<String>,
+    pub locks: Vec<String>,
+}
+
+impl RunReport {
+    pub fn violations(&self) -> usize {
+        self.linearizability.len() + self.lost_writes.len() + self.watch.len() + self.locks.len()
+    }
+}
+
+const TOKEN: &str = "chaos";
+
+async fn status_of(endpoint: &str) -> Option<(u64, u64)> {
+    let mut c = load::connect(endpoint).await?;
+    let status = tokio::time::timeout(Duration::from_secs(1), c.status()).await.ok()?.ok()?;
+    Some((status.header()?.member_id(), status.leader()))
+}
+
+/// The index of the member every running member agrees leads, if they do.
+async fn leader(cluster: &Cluster) -> Option<usize> {
+    let mut ids = HashMap::new();
+    let mut leaders = Vec::new();
+    for (i, m) in cluster.members.iter().enumerate().filter(|(_, m)| m.is_running()) {
+        let (id, leader) = status_of(&m.endpoint()).await?;
+        ids.insert(id, i);
+        leaders.push(leader);
+    }
+    let first = *leaders.first()?;
+    (first != 0 && leaders.iter().all(|l| *l == first)).then(|| ids.get(&first).copied())?
+}
+
+async fn wait_for_leader(cluster: &Cluster, deadline: Duration) -> anyhow::Result<usize> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(l) = leader(cluster).await {
+            return Ok(l);
+        }
+        if tokio::time::Instant::now() > until {
+            bail!("no leader all members agree on within {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The member a fault hits: the leader, or a follower chosen by `rng`.
+async fn target_member(cluster: &Cluster, target: Target, rng: &mut Rng) -> usize {
+    let size = cluster.members.len();
+    let leader = leader(cluster).await;
+    match (target, leader) {
+        (Target::Leader, Some(l)) => l,
+        (_, Some(l)) => (l + 1 + rng.below(size as u64 - 1) as usize) % size,
+        (_, None) => rng.below(size as u64) as usize,
+    }
+}
+
+/// Retries `attempt` on the running members in turn until it succeeds or the settle
+/// deadline passes: a membership request meets leader changes and restarts like any other.
+async fn on_any_member<T, F>(
+    cluster: &Cluster,
+    what: &str,
+    mut attempt: impl FnMut(etcd_client::Client) -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let until = tokio::time::Instant::now() + members::SETTLE_DEADLINE;
+    let mut last = String::new();
+    loop {
+        for m in cluster.members.iter().filter(|m| m.is_running()) {
+            if let Some(client) = load::connect(&m.endpoint()).await {
+                match attempt(client).await {
+                    Ok(answer) => return Ok(answer),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+        }
+        if tokio::time::Instant::now() > until {
+            bail!("{what}: not done within {:?}: {last}", members::SETTLE_DEADLINE);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Removes member `i`, deletes its data and adds it back as a learner at the same peer URL,
+/// then promotes it once it has caught up. Each request looks at the membership first, so
+/// one retried after an answer was lost does not fail on its own earlier success.
+async fn remove_and_add_back(cluster: &mut Cluster, i: usize, failpoints: &[&str]) -> anyhow::Result<()> {
+    let url = cluster.members[i].advertised_peer_url();
+    let at_url = |list: &etcd_client::MemberListResponse, url: &str| {
+        list.members()
+            .iter()
+            .find(|m| m.peer_urls().iter().any(|u| u == url))
+            .map(|m| (m.id(), m.is_learner()))
+    };
+    let (id, _) = {
+        let list =
+            on_any_member(cluster, "member list", |mut c| async move { c.member_list().await }).await?;
+        at_url(&list, &url).context("the member is in the member list")?
+    };
+    cluster.kill(i);
+    on_any_member(cluster, "member remove", |mut c| async move {
+        let list = c.member_list().await?;
+        if list.members().iter().any(|m| m.id() == id) {
+            c.member_remove(id).await?;
+        }
+        Ok(())
+    })
+    .await?;
+    cluster.rejoin_empty(i)?;
+    let new_id = on_any_member(cluster, "member add", |mut c| {
+        let url = url.clone();
+        async move {
+            let list = c.member_list().await?;
+            if let Some((id, _)) = at_url(&list, &url) {
+                return Ok(id);
+            }
+            let added =
+                c.member_add([url], Some(etcd_client::MemberAddOptions::new().with_is_learner())).await?;
+            Ok(added.member().map_or(0, |m| m.id()))
+        }
+    })
+    .await?;
+    cluster.spawn(i, failpoints, TOKEN)?;
+    on_any_member(cluster, "member promote", |mut c| async move {
+        let list = c.member_list().await?;
+        if list.members().iter().any(|m| m.id() == new_id && m.is_learner()) {
+            c.member_promote(new_id).await?;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// Carries out `fault` on member `i`, holds it, and heals it.
+async fn inject(
+    cluster: &mut Cluster,
+    fault: &Fault,
+    i: usize,
+    rng: &mut Rng,
+    failpoints: &[&str],
+) -> anyhow::Result<()> {
+    match fault.class {
+        FaultClass::Kill => {
+            cluster.kill(i);
+            tokio::time::sleep(fault.hold).await;
+            cluster.spawn(i, failpoints, TOKEN)?;
+        }
+        FaultClass::Pause => {
+            cluster.pause(i);
+            tokio::time::sleep(fault.hold).await;
+            cluster.resume(i);
+        }
+        FaultClass::Partition => {
+            let size = cluster.members.len();
+            cluster.network.change(|l| l.isolate(i, size));
+            tokio::time::sleep(fault.hold).await;
+            cluster.network.heal();
+        }
+        FaultClass::Delay => {
+            let delay = rng.millis(20, 200);
+            cluster.network.change(|l| {
+                l.delayed.insert(i, delay);
+            });
+            tokio::time::sleep(fault.hold).await;
+            cluster.network.heal();
+        }
+        FaultClass::Fsync => {
+            let disk = if fault.failing { "wal-fsync=error" } else { "wal-fsync=sleep(150)" };
+            cluster.kill(i);
+            let mut faulty: Vec<&str> = failpoints.to_vec();
+            faulty.push(disk);
+            cluster.spawn(i, &faulty, TOKEN)?;
+            tokio::time::sleep(fault.hold).await;
+            cluster.kill(i);
+            cluster.spawn(i, failpoints, TOKEN)?;
+        }
+        FaultClass::Membership => remove_and_add_back(cluster, i, failpoints).await?,
+    }
+    Ok(())
+}
+
+/// Writes of unknown outcome, settled by the store's own history where it can tell: a put or
+/// swap whose (unique) value is not in it never happened and is dropped; one that is stays
+/// of unknown outcome (it may have happened any time after its call), as etcd's robustness
+/// tests do. Fewer open-ended operations keep the check tractable.
+fn settle_unknown_writes(ops: Vec<Op>, all: &[Event]) -> Vec<Op> {
+    let stored: std::collections::HashSet<(&str, &str)> =
+        all.iter().filter_map(|e| Some((e.key.as_str(), e.value.as_deref()?))).collect();
+    ops.into_iter()
+        .filter(|o| {
+            o.outcome != "unknown"
+                || !matches!(o.kind, "put" | "cas")
+                || stored.contains(&(o.key.as_str(), o.value.as_str()))
+        })
+        .collect()
+}
+
+/// One chaos run: start, load and faults, heal, final reads, checks.
+pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
+    std::fs::create_dir_all(&config.dir)?;
+    let failpoints: Vec<&str> = config.failpoints.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start(&config.node, &config.dir, config.size, TOKEN).await?;
+    if !failpoints.is_empty() {
+        for i in 0..config.size {
+            cluster.kill(i);
+            cluster.spawn(i, &failpoints, TOKEN)?;
+        }
+    }
+    wait_for_leader(&cluster, members::SETTLE_DEADLINE).await?;
+    let endpoints = cluster.endpoints();
+    let recorder = load::Recorder::new();
+    let mut rng = Rng::new(config.seed);
+
+    let start_revision =
+        on_any_member(&cluster, "the first revision", |mut c| async move { c.get("k", None).await })
+            .await?
+            .header()
+            .map_or(1, |h| h.revision())
+            + 1;
+    let mut tasks = Vec::new();
+    let clients = 2 * config.size;
+    for client in 0..clients {
+        let endpoint = endpoints[client % endpoints.len()].clone();
+        tasks.push(tokio::spawn(load::kv_client(recorder.clone(), client, endpoint, rng.next_u64())));
+    }
+    tasks.push(tokio::spawn(load::lease_client(recorder.clone(), clients, endpoints.clone(), rng.next_u64())));
+    for _ in 0..2 {
+        tasks.push(tokio::spawn(load::lock_client(recorder.clone(), endpoints.clone(), rng.next_u64())));
+    }
+    let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (recorder, endpoints, delivered) = (recorder.clone(), endpoints.clone(), delivered.clone());
+        tasks.push(tokio::spawn(async move {
+            load::watch_all(recorder, endpoints, start_revision, None, move |e| {
+                delivered.lock().unwrap_or_else(|p| p.into_inner()).push(e)
+            })
+            .await
+        }));
+    }
+
+    let mut report = RunReport::default();
+    let began = tokio::time::Instant::now();
+    for fault in plan::plan(config.seed, &config.classes, config.length) {
+        tokio::time::sleep_until(began + fault.at).await;
+        let i = target_member(&cluster, fault.target, &mut rng).await;
+        inject(&mut cluster, &fault, i, &mut rng, &failpoints)
+            .await
+            .with_context(|| format!("{:?} of member {i}", fault.class))?;
+        report.faults.push((fault.class, fault.target));
+    }
+    tokio::time::sleep_until(began + config.length).await;
+
+    // Heal: members a failing disk stopped are started again on a good one.
+    cluster.network.heal();
+    for i in 0..config.size {
+        cluster.exited(i);
+        if !cluster.members[i].is_running() {
+            cluster.spawn(i, &failpoints, TOKEN)?;
+        }
+    }
+    wait_for_leader(&cluster, members::SETTLE_DEADLINE).await?;
+    recorder.stop();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+
+    // Final linearizable reads of every key, recorded like any other.
+    let final_revision = final_reads(&recorder, &endpoints, clients + 1).await?;
+    let mut all = Vec::new();
+    load::watch_all(recorder.clone(), endpoints.clone(), 1, Some(final_revision), |e| all.push(e)).await;
+
+    let ops = std::mem::take(&mut *recorder.ops.lock().unwrap_or_else(|p| p.into_inner()));
+    report.lost_writes = history::lost_writes(&ops, &all);
+    report.watch = history::watch_violations(&delivered.lock().unwrap_or_else(|p| p.into_inner()), &all);
+    report.locks = history::lock_violations(&recorder.locks.lock().unwrap_or_else(|p| p.into_inner()));
+    if !report.lost_writes.is_empty() || !report.watch.is_empty() {
+        report.watch.extend(what_each_member_has(&cluster, &report, final_revision).await);
+    }
+    let ops = settle_unknown_writes(ops, &all);
+    report.operations = ops.len();
+    let path = config.dir.join("history.json");
+    std::fs::write(&path, history::checker_json(&ops))?;
+    report.linearizability = check_linearizability(&config.checker, &path)?;
+    Ok(report)
+}
+
+/// For a history that disagrees with itself: each member's own count of revisions and what
+/// it holds at the first revision in question, read from it alone (serializable).
+async fn what_each_member_has(cluster: &Cluster, report: &RunReport, final_revision: i64) -> Vec<String> {
+    let revision = report
+        .lost_writes
+        .iter()
+        .chain(&report.watch)
+        .find_map(|v| {
+            v.split("revision")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit() && c != ' ')
+                .next()?
+                .trim()
+                .parse::<i64>()
+                .ok()
+        })
+        .unwrap_or(final_revision);
+    let mut said = Vec::new();
+    for (i, m) in cluster.members.iter().enumerate() {
+        let Some(mut c) = load::connect(&m.endpoint()).await else { continue };
+        let options =
+            etcd_client::GetOptions::new().with_prefix().with_serializable().with_revision(revision);
+        let at = match c.get("", Some(options)).await {
+            Ok(r) => r
+                .kvs()
+                .iter()
+                .filter(|kv| kv.mod_revision() == revision)
+                .map(|kv| {
+                    format!("{}={}", String::from_utf8_lossy(kv.key()), String::from_utf8_lossy(kv.value()))
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(e) => e.to_string(),
+        };
+        let now = c
+            .get("", Some(etcd_client::GetOptions::new().with_prefix().with_serializable().with_keys_only()))
+            .await
+            .ok()
+            .and_then(|r| r.header().map(|h| h.revision()));
+        said.push(format!("member {i}: at revision {revision}: [{at}]; its revision now {now:?}"));
+    }
+    said
+}
+
+async fn final_reads(
+    recorder: &Arc<load::Recorder>,
+    endpoints: &[String],
+    client: usize,
+) -> anyhow::Result<i64> {
+    let until = tokio::time::Instant::now() + members::SETTLE_DEADLINE;
+    let mut keys: Vec<String> = {
+        let ops = recorder.ops.lock().unwrap_or_else(|p| p.into_inner());
+        ops.iter().map(|o| o.key.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+    };
+    let mut revision = 0;
+    let mut at = 0;
+    while let Some(key) = keys.last().cloned() {
+        if tokio::time::Instant::now() > until {
+            bail!("final reads did not succeed within {:?}", members::SETTLE_DEADLINE);
+        }
+        at = (at + 1) % endpoints.len();
+        let Some(mut c) = load::connect(&endpoints[at]).await else { continue };
+        let call = recorder.now();
+        let Ok(r) = c.get(key.as_str(), None).await else { continue };
+        let read = r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+        revision = revision.max(r.header().map_or(0, |h| h.revision()));
+        recorder.record(Op {
+            client,
+            call,
+            ret: recorder.now(),
+            kind: "get",
+            key,
+            found: read.is_some(),
+            read: read.unwrap_or_default(),
+            outcome: "ok",
+            ..Default::default()
+        });
+        keys.pop();
+    }
+    Ok(revision)
+}
+
+fn check_linearizability(checker: &Path, history: &Path) -> anyhow::Result<Vec<String>> {
+    let output = std::process::Command::new(checker)
+        .arg("--history")
+        .arg(history)
+        .output()
+        .with_context(|| format!("running {}", checker.display()))?;
+    let said = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    match output.status.code() {
+        Some(0) => Ok(Vec::new()),
+        Some(1) => Ok(vec![said]),
+        _ => bail!("the checker could not tell: {said} {}", String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
+/// Fault counts per class over runs, for the summary.
+pub fn faults_by_class(reports: &[RunReport]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for (class, _) in reports.iter().flat_map(|r| &r.faults) {
+        *counts.entry(class.name()).or_insert(0) += 1;
+    }
+    counts
+}
