@@ -139,7 +139,8 @@ async fn remove_and_add_back(cluster: &mut Cluster, i: usize, failpoints: &[&str
             on_any_member(cluster, "member list", |mut c| async move { c.member_list().await }).await?;
         at_url(&list, &url).context("the member is in the member list")?
     };
-    cluster.kill(i);
+    // Removed while it runs, as a platform would, then stopped: killed first, it would still
+    // count as a voter while the removal is agreed on.
     on_any_member(cluster, "member remove", |mut c| async move {
         let list = c.member_list().await?;
         if list.members().iter().any(|m| m.id() == id) {
@@ -148,6 +149,7 @@ async fn remove_and_add_back(cluster: &mut Cluster, i: usize, failpoints: &[&str
         Ok(())
     })
     .await?;
+    cluster.kill(i);
     cluster.rejoin_empty(i)?;
     let new_id = on_any_member(cluster, "member add", |mut c| {
         let url = url.clone();
@@ -171,7 +173,24 @@ async fn remove_and_add_back(cluster: &mut Cluster, i: usize, failpoints: &[&str
         Ok(())
     })
     .await?;
-    Ok(())
+    // The member list shows the voters being changed to; the member itself says when the
+    // change has reached it. Until then the cluster has two voters of the old configuration,
+    // and the next fault would take its quorum away for good.
+    let endpoint = cluster.members[i].endpoint();
+    let until = tokio::time::Instant::now() + members::SETTLE_DEADLINE;
+    loop {
+        let voter = match load::connect(&endpoint).await {
+            Some(mut c) => c.status().await.is_ok_and(|s| !s.is_learner() && s.leader() != 0),
+            None => false,
+        };
+        if voter {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > until {
+            bail!("member {i} not a voter within {:?} of its promotion", members::SETTLE_DEADLINE);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Carries out `fault` on member `i`, holds it, and heals it.
