@@ -285,7 +285,12 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
         let endpoint = endpoints[client % endpoints.len()].clone();
         tasks.push(tokio::spawn(load::kv_client(recorder.clone(), client, endpoint, rng.next_u64())));
     }
-    tasks.push(tokio::spawn(load::lease_client(recorder.clone(), clients, endpoints.clone(), rng.next_u64())));
+    tasks.push(tokio::spawn(load::lease_client(
+        recorder.clone(),
+        clients,
+        endpoints.clone(),
+        rng.next_u64(),
+    )));
     for _ in 0..2 {
         tasks.push(tokio::spawn(load::lock_client(recorder.clone(), endpoints.clone(), rng.next_u64())));
     }

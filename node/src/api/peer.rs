@@ -83,6 +83,23 @@ fn reply<T: serde::Serialize, E: std::fmt::Display>(
     Ok(Response::new(RaftMessage { payload }))
 }
 
+/// Writes an incoming snapshot to `path` chunk by chunk as it arrives, then syncs it: a
+/// snapshot is as large as the store, so it is never held whole in memory.
+async fn receive_snapshot(
+    first: &[u8],
+    mut rest: impl Stream<Item = Result<SnapshotChunk, Status>> + Unpin,
+    path: &std::path::Path,
+) -> Result<(), Status> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::File::create(path).await?;
+    file.write_all(first).await?;
+    while let Some(chunk) = rest.next().await {
+        file.write_all(&chunk?.data).await?;
+    }
+    file.sync_all().await?;
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl RaftPeer for PeerService {
     type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<RaftMessage, Status>> + Send>>;
@@ -145,19 +162,10 @@ impl RaftPeer for PeerService {
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header).map_err(bad_request)?;
         std::fs::create_dir_all(&self.incoming_dir)?;
         let path = self.incoming_dir.join(format!("{}.incoming", snapshot_file_name(&meta)));
-        let mut data = first.data;
-        while let Some(chunk) = chunks.next().await {
-            data.extend_from_slice(&chunk?.data);
+        if let Err(e) = receive_snapshot(&first.data, chunks, &path).await {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e);
         }
-        let write_path = path.clone();
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut file = std::fs::File::create(&write_path)?;
-            file.write_all(&data)?;
-            file.sync_all()
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
         let snapshot = RaftSnapshot { meta, snapshot: SnapshotFile { path } };
         reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
     }
@@ -178,5 +186,34 @@ impl RaftPeer for PeerService {
         };
         let payload = encode(&result).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(RaftMessage { payload }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_incoming_snapshot_is_on_disk_as_its_chunks_arrive() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.incoming");
+        let (send, receive) = tokio::sync::mpsc::channel(1);
+        let rest = tokio_stream::wrappers::ReceiverStream::new(receive);
+        let writing = tokio::spawn({
+            let path = path.clone();
+            async move { receive_snapshot(b"first", rest, &path).await }
+        });
+        let chunk = |data: &[u8]| Ok(SnapshotChunk { header: Vec::new(), data: data.to_vec() });
+        send.send(chunk(b"-second")).await.expect("send");
+        // Before the stream ends, what arrived is in the file, not in memory.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read(&path).unwrap_or_default() != b"first-second" {
+            assert!(std::time::Instant::now() < deadline, "the chunks were not written as they arrived");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        send.send(chunk(b"-third")).await.expect("send");
+        drop(send);
+        writing.await.expect("join").expect("written");
+        assert_eq!(std::fs::read(&path).expect("read"), b"first-second-third");
     }
 }
