@@ -202,6 +202,10 @@ async fn call_forward(
 fn forward_failure(status: tonic::Status) -> ServerError {
     match status.code() {
         tonic::Code::DeadlineExceeded => ServerError::Timeout,
+        // tonic ends a call past its grpc-timeout with Cancelled "Timeout expired"
+        // (`TimeoutExpired`): the leader did not answer within FORWARD_TIMEOUT, a timeout as
+        // etcd says it. Under `etcdctl check perf --load=l` this is what "leader changed" was.
+        tonic::Code::Cancelled if status.message() == "Timeout expired" => ServerError::Timeout,
         code => {
             let cause = std::error::Error::source(&status).map(|s| format!(" ({s})")).unwrap_or_default();
             ServerError::ForwardFailed(format!("{code:?}: {}{cause}", status.message()))
@@ -763,6 +767,12 @@ mod tests {
     #[test]
     fn a_forward_that_fails_on_the_way_says_what_failed_and_only_a_deadline_is_a_timeout() {
         assert_eq!(forward_failure(tonic::Status::deadline_exceeded("late")), ServerError::Timeout);
+        // What tonic's server answers past the forward's grpc-timeout.
+        assert_eq!(forward_failure(tonic::Status::cancelled("Timeout expired")), ServerError::Timeout);
+        assert!(matches!(
+            forward_failure(tonic::Status::cancelled("dropped")),
+            ServerError::ForwardFailed(_)
+        ));
         let refused = forward_failure(tonic::Status::unavailable("connection refused"));
         assert_eq!(refused, ServerError::ForwardFailed("Unavailable: connection refused".to_owned()));
         let status = tonic::Status::from(refused);

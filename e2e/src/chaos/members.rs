@@ -50,8 +50,23 @@ pub struct Cluster {
     node: PathBuf,
 }
 
+/// A port free now, below the kernel's ephemeral range: the load opens thousands of client
+/// connections, and a port the kernel handed out as free (port 0) is soon some connection's
+/// source port, so a member started on it a moment later could not listen (seed 1008).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    let seed = (std::process::id() % u32::from(HIGH - LOW)) as u16;
+    for _ in LOW..HIGH {
+        let offset =
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_add(seed) % (HIGH - LOW);
+        let port = LOW + offset;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port in {LOW}..{HIGH}")
 }
 
 fn signal(pid: u32, signal: i32) {
@@ -68,7 +83,7 @@ impl Cluster {
         let mut members = Vec::new();
         for i in 0..size {
             let name = format!("m{i}");
-            let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let proxy = tokio::net::TcpListener::bind(("127.0.0.1", free_port()?)).await?;
             let member = Member {
                 client_port: free_port()?,
                 peer_port: free_port()?,
