@@ -135,7 +135,12 @@ pub fn restore(config: &RestoreConfig) -> anyhow::Result<Restored> {
 fn made_already(data_dir: &Path, identity: &Identity) -> anyhow::Result<Option<i64>> {
     let layout = Layout::new(data_dir);
     match Identity::load(&layout.member) {
-        Ok(Some(found)) if &found == identity => {
+        // Who the member is, not how it was founded: a founder's identity keeps its founding
+        // members until a later start.
+        Ok(Some(found))
+            if (&found.name, found.member_id, found.cluster_id)
+                == (&identity.name, identity.member_id, identity.cluster_id) =>
+        {
             let store = MvccStore::open(&layout.store())?;
             Ok(Some(store.read()?.revision()?))
         }

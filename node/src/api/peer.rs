@@ -173,7 +173,9 @@ impl RaftPeer for PeerService {
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let tagged = require_cluster_id(&request);
         let forwarded: ForwardRequest = decode(&request.into_inner().payload).map_err(bad_request)?;
-        if !matches!(forwarded, ForwardRequest::Roster) {
+        // `Members` too: what it answers is a part of the roster, and builds before the roster
+        // question joined with it untagged.
+        if !matches!(forwarded, ForwardRequest::Roster | ForwardRequest::Members) {
             tagged?;
         }
         let result = match forwarded {
