@@ -26,7 +26,6 @@ pub struct Recorder {
     start: Instant,
     stop: AtomicBool,
     pub ops: Mutex<Vec<Op>>,
-    pub events: Mutex<Vec<Event>>,
     pub locks: Mutex<Vec<Acquisition>>,
 }
 
@@ -36,7 +35,6 @@ impl Recorder {
             start: Instant::now(),
             stop: AtomicBool::new(false),
             ops: Mutex::default(),
-            events: Mutex::default(),
             locks: Mutex::default(),
         })
     }
