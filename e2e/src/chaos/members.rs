@@ -48,6 +48,9 @@ pub struct Cluster {
     pub members: Vec<Member>,
     pub network: Network,
     node: PathBuf,
+    /// What the harness did, when (`harness.log` in the run's directory): the members' logs
+    /// say what they did, this says which process was which.
+    journal: std::fs::File,
 }
 
 /// A port free now, below the kernel's ephemeral range: the load opens thousands of client
@@ -107,7 +110,8 @@ impl Cluster {
         for m in &mut members {
             m.initial_cluster = initial_cluster.clone();
         }
-        let mut cluster = Self { members, network, node: node.to_owned() };
+        let journal = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("harness.log"))?;
+        let mut cluster = Self { members, network, node: node.to_owned(), journal };
         for i in 0..size {
             cluster.spawn(i, &[], token)?;
         }
@@ -144,8 +148,10 @@ impl Cluster {
             .spawn()
             .with_context(|| format!("starting {}", self.node.display()))?;
         self.network.set_pid(i, Some(child.id()));
+        let note = format!("started {} (pid {}, {}, failpoints {failpoints:?})", m.name, child.id(), m.state);
         m.child = Some(child);
         m.paused = false;
+        self.note(&note);
         Ok(())
     }
 
@@ -154,22 +160,32 @@ impl Cluster {
         let m = &mut self.members[i];
         if let Some(mut child) = m.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
+            let status = child.wait();
+            let note = format!("killed {} (pid {}): {status:?}", m.name, child.id());
+            self.note(&note);
         }
-        m.paused = false;
+        self.members[i].paused = false;
         self.network.set_pid(i, None);
+    }
+
+    /// A line in the harness's journal, with the time as the members' logs write it.
+    pub fn note(&mut self, what: &str) {
+        use std::io::Write;
+        let _ = writeln!(self.journal, "{} {what}", jiff::Timestamp::now());
     }
 
     pub fn pause(&mut self, i: usize) {
         if let Some(pid) = self.members[i].pid() {
             signal(pid, libc::SIGSTOP);
             self.members[i].paused = true;
+            self.note(&format!("paused m{i} (pid {pid})"));
         }
     }
 
     pub fn resume(&mut self, i: usize) {
         if let Some(pid) = self.members[i].pid() {
             signal(pid, libc::SIGCONT);
+            self.note(&format!("resumed m{i} (pid {pid})"));
         }
         self.members[i].paused = false;
     }
@@ -179,6 +195,7 @@ impl Cluster {
         let status = self.members[i].child.as_mut()?.try_wait().ok()??;
         self.members[i].child = None;
         self.network.set_pid(i, None);
+        self.note(&format!("m{i} had exited: {status}"));
         Some(status)
     }
 
@@ -189,6 +206,7 @@ impl Cluster {
             std::fs::remove_dir_all(&m.data_dir)?;
         }
         m.state = "existing";
+        self.note(&format!("deleted the data of m{i}"));
         Ok(())
     }
 

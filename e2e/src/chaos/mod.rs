@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use consensus_node::proto::etcdserverpb as proto;
+use proto::cluster_client::ClusterClient;
 
 use history::{Event, Op};
 use members::Cluster;
@@ -97,22 +99,23 @@ async fn target_member(cluster: &Cluster, target: Target, rng: &mut Rng) -> usiz
 
 /// Retries `attempt` on the running members in turn until it succeeds or the settle
 /// deadline passes: a membership request meets leader changes and restarts like any other.
+/// The attempt gets a client of the member and its endpoint.
 async fn on_any_member<T, F>(
     cluster: &Cluster,
     what: &str,
-    mut attempt: impl FnMut(etcd_client::Client) -> F,
+    mut attempt: impl FnMut(etcd_client::Client, String) -> F,
 ) -> anyhow::Result<T>
 where
-    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    F: std::future::Future<Output = anyhow::Result<T>>,
 {
     let until = tokio::time::Instant::now() + members::SETTLE_DEADLINE;
     let mut last = String::new();
     loop {
         for m in cluster.members.iter().filter(|m| m.is_running()) {
             if let Some(client) = load::connect(&m.endpoint()).await {
-                match attempt(client).await {
+                match attempt(client, m.endpoint()).await {
                     Ok(answer) => return Ok(answer),
-                    Err(e) => last = e.to_string(),
+                    Err(e) => last = format!("{e:#}"),
                 }
             }
         }
@@ -123,39 +126,49 @@ where
     }
 }
 
+/// The membership the cluster has agreed on, read linearizably (etcd's MemberList
+/// `linearizable`, which etcd-client cannot ask for). A member that is behind lists members
+/// removed long ago: seed 13 of `membership` took a removed id at member 0's peer URL for
+/// its own, removed nothing, and deleted the data of the voter that had replaced it.
+async fn agreed_members(endpoint: String) -> anyhow::Result<Vec<proto::Member>> {
+    let ask = async {
+        let mut client = ClusterClient::connect(endpoint).await?;
+        let request = proto::MemberListRequest { linearizable: true };
+        anyhow::Ok(client.member_list(request).await?.into_inner().members)
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask).await.context("member list: no answer within 5 s")?
+}
+
+/// The member at `url` in `members`: its id, and whether it is a learner.
+fn at_url(members: &[proto::Member], url: &str) -> Option<(u64, bool)> {
+    members.iter().find(|m| m.peer_ur_ls.iter().any(|u| u == url)).map(|m| (m.id, m.is_learner))
+}
+
 /// Removes member `i`, deletes its data and adds it back as a learner at the same peer URL,
-/// then promotes it once it has caught up. Each request looks at the membership first, so
-/// one retried after an answer was lost does not fail on its own earlier success.
+/// then promotes it once it has caught up. Each request looks at the agreed membership
+/// first, so one retried after an answer was lost does not fail on its own earlier success.
 async fn remove_and_add_back(cluster: &mut Cluster, i: usize, failpoints: &[&str]) -> anyhow::Result<()> {
     let url = cluster.members[i].advertised_peer_url();
-    let at_url = |list: &etcd_client::MemberListResponse, url: &str| {
-        list.members()
-            .iter()
-            .find(|m| m.peer_urls().iter().any(|u| u == url))
-            .map(|m| (m.id(), m.is_learner()))
-    };
     let (id, _) = {
-        let list =
-            on_any_member(cluster, "member list", |mut c| async move { c.member_list().await }).await?;
-        at_url(&list, &url).context("the member is in the member list")?
+        let members = on_any_member(cluster, "member list", |_, endpoint| agreed_members(endpoint)).await?;
+        at_url(&members, &url).context("the member is in the member list")?
     };
     // Removed while it runs, as a platform would, then stopped: killed first, it would still
     // count as a voter while the removal is agreed on.
-    on_any_member(cluster, "member remove", |mut c| async move {
-        let list = c.member_list().await?;
-        if list.members().iter().any(|m| m.id() == id) {
+    on_any_member(cluster, "member remove", |mut c, endpoint| async move {
+        if agreed_members(endpoint).await?.iter().any(|m| m.id == id) {
             c.member_remove(id).await?;
         }
         Ok(())
     })
     .await?;
+    cluster.note(&format!("m{i} ({id:x}) removed"));
     cluster.kill(i);
     cluster.rejoin_empty(i)?;
-    let new_id = on_any_member(cluster, "member add", |mut c| {
+    let new_id = on_any_member(cluster, "member add", |mut c, endpoint| {
         let url = url.clone();
         async move {
-            let list = c.member_list().await?;
-            if let Some((id, _)) = at_url(&list, &url) {
+            if let Some((id, _)) = at_url(&agreed_members(endpoint).await?, &url) {
                 return Ok(id);
             }
             let added =
@@ -164,15 +177,16 @@ async fn remove_and_add_back(cluster: &mut Cluster, i: usize, failpoints: &[&str
         }
     })
     .await?;
+    cluster.note(&format!("m{i} added back as learner {new_id:x}"));
     cluster.spawn(i, failpoints, TOKEN)?;
-    on_any_member(cluster, "member promote", |mut c| async move {
-        let list = c.member_list().await?;
-        if list.members().iter().any(|m| m.id() == new_id && m.is_learner()) {
+    on_any_member(cluster, "member promote", |mut c, endpoint| async move {
+        if agreed_members(endpoint).await?.iter().any(|m| m.id == new_id && m.is_learner) {
             c.member_promote(new_id).await?;
         }
         Ok(())
     })
     .await?;
+    cluster.note(&format!("m{i} ({new_id:x}) promoted"));
     // The member list shows the voters being changed to; the member itself says when the
     // change has reached it. Until then the cluster has two voters of the old configuration,
     // and the next fault would take its quorum away for good.
@@ -274,7 +288,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     let mut rng = Rng::new(config.seed);
 
     let start_revision =
-        on_any_member(&cluster, "the first revision", |mut c| async move { c.get("k", None).await })
+        on_any_member(&cluster, "the first revision", |mut c, _| async move { Ok(c.get("k", None).await?) })
             .await?
             .header()
             .map_or(1, |h| h.revision())
@@ -310,6 +324,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     for fault in plan::plan(config.seed, &config.classes, config.length) {
         tokio::time::sleep_until(began + fault.at).await;
         let i = target_member(&cluster, fault.target, &mut rng).await;
+        cluster.note(&format!("{:?} of m{i} ({:?}) for {:?}", fault.class, fault.target, fault.hold));
         inject(&mut cluster, &fault, i, &mut rng, &failpoints)
             .await
             .with_context(|| format!("{:?} of member {i}", fault.class))?;
