@@ -526,8 +526,13 @@ fn write_record(out: &mut impl std::io::Write, table: u8, key: &[u8], value: &[u
 fn read_chunk(input: &mut impl std::io::Read) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     input.read_exact(&mut len)?;
-    let mut bytes = vec![0u8; u32::from_le_bytes(len) as usize];
-    input.read_exact(&mut bytes)?;
+    let len = u32::from_le_bytes(len);
+    // Grown as the bytes arrive: a damaged length must not allocate 4 GiB up front.
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(input, u64::from(len)), &mut bytes)?;
+    if bytes.len() != len as usize {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(bytes)
 }
 

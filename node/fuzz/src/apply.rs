@@ -1,0 +1,73 @@
+//! Client requests as the apply layer receives them from the log: protobuf bytes that any
+//! client may have sent (the gRPC handlers pass a request's fields on as they came).
+//!
+//! Input: a sequence of `[kind: u8][chunk]`, the kind choosing the command (put, delete
+//! range, txn, compaction, lease grant, lease revoke, alarm) and the chunk its encoded
+//! request. Each is applied to two stores: one commits every command on its own, the other
+//! applies them all in one batch, as a member applies many log entries at once. Properties:
+//! - no request, however malformed, is a storage failure (which would stop the member);
+//! - a refused request changes nothing;
+//! - both stores answer every request alike and end with the same data (applying is
+//!   deterministic and does not depend on how entries are batched, or members diverge).
+
+use consensus_node::kv::{MvccStore, WriteBatch, apply_command};
+use consensus_node::raft::types::{Applied, Command};
+
+use crate::Fields;
+
+/// The command a kind byte stands for, as the corpus writes them.
+pub fn command(kind: u8, request: Vec<u8>) -> Command {
+    match kind % 7 {
+        0 => Command::Put(request),
+        1 => Command::DeleteRange(request),
+        2 => Command::Txn(request),
+        3 => Command::Compact(request),
+        4 => Command::LeaseGrant(request),
+        5 => Command::LeaseRevoke(request),
+        _ => Command::Alarm(request),
+    }
+}
+
+pub fn commands(data: &[u8]) -> Vec<Command> {
+    let mut fields = Fields::new(data);
+    let mut commands = Vec::new();
+    while !fields.is_empty() {
+        let kind = fields.byte();
+        commands.push(command(kind, fields.chunk().to_vec()));
+    }
+    commands
+}
+
+fn hash(store: &MvccStore) -> u32 {
+    store.read().and_then(|view| view.hash_all()).expect("hashing the store")
+}
+
+fn apply(batch: &mut WriteBatch, command: &Command) -> Applied {
+    apply_command(batch, command).unwrap_or_else(|e| panic!("{command} was a storage failure: {e}"))
+}
+
+pub fn check(data: &[u8]) {
+    let commands = commands(data);
+    let dir = crate::scratch_dir();
+    let one_by_one = MvccStore::open(&dir.path().join("one-by-one.db")).expect("a store");
+    let batched = MvccStore::open(&dir.path().join("batched.db")).expect("a store");
+
+    let mut answers = Vec::new();
+    for command in &commands {
+        let before = hash(&one_by_one);
+        let mut batch = one_by_one.write(false).expect("a write batch");
+        let applied = apply(&mut batch, command);
+        batch.commit().expect("committing");
+        if let Applied::Error(error) = &applied {
+            assert_eq!(hash(&one_by_one), before, "{command}, refused with {error:?}, changed the store");
+        }
+        answers.push(applied);
+    }
+
+    let mut batch = batched.write(false).expect("a write batch");
+    for (command, answer) in commands.iter().zip(&answers) {
+        assert_eq!(&apply(&mut batch, command), answer, "{command} answered otherwise in a batch of many");
+    }
+    batch.commit().expect("committing");
+    assert_eq!(hash(&batched), hash(&one_by_one), "the same commands left different data");
+}
