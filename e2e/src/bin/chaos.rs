@@ -110,6 +110,8 @@ fn main() -> anyhow::Result<()> {
                 .chain(&report.lost_writes)
                 .chain(&report.watch)
                 .chain(&report.locks)
+                .chain(&report.divergence)
+                .chain(&report.crashes)
             {
                 println!("  {v}");
             }
@@ -124,7 +126,8 @@ fn main() -> anyhow::Result<()> {
         chaos::faults_by_class(&reports).into_iter().map(|(c, n)| format!("{c} {n}")).collect();
     println!("chaos: faults by class: {}; {:.0} s", by_class.join(", "), started.elapsed().as_secs_f64());
     println!(
-        "chaos: {} runs, {} faults, {} violations (linearizability {}, lost writes {}, watch {}, locks {})",
+        "chaos: {} runs, {} faults, {} violations (linearizability {}, lost writes {}, watch {}, locks {}, \
+         members {}, crashes {})",
         reports.len() + unfinished,
         sum(|r| r.faults.len()),
         sum(RunReport::violations),
@@ -132,6 +135,8 @@ fn main() -> anyhow::Result<()> {
         sum(|r| r.lost_writes.len()),
         sum(|r| r.watch.len()),
         sum(|r| r.locks.len()),
+        sum(|r| r.divergence.len()),
+        sum(|r| r.crashes.len()),
     );
     if args.plant_stale_reads {
         let caught = reports.iter().filter(|r| !r.linearizability.is_empty()).count();

@@ -21,6 +21,8 @@ pub struct Member {
     pub log: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Started on a failing disk: it is meant to exit by itself.
+    may_exit: bool,
     /// `--initial-cluster-state` and `--initial-cluster` for the next start.
     state: &'static str,
     initial_cluster: String,
@@ -51,6 +53,9 @@ pub struct Cluster {
     /// What the harness did, when (`harness.log` in the run's directory): the members' logs
     /// say what they did, this says which process was which.
     journal: std::fs::File,
+    /// Members whose process ended without the harness ending it, and not on a failing disk
+    /// (a panic, an exit on an error, a refusal to start): each is reported as a violation.
+    pub crashes: Vec<String>,
 }
 
 /// A port free now, below the kernel's ephemeral range: the load opens thousands of client
@@ -96,6 +101,7 @@ impl Cluster {
                 name,
                 child: None,
                 paused: false,
+                may_exit: false,
                 state: "new",
                 initial_cluster: String::new(),
             };
@@ -111,7 +117,7 @@ impl Cluster {
             m.initial_cluster = initial_cluster.clone();
         }
         let journal = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("harness.log"))?;
-        let mut cluster = Self { members, network, node: node.to_owned(), journal };
+        let mut cluster = Self { members, network, node: node.to_owned(), journal, crashes: Vec::new() };
         for i in 0..size {
             cluster.spawn(i, &[], token)?;
         }
@@ -151,12 +157,14 @@ impl Cluster {
         let note = format!("started {} (pid {}, {}, failpoints {failpoints:?})", m.name, child.id(), m.state);
         m.child = Some(child);
         m.paused = false;
+        m.may_exit = failpoints.contains(&"wal-fsync=error");
         self.note(&note);
         Ok(())
     }
 
     /// kill -9: no chance to flush or hand anything over.
     pub fn kill(&mut self, i: usize) {
+        self.exited(i);
         let m = &mut self.members[i];
         if let Some(mut child) = m.child.take() {
             let _ = child.kill();
@@ -190,12 +198,19 @@ impl Cluster {
         self.members[i].paused = false;
     }
 
-    /// Whether member `i`'s process ended on its own (a failing disk stops it); reaps it.
+    /// Whether member `i`'s process ended on its own (a failing disk stops it); reaps it, and
+    /// counts it as a crash unless its disk was failing.
     pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
-        let status = self.members[i].child.as_mut()?.try_wait().ok()??;
-        self.members[i].child = None;
+        let m = &mut self.members[i];
+        let child = m.child.as_mut()?;
+        let (pid, status) = (child.id(), child.try_wait().ok()??);
+        m.child = None;
+        let may_exit = m.may_exit;
         self.network.set_pid(i, None);
-        self.note(&format!("m{i} had exited: {status}"));
+        self.note(&format!("m{i} (pid {pid}) had exited: {status}"));
+        if !may_exit {
+            self.crashes.push(format!("member {i} (pid {pid}) ended by itself: {status}; see m{i}.log"));
+        }
         Some(status)
     }
 
@@ -228,3 +243,51 @@ impl Drop for Cluster {
 
 /// How long the harness waits for a cluster to serve again after every fault is healed.
 pub const SETTLE_DEADLINE: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::Cluster;
+
+    /// Polls `exited` until member `i` has ended (a process that exits at once).
+    async fn wait_exited(cluster: &mut Cluster, i: usize) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while cluster.exited(i).is_none() {
+            assert!(tokio::time::Instant::now() < until, "member {i} did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_ending_by_itself_is_a_crash_unless_its_disk_was_failing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // `false` stands for a member that fails at once, whatever it is asked to do.
+        let mut cluster = Cluster::start(Path::new("false"), dir.path(), 3, "t").await.expect("started");
+        wait_exited(&mut cluster, 0).await;
+        assert_eq!(cluster.crashes.len(), 1, "{:?}", cluster.crashes);
+        assert!(cluster.crashes[0].starts_with("member 0 "), "{:?}", cluster.crashes);
+
+        wait_exited(&mut cluster, 1).await;
+        assert_eq!(cluster.crashes.len(), 2, "{:?}", cluster.crashes);
+
+        cluster.spawn(1, &["wal-fsync=error"], "t").expect("started");
+        wait_exited(&mut cluster, 1).await;
+        assert_eq!(cluster.crashes.len(), 2, "a failing disk's exit is no crash: {:?}", cluster.crashes);
+
+        // Back on a good disk, the same exit is one again; so is one found ended when killed.
+        cluster.spawn(1, &[], "t").expect("started");
+        wait_exited(&mut cluster, 1).await;
+        assert_eq!(cluster.crashes.len(), 3, "{:?}", cluster.crashes);
+        let pid = cluster.members[2].pid().expect("member 2 was started");
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Ended and not yet reaped: a zombie, until kill() looks.
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            assert!(tokio::time::Instant::now() < until, "member 2 did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.kill(2);
+        assert_eq!(cluster.crashes.len(), 4, "{:?}", cluster.crashes);
+    }
+}

@@ -44,11 +44,20 @@ pub struct RunReport {
     pub lost_writes: Vec<String>,
     pub watch: Vec<String>,
     pub locks: Vec<String>,
+    /// Members whose stores differ at the same revision (HashKV).
+    pub divergence: Vec<String>,
+    /// Member processes that ended by themselves, but for a failing disk.
+    pub crashes: Vec<String>,
 }
 
 impl RunReport {
     pub fn violations(&self) -> usize {
-        self.linearizability.len() + self.lost_writes.len() + self.watch.len() + self.locks.len()
+        self.linearizability.len()
+            + self.lost_writes.len()
+            + self.watch.len()
+            + self.locks.len()
+            + self.divergence.len()
+            + self.crashes.len()
     }
 }
 
@@ -358,12 +367,54 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     if !report.lost_writes.is_empty() || !report.watch.is_empty() {
         report.watch.extend(what_each_member_has(&cluster, &report, final_revision).await);
     }
+    report.divergence = compare_members(&cluster, final_revision).await;
+    report.crashes = std::mem::take(&mut cluster.crashes);
     let ops = settle_unknown_writes(ops, &all);
     report.operations = ops.len();
     let path = config.dir.join("history.json");
     std::fs::write(&path, history::checker_json(&ops))?;
     report.linearizability = check_linearizability(&config.checker, &path)?;
     Ok(report)
+}
+
+/// Every member's HashKV at `revision`, once it has applied that far: members that applied
+/// the same log hold the same keys, values and revisions, whatever the clients saw.
+async fn compare_members(cluster: &Cluster, revision: i64) -> Vec<String> {
+    let until = tokio::time::Instant::now() + members::SETTLE_DEADLINE;
+    let mut hashes = Vec::new();
+    for (i, m) in cluster.members.iter().enumerate().filter(|(_, m)| m.is_running()) {
+        let hash = loop {
+            if let Some(mut c) = load::connect(&m.endpoint()).await {
+                let options = etcd_client::GetOptions::new().with_serializable().with_keys_only();
+                let applied = c.get("", Some(options)).await.ok().and_then(|r| Some(r.header()?.revision()));
+                if applied.is_some_and(|r| r >= revision)
+                    && let Ok(answer) = c.hash_kv(revision).await
+                {
+                    break Some(answer.hash());
+                }
+            }
+            if tokio::time::Instant::now() > until {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        hashes.push((i, hash));
+    }
+    divergence(revision, &hashes)
+}
+
+/// What members' HashKVs at `revision` say, if they do not all agree (a member that gave
+/// none cannot be shown to agree).
+fn divergence(revision: i64, hashes: &[(usize, Option<u32>)]) -> Vec<String> {
+    let first = hashes.first().and_then(|(_, h)| *h);
+    if first.is_some() && hashes.iter().all(|(_, h)| *h == first) {
+        return Vec::new();
+    }
+    let said: Vec<String> = hashes
+        .iter()
+        .map(|(i, h)| h.map_or(format!("member {i}: no hash"), |h| format!("member {i}: {h:#010x}")))
+        .collect();
+    vec![format!("the members' stores differ at revision {revision} (HashKV): {}", said.join(", "))]
 }
 
 /// For a history that disagrees with itself: each member's own count of revisions and what
@@ -469,4 +520,19 @@ pub fn faults_by_class(reports: &[RunReport]) -> BTreeMap<&'static str, usize> {
         *counts.entry(class.name()).or_insert(0) += 1;
     }
     counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::divergence;
+
+    #[test]
+    fn members_agree_only_when_every_one_gave_the_same_hash() {
+        assert!(divergence(9, &[(0, Some(7)), (1, Some(7)), (2, Some(7))]).is_empty());
+        let differ = divergence(9, &[(0, Some(7)), (1, Some(8)), (2, Some(7))]);
+        assert_eq!(differ.len(), 1);
+        assert!(differ[0].contains("revision 9") && differ[0].contains("member 1: 0x00000008"), "{differ:?}");
+        assert_eq!(divergence(9, &[(0, Some(7)), (1, None)]).len(), 1);
+        assert_eq!(divergence(9, &[(0, None), (1, None)]).len(), 1);
+    }
 }
