@@ -10,19 +10,12 @@
 
 use std::borrow::Cow;
 
-use consensus_node::api::authority::FrameRewriter;
+use consensus_node::api::authority::{
+    CONTINUATION, END_HEADERS, FRAME_HEADER, FrameRewriter, HEADERS, MAX_FRAME, PREFACE_LEN, PRIORITY,
+};
 use loona_hpack::Decoder;
 
 use crate::Fields;
-
-const PREFACE: usize = 24;
-const FRAME_HEADER: usize = 9;
-/// The largest frame the server accepts (and the rewriter lets through).
-const MAX_FRAME: usize = 16_384;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
-const END_HEADERS: u8 = 0x4;
-const PRIORITY: u8 = 0x20;
 
 /// The output and what is left of the input, or the error.
 fn rewrite(reads: &[&[u8]]) -> Result<(Vec<u8>, Vec<u8>), String> {
@@ -38,7 +31,7 @@ fn rewrite(reads: &[&[u8]]) -> Result<(Vec<u8>, Vec<u8>), String> {
 /// Decodes every header block of the rewriter's output (which never pads).
 fn decode_header_blocks(output: &[u8]) {
     let mut decoder = Decoder::new();
-    let mut frames = output.get(PREFACE..).unwrap_or_default();
+    let mut frames = output.get(PREFACE_LEN..).unwrap_or_default();
     let mut block = Vec::new();
     while frames.len() >= FRAME_HEADER {
         let len = usize::from(frames[0]) << 16 | usize::from(frames[1]) << 8 | usize::from(frames[2]);

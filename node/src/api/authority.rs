@@ -18,18 +18,18 @@ use std::task::{Context, Poll};
 use loona_hpack::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-const PREFACE_LEN: usize = 24;
-const FRAME_HEADER: usize = 9;
-const HEADERS: u8 = 0x1;
-const CONTINUATION: u8 = 0x9;
+pub const PREFACE_LEN: usize = 24;
+pub const FRAME_HEADER: usize = 9;
+pub const HEADERS: u8 = 0x1;
+pub const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
+pub const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
+pub const PRIORITY: u8 = 0x20;
 /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may have; re-encoded blocks are split to fit.
 /// It is also the largest frame our server accepts (hyper's default, which `server.rs` keeps),
 /// so a longer frame is refused before its payload is waited for.
-const MAX_FRAME: usize = 16_384;
+pub const MAX_FRAME: usize = 16_384;
 /// The largest header list our server accepts (hyper's SETTINGS_MAX_HEADER_LIST_SIZE default,
 /// 16 KiB, counted as RFC 7541 does: name + value + 32 per field). A block decoding to more is
 /// refused here as it would be there, before it is copied.
