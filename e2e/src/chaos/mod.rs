@@ -343,6 +343,8 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
 
     // Heal: members a failing disk stopped are started again on a good one.
     cluster.network.heal();
+    let (accepted, unknown) = cluster.network.connections();
+    cluster.note(&format!("healed; {accepted} peer connections, {unknown} from no member"));
     for i in 0..config.size {
         cluster.exited(i);
         if !cluster.members[i].is_running() {

@@ -1,6 +1,6 @@
 //! Faults on the peer links: every member's advertised peer URL is a proxy in front of its
 //! real peer port, so partitions and delays between members need neither namespaces nor
-//! root. A proxy learns which member dialed it from the connection's source port (the
+//! root. A proxy learns which member dialed it from the connection's two ends (the dialing
 //! socket's inode in `/proc/net/tcp`, found among the members' open files), so a partition
 //! cuts both directions between two members while clients still reach each of them.
 
@@ -44,6 +44,9 @@ impl Links {
 pub struct Network {
     links: Arc<watch::Sender<Links>>,
     pids: Arc<Mutex<Vec<Option<u32>>>>,
+    /// Peer connections accepted, and of those the ones whose dialer was no member.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    unknown: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Network {
@@ -51,6 +54,8 @@ impl Network {
         Self {
             links: Arc::new(watch::Sender::new(Links::default())),
             pids: Arc::new(Mutex::new(vec![None; size])),
+            accepted: Arc::default(),
+            unknown: Arc::default(),
         }
     }
 
@@ -66,12 +71,24 @@ impl Network {
         self.links.send_replace(Links::default());
     }
 
+    /// Peer connections accepted so far, and how many of them no member was found to dial
+    /// (those are never faulted; a joiner's first question is one).
+    pub fn connections(&self) -> (usize, usize) {
+        let load = |n: &std::sync::atomic::AtomicUsize| n.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.accepted), load(&self.unknown))
+    }
+
     /// Serves member `target`'s advertised peer port on `listener`, forwarding to `real`.
     pub fn serve(&self, listener: TcpListener, target: usize, real: u16) {
         let network = self.clone();
         tokio::spawn(async move {
+            let Ok(own) = listener.local_addr() else { return };
             while let Ok((inbound, from)) = listener.accept().await {
-                let source = network.member_on_port(from.port());
+                let source = network.member_dialing(from.port(), own.port());
+                network.accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if source.is_none() {
+                    network.unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 let network = network.clone();
                 tokio::spawn(async move {
                     if let Ok(outbound) = TcpStream::connect(("127.0.0.1", real)).await {
@@ -82,8 +99,10 @@ impl Network {
         });
     }
 
-    fn member_on_port(&self, port: u16) -> Option<usize> {
-        let inode = socket_inode(port)?;
+    /// The member owning the loopback socket from `port` to `to_port`.
+    fn member_dialing(&self, port: u16, to_port: u16) -> Option<usize> {
+        let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        let inode = socket_inode(&table, port, to_port)?;
         let pids = self.pids.lock().unwrap_or_else(|p| p.into_inner()).clone();
         pids.iter().position(|pid| pid.is_some_and(|pid| owns_socket(pid, inode)))
     }
@@ -139,13 +158,16 @@ async fn pipe(
     }
 }
 
-/// The inode of the loopback TCP socket whose local port is `port`.
-fn socket_inode(port: u16) -> Option<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let wanted = format!(":{port:04X}");
+/// The inode of the open socket from `port` to `to_port` in `table` (`/proc/net/tcp`). The
+/// whole connection is matched: a local port alone may also be a socket in TIME_WAIT (inode
+/// 0) or one to another destination, which would leave the link unfaulted or blame another
+/// member.
+fn socket_inode(table: &str, port: u16, to_port: u16) -> Option<u64> {
+    let (local, remote) = (format!(":{port:04X}"), format!(":{to_port:04X}"));
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        (fields.get(1)?.ends_with(&wanted)).then(|| fields.get(9)?.parse().ok())?
+        let ends = fields.get(1)?.ends_with(&local) && fields.get(2)?.ends_with(&remote);
+        ends.then(|| fields.get(9)?.parse().ok().filter(|inode| *inode != 0))?
     })
 }
 
@@ -181,6 +203,20 @@ mod tests {
         let client = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
         let (_server, from) = listener.accept().await.expect("accept");
         assert_eq!(from.port(), client.local_addr().expect("addr").port());
-        assert_eq!(network.member_on_port(from.port()), Some(0));
+        assert_eq!(network.member_dialing(from.port(), port), Some(0));
+        assert_eq!(network.member_dialing(from.port(), port.wrapping_add(1)), None);
+    }
+
+    #[test]
+    fn the_dialing_socket_is_matched_by_both_ends() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:4E21 0100007F:4E22 06 00000000:00000000 03:00000A1B 00000000     0        0 0 3 0000000000000000
+   1: 0100007F:4E21 0100007F:1F90 01 00000000:00000000 00:00000000 00000000     0        0 111 1 0000000000000000 20 4 30 10 -1
+   2: 0100007F:4E21 0100007F:4E22 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0000000000000000 20 4 30 10 -1
+";
+        // Port 0x4E21 also has a TIME_WAIT socket (inode 0) and one to port 8080 listed first.
+        assert_eq!(socket_inode(table, 0x4E21, 0x4E22), Some(222));
+        assert_eq!(socket_inode(table, 0x4E21, 0x1F90), Some(111));
+        assert_eq!(socket_inode(table, 0x4E21, 0x4E23), None);
     }
 }
