@@ -18,13 +18,34 @@ use crate::raft::types::{SnapshotMeta, TypeConfig, Vote};
 
 pub struct PeerService {
     node: Arc<Node>,
-    /// Where incoming snapshots are written before they are installed.
-    incoming_dir: std::path::PathBuf,
+    incoming: IncomingSnapshots,
 }
 
 impl PeerService {
     pub fn new(node: Arc<Node>, incoming_dir: std::path::PathBuf) -> Self {
-        Self { node, incoming_dir }
+        Self { node, incoming: IncomingSnapshots::new(incoming_dir) }
+    }
+}
+
+/// Where incoming snapshots are written before they are installed: a file of its own for
+/// each stream, since a leader may send the same snapshot again while the first stream is
+/// still written or installed, and two writers of one file would interleave their chunks.
+struct IncomingSnapshots {
+    dir: std::path::PathBuf,
+    streams: std::sync::atomic::AtomicU64,
+}
+
+impl IncomingSnapshots {
+    /// What an earlier run left in `dir` (a stream a crash cut short) is removed.
+    fn new(dir: std::path::PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&dir);
+        Self { dir, streams: Default::default() }
+    }
+
+    fn path(&self, meta: &SnapshotMeta) -> std::io::Result<std::path::PathBuf> {
+        std::fs::create_dir_all(&self.dir)?;
+        let stream = self.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.dir.join(format!("{}.{stream}.incoming", snapshot_file_name(meta))))
     }
 }
 
@@ -160,14 +181,17 @@ impl RaftPeer for PeerService {
         let mut chunks = request.into_inner();
         let first = chunks.next().await.ok_or_else(|| bad_request("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = decode(&first.header).map_err(bad_request)?;
-        std::fs::create_dir_all(&self.incoming_dir)?;
-        let path = self.incoming_dir.join(format!("{}.incoming", snapshot_file_name(&meta)));
+        let path = self.incoming.path(&meta)?;
         if let Err(e) = receive_snapshot(&first.data, chunks, &path).await {
             let _ = tokio::fs::remove_file(&path).await;
             return Err(e);
         }
-        let snapshot = RaftSnapshot { meta, snapshot: SnapshotFile { path } };
-        reply(self.node.raft.install_full_snapshot(vote, snapshot).await)
+        let snapshot = RaftSnapshot { meta, snapshot: SnapshotFile { path: path.clone() } };
+        let installed = self.node.raft.install_full_snapshot(vote, snapshot).await;
+        // Installing moves the file into place; one Raft did not install (a newer snapshot
+        // or log is there already) is left here and goes.
+        let _ = tokio::fs::remove_file(&path).await;
+        reply(installed)
     }
 
     async fn forward(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
@@ -217,5 +241,41 @@ mod tests {
         drop(send);
         writing.await.expect("join").expect("written");
         assert_eq!(std::fs::read(&path).expect("read"), b"first-second-third");
+    }
+
+    #[tokio::test]
+    async fn two_streams_of_the_same_snapshot_are_written_to_files_of_their_own() {
+        let dir = tempfile::tempdir().expect("dir");
+        let incoming_dir = dir.path().join("incoming");
+        std::fs::create_dir_all(&incoming_dir).expect("dir");
+        std::fs::write(incoming_dir.join("left-by-a-crash.incoming"), b"partial").expect("write");
+        let incoming = IncomingSnapshots::new(incoming_dir.clone());
+        assert!(!incoming_dir.exists(), "what an earlier run left is removed");
+
+        let meta = SnapshotMeta::default();
+        let (first, second) = (incoming.path(&meta).expect("path"), incoming.path(&meta).expect("path"));
+        let (send_first, receive_first) = tokio::sync::mpsc::channel(1);
+        let (send_second, receive_second) = tokio::sync::mpsc::channel(1);
+        let writing_first = tokio::spawn({
+            let path = first.clone();
+            let rest = tokio_stream::wrappers::ReceiverStream::new(receive_first);
+            async move { receive_snapshot(b"one:", rest, &path).await }
+        });
+        let writing_second = tokio::spawn({
+            let path = second.clone();
+            let rest = tokio_stream::wrappers::ReceiverStream::new(receive_second);
+            async move { receive_snapshot(b"two:", rest, &path).await }
+        });
+        let chunk = |data: &[u8]| Ok(SnapshotChunk { header: Vec::new(), data: data.to_vec() });
+        // The chunks of the two streams arrive interleaved.
+        for (one, two) in [(&b"a"[..], &b"b"[..]), (b"c", b"d")] {
+            send_first.send(chunk(one)).await.expect("send");
+            send_second.send(chunk(two)).await.expect("send");
+        }
+        drop((send_first, send_second));
+        writing_first.await.expect("join").expect("written");
+        writing_second.await.expect("join").expect("written");
+        assert_eq!(std::fs::read(&first).expect("read"), b"one:ac");
+        assert_eq!(std::fs::read(&second).expect("read"), b"two:bd");
     }
 }
