@@ -60,18 +60,27 @@ fn check_txn(request: &TxnRequest) -> Result<(), ServerError> {
 /// Txn nested 40 deep took 2^40 steps.
 fn txn_writes(request: &TxnRequest) -> Result<[BranchWrites; 2], ServerError> {
     let branches = [branch_writes(&request.success)?, branch_writes(&request.failure)?];
-    for writes in &branches {
-        for key in &writes.puts {
-            if writes
-                .deletes
-                .iter()
-                .any(|(k, end)| crate::kv::KeySpan { key: k, range_end: end }.contains(key))
-            {
-                return Err(ServerError::DuplicateKey);
-            }
-        }
+    if branches
+        .iter()
+        .any(|writes| writes.deletes.iter().any(|(key, end)| puts_within(&writes.puts, key, end)))
+    {
+        return Err(ServerError::DuplicateKey);
     }
     Ok(branches)
+}
+
+/// Whether a key of `puts` is in the range a DeleteRange of `key` and `range_end` removes
+/// (see `KeySpan`). One ordered lookup per range: asking every range about every put cost
+/// puts x deletes, which a wide nested Txn makes billions.
+fn puts_within(puts: &BTreeSet<Vec<u8>>, key: &[u8], range_end: &[u8]) -> bool {
+    use std::ops::Bound::{Excluded, Included, Unbounded};
+    let end = match range_end {
+        [] => return puts.contains(key),
+        [0] => Unbounded,
+        end if end > key => Excluded(end),
+        _ => return false,
+    };
+    puts.range::<[u8], _>((Included(key), end)).next().is_some()
 }
 
 fn branch_writes(ops: &[RequestOp]) -> Result<BranchWrites, ServerError> {
@@ -247,6 +256,48 @@ mod tests {
         std::thread::spawn(move || checked.0.send(check_txn(&request)));
         let verdict = checked.1.recv_timeout(std::time::Duration::from_secs(30));
         assert_eq!(verdict, Ok(Ok(())), "a 40-deep Txn is checked (it took 2^40 steps before)");
+    }
+
+    #[test]
+    fn a_put_inside_any_kind_of_deleted_range_is_a_duplicate() {
+        let all_from = |key: &str| RequestOp {
+            request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
+                key: key.into(),
+                range_end: vec![0],
+                ..Default::default()
+            })),
+        };
+        assert_eq!(check_txn(&txn(vec![all_from("b"), put("z")])), Err(ServerError::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![all_from("b"), put("a")])), Ok(()));
+        assert_eq!(check_txn(&txn(vec![delete("b", ""), put("b")])), Err(ServerError::DuplicateKey));
+        assert_eq!(check_txn(&txn(vec![delete("b", ""), put("ba")])), Ok(()));
+        // A range ending before it starts deletes nothing.
+        assert_eq!(check_txn(&txn(vec![delete("c", "a"), put("b")])), Ok(()));
+        assert_eq!(check_txn(&txn(vec![delete("a", "c"), put("c")])), Ok(()));
+    }
+
+    #[test]
+    fn a_wide_nested_txn_is_checked_without_comparing_every_put_with_every_delete() {
+        // A tree of Txns ten deep, each with 63 puts and 63 deletes of keys of its own in both
+        // branches: 2,047 Txns, 129,000 puts and as many deletes. Asking every delete about
+        // every put, level by level, took more than 10^10 comparisons.
+        fn tree(depth: u32, path: &str) -> TxnRequest {
+            let branch = |side: &str| {
+                let name = format!("{path}{side}");
+                let mut ops: Vec<RequestOp> = (0..63).map(|i| put(&format!("p/{name}/{i}"))).collect();
+                ops.extend((0..63).map(|i| delete(&format!("d/{name}/{i}"), "")));
+                if depth > 0 {
+                    ops.push(RequestOp { request: Some(Op::RequestTxn(tree(depth - 1, &name))) });
+                }
+                ops
+            };
+            TxnRequest { compare: Vec::new(), success: branch("s"), failure: branch("f") }
+        }
+        let request = tree(10, "");
+        let checked = std::sync::mpsc::channel();
+        std::thread::spawn(move || checked.0.send(check_txn(&request)));
+        let verdict = checked.1.recv_timeout(std::time::Duration::from_secs(60));
+        assert_eq!(verdict, Ok(Ok(())), "the wide Txn is checked");
     }
 
     #[test]
