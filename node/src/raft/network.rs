@@ -4,7 +4,6 @@
 //! members it finds unreachable. Every call carries openraft's deadline for it.
 
 use std::future::Future;
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -244,9 +243,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         };
         let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| as_streaming(network(e)))?;
         let chunks =
-            snapshot_chunks(snapshot.snapshot.path.clone(), header).map_err(|e| as_streaming(network(e)))?;
+            snapshot_chunks(&snapshot.snapshot.path, header).map_err(|e| as_streaming(network(e)))?;
         let mut client = self.client().map_err(as_streaming)?;
-        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        let mut request = tonic::Request::new(chunks);
         self.tag(&mut request);
         let send = async move { client.install_snapshot(request).await };
         let reply = tokio::select! {
@@ -259,23 +258,81 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 }
 
-/// The snapshot file as chunks, the first carrying `header`. Read whole before sending:
-/// snapshots of this store are small next to memory, and a file that changes under a
-/// slow stream would corrupt the follower's copy.
-fn snapshot_chunks(path: std::path::PathBuf, header: Vec<u8>) -> std::io::Result<Vec<SnapshotChunk>> {
-    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
-    let mut chunks = Vec::new();
-    let mut header = Some(header);
-    loop {
+/// The snapshot file as chunks, the first carrying `header`, read as they are sent: a
+/// snapshot is as large as the store. The file is opened first and read through that one
+/// descriptor, so a newer snapshot replacing it (snapshot files are renamed into place and
+/// the older ones unlinked, never written again) does not change what is sent. A read that
+/// fails ends the stream early; the follower then finds the file short of its checksum and
+/// refuses it, and the leader sends again.
+fn snapshot_chunks(
+    path: &std::path::Path,
+    header: Vec<u8>,
+) -> std::io::Result<impl Stream<Item = SnapshotChunk> + use<>> {
+    let file = tokio::fs::File::from_std(std::fs::File::open(path)?);
+    let chunks = futures::stream::unfold(Some((file, Some(header))), |state| async move {
+        use tokio::io::AsyncReadExt;
+        let (mut file, header) = state?;
         let mut data = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES);
-        (&mut file).take(SNAPSHOT_CHUNK_BYTES as u64).read_to_end(&mut data)?;
+        if let Err(e) = (&mut file).take(SNAPSHOT_CHUNK_BYTES as u64).read_to_end(&mut data).await {
+            tracing::warn!("reading a snapshot to send: {e}");
+            return None;
+        }
         if data.is_empty() && header.is_none() {
-            return Ok(chunks);
+            return None;
         }
         let last = data.len() < SNAPSHOT_CHUNK_BYTES;
-        chunks.push(SnapshotChunk { header: header.take().unwrap_or_default(), data });
-        if last {
-            return Ok(chunks);
+        let chunk = SnapshotChunk { header: header.unwrap_or_default(), data };
+        Some((chunk, (!last).then_some((file, None))))
+    });
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(dir: &std::path::Path, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let path = dir.join("snapshot");
+        std::fs::write(&path, &bytes).expect("write");
+        (path, bytes)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_sent_as_chunks_that_make_up_the_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        for len in [0, 10, SNAPSHOT_CHUNK_BYTES, 2 * SNAPSHOT_CHUNK_BYTES + 7] {
+            let (path, bytes) = file_of(dir.path(), len);
+            let chunks: Vec<SnapshotChunk> =
+                snapshot_chunks(&path, b"header".to_vec()).expect("open").collect().await;
+            assert_eq!(chunks[0].header, b"header", "{len} bytes");
+            assert!(chunks[1..].iter().all(|c| c.header.is_empty() && !c.data.is_empty()), "{len} bytes");
+            assert!(chunks.iter().all(|c| c.data.len() <= SNAPSHOT_CHUNK_BYTES), "{len} bytes");
+            let data: Vec<u8> = chunks.iter().flat_map(|c| c.data.iter().copied()).collect();
+            assert_eq!(data, bytes, "{len} bytes");
         }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_is_read_as_it_is_sent_through_the_descriptor_opened_first() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (path, bytes) = file_of(dir.path(), 3 * SNAPSHOT_CHUNK_BYTES);
+        let mut chunks = Box::pin(snapshot_chunks(&path, Vec::new()).expect("open"));
+        let first = chunks.next().await.expect("a first chunk");
+        // Written over after the first chunk went (which snapshot files never are): the rest
+        // carries the new bytes, so nothing past the first chunk was read before it was sent.
+        {
+            use std::io::{Seek, Write};
+            let mut file = std::fs::OpenOptions::new().write(true).open(&path).expect("open");
+            file.seek(std::io::SeekFrom::Start(SNAPSHOT_CHUNK_BYTES as u64)).expect("seek");
+            file.write_all(&vec![b'x'; SNAPSHOT_CHUNK_BYTES]).expect("write");
+        }
+        // Unlinked, as an older snapshot is when a newer one takes its place: still sent whole.
+        std::fs::remove_file(&path).expect("remove");
+        let rest: Vec<SnapshotChunk> = chunks.collect().await;
+        assert_eq!(first.data, bytes[..SNAPSHOT_CHUNK_BYTES]);
+        assert_eq!(rest.len(), 2);
+        assert!(rest[0].data.iter().all(|b| *b == b'x'));
+        assert_eq!(rest[1].data, bytes[2 * SNAPSHOT_CHUNK_BYTES..]);
     }
 }
