@@ -125,19 +125,33 @@ pub fn watch_violations(delivered: &[Event], all: &[Event]) -> Vec<String> {
     violations
 }
 
-/// A lock acquisition: when it was acknowledged and its fencing token (the lock key's create
-/// revision).
+/// A lock acquisition: when its lease was asked for, when the lock was acknowledged and
+/// released (the Unlock call), and its fencing token (the lock key's create revision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Acquisition {
+    pub lease_asked: i64,
     pub acknowledged: i64,
+    pub released: i64,
     pub revision: i64,
 }
 
-/// Fencing tokens strictly increase in the order the locks were granted.
+/// The TTL of the leases the lock clients hold their locks with, in the history's time.
+pub const LOCK_LEASE_NS: i64 = 10_000_000_000;
+
+impl Acquisition {
+    /// Until when the holder certainly held it: until it let go, or its lease could first
+    /// expire (no earlier than its TTL after it was asked for).
+    fn held_until(&self) -> i64 {
+        self.released.min(self.lease_asked + LOCK_LEASE_NS)
+    }
+}
+
+/// Fencing tokens strictly increase in the order the locks were granted, and no lock is
+/// granted while an earlier holder (a lower token) still holds it.
 pub fn lock_violations(acquisitions: &[Acquisition]) -> Vec<String> {
     let mut sorted = acquisitions.to_vec();
     sorted.sort_by_key(|a| a.acknowledged);
-    sorted
+    let mut violations: Vec<String> = sorted
         .windows(2)
         .filter(|pair| pair[1].revision <= pair[0].revision)
         .map(|pair| {
@@ -146,7 +160,23 @@ pub fn lock_violations(acquisitions: &[Acquisition]) -> Vec<String> {
                 pair[0].revision, pair[1].revision
             )
         })
-        .collect()
+        .collect();
+    for earlier in &sorted {
+        for later in sorted.iter().filter(|l| l.revision > earlier.revision) {
+            if later.acknowledged < earlier.held_until() {
+                violations.push(format!(
+                    "two holders at once: the lock of revision {} was granted at {} ns, while the holder of \
+                     revision {} held it (from {} ns until it let go at {} ns, its lease unexpired)",
+                    later.revision,
+                    later.acknowledged,
+                    earlier.revision,
+                    earlier.acknowledged,
+                    earlier.released
+                ));
+            }
+        }
+    }
+    violations
 }
 
 #[cfg(test)]
@@ -198,12 +228,32 @@ mod tests {
         );
     }
 
+    fn held(lease_asked: i64, acknowledged: i64, released: i64, revision: i64) -> Acquisition {
+        Acquisition { lease_asked, acknowledged, released, revision }
+    }
+
     #[test]
     fn fencing_tokens_must_increase_in_grant_order() {
-        let granted = |acknowledged, revision| Acquisition { acknowledged, revision };
+        let granted =
+            |acknowledged, revision| held(acknowledged - 5, acknowledged, acknowledged + 1, revision);
         assert!(lock_violations(&[granted(10, 5), granted(20, 9), granted(30, 12)]).is_empty());
         assert_eq!(lock_violations(&[granted(10, 5), granted(20, 5)]).len(), 1);
-        assert_eq!(lock_violations(&[granted(20, 4), granted(10, 7)]).len(), 1);
+        // Revision 7 granted before revision 4 was: a token that went down, and a grant while
+        // the lower token's holder was still to get and hold it.
+        assert_eq!(lock_violations(&[granted(20, 4), granted(10, 7)]).len(), 2);
+    }
+
+    #[test]
+    fn a_lock_granted_while_an_earlier_holder_holds_it_is_two_holders_at_once() {
+        // Granted at 20, released at 40: the next holder may be granted only after 40.
+        assert!(lock_violations(&[held(10, 20, 40, 5), held(15, 45, 50, 9)]).is_empty());
+        let overlapping = lock_violations(&[held(10, 20, 40, 5), held(15, 30, 50, 9)]);
+        assert_eq!(overlapping.len(), 1, "{overlapping:?}");
+        assert!(overlapping[0].contains("two holders at once"), "{overlapping:?}");
+        // An earlier holder whose lease may have expired no longer holds it for sure.
+        let expired = held(0, 20, 2 * LOCK_LEASE_NS, 5);
+        assert!(lock_violations(&[expired, held(15, LOCK_LEASE_NS + 1, 3 * LOCK_LEASE_NS, 9)]).is_empty());
+        assert_eq!(lock_violations(&[expired, held(15, LOCK_LEASE_NS - 1, 3 * LOCK_LEASE_NS, 9)]).len(), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use etcd_client::{
     TxnOpResponse, WatchOptions,
 };
 
-use super::history::{Acquisition, Event, Op};
+use super::history::{Acquisition, Event, LOCK_LEASE_NS, Op};
 use super::plan::Rng;
 
 /// Keys the KV clients share: few, so that requests meet on the same keys.
@@ -275,7 +275,8 @@ pub async fn lock_client(recorder: Arc<Recorder>, endpoints: Vec<String>, seed: 
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(granted) = c.lease_grant(10, None).await else { continue };
+        let lease_asked = recorder.now();
+        let Ok(granted) = c.lease_grant(LOCK_LEASE_NS / 1_000_000_000, None).await else { continue };
         let Ok(Ok(locked)) = tokio::time::timeout(
             Duration::from_secs(5),
             c.lock(LOCK_NAME, Some(LockOptions::new().with_lease(granted.id()))),
@@ -287,14 +288,14 @@ pub async fn lock_client(recorder: Arc<Recorder>, endpoints: Vec<String>, seed: 
         };
         let acknowledged = recorder.now();
         let key = locked.key().to_vec();
-        if let Ok(held) = c.get(key.clone(), None).await
+        let held = c.get(key.clone(), None).await;
+        let released = recorder.now();
+        if let Ok(held) = held
             && let Some(kv) = held.kvs().first()
         {
-            recorder
-                .locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Acquisition { acknowledged, revision: kv.create_revision() });
+            let revision = kv.create_revision();
+            let acquisition = Acquisition { lease_asked, acknowledged, released, revision };
+            recorder.locks.lock().unwrap_or_else(|p| p.into_inner()).push(acquisition);
         }
         let _ = c.unlock(key).await;
         let _ = c.lease_revoke(granted.id()).await;
