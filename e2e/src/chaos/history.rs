@@ -3,6 +3,8 @@
 //! acquisitions, and the checks that need no model: no acknowledged write lost, watch
 //! guarantees, lock revisions.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 /// One client request, in the shape `e2e/chaos-checker` reads (see its `Op`).
@@ -31,7 +33,8 @@ pub struct Op {
     pub deleted: i64,
     #[serde(skip_serializing_if = "is_false")]
     pub succeeded: bool,
-    /// The revision the answer carried (writes), for the lost-write check; not the checker's.
+    /// The revision the answer carried, for the lost-write check and for dating writes of
+    /// unknown outcome; not the checker's.
     #[serde(skip)]
     pub revision: i64,
     /// A serializable read: left out of the linearizability check (it may be stale).
@@ -65,6 +68,45 @@ pub struct Event {
     pub key: String,
     /// None for a delete.
     pub value: Option<String>,
+}
+
+/// Writes of unknown outcome (no answer came), settled by the store's own history where it
+/// can tell, as etcd's robustness tests do:
+/// - a put or swap whose (unique) value is not in it never happened, and is dropped;
+/// - one whose value is in it at revision R happened (a swap: succeeded), and before the
+///   first answer of any request that saw revision R or later: that answer is its return.
+///   Left open-ended, it could be placed after reads that could not have missed it, and
+///   stale reads would pass the check;
+/// - one no answer saw stays open-ended (it may have happened any time after its call).
+pub fn settle_unknown_writes(ops: Vec<Op>, all: &[Event]) -> Vec<Op> {
+    let stored: HashMap<(&str, &str), i64> =
+        all.iter().filter_map(|e| Some(((e.key.as_str(), e.value.as_deref()?), e.revision))).collect();
+    // The earliest return of an answer that saw each revision or a later one.
+    let mut seen: Vec<(i64, i64)> =
+        ops.iter().filter(|o| o.outcome == "ok" && o.revision > 0).map(|o| (o.revision, o.ret)).collect();
+    seen.sort_unstable();
+    for i in (0..seen.len().saturating_sub(1)).rev() {
+        seen[i].1 = seen[i].1.min(seen[i + 1].1);
+    }
+    let first_seen = |revision: i64| {
+        let from = seen.partition_point(|(r, _)| *r < revision);
+        seen.get(from).map(|(_, ret)| *ret)
+    };
+    ops.into_iter()
+        .filter_map(|mut op| {
+            if op.outcome != "unknown" || !matches!(op.kind, "put" | "cas") {
+                return Some(op);
+            }
+            let revision = *stored.get(&(op.key.as_str(), op.value.as_str()))?;
+            if let Some(ret) = first_seen(revision) {
+                op.outcome = "ok";
+                op.ret = ret.max(op.call);
+                op.succeeded = true;
+                op.revision = revision;
+            }
+            Some(op)
+        })
+        .collect()
 }
 
 /// Every acknowledged write must be in the store's history (`all`, every event from
@@ -254,6 +296,45 @@ mod tests {
         let expired = held(0, 20, 2 * LOCK_LEASE_NS, 5);
         assert!(lock_violations(&[expired, held(15, LOCK_LEASE_NS + 1, 3 * LOCK_LEASE_NS, 9)]).is_empty());
         assert_eq!(lock_violations(&[expired, held(15, LOCK_LEASE_NS - 1, 3 * LOCK_LEASE_NS, 9)]).len(), 1);
+    }
+
+    #[test]
+    fn a_write_of_unknown_outcome_returns_when_an_answer_first_saw_its_revision() {
+        let unknown = |kind, value: &str, call| Op {
+            kind,
+            key: "a".into(),
+            value: value.into(),
+            call,
+            ret: -1,
+            outcome: "unknown",
+            ..Default::default()
+        };
+        let answered = |revision, ret| Op {
+            kind: "get",
+            key: "b".into(),
+            outcome: "ok",
+            revision,
+            ret,
+            ..Default::default()
+        };
+        let all = [event(5, "a", Some("stored")), event(6, "a", Some("swapped"))];
+        let ops = vec![
+            unknown("put", "stored", 10),
+            unknown("cas", "swapped", 12),
+            unknown("put", "never", 14),
+            answered(4, 20),
+            answered(7, 40),
+            answered(5, 50),
+        ];
+        let settled = settle_unknown_writes(ops, &all);
+        // The put at revision 5: first seen by the answer of revision 7 at 40 (the one of
+        // revision 4 came earlier but could not have seen it).
+        assert_eq!((settled[0].outcome, settled[0].ret), ("ok", 40));
+        assert_eq!((settled[1].outcome, settled[1].ret, settled[1].succeeded), ("ok", 40, true));
+        assert_eq!(settled.len(), 5, "the put that is not in the history is dropped");
+        // A write no answer saw stays open-ended.
+        let alone = settle_unknown_writes(vec![unknown("put", "stored", 10)], &all);
+        assert_eq!((alone[0].outcome, alone[0].ret), ("unknown", -1));
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub async fn kv_client(recorder: Arc<Recorder>, client_id: usize, endpoint: Stri
                         read: read.unwrap_or_default(),
                         serializable,
                         outcome: "ok",
+                        revision: revision_of(r.header()),
                         ret: recorder.now(),
                         ..base
                     }

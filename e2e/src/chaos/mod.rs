@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use consensus_node::proto::etcdserverpb as proto;
 use proto::cluster_client::ClusterClient;
 
-use history::{Event, Op};
+use history::Op;
 use members::Cluster;
 use plan::{Fault, FaultClass, Rng, Target};
 
@@ -264,22 +264,6 @@ async fn inject(
     Ok(())
 }
 
-/// Writes of unknown outcome, settled by the store's own history where it can tell: a put or
-/// swap whose (unique) value is not in it never happened and is dropped; one that is stays
-/// of unknown outcome (it may have happened any time after its call), as etcd's robustness
-/// tests do. Fewer open-ended operations keep the check tractable.
-fn settle_unknown_writes(ops: Vec<Op>, all: &[Event]) -> Vec<Op> {
-    let stored: std::collections::HashSet<(&str, &str)> =
-        all.iter().filter_map(|e| Some((e.key.as_str(), e.value.as_deref()?))).collect();
-    ops.into_iter()
-        .filter(|o| {
-            o.outcome != "unknown"
-                || !matches!(o.kind, "put" | "cas")
-                || stored.contains(&(o.key.as_str(), o.value.as_str()))
-        })
-        .collect()
-}
-
 /// One chaos run: start, load and faults, heal, final reads, checks.
 pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     std::fs::create_dir_all(&config.dir)?;
@@ -371,7 +355,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     }
     report.divergence = compare_members(&cluster, final_revision).await;
     report.crashes = std::mem::take(&mut cluster.crashes);
-    let ops = settle_unknown_writes(ops, &all);
+    let ops = history::settle_unknown_writes(ops, &all);
     report.operations = ops.len();
     let path = config.dir.join("history.json");
     std::fs::write(&path, history::checker_json(&ops))?;
@@ -494,6 +478,7 @@ async fn final_reads(
             found: read.is_some(),
             read: read.unwrap_or_default(),
             outcome: "ok",
+            revision: r.header().map_or(0, |h| h.revision()),
             ..Default::default()
         });
         keys.pop();
