@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
             failpoints: if args.plant_stale_reads { vec!["read-index=error".to_owned()] } else { Vec::new() },
         };
         let run_started = Instant::now();
-        let report = match runtime.block_on(chaos::run(&config)) {
+        let report = match runtime.block_on(until_stopped(chaos::run(&config))) {
             Ok(report) => report,
             // Not a history to check, but not a pass either: a cluster that never served
             // again is a finding too.
@@ -155,4 +155,20 @@ fn main() -> anyhow::Result<()> {
         bail!("{failed_runs} runs had violations, {unfinished} could not finish");
     }
     Ok(())
+}
+
+/// Runs `run` unless SIGINT or SIGTERM comes first; then drops it, which kills the members
+/// it started (a run killed otherwise would leave them running), and exits.
+async fn until_stopped(
+    run: impl std::future::Future<Output = anyhow::Result<RunReport>>,
+) -> anyhow::Result<RunReport> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // The run is dropped when `select!` ends, before the exit.
+    let code = tokio::select! {
+        report = run => return report,
+        _ = tokio::signal::ctrl_c() => 130,
+        _ = terminate.recv() => 143,
+    };
+    println!("chaos: stopped by a signal; the members of the run are killed");
+    std::process::exit(code)
 }
