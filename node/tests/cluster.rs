@@ -212,6 +212,30 @@ async fn a_founder_that_crashed_before_raft_was_initialized_bootstraps_when_star
     assert_eq!(get(&cluster.members[0], "k", false).await.expect("read").as_deref(), Some(b"v".as_slice()));
 }
 
+/// A member killed while it makes its store, on its very first start, starts again: the
+/// store is made under another name and renamed into place once complete. Made in place, a
+/// kill left a half-written store redb never opened again (the chaos harness found one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_while_making_its_store_starts_again() {
+    use consensus_node::failpoint::{FAILPOINT_EXIT, FAILPOINTS_ENV};
+    let mut cluster = TestCluster::prepare_with_token(1, "crash-making-store");
+    cluster.members[0].env = vec![(FAILPOINTS_ENV.to_owned(), "store-created=exit".to_owned())];
+    cluster.start_member(0);
+    assert_eq!(cluster.members[0].wait_exit().code(), Some(FAILPOINT_EXIT));
+    let member = cluster.members[0].data_dir.join("member");
+    assert!(!member.join("kv.redb").exists(), "no store in place before it is complete");
+    // What a kill in the middle of writing it leaves.
+    let creating = member.join("kv.redb.creating");
+    let made = std::fs::read(&creating).expect("the store being made");
+    std::fs::write(&creating, &made[..made.len().min(100)]).expect("cut short");
+
+    cluster.members[0].env.clear();
+    cluster.members[0].restart();
+    cluster.leader().await;
+    eventually("a write to the member", || async { put(&cluster.members[0], "k", "v").await.ok() }).await;
+    assert!(!creating.exists(), "the half-made store is gone");
+}
+
 /// Every peer request carries the sender's cluster id: a forwarded write, a membership change
 /// or a Raft message without one is refused and changes nothing. Only the roster question a
 /// joiner asks before it knows its cluster is answered without it.

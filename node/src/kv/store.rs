@@ -55,22 +55,16 @@ pub struct MvccStore {
 const DEFRAGMENT_PATIENCE: Duration = Duration::from_secs(10);
 
 impl MvccStore {
+    /// Opens the store at `path`, making a new one if there is none. A new store is made
+    /// under another name and renamed into place once its tables are committed: a member
+    /// killed while making it (on its very first start) left a half-written file that redb
+    /// never opened again ("Not a redb database"), so the member could not start at all.
     pub fn open(path: &Path) -> Result<Self, KvError> {
-        let db = Database::create(path).map_err(storage)?;
-        let txn = db.begin_write().map_err(storage)?;
-        {
-            txn.open_table(LIVE).map_err(storage)?;
-            txn.open_table(HISTORY).map_err(storage)?;
-            txn.open_table(LEASES).map_err(storage)?;
-            txn.open_table(LEASE_KEYS).map_err(storage)?;
-            let mut meta = txn.open_table(META).map_err(storage)?;
-            // etcd starts at revision 1 with an empty store; the first write is revision 2.
-            if meta.get(META_REVISION).map_err(storage)?.is_none() {
-                meta.insert(META_REVISION, 1i64.to_be_bytes().as_slice()).map_err(storage)?;
-                meta.insert(META_COMPACT_REVISION, 0i64.to_be_bytes().as_slice()).map_err(storage)?;
-            }
+        if !path.exists() {
+            create(path)?;
         }
-        txn.commit().map_err(storage)?;
+        let db = Database::open(path).map_err(storage)?;
+        initialize(&db)?;
         Ok(Self { db: RwLock::new(db) })
     }
 
@@ -107,6 +101,42 @@ fn read_i64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str)
 
 pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<KeyValue, KvError> {
     KeyValue::decode(bytes).map_err(|e| KvError::Corrupt { key: key.to_vec(), reason: e.to_string() })
+}
+
+/// The tables, and the revisions of an empty store; changes nothing in a store that has them.
+fn initialize(db: &Database) -> Result<(), KvError> {
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        txn.open_table(LIVE).map_err(storage)?;
+        txn.open_table(HISTORY).map_err(storage)?;
+        txn.open_table(LEASES).map_err(storage)?;
+        txn.open_table(LEASE_KEYS).map_err(storage)?;
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        // etcd starts at revision 1 with an empty store; the first write is revision 2.
+        if meta.get(META_REVISION).map_err(storage)?.is_none() {
+            meta.insert(META_REVISION, 1i64.to_be_bytes().as_slice()).map_err(storage)?;
+            meta.insert(META_COMPACT_REVISION, 0i64.to_be_bytes().as_slice()).map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)
+}
+
+/// Makes an empty store at `path` all at once: initialized and synced under `<path>.creating`
+/// (what an interrupted try left there is started over), then renamed into place.
+fn create(path: &Path) -> Result<(), KvError> {
+    let io = |e: std::io::Error| KvError::Storage(redb::Error::Io(e));
+    let mut creating = path.as_os_str().to_owned();
+    creating.push(".creating");
+    let creating = std::path::PathBuf::from(creating);
+    match std::fs::remove_file(&creating) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    initialize(&Database::create(&creating).map_err(storage)?)?;
+    crate::failpoint::eval("store-created").map_err(io)?;
+    std::fs::rename(&creating, path).map_err(io)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
 /// Which keys a request covers, as etcd defines it: `range_end` empty means the single
