@@ -86,7 +86,13 @@ fn signal(pid: u32, signal: i32) {
 
 impl Cluster {
     /// `size` members of a new cluster in `dir`, their proxies served on the current runtime.
-    pub async fn start(node: &Path, dir: &Path, size: usize, token: &str) -> anyhow::Result<Self> {
+    pub async fn start(
+        node: &Path,
+        dir: &Path,
+        size: usize,
+        token: &str,
+        failpoints: &[&str],
+    ) -> anyhow::Result<Self> {
         let network = Network::new(size);
         let mut members = Vec::new();
         for i in 0..size {
@@ -119,7 +125,7 @@ impl Cluster {
         let journal = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("harness.log"))?;
         let mut cluster = Self { members, network, node: node.to_owned(), journal, crashes: Vec::new() };
         for i in 0..size {
-            cluster.spawn(i, &[], token)?;
+            cluster.spawn(i, failpoints, token)?;
         }
         Ok(cluster)
     }
@@ -264,7 +270,7 @@ mod tests {
     async fn a_member_ending_by_itself_is_a_crash_unless_its_disk_was_failing() {
         let dir = tempfile::tempdir().expect("tempdir");
         // `false` stands for a member that fails at once, whatever it is asked to do.
-        let mut cluster = Cluster::start(Path::new("false"), dir.path(), 3, "t").await.expect("started");
+        let mut cluster = Cluster::start(Path::new("false"), dir.path(), 3, "t", &[]).await.expect("started");
         wait_exited(&mut cluster, 0).await;
         assert_eq!(cluster.crashes.len(), 1, "{:?}", cluster.crashes);
         assert!(cluster.crashes[0].starts_with("member 0 "), "{:?}", cluster.crashes);

@@ -268,13 +268,7 @@ async fn inject(
 pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     std::fs::create_dir_all(&config.dir)?;
     let failpoints: Vec<&str> = config.failpoints.iter().map(String::as_str).collect();
-    let mut cluster = Cluster::start(&config.node, &config.dir, config.size, TOKEN).await?;
-    if !failpoints.is_empty() {
-        for i in 0..config.size {
-            cluster.kill(i);
-            cluster.spawn(i, &failpoints, TOKEN)?;
-        }
-    }
+    let mut cluster = Cluster::start(&config.node, &config.dir, config.size, TOKEN, &failpoints).await?;
     wait_for_leader(&cluster, members::SETTLE_DEADLINE).await?;
     let endpoints = cluster.endpoints();
     let recorder = load::Recorder::new();
