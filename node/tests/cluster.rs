@@ -182,16 +182,22 @@ async fn a_leader_killed_and_started_again_at_once_leads_only_after_an_election(
     );
 }
 
+/// A one-member cluster whose member was started with `failpoint=exit` and ended there.
+fn crashed_at(token: &str, failpoint: &str) -> TestCluster {
+    use consensus_node::failpoint::{FAILPOINT_EXIT, FAILPOINTS_ENV};
+    let mut cluster = TestCluster::prepare_with_token(1, token);
+    cluster.members[0].env = vec![(FAILPOINTS_ENV.to_owned(), format!("{failpoint}=exit"))];
+    cluster.start_member(0);
+    assert_eq!(cluster.members[0].wait_exit().code(), Some(FAILPOINT_EXIT), "stopped at {failpoint}");
+    cluster
+}
+
 /// A founder that crashed after saving its identity and before Raft held its first membership
 /// bootstraps when started again; it used to take the saved identity for a member that had
 /// run, and waited forever for a leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_founder_that_crashed_before_raft_was_initialized_bootstraps_when_started_again() {
-    use consensus_node::failpoint::{FAILPOINT_EXIT, FAILPOINTS_ENV};
-    let mut cluster = TestCluster::prepare_with_token(1, "crash-at-bootstrap");
-    cluster.members[0].env = vec![(FAILPOINTS_ENV.to_owned(), "identity-saved=exit".to_owned())];
-    cluster.start_member(0);
-    assert_eq!(cluster.members[0].wait_exit().code(), Some(FAILPOINT_EXIT));
+    let mut cluster = crashed_at("crash-at-bootstrap", "identity-saved");
     assert!(cluster.members[0].data_dir.join("member/identity.json").exists(), "the identity was saved");
 
     cluster.members[0].env.clear();
@@ -217,11 +223,7 @@ async fn a_founder_that_crashed_before_raft_was_initialized_bootstraps_when_star
 /// kill left a half-written store redb never opened again (the chaos harness found one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_killed_while_making_its_store_starts_again() {
-    use consensus_node::failpoint::{FAILPOINT_EXIT, FAILPOINTS_ENV};
-    let mut cluster = TestCluster::prepare_with_token(1, "crash-making-store");
-    cluster.members[0].env = vec![(FAILPOINTS_ENV.to_owned(), "store-created=exit".to_owned())];
-    cluster.start_member(0);
-    assert_eq!(cluster.members[0].wait_exit().code(), Some(FAILPOINT_EXIT));
+    let mut cluster = crashed_at("crash-making-store", "store-created");
     let member = cluster.members[0].data_dir.join("member");
     assert!(!member.join("kv.redb").exists(), "no store in place before it is complete");
     // What a kill in the middle of writing it leaves.
