@@ -27,7 +27,8 @@ fn entries(wal: &Wal) -> Vec<(u64, Vec<u8>)> {
     read
 }
 
-pub fn write_segments(dir: &Path, data: &[u8]) {
+/// Writes the input's segments into `dir`, each named by its first index.
+fn write_segments(dir: &Path, data: &[u8]) {
     let mut fields = Fields::new(data);
     let count = 1 + fields.byte() % 4;
     for _ in 0..count {
