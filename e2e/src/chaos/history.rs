@@ -138,26 +138,25 @@ pub fn lost_writes(ops: &[Op], all: &[Event]) -> Vec<String> {
 }
 
 /// The live watch's events against the store's history: in revision order, none twice, none
-/// left out between the first and the last it delivered, each as the history has it.
-pub fn watch_violations(delivered: &[Event], all: &[Event]) -> Vec<String> {
+/// left out from the revision it started at (`from`) to the final one (`until`), each as the
+/// history has it.
+pub fn watch_violations(delivered: &[Event], all: &[Event], from: i64, until: i64) -> Vec<String> {
     let mut violations = Vec::new();
     for pair in delivered.windows(2) {
         if pair[1].revision < pair[0].revision {
             violations.push(format!("revision {} delivered after {}", pair[1].revision, pair[0].revision));
         }
     }
-    let (Some(first), Some(last)) = (delivered.first(), delivered.last()) else { return violations };
-    let expected: Vec<&Event> =
-        all.iter().filter(|e| e.revision >= first.revision && e.revision <= last.revision).collect();
-    let got: Vec<&Event> = delivered.iter().collect();
+    // Events past `until` (a lease expiring after the final reads) are outside the history.
+    let within = |e: &&Event| e.revision >= from && e.revision <= until;
+    let got: Vec<&Event> = delivered.iter().filter(within).collect();
+    let expected: Vec<&Event> = all.iter().filter(within).collect();
     if got != expected {
         let position =
             got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
         violations.push(format!(
-            "the watch delivered {} events for revisions {}..={}, the history has {}; first difference at {}: {:?} vs {:?}",
+            "the watch delivered {} events for revisions {from}..={until}, the history has {}; first difference at {}: {:?} vs {:?}",
             got.len(),
-            first.revision,
-            last.revision,
             expected.len(),
             position,
             got.get(position),
@@ -257,17 +256,25 @@ mod tests {
             event(4, "a", None),
             event(5, "b", Some("3")),
         ];
-        assert!(watch_violations(&all[1..], &all).is_empty());
-        assert!(!watch_violations(&[all[0].clone(), all[2].clone()], &all).is_empty(), "gap");
+        let check = |delivered: &[Event]| watch_violations(delivered, &all, 3, 5);
+        assert!(check(&all[1..]).is_empty());
+        assert!(!check(&[all[1].clone(), all[3].clone()]).is_empty(), "gap");
         assert!(
-            !watch_violations(&[all[0].clone(), all[0].clone(), all[1].clone()], &all).is_empty(),
+            !check(&[all[1].clone(), all[1].clone(), all[2].clone(), all[3].clone()]).is_empty(),
             "duplicate"
         );
-        assert!(!watch_violations(&[all[1].clone(), all[0].clone()], &all).is_empty(), "order");
+        assert!(!check(&[all[2].clone(), all[1].clone(), all[3].clone()]).is_empty(), "order");
         assert!(
-            !watch_violations(&[event(2, "a", Some("other"))], &all).is_empty(),
+            !check(&[event(3, "a", Some("other")), all[2].clone(), all[3].clone()]).is_empty(),
             "disagrees with the KV history"
         );
+        // A watch that stopped early, or started late, missed events it was owed.
+        assert!(!check(&all[1..3]).is_empty(), "stopped before the final revision");
+        assert!(!check(&all[2..]).is_empty(), "began after its start revision");
+        assert!(!check(&[]).is_empty(), "delivered nothing");
+        // Events past the final revision are not the history's to judge.
+        let later = [all[1].clone(), all[2].clone(), all[3].clone(), event(6, "b", None)];
+        assert!(check(&later).is_empty());
     }
 
     fn held(lease_asked: i64, acknowledged: i64, released: i64, revision: i64) -> Acquisition {

@@ -312,19 +312,19 @@ fn event_of(e: &etcd_client::Event) -> Option<Event> {
     })
 }
 
-/// Events of every key from `from` up to (at least) `until` (None: until stopped), resuming
-/// on another member after a lost stream at the revision after the last delivered.
+/// Events of every key from `from` up to (at least) the revision `until` holds once it holds
+/// one (the live watch is told the final revision only after the load ends), resuming on
+/// another member after a lost stream at the revision after the last delivered.
 pub async fn watch_all(
-    recorder: Arc<Recorder>,
     endpoints: Vec<String>,
     from: i64,
-    until: Option<i64>,
+    until: tokio::sync::watch::Receiver<Option<i64>>,
     mut sink: impl FnMut(Event),
 ) {
     let mut next = from;
     let mut member = 0;
-    let done = |next: i64| until.is_some_and(|u| next > u);
-    while !done(next) && (until.is_some() || !recorder.stopped()) {
+    let done = |next: i64| until.borrow().is_some_and(|u| next > u);
+    while !done(next) {
         member = (member + 1) % endpoints.len();
         let Some(mut c) = connect(&endpoints[member]).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -345,10 +345,10 @@ pub async fn watch_all(
                     }
                 }
                 Ok(_) => break,
-                // Quiet for a while: fine, unless the harness is done with this watch.
+                // Quiet for a while: fine, unless the watch has come far enough.
                 Err(_) => {}
             }
-            if done(next) || (until.is_none() && recorder.stopped()) {
+            if done(next) {
                 return;
             }
         }

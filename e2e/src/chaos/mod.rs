@@ -295,16 +295,19 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     for _ in 0..2 {
         tasks.push(tokio::spawn(load::lock_client(recorder.clone(), endpoints.clone(), rng.next_u64())));
     }
+    // The live watch runs through the faults and on until the final revision, known once the
+    // load is over.
     let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
-    {
-        let (recorder, endpoints, delivered) = (recorder.clone(), endpoints.clone(), delivered.clone());
-        tasks.push(tokio::spawn(async move {
-            load::watch_all(recorder, endpoints, start_revision, None, move |e| {
+    let (final_revision_known, until) = tokio::sync::watch::channel(None);
+    let mut live_watch = {
+        let (endpoints, delivered) = (endpoints.clone(), delivered.clone());
+        tokio::spawn(async move {
+            load::watch_all(endpoints, start_revision, until, move |e| {
                 delivered.lock().unwrap_or_else(|p| p.into_inner()).push(e)
             })
             .await
-        }));
-    }
+        })
+    };
 
     let mut report = RunReport::default();
     let began = tokio::time::Instant::now();
@@ -338,11 +341,24 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     // Final linearizable reads of every key, recorded like any other.
     let final_revision = final_reads(&recorder, &endpoints, clients + 1).await?;
     let mut all = Vec::new();
-    load::watch_all(recorder.clone(), endpoints.clone(), 1, Some(final_revision), |e| all.push(e)).await;
+    let (_, up_to_final) = tokio::sync::watch::channel(Some(final_revision));
+    load::watch_all(endpoints.clone(), 1, up_to_final, |e| all.push(e)).await;
+    let _ = final_revision_known.send(Some(final_revision));
+    if tokio::time::timeout(members::SETTLE_DEADLINE, &mut live_watch).await.is_err() {
+        // What it delivered is judged all the same: whatever is missing up to the final
+        // revision is reported below.
+        live_watch.abort();
+        cluster.note("the live watch did not reach the final revision in time");
+    }
 
     let ops = std::mem::take(&mut *recorder.ops.lock().unwrap_or_else(|p| p.into_inner()));
     report.lost_writes = history::lost_writes(&ops, &all);
-    report.watch = history::watch_violations(&delivered.lock().unwrap_or_else(|p| p.into_inner()), &all);
+    report.watch = history::watch_violations(
+        &delivered.lock().unwrap_or_else(|p| p.into_inner()),
+        &all,
+        start_revision,
+        final_revision,
+    );
     report.locks = history::lock_violations(&recorder.locks.lock().unwrap_or_else(|p| p.into_inner()));
     if !report.lost_writes.is_empty() || !report.watch.is_empty() {
         report.watch.extend(what_each_member_has(&cluster, &report, final_revision).await);
