@@ -10,7 +10,11 @@ use redb::{
 use crate::proto::mvccpb::event::EventType;
 use crate::proto::mvccpb::{Event, KeyValue};
 
-const LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
+/// Every live key and the revision of its live version; the version itself is kept once, in
+/// HISTORY under (key, that revision), as etcd keeps each revision once. (Stores made before
+/// held whole key-values here too, under `OLD_LIVE`: each put was written twice.)
+const LIVE: TableDefinition<&[u8], i64> = TableDefinition::new("live_revisions");
+const OLD_LIVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("live");
 pub(super) const HISTORY: TableDefinition<(&[u8], i64), &[u8]> = TableDefinition::new("history");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// lease id -> granted TTL in seconds.
@@ -103,9 +107,13 @@ pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<KeyValue, KvError> {
     KeyValue::decode(bytes).map_err(|e| KvError::Corrupt { key: key.to_vec(), reason: e.to_string() })
 }
 
-/// The tables, and the revisions of an empty store; changes nothing in a store that has them.
+/// The tables, and the revisions of an empty store; changes nothing in a store that has them,
+/// but for one of the earlier layout, whose live keys it points at their history once.
 fn initialize(db: &Database) -> Result<(), KvError> {
     let txn = db.begin_write().map_err(storage)?;
+    if txn.delete_table(OLD_LIVE).map_err(storage)? {
+        index_live_keys(&txn)?;
+    }
     {
         txn.open_table(LIVE).map_err(storage)?;
         txn.open_table(HISTORY).map_err(storage)?;
@@ -208,7 +216,7 @@ impl ReadView {
 /// A range over the tables of a read or a write transaction (a Txn's reads see its own
 /// earlier writes, as etcd's do).
 fn range_in(
-    live: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    live: &impl ReadableTable<&'static [u8], i64>,
     history: &impl ReadableTable<(&'static [u8], i64), &'static [u8]>,
     current: i64,
     compacted: i64,
@@ -225,8 +233,8 @@ fn range_in(
         }
     };
     if spec.revision <= 0 || spec.revision == current {
-        for_each_in_span(live, spec.span, |key, bytes| {
-            keep(decode(key, bytes)?);
+        for_each_live(live, history, spec.span, |kv| {
+            keep(kv);
             Ok(())
         })?;
     } else {
@@ -262,25 +270,61 @@ fn lease_keys_of(
     Ok(keys)
 }
 
-fn for_each_in_span(
-    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+/// The live version of every key in `span`, in key order.
+fn for_each_live(
+    live: &impl ReadableTable<&'static [u8], i64>,
+    history: &impl ReadableTable<(&'static [u8], i64), &'static [u8]>,
     span: KeySpan<'_>,
-    mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), KvError>,
+    mut visit: impl FnMut(KeyValue) -> Result<(), KvError>,
 ) -> Result<(), KvError> {
     if span.is_single() {
-        if let Some(v) = table.get(span.key).map_err(storage)? {
-            visit(span.key, v.value())?;
+        if let Some(revision) = live.get(span.key).map_err(storage)? {
+            visit(live_version(history, span.key, revision.value())?)?;
         }
         return Ok(());
     }
     let iter = match span.upper() {
         Some(end) if end <= span.key => return Ok(()),
-        Some(end) => table.range(span.key..end).map_err(storage)?,
-        None => table.range(span.key..).map_err(storage)?,
+        Some(end) => live.range(span.key..end).map_err(storage)?,
+        None => live.range(span.key..).map_err(storage)?,
     };
     for entry in iter {
-        let (k, v) = entry.map_err(storage)?;
-        visit(k.value(), v.value())?;
+        let (k, revision) = entry.map_err(storage)?;
+        visit(live_version(history, k.value(), revision.value())?)?;
+    }
+    Ok(())
+}
+
+/// The version of `key` at `revision`, which LIVE says is its live one.
+fn live_version(
+    history: &impl ReadableTable<(&'static [u8], i64), &'static [u8]>,
+    key: &[u8],
+    revision: i64,
+) -> Result<KeyValue, KvError> {
+    let bytes = history.get((key, revision)).map_err(storage)?.ok_or_else(|| KvError::Corrupt {
+        key: key.to_vec(),
+        reason: format!("live at revision {revision}, which the history does not hold"),
+    })?;
+    decode(key, bytes.value())
+}
+
+/// Fills an empty LIVE from HISTORY: a key is live when its newest version is not a
+/// deletion. (Compaction keeps every key's newest version, so HISTORY always has it.)
+fn index_live_keys(txn: &WriteTransaction) -> Result<(), KvError> {
+    let history = txn.open_table(HISTORY).map_err(storage)?;
+    let mut live = txn.open_table(LIVE).map_err(storage)?;
+    let mut previous: Option<Vec<u8>> = None;
+    // Newest first, so the first row of each key is the one that says whether it lives.
+    for row in history.iter().map_err(storage)?.rev() {
+        let (k, v) = row.map_err(storage)?;
+        let (key, revision) = k.value();
+        if previous.as_deref() == Some(key) {
+            continue;
+        }
+        if decode(key, v.value())?.version > 0 {
+            live.insert(key, revision).map_err(storage)?;
+        }
+        previous = Some(key.to_vec());
     }
     Ok(())
 }
@@ -366,8 +410,9 @@ impl WriteBatch {
         lease: i64,
     ) -> Result<Option<KeyValue>, KvError> {
         let mut live = self.txn.open_table(LIVE).map_err(storage)?;
+        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
         let previous = match live.get(key).map_err(storage)? {
-            Some(bytes) => Some(decode(key, bytes.value())?),
+            Some(live_revision) => Some(live_version(&history, key, live_revision.value())?),
             None => None,
         };
         let kv = KeyValue {
@@ -378,8 +423,7 @@ impl WriteBatch {
             value: value.to_vec(),
             lease,
         };
-        let encoded = kv.encode_to_vec();
-        live.insert(key, encoded.as_slice()).map_err(storage)?;
+        live.insert(key, revision).map_err(storage)?;
         let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
         if let Some(old) = previous.as_ref().map(|p| p.lease).filter(|&l| l != 0 && l != lease) {
             lease_keys.remove((old, key)).map_err(storage)?;
@@ -387,8 +431,7 @@ impl WriteBatch {
         if lease != 0 {
             lease_keys.insert((lease, key), ()).map_err(storage)?;
         }
-        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
-        history.insert((key, revision), encoded.as_slice()).map_err(storage)?;
+        history.insert((key, revision), kv.encode_to_vec().as_slice()).map_err(storage)?;
         self.events.push(Event { r#type: EventType::Put.into(), kv: Some(kv), prev_kv: previous.clone() });
         Ok(previous)
     }
@@ -404,12 +447,12 @@ impl WriteBatch {
 
     fn write_delete(&mut self, revision: i64, span: KeySpan<'_>) -> Result<Vec<KeyValue>, KvError> {
         let mut live = self.txn.open_table(LIVE).map_err(storage)?;
+        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
         let mut deleted = Vec::new();
-        for_each_in_span(&live, span, |key, bytes| {
-            deleted.push(decode(key, bytes)?);
+        for_each_live(&live, &history, span, |kv| {
+            deleted.push(kv);
             Ok(())
         })?;
-        let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
         let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
         for kv in &deleted {
             live.remove(kv.key.as_slice()).map_err(storage)?;
@@ -437,8 +480,8 @@ impl WriteBatch {
     /// The live value of `key`, seeing this batch's own writes.
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
         let live = self.txn.open_table(LIVE).map_err(storage)?;
-        let value = live.get(key).map_err(storage)?;
-        value.map(|v| decode(key, v.value())).transpose()
+        let Some(revision) = live.get(key).map_err(storage)? else { return Ok(None) };
+        live_version(&self.txn.open_table(HISTORY).map_err(storage)?, key, revision.value()).map(Some)
     }
 
     /// A range as this batch sees it, its own earlier writes included.
@@ -534,12 +577,14 @@ impl WriteBatch {
     }
 }
 
-/// Snapshot records: one per row of each table, framed as
-/// `[table: u8][key length: u32][key][value length: u32][value]`, little-endian, then one
-/// `END_OF_RECORDS` byte, so that a file may carry padding after the records. (Records
-/// written before the marker existed end at the end of the input instead.)
+/// Snapshot records: one per row of each table but LIVE (rebuilt from HISTORY on restore),
+/// framed as `[table: u8][key length: u32][key][value length: u32][value]`, little-endian,
+/// then one `END_OF_RECORDS` byte, so that a file may carry padding after the records.
+/// (Records written before the marker existed end at the end of the input instead.)
 const END_OF_RECORDS: u8 = 0;
-const TABLE_LIVE: u8 = 1;
+/// Rows of the earlier live table, in snapshots made before it was rebuilt on restore: the
+/// same key-values as the newest of HISTORY, so restore skips them.
+const TABLE_OLD_LIVE: u8 = 1;
 const TABLE_HISTORY: u8 = 2;
 const TABLE_META: u8 = 3;
 const TABLE_LEASES: u8 = 4;
@@ -598,10 +643,6 @@ impl ReadView {
     pub fn dump(&self, out: &mut impl std::io::Write) -> Result<(), KvError> {
         let io = |e: std::io::Error| KvError::Storage(redb::Error::Io(e));
         let txn = &self.txn;
-        for row in txn.open_table(LIVE).map_err(storage)?.iter().map_err(storage)? {
-            let (k, v) = row.map_err(storage)?;
-            write_record(out, TABLE_LIVE, k.value(), v.value()).map_err(io)?;
-        }
         for row in txn.open_table(HISTORY).map_err(storage)?.iter().map_err(storage)? {
             let (k, v) = row.map_err(storage)?;
             let (key, revision) = k.value();
@@ -732,13 +773,13 @@ impl MvccStore {
         let malformed =
             |what: &str| KvError::Corrupt { key: Vec::new(), reason: format!("snapshot: {what}") };
         let txn = self.db().begin_write().map_err(storage)?;
+        txn.delete_table(OLD_LIVE).map_err(storage)?;
         txn.delete_table(LIVE).map_err(storage)?;
         txn.delete_table(HISTORY).map_err(storage)?;
         txn.delete_table(META).map_err(storage)?;
         txn.delete_table(LEASES).map_err(storage)?;
         txn.delete_table(LEASE_KEYS).map_err(storage)?;
         {
-            let mut live = txn.open_table(LIVE).map_err(storage)?;
             let mut history = txn.open_table(HISTORY).map_err(storage)?;
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut leases = txn.open_table(LEASES).map_err(storage)?;
@@ -761,9 +802,7 @@ impl MvccStore {
                 let key = read_chunk(input).map_err(|_| malformed("truncated record"))?;
                 let value = read_chunk(input).map_err(|_| malformed("truncated record"))?;
                 match table[0] {
-                    TABLE_LIVE => {
-                        live.insert(key.as_slice(), value.as_slice()).map_err(storage)?;
-                    }
+                    TABLE_OLD_LIVE => {}
                     TABLE_HISTORY => {
                         let split = key.len().checked_sub(8).ok_or_else(|| malformed("short history key"))?;
                         let (user_key, revision) = key.split_at(split);
@@ -785,6 +824,7 @@ impl MvccStore {
                 }
             }
         }
+        index_live_keys(&txn)?;
         txn.commit().map_err(storage)
     }
 }
@@ -821,6 +861,103 @@ mod tests {
         assert_ne!(vb.hash_kv(0).expect("hash").hash, at3.hash);
         assert!(matches!(va.hash_kv(4), Err(KvError::FutureRevision)));
         assert_ne!(va.hash_all().expect("hash"), vb.hash_all().expect("hash"));
+    }
+
+    /// Puts, overwrites, a deletion and a compaction: live keys with history before them,
+    /// a deleted one, and versions compacted away.
+    fn with_history(store: &MvccStore) {
+        for (key, value) in [("a", "1"), ("b", "1"), ("a", "2"), ("c", "1"), ("b", "2")] {
+            put(store, key, value);
+        }
+        let mut batch = store.write(false).expect("write");
+        let revision = batch.next_revision();
+        batch.delete_range(revision, KeySpan { key: b"c", range_end: &[] }).expect("delete");
+        batch.commit().expect("commit");
+        let mut batch = store.write(false).expect("write");
+        batch.compact(4).expect("compact");
+        batch.commit().expect("commit");
+        put(store, "d", "1");
+    }
+
+    fn everything(view: &ReadView, revision: i64) -> RangeResult {
+        let spec = RangeRequestSpec { span: KeySpan { key: &[0], range_end: &[0] }, revision, limit: 0 };
+        view.range(&spec).expect("range")
+    }
+
+    #[test]
+    fn a_put_keeps_its_value_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MvccStore::open(&dir.path().join("db")).expect("open");
+        let value = "v".repeat(60 * 1024);
+        let before = store.size_in_use().expect("in use");
+        for i in 0..64 {
+            put(&store, &format!("k{i:02}"), &value);
+        }
+        // 3.75 MiB of values (each in a 64 KiB page: redb pages are powers of two); a store that
+        // kept each value with its live key too held twice that.
+        let grown = store.size_in_use().expect("in use") - before;
+        assert!(grown < 6 << 20, "{grown} bytes for 3.75 MiB of values");
+        let view = store.read().expect("read");
+        assert_eq!(everything(&view, 0).kvs.len(), 64);
+    }
+
+    #[test]
+    fn a_store_of_the_earlier_layout_opens_with_the_same_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = MvccStore::open(&path).expect("open");
+        with_history(&store);
+        let view = store.read().expect("read");
+        let (latest, at5, hash) =
+            (everything(&view, 0), everything(&view, 5), view.hash_kv(0).expect("hash"));
+        drop((view, store));
+        // The earlier layout: each live key's whole key-value under OLD_LIVE, no LIVE.
+        {
+            let db = Database::open(&path).expect("open");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut old = txn.open_table(OLD_LIVE).expect("old live");
+                for kv in &latest.kvs {
+                    old.insert(kv.key.as_slice(), kv.encode_to_vec().as_slice()).expect("insert");
+                }
+            }
+            assert!(txn.delete_table(LIVE).expect("delete"));
+            txn.commit().expect("commit");
+        }
+        let store = MvccStore::open(&path).expect("open the earlier layout");
+        let view = store.read().expect("read");
+        assert_eq!(everything(&view, 0), latest);
+        assert_eq!(everything(&view, 5), at5);
+        assert_eq!(view.hash_kv(0).expect("hash"), hash);
+        assert_eq!(latest.kvs.iter().map(|kv| kv.key.as_slice()).collect::<Vec<_>>(), [b"a", b"b", b"d"]);
+        drop(view);
+        let mut batch = store.write(false).expect("write");
+        let revision = batch.next_revision();
+        let previous = batch.put(revision, b"a", b"3", 0).expect("put");
+        assert_eq!(previous.map(|kv| (kv.value, kv.version)), Some((b"2".to_vec(), 2)));
+        batch.commit().expect("commit");
+    }
+
+    #[test]
+    fn a_snapshot_that_carries_the_live_key_values_again_restores_the_same_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = MvccStore::open(&dir.path().join("source")).expect("open");
+        with_history(&source);
+        let view = source.read().expect("read");
+        let mut records = Vec::new();
+        // As snapshots made before wrote them: the live key-values first, then the rest.
+        for kv in everything(&view, 0).kvs {
+            write_record(&mut records, TABLE_OLD_LIVE, &kv.key, &kv.encode_to_vec()).expect("record");
+        }
+        view.dump(&mut records).expect("dump");
+        let target = MvccStore::open(&dir.path().join("target")).expect("open");
+        put(&target, "stale", "gone after the restore");
+        target.restore(&mut records.as_slice()).expect("restore");
+        let restored = target.read().expect("read");
+        for revision in [0, 5, 6] {
+            assert_eq!(everything(&restored, revision), everything(&view, revision), "at {revision}");
+        }
+        assert_eq!(restored.hash_all().expect("hash"), view.hash_all().expect("hash"));
     }
 
     #[test]

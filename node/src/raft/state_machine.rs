@@ -10,7 +10,10 @@
 //! it. The padding is for etcd's clients: etcdctl (3.4.23 and later) refuses a saved
 //! snapshot unless its length is 32 more than a multiple of 512, which etcd's page-sized
 //! database plus checksum always is. Files of the first version (`MAGIC_V1`) have no
-//! padding and are still read.
+//! padding; files of the first two (`MAGIC_V2`) also carry every live key-value a second
+//! time, which restore skips. Both are still read. The current magic is new because its
+//! files leave out what members of those versions expect, so they refuse it instead of
+//! restoring a store with no live keys.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -31,7 +34,8 @@ use crate::kv::{KvError, MvccStore, ReadView, apply_command};
 use crate::metrics::Metrics;
 use crate::storage::hard_state::sync_dir;
 
-const MAGIC: &[u8; 8] = b"CNSNAP02";
+const MAGIC: &[u8; 8] = b"CNSNAP03";
+const MAGIC_V2: &[u8; 8] = b"CNSNAP02";
 const MAGIC_V1: &[u8; 8] = b"CNSNAP01";
 /// The part of a snapshot file before its checksum is a multiple of this many bytes.
 const SNAPSHOT_ALIGN: u64 = 512;
@@ -359,7 +363,7 @@ pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>
     let mut reader = BufReader::new(File::open(path)?).take(body_len);
     let mut magic = [0u8; 8];
     reader.read_exact(&mut magic)?;
-    if &magic != MAGIC && &magic != MAGIC_V1 {
+    if ![MAGIC, MAGIC_V2, MAGIC_V1].contains(&&magic) {
         return Err(invalid(format!("{}: not a consensus-node snapshot", path.display())));
     }
     let mut len = [0u8; 4];
