@@ -22,6 +22,62 @@ async fn three_members_elect_a_leader_and_every_member_reads_an_acknowledged_wri
     }
 }
 
+/// ReadIndex confirms the leadership with a heartbeat round: a read writes nothing to the log
+/// (reads used to commit a blank entry each round, an fsync on a quorum per read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_write_nothing_to_the_log() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    eventually("a write", || async { put(&cluster.members[leader], "k", "v").await.ok() }).await;
+    // Each member writes its client URLs into the membership once it serves.
+    eventually("every member's client URLs in the membership", || async {
+        let list = cluster.etcdctl(&cluster.endpoints(), &["member", "list", "-w", "json"]);
+        let list: serde_json::Value = serde_json::from_slice(&list.stdout).ok()?;
+        let members = list["members"].as_array()?;
+        members.iter().all(|m| m["clientURLs"].as_array().is_some_and(|u| !u.is_empty())).then_some(())
+    })
+    .await;
+    let raft_index = || async { cluster.members[leader].status().await.map(|s| s.raft_index) };
+    let before = eventually("the leader's status", raft_index).await;
+    for member in &cluster.members {
+        for _ in 0..10 {
+            let value = get(member, "k", false).await.expect("linearizable read");
+            assert_eq!(value.as_deref(), Some(b"v".as_slice()), "member {}", member.name);
+        }
+    }
+    assert_eq!(eventually("the leader's status", raft_index).await, before);
+}
+
+/// A leader whose followers do not answer cannot confirm that it still leads: it refuses
+/// linearizable reads (a partitioned leader may have been replaced), serves serializable ones
+/// from what it has, and serves linearizable ones again once a quorum answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_followers_are_paused_refuses_linearizable_reads() {
+    let cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    eventually("a write", || async { put(&cluster.members[leader], "k", "v").await.ok() }).await;
+    let followers: Vec<&TestMember> = (0..3).filter(|&i| i != leader).map(|i| &cluster.members[i]).collect();
+    for follower in &followers {
+        follower.signal("STOP");
+    }
+    let refused = get(&cluster.members[leader], "k", false).await;
+    let serializable = get(&cluster.members[leader], "k", true).await;
+    for follower in &followers {
+        follower.signal("CONT");
+    }
+    let refused = refused.expect_err("a linearizable read without a quorum");
+    assert!(
+        refused.message().contains("request timed out") || refused.message().contains("leader changed"),
+        "{refused:?}"
+    );
+    assert_eq!(serializable.expect("serializable read").as_deref(), Some(b"v".as_slice()));
+    let value = eventually("a linearizable read once the followers answer", || async {
+        get(&cluster.members[cluster.leader().await], "k", false).await.ok()
+    })
+    .await;
+    assert_eq!(value.as_deref(), Some(b"v".as_slice()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_elects_another_and_the_old_leader_catches_up_from_the_log() {
     let mut cluster = TestCluster::start(3);

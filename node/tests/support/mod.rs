@@ -146,6 +146,14 @@ impl TestMember {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the running member, with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("member is running").id();
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart of a running member");
         self.spawn();
