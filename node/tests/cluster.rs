@@ -3,6 +3,10 @@
 
 mod support;
 
+use consensus_node::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use consensus_node::proto::etcdserverpb::request_op::Request;
+use consensus_node::proto::etcdserverpb::response_op::Response;
+use consensus_node::proto::etcdserverpb::{Compare, RangeRequest, RequestOp, TxnRequest};
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -23,9 +27,10 @@ async fn three_members_elect_a_leader_and_every_member_reads_an_acknowledged_wri
 }
 
 /// ReadIndex confirms the leadership with a heartbeat round: a read writes nothing to the log
-/// (reads used to commit a blank entry each round, an fsync on a quorum per read).
+/// (reads used to commit a blank entry each round, an fsync on a quorum per read), and neither
+/// does a Txn that only reads (it went through the log as an entry of its own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn linearizable_reads_write_nothing_to_the_log() {
+async fn linearizable_reads_and_read_only_txns_write_nothing_to_the_log() {
     let cluster = TestCluster::start(3);
     let leader = cluster.leader().await;
     eventually("a write", || async { put(&cluster.members[leader], "k", "v").await.ok() }).await;
@@ -39,10 +44,27 @@ async fn linearizable_reads_write_nothing_to_the_log() {
     .await;
     let raft_index = || async { cluster.members[leader].status().await.map(|s| s.raft_index) };
     let before = eventually("the leader's status", raft_index).await;
+    let is_v = Compare {
+        key: b"k".to_vec(),
+        target: CompareTarget::Value as i32,
+        result: CompareResult::Equal as i32,
+        target_union: Some(TargetUnion::Value(b"v".to_vec())),
+        range_end: Vec::new(),
+    };
+    let read_k = RequestOp {
+        request: Some(Request::RequestRange(RangeRequest { key: b"k".to_vec(), ..Default::default() })),
+    };
+    let read_only = TxnRequest { compare: vec![is_v], success: vec![read_k], failure: Vec::new() };
     for member in &cluster.members {
         for _ in 0..10 {
             let value = get(member, "k", false).await.expect("linearizable read");
             assert_eq!(value.as_deref(), Some(b"v".as_slice()), "member {}", member.name);
+            let answer = member.kv().await.txn(read_only.clone()).await.expect("read-only txn").into_inner();
+            assert!(answer.succeeded, "member {}", member.name);
+            let Some(Response::ResponseRange(range)) = &answer.responses[0].response else {
+                panic!("a range")
+            };
+            assert_eq!(range.kvs[0].value, b"v");
         }
     }
     assert_eq!(eventually("the leader's status", raft_index).await, before);

@@ -8,10 +8,14 @@
 //! - no request, however malformed, is a storage failure (which would stop the member);
 //! - a refused request changes nothing;
 //! - both stores answer every request alike and end with the same data (applying is
-//!   deterministic and does not depend on how entries are batched, or members diverge).
+//!   deterministic and does not depend on how entries are batched, or members diverge);
+//! - a Txn that only reads, served from a read view as the member serves it (not through
+//!   the log), answers as it does through the log.
 
-use consensus_node::kv::{MvccStore, WriteBatch, apply_command};
+use consensus_node::kv::{MvccStore, WriteBatch, apply_command, read_only_txn, txn_is_read_only};
+use consensus_node::proto::etcdserverpb::TxnRequest;
 use consensus_node::raft::types::{Applied, Command};
+use prost::Message;
 
 use crate::Fields;
 
@@ -54,12 +58,17 @@ pub fn check(data: &[u8]) {
 
     let mut answers = Vec::new();
     for command in &commands {
+        let served_as_read = served_as_a_read(&one_by_one, command);
         let before = hash(&one_by_one);
         let mut batch = one_by_one.write(false).expect("a write batch");
         let applied = apply(&mut batch, command);
         batch.commit().expect("committing");
         if let Applied::Error(error) = &applied {
             assert_eq!(hash(&one_by_one), before, "{command}, refused with {error:?}, changed the store");
+        }
+        if let Some(served) = served_as_read {
+            assert_eq!(served, applied, "{command} answered otherwise served as a read");
+            assert_eq!(hash(&one_by_one), before, "{command}, which only reads, changed the store");
         }
         answers.push(applied);
     }
@@ -70,4 +79,19 @@ pub fn check(data: &[u8]) {
     }
     batch.commit().expect("committing");
     assert_eq!(hash(&batched), hash(&one_by_one), "the same commands left different data");
+}
+
+/// The answer to `command` served from a read view, when it is a Txn that only reads.
+fn served_as_a_read(store: &MvccStore, command: &Command) -> Option<Applied> {
+    let Command::Txn(bytes) = command else { return None };
+    let request = TxnRequest::decode(bytes.as_slice()).ok().filter(txn_is_read_only)?;
+    let mut view = store.read().expect("a read view");
+    Some(
+        match read_only_txn(&mut view, &request)
+            .unwrap_or_else(|e| panic!("{command} was a storage failure: {e}"))
+        {
+            Ok(response) => Applied::Response(response.encode_to_vec()),
+            Err(error) => Applied::Error(error),
+        },
+    )
 }

@@ -175,11 +175,17 @@ impl Kv for KvService {
         let request = request.into_inner();
         check_size(request.encoded_len())?;
         check_txn(&request)?;
+        if crate::kv::txn_is_read_only(&request) {
+            if !crate::kv::txn_is_serializable(&request) {
+                self.node.read_barrier().await?;
+            }
+            let mut response = crate::kv::read_only_txn(&mut self.node.store.read()?, &request)??;
+            super::finish_header(&self.node, &mut response.header);
+            return Ok(Response::new(response));
+        }
         if crate::kv::txn_puts(&request) {
             super::quota::check(&self.node, super::quota::txn_cost(&request)).await?;
         }
-        // Every Txn goes through the log, read-only ones too: simpler than a second,
-        // read-index path, at the cost of a log entry per read-only Txn.
         let mut response: TxnResponse =
             super::propose(&self.node, Command::Txn(request.encode_to_vec())).await?;
         super::finish_header(&self.node, &mut response.header);

@@ -7,7 +7,7 @@
 use prost::Message;
 
 use super::range::{RangeSource, range};
-use super::store::{KeySpan, KvError, RangeRequestSpec, WriteBatch, check_revision};
+use super::store::{KeySpan, KvError, RangeRequestSpec, ReadView, WriteBatch, check_revision};
 use crate::api::errors::ApplyError;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -145,7 +145,7 @@ struct Decided<'a> {
     nested: Vec<Decided<'a>>,
 }
 
-fn decide<'a>(batch: &WriteBatch, request: &'a TxnRequest) -> Outcome<Decided<'a>> {
+fn decide<'a>(batch: &impl RangeSource, request: &'a TxnRequest) -> Outcome<Decided<'a>> {
     let mut succeeded = true;
     for compare in &request.compare {
         if !holds(batch, compare)? {
@@ -165,7 +165,7 @@ fn decide<'a>(batch: &WriteBatch, request: &'a TxnRequest) -> Outcome<Decided<'a
 
 /// Whether `compare` holds for every key it covers; a missing key compares as a key with
 /// zero versions and revisions, and never equals a value (etcd's rule).
-fn holds(batch: &WriteBatch, compare: &Compare) -> Outcome<bool> {
+fn holds(batch: &impl RangeSource, compare: &Compare) -> Outcome<bool> {
     let spec = RangeRequestSpec {
         span: KeySpan { key: &compare.key, range_end: &compare.range_end },
         revision: 0,
@@ -225,25 +225,96 @@ fn check_decided(batch: &WriteBatch, decided: &Decided<'_>) -> Outcome<()> {
     Ok(())
 }
 
-fn run_decided(batch: &mut WriteBatch, revision: i64, decided: &Decided<'_>) -> Outcome<TxnResponse> {
+/// Where a Txn's chosen branch runs: the apply batch, or a read view for a Txn that writes
+/// nothing (served as a read, not through the log).
+trait TxnTarget: RangeSource {
+    fn current_revision(&self) -> Result<i64, KvError>;
+    fn put_at(&mut self, revision: i64, request: &PutRequest) -> Outcome<PutResponse>;
+    fn delete_at(&mut self, revision: i64, request: &DeleteRangeRequest) -> Outcome<DeleteRangeResponse>;
+}
+
+impl TxnTarget for WriteBatch {
+    fn current_revision(&self) -> Result<i64, KvError> {
+        Ok(self.revision())
+    }
+    fn put_at(&mut self, revision: i64, request: &PutRequest) -> Outcome<PutResponse> {
+        write_put(self, revision, request)
+    }
+    fn delete_at(&mut self, revision: i64, request: &DeleteRangeRequest) -> Outcome<DeleteRangeResponse> {
+        write_delete(self, revision, request)
+    }
+}
+
+impl TxnTarget for ReadView {
+    fn current_revision(&self) -> Result<i64, KvError> {
+        self.revision()
+    }
+    // `txn_is_read_only` lets no Txn with a write come here.
+    fn put_at(&mut self, _: i64, _: &PutRequest) -> Outcome<PutResponse> {
+        Err(ApplyError::Malformed("a put in a Txn served as a read".to_owned()).into())
+    }
+    fn delete_at(&mut self, _: i64, _: &DeleteRangeRequest) -> Outcome<DeleteRangeResponse> {
+        Err(ApplyError::Malformed("a delete in a Txn served as a read".to_owned()).into())
+    }
+}
+
+fn run_decided(target: &mut impl TxnTarget, revision: i64, decided: &Decided<'_>) -> Outcome<TxnResponse> {
     let mut nested = decided.nested.iter();
     let mut responses = Vec::with_capacity(decided.ops.len());
     for op in decided.ops {
         let response = match &op.request {
-            Some(Request::RequestRange(r)) => Response::ResponseRange(range(&*batch, r)?),
-            Some(Request::RequestPut(r)) => Response::ResponsePut(write_put(batch, revision, r)?),
+            Some(Request::RequestRange(r)) => Response::ResponseRange(range(&*target, r)?),
+            Some(Request::RequestPut(r)) => Response::ResponsePut(target.put_at(revision, r)?),
             Some(Request::RequestDeleteRange(r)) => {
-                Response::ResponseDeleteRange(write_delete(batch, revision, r)?)
+                Response::ResponseDeleteRange(target.delete_at(revision, r)?)
             }
             Some(Request::RequestTxn(_)) => match nested.next() {
-                Some(inner) => Response::ResponseTxn(run_decided(batch, revision, inner)?),
+                Some(inner) => Response::ResponseTxn(run_decided(target, revision, inner)?),
                 None => continue,
             },
             None => continue,
         };
         responses.push(ResponseOp { response: Some(response) });
     }
-    Ok(TxnResponse { header: header(batch.revision()), succeeded: decided.succeeded, responses })
+    Ok(TxnResponse { header: header(target.current_revision()?), succeeded: decided.succeeded, responses })
+}
+
+/// Whether no branch of `request` writes, nested Txns included. Such a Txn is served as a
+/// read, from the store as it is after a read barrier, as etcd serves it: through the log it
+/// cost an entry and an fsync on a quorum, and changed nothing.
+pub fn txn_is_read_only(request: &TxnRequest) -> bool {
+    request.success.iter().chain(&request.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(_)) | None => true,
+        Some(Request::RequestTxn(inner)) => txn_is_read_only(inner),
+        Some(Request::RequestPut(_) | Request::RequestDeleteRange(_)) => false,
+    })
+}
+
+/// Whether every read of a read-only Txn asks to be serializable (etcd's rule for serving it
+/// without a read barrier).
+pub fn txn_is_serializable(request: &TxnRequest) -> bool {
+    request.success.iter().chain(&request.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(r)) => r.serializable,
+        Some(Request::RequestTxn(inner)) => txn_is_serializable(inner),
+        Some(Request::RequestPut(_) | Request::RequestDeleteRange(_)) | None => true,
+    })
+}
+
+/// Serves a Txn that `txn_is_read_only` accepts from `view`: the refusal a client gets
+/// (a compacted revision, say) inside, a storage failure outside.
+pub fn read_only_txn(
+    view: &mut ReadView,
+    request: &TxnRequest,
+) -> Result<Result<TxnResponse, ApplyError>, KvError> {
+    let outcome = decide(&*view, request).and_then(|decided| {
+        let revision = view.revision()?;
+        run_decided(view, revision, &decided)
+    });
+    match outcome {
+        Ok(response) => Ok(Ok(response)),
+        Err(Failure::Refused(error)) => Ok(Err(error)),
+        Err(Failure::Storage(error)) => Err(error),
+    }
 }
 
 fn txn(batch: &mut WriteBatch, request: &TxnRequest) -> Outcome<TxnResponse> {
@@ -465,6 +536,64 @@ mod tests {
         let Some(Response::ResponseRange(range)) = &response.responses[2].response else { panic!("range") };
         assert_eq!(range.kvs[0].value, b"1");
         assert_eq!(range.kvs[0].mod_revision, before + 1);
+    }
+
+    #[test]
+    fn a_read_only_txn_served_as_a_read_answers_as_through_the_log() {
+        let f = store();
+        put(&f.store, "a", "1");
+        put(&f.store, "b", "2");
+        let range = |key: &str, revision: i64| {
+            op(Request::RequestRange(RangeRequest { key: key.into(), revision, ..Default::default() }))
+        };
+        let is_one =
+            compare("a", CompareTarget::Value, CompareResult::Equal, TargetUnion::Value(b"1".to_vec()));
+        let inner = TxnRequest {
+            compare: vec![compare(
+                "b",
+                CompareTarget::Version,
+                CompareResult::Greater,
+                TargetUnion::Version(5),
+            )],
+            success: vec![range("a", 0)],
+            failure: vec![range("b", 0), range("a", 2)],
+        };
+        let request = TxnRequest {
+            compare: vec![is_one],
+            success: vec![range("a", 0), op(Request::RequestTxn(inner))],
+            failure: vec![range("b", 0)],
+        };
+        assert!(txn_is_read_only(&request));
+        assert!(!txn_is_serializable(&request));
+        let mut view = f.store.read().expect("read");
+        let served = read_only_txn(&mut view, &request).expect("storage").expect("txn");
+        drop(view);
+        let through_the_log = txn(&f.store, request).expect("txn");
+        assert_eq!(served, through_the_log);
+        assert!(served.succeeded);
+        assert_eq!(served.responses.len(), 2);
+        // A read of a compacted or future revision is refused as through the log.
+        let future = TxnRequest { success: vec![range("a", 99)], ..Default::default() };
+        let mut view = f.store.read().expect("read");
+        assert_eq!(read_only_txn(&mut view, &future).expect("storage"), Err(ApplyError::FutureRevision));
+        // A write anywhere, in a branch not taken or nested, goes through the log.
+        let nested_put = TxnRequest {
+            failure: vec![op(Request::RequestTxn(TxnRequest {
+                success: vec![op(Request::RequestPut(put_request("c", "3", 0)))],
+                ..Default::default()
+            }))],
+            ..Default::default()
+        };
+        assert!(!txn_is_read_only(&nested_put));
+        let serializable = TxnRequest {
+            success: vec![op(Request::RequestRange(RangeRequest {
+                key: "a".into(),
+                serializable: true,
+                ..Default::default()
+            }))],
+            ..Default::default()
+        };
+        assert!(txn_is_serializable(&serializable));
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! the latest state or, until compacted, any earlier revision.
 //!
 //! Tables:
-//! - `live`: key -> its current `KeyValue` (the hot path for reads at the head revision);
+//! - `live_revisions`: every live key -> the revision of its current version;
 //! - `history`: (key, revision) -> the `KeyValue` written at that revision, or a tombstone
-//!   (`version == 0`) where the key was deleted; serves reads at older revisions;
+//!   (`version == 0`) where the key was deleted: each version is kept once, here; reads at
+//!   the head revision find it through `live_revisions`;
 //! - `leases`: lease id -> granted TTL; `lease_keys`: (lease id, key) for attached keys;
 //! - `meta`: the current and compacted revisions, and the Raft state the apply layer keeps
 //!   beside the data in the same transaction (applied log id, membership).
@@ -17,7 +18,7 @@ mod range;
 mod store;
 pub mod watch;
 
-pub use apply::{alarms_of, apply_command, txn_puts};
+pub use apply::{alarms_of, apply_command, read_only_txn, txn_is_read_only, txn_is_serializable, txn_puts};
 pub use range::{RangeSource, range, valid_sort};
 pub use store::{KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
 
