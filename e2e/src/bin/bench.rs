@@ -730,6 +730,21 @@ fn print_rows(name: &str, ours: &Measured, etcds: &[(String, Measured)]) {
     }
 }
 
+/// `print_rows` for workloads that also report what they checked, kept in `reports`.
+fn print_reported(
+    name: &str,
+    (ours, etcds): ((Measured, String), Vec<(String, (Measured, String))>),
+    reports: &mut Vec<String>,
+) {
+    reports.push(ours.1);
+    let mut measured = Vec::new();
+    for (system, (m, report)) in etcds {
+        reports.push(report);
+        measured.push((system, m));
+    }
+    print_rows(name, &ours.0, &measured);
+}
+
 /// A figure with one value per system (lower is better for both of these).
 fn print_figure(name: &str, ours: f64, etcds: &[(String, f64)]) {
     println!("{name:<26} {:<16} {ours:>10.1}", "consensus-node");
@@ -811,22 +826,10 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster]) -> anyhow::Result<()
     print_figure("peak RSS of a member (MiB)", ours_rss, &etcd_rss);
     // After the rows above, so that their load leaves those unchanged.
     let mut reports = Vec::new();
-    let (a, bs) = on_each(ours, etcds, async |c| watch_fan_out(c).await).await?;
-    reports.push(a.1);
-    reports.extend(bs.iter().map(|(_, (_, r))| r.clone()));
-    print_rows(
-        &format!("watch, {WATCHERS} watchers"),
-        &a.0,
-        &bs.into_iter().map(|(n, (m, _))| (n, m)).collect::<Vec<_>>(),
-    );
-    let (a, bs) = on_each(ours, etcds, async |c| lease_keep_alive(c).await).await?;
-    reports.push(a.1);
-    reports.extend(bs.iter().map(|(_, (_, r))| r.clone()));
-    print_rows(
-        &format!("lease keep-alive, {LEASES}"),
-        &a.0,
-        &bs.into_iter().map(|(n, (m, _))| (n, m)).collect::<Vec<_>>(),
-    );
+    let watched = on_each(ours, etcds, async |c| watch_fan_out(c).await).await?;
+    print_reported(&format!("watch, {WATCHERS} watchers"), watched, &mut reports);
+    let kept_alive = on_each(ours, etcds, async |c| lease_keep_alive(c).await).await?;
+    print_reported(&format!("lease keep-alive, {LEASES}"), kept_alive, &mut reports);
     println!();
     println!(
         "ratios above 1 mean more throughput for ops/s, and a slower p99, more CPU per operation, slower \
