@@ -730,12 +730,11 @@ fn print_rows(name: &str, ours: &Measured, etcds: &[(String, Measured)]) {
     }
 }
 
+/// A workload's figures and its report of what it checked.
+type Reported = (Measured, String);
+
 /// `print_rows` for workloads that also report what they checked, kept in `reports`.
-fn print_reported(
-    name: &str,
-    (ours, etcds): ((Measured, String), Vec<(String, (Measured, String))>),
-    reports: &mut Vec<String>,
-) {
+fn print_reported(name: &str, (ours, etcds): (Reported, Vec<(String, Reported)>), reports: &mut Vec<String>) {
     reports.push(ours.1);
     let mut measured = Vec::new();
     for (system, (m, report)) in etcds {
