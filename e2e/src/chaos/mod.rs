@@ -264,6 +264,19 @@ async fn inject(
     Ok(())
 }
 
+/// Aborts the tasks of a run when it returns, also early with an error: they would otherwise
+/// go on dialing members that are gone (the live watch waits for a final revision that never
+/// comes), run after run.
+struct AbortOnReturn(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnReturn {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// One chaos run: start, load and faults, heal, final reads, checks.
 pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     std::fs::create_dir_all(&config.dir)?;
@@ -308,6 +321,8 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
             .await
         })
     };
+    let _abort_on_return =
+        AbortOnReturn(tasks.iter().map(|t| t.abort_handle()).chain([live_watch.abort_handle()]).collect());
 
     let mut report = RunReport::default();
     let began = tokio::time::Instant::now();
@@ -346,8 +361,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunReport> {
     let _ = final_revision_known.send(Some(final_revision));
     if tokio::time::timeout(members::SETTLE_DEADLINE, &mut live_watch).await.is_err() {
         // What it delivered is judged all the same: whatever is missing up to the final
-        // revision is reported below.
-        live_watch.abort();
+        // revision is reported below. (It is aborted when the run returns.)
         cluster.note("the live watch did not reach the final revision in time");
     }
 

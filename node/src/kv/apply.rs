@@ -290,13 +290,13 @@ pub fn txn_is_read_only(request: &TxnRequest) -> bool {
     })
 }
 
-/// Whether every read of a read-only Txn asks to be serializable (etcd's rule for serving it
-/// without a read barrier).
+/// Whether every op of a read-only Txn is a range that asks to be serializable, etcd's rule
+/// for serving it without a read barrier: an empty op or a nested Txn does not ask, so its
+/// compares are judged on what the leader confirms, not on a follower's possibly stale store.
 pub fn txn_is_serializable(request: &TxnRequest) -> bool {
     request.success.iter().chain(&request.failure).all(|op| match &op.request {
         Some(Request::RequestRange(r)) => r.serializable,
-        Some(Request::RequestTxn(inner)) => txn_is_serializable(inner),
-        Some(Request::RequestPut(_) | Request::RequestDeleteRange(_)) | None => true,
+        _ => false,
     })
 }
 
@@ -594,6 +594,13 @@ mod tests {
             ..Default::default()
         };
         assert!(txn_is_serializable(&serializable));
+        // An empty op or a nested Txn asks for nothing serializable: its compares are judged
+        // after a read barrier (etcd's rule).
+        let empty_op = TxnRequest { success: vec![RequestOp { request: None }], ..serializable.clone() };
+        assert!(!txn_is_serializable(&empty_op));
+        let nested =
+            TxnRequest { success: vec![op(Request::RequestTxn(serializable))], ..Default::default() };
+        assert!(!txn_is_serializable(&nested));
     }
 
     #[test]

@@ -112,6 +112,9 @@ pub(super) fn decode(key: &[u8], bytes: &[u8]) -> Result<KeyValue, KvError> {
 fn initialize(db: &Database) -> Result<(), KvError> {
     let txn = db.begin_write().map_err(storage)?;
     if txn.delete_table(OLD_LIVE).map_err(storage)? {
+        // A store converted before, then run by the earlier version again, still has rows
+        // here that no longer say what lives.
+        txn.delete_table(LIVE).map_err(storage)?;
         index_live_keys(&txn)?;
     }
     {
@@ -936,6 +939,32 @@ mod tests {
         let previous = batch.put(revision, b"a", b"3", 0).expect("put");
         assert_eq!(previous.map(|kv| (kv.value, kv.version)), Some((b"2".to_vec(), 2)));
         batch.commit().expect("commit");
+    }
+
+    #[test]
+    fn a_store_converted_then_run_by_the_earlier_version_converts_again_from_its_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = MvccStore::open(&path).expect("open");
+        with_history(&store);
+        let latest = everything(&store.read().expect("read"), 0);
+        drop(store);
+        // Converted once, then the earlier version deleted "c" (put at revision 5): its
+        // layout has no "c", but the rows it never touched still say "c" lives.
+        {
+            let db = Database::open(&path).expect("open");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut old = txn.open_table(OLD_LIVE).expect("old live");
+                for kv in &latest.kvs {
+                    old.insert(kv.key.as_slice(), kv.encode_to_vec().as_slice()).expect("insert");
+                }
+                txn.open_table(LIVE).expect("live").insert(b"c".as_slice(), 5).expect("stale row");
+            }
+            txn.commit().expect("commit");
+        }
+        let store = MvccStore::open(&path).expect("open");
+        assert_eq!(everything(&store.read().expect("read"), 0), latest);
     }
 
     #[test]
