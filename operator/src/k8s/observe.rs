@@ -395,7 +395,11 @@ fn join(
             // A pod being deleted still answers, and may still be Ready, until it stops: it is
             // on its way down, and counting it healthy would let a second member go meanwhile.
             let healthy = member.healthy && pod.ready && !pod.terminating;
-            ObservedMember { healthy, zone: pod.zone, outdated, ..member }
+            // What it applied goes with it: it is no source to recover from, though it may
+            // answer with as much as the members that stay (found by scenario 20, where the
+            // member being deleted with its data wiped was named the recovery's source).
+            let applied_index = member.applied_index.filter(|_| !pod.terminating);
+            ObservedMember { healthy, zone: pod.zone, outdated, applied_index, ..member }
         })
         .collect()
 }
@@ -470,7 +474,9 @@ mod tests {
         };
         let going = PodView { ready: true, terminating: true, ..PodView::default() };
         let pods = BTreeMap::from([("demo-0".to_owned(), going)]);
-        assert!(!join(vec![member], &pods, None)[0].healthy);
+        let joined = &join(vec![member], &pods, None)[0];
+        assert!(!joined.healthy);
+        assert_eq!(joined.applied_index, None, "no source for a recovery");
     }
 
     #[test]
