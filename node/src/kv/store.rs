@@ -904,6 +904,14 @@ mod tests {
         assert_eq!(everything(&view, 0).kvs.len(), 64);
     }
 
+    /// The earlier layout's live table: each live key's whole key-value.
+    fn write_earlier_live_table(txn: &WriteTransaction, live: &RangeResult) {
+        let mut old = txn.open_table(OLD_LIVE).expect("old live");
+        for kv in &live.kvs {
+            old.insert(kv.key.as_slice(), kv.encode_to_vec().as_slice()).expect("insert");
+        }
+    }
+
     #[test]
     fn a_store_of_the_earlier_layout_opens_with_the_same_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -918,12 +926,7 @@ mod tests {
         {
             let db = Database::open(&path).expect("open");
             let txn = db.begin_write().expect("write");
-            {
-                let mut old = txn.open_table(OLD_LIVE).expect("old live");
-                for kv in &latest.kvs {
-                    old.insert(kv.key.as_slice(), kv.encode_to_vec().as_slice()).expect("insert");
-                }
-            }
+            write_earlier_live_table(&txn, &latest);
             assert!(txn.delete_table(LIVE).expect("delete"));
             txn.commit().expect("commit");
         }
@@ -954,13 +957,8 @@ mod tests {
         {
             let db = Database::open(&path).expect("open");
             let txn = db.begin_write().expect("write");
-            {
-                let mut old = txn.open_table(OLD_LIVE).expect("old live");
-                for kv in &latest.kvs {
-                    old.insert(kv.key.as_slice(), kv.encode_to_vec().as_slice()).expect("insert");
-                }
-                txn.open_table(LIVE).expect("live").insert(b"c".as_slice(), 5).expect("stale row");
-            }
+            write_earlier_live_table(&txn, &latest);
+            txn.open_table(LIVE).expect("live").insert(b"c".as_slice(), 5).expect("stale row");
             txn.commit().expect("commit");
         }
         let store = MvccStore::open(&path).expect("open");
