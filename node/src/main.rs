@@ -248,6 +248,10 @@ struct RunArgs {
     /// WAL bytes written since the last snapshot that trigger another.
     #[arg(long, env = "ETCD_SNAPSHOT_BYTES", default_value_t = 64 << 20)]
     snapshot_bytes: u64,
+    /// Payload bytes of the newest Raft log entries held in memory; older entries, such as
+    /// those kept behind a snapshot for slow followers, are read back from the WAL.
+    #[arg(long, default_value_t = 64 << 20)]
+    wal_held_bytes: u64,
     /// Period of the progress notifications of watchers that ask for them (`500ms`, `10s`,
     /// `10m`, `1h`).
     #[arg(
@@ -381,6 +385,7 @@ impl RunArgs {
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             snapshot_bytes: self.snapshot_bytes,
+            wal_held_bytes: self.wal_held_bytes,
             watch_progress_notify_interval: self.experimental_watch_progress_notify_interval,
             quota_backend_bytes: match self.quota_backend_bytes {
                 0 => consensus_node::api::quota::DEFAULT_QUOTA_BYTES,

@@ -62,6 +62,8 @@ pub struct MemberConfig {
     pub snapshot_catchup_entries: u64,
     /// WAL bytes written since the last snapshot that trigger another one.
     pub snapshot_bytes: u64,
+    /// Payload bytes of the newest log entries held in memory (`WalOptions::held_bytes`).
+    pub wal_held_bytes: u64,
     /// How often watchers that asked for progress notifications get one.
     pub watch_progress_notify_interval: Duration,
     /// The store's size limit (etcd's `--quota-backend-bytes`).
@@ -272,7 +274,11 @@ pub async fn run(
     let metrics = Metrics::new(identity.member_id, VERSION);
     let log_store = LogStore::open(
         &layout.raft_log(),
-        WalOptions { metrics: Some(Arc::new(metrics.clone())), ..WalOptions::default() },
+        WalOptions {
+            held_bytes: config.wal_held_bytes,
+            metrics: Some(Arc::new(metrics.clone())),
+            ..WalOptions::default()
+        },
     )
     .with_context(|| format!("opening the Raft log in {}", dir.display()))?;
     let db_path = layout.store();

@@ -151,6 +151,39 @@ async fn a_member_that_missed_compacted_entries_catches_up_through_a_snapshot() 
     );
 }
 
+/// With no entry payload held in memory, the leader sends a member that was down the
+/// entries it missed as read back from its WAL segments, and that member recovers its own
+/// log the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_was_down_catches_up_from_entries_read_back_from_the_wal() {
+    let mut cluster = TestCluster::start_with(3, Options { wal_held_bytes: 0, ..Options::default() });
+    let leader = cluster.leader().await;
+    let lagging = (leader + 1) % 3;
+    eventually("a write before", || async { put(&cluster.members[leader], "before", "b").await.ok() }).await;
+    cluster.members[lagging].kill9();
+    for i in 0..200 {
+        eventually("a write while a member is down", || async {
+            put(&cluster.members[leader], &format!("bulk/{i:04}"), &format!("v{i}")).await.ok()
+        })
+        .await;
+    }
+    cluster.members[lagging].restart();
+    let member = &cluster.members[lagging];
+    eventually("the lagging member to hold all 200 keys", || async {
+        (keys_with_prefix(member, "bulk/").await.ok()?.len() == 200).then_some(())
+    })
+    .await;
+    for i in [0, 77, 199] {
+        let value = get(member, &format!("bulk/{i:04}"), true).await.expect("serializable read");
+        assert_eq!(value, Some(format!("v{i}").into_bytes()), "bulk/{i:04}");
+    }
+    assert_eq!(get(member, "before", true).await.expect("read"), Some(b"b".to_vec()));
+    assert!(
+        !member.log_text().contains("installed a snapshot from the leader"),
+        "caught up through a snapshot"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_single_member_cluster_serves_and_keeps_its_data_across_restarts() {
     let mut cluster = TestCluster::start(1);

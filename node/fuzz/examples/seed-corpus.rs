@@ -41,7 +41,7 @@ fn wal_input(dir: &Path) -> anyhow::Result<Vec<u8>> {
 
 fn wal_seeds() -> anyhow::Result<()> {
     let dir = scratch_dir();
-    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 512, metrics: None })?;
+    let wal = Wal::open(dir.path(), WalOptions { segment_bytes: 512, ..WalOptions::default() })?;
     let entry = |i: u64| (i, format!("entry {i}").into_bytes());
     wal.append_blocking((1..=20).map(entry).collect())?;
     let (tx, rx) = mpsc::channel();

@@ -14,8 +14,9 @@ use consensus_node::storage::wal::{Wal, WalOptions};
 use crate::Fields;
 
 fn options() -> WalOptions {
-    // Small segments, so that appending after recovery may start a new one.
-    WalOptions { segment_bytes: 4096, metrics: None }
+    // Small segments, so that appending after recovery may start a new one; little held in
+    // memory, so that entries are read back from the segments.
+    WalOptions { segment_bytes: 4096, held_bytes: 64, metrics: None }
 }
 
 fn entries(wal: &Wal) -> Vec<(u64, Vec<u8>)> {

@@ -60,6 +60,7 @@ pub struct Options {
     pub snapshot_bytes: u64,
     /// `--quota-backend-bytes`; 0 for the default.
     pub quota_backend_bytes: u64,
+    pub wal_held_bytes: u64,
 }
 
 impl Default for Options {
@@ -69,6 +70,7 @@ impl Default for Options {
             snapshot_catchup_entries: 5_000,
             snapshot_bytes: 64 << 20,
             quota_backend_bytes: 0,
+            wal_held_bytes: 64 << 20,
         }
     }
 }
@@ -256,6 +258,8 @@ fn member_args(m: &TestMember, initial_cluster: &str, state: &str, options: &Opt
         options.snapshot_bytes.to_string(),
         "--quota-backend-bytes".into(),
         options.quota_backend_bytes.to_string(),
+        "--wal-held-bytes".into(),
+        options.wal_held_bytes.to_string(),
     ]
 }
 

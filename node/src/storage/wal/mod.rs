@@ -26,9 +26,13 @@
 //! offset). Any other damaged record, missing segment or index gap refuses to open: it may
 //! hold acknowledged writes, so the data directory must be restored or the member replaced.
 //!
-//! **Memory.** All live entry payloads are also kept in memory (v1 simplicity): reads never
-//! touch the disk, and entries are readable as soon as `append` returns, as openraft
-//! expects. Snapshots bound the size, since the log is purged behind each one.
+//! **Memory.** The newest entry payloads are also held in memory, up to
+//! [`WalOptions::held_bytes`]: entries are readable as soon as `append` returns, as
+//! openraft expects, and the entries being applied or replicated to followers that keep up
+//! are read without touching the disk. Once an entry is durable the writer thread says
+//! where its record is; past the limit the oldest payloads are dropped and read back from
+//! their segments (checksum and index checked) when asked for. Each append is numbered, so
+//! a report for entries that were truncated and appended again meanwhile is ignored.
 
 mod record;
 mod segment;
@@ -38,8 +42,9 @@ mod writer;
 mod tests;
 
 use std::collections::VecDeque;
-use std::fs::{self, OpenOptions};
-use std::io;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,7 +52,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use record::Record;
-use segment::{SegmentFile, io_at};
+use segment::{OpenSegment, SegmentFile, io_at};
 use writer::{LogState, Op, Request, Writer};
 
 /// Where the WAL reports fsync latency and bytes written (etcd's WAL metrics).
@@ -62,12 +67,15 @@ pub trait WalMetrics: Send + Sync {
 pub struct WalOptions {
     /// A new segment starts once the active one has reached this size.
     pub segment_bytes: u64,
+    /// Payload bytes of the newest entries held in memory; older ones are read back from
+    /// their segments. Entries not yet durable are held whatever this says.
+    pub held_bytes: u64,
     pub metrics: Option<Arc<dyn WalMetrics>>,
 }
 
 impl Default for WalOptions {
     fn default() -> Self {
-        Self { segment_bytes: 64 << 20, metrics: None }
+        Self { segment_bytes: 64 << 20, held_bytes: 64 << 20, metrics: None }
     }
 }
 
@@ -92,16 +100,84 @@ pub enum WalError {
 /// Called once the request (and everything queued before it) is durable, or with the error.
 pub type Durable = Box<dyn FnOnce(io::Result<()>) + Send>;
 
-/// The live entries (consecutive indexes) and the purge point.
+/// Where an entry's record is: enough to read it back once its payload is let go.
+#[derive(Clone)]
+struct Location {
+    file: Arc<OpenSegment>,
+    offset: u64,
+    len: u32,
+}
+
+impl Location {
+    /// Reads the record back, checking that it is entry `index`'s.
+    fn read(&self, index: u64) -> Result<Vec<u8>, WalError> {
+        let path = &self.file.path;
+        let mut bytes = vec![0; self.len as usize];
+        self.file.file.read_exact_at(&mut bytes, self.offset).map_err(io_at(path))?;
+        let corrupt = |reason: String| WalError::Corrupt { file: path.clone(), offset: self.offset, reason };
+        match record::decode(&bytes) {
+            Ok((Record::Entry { index: found, payload }, len)) if found == index && len == bytes.len() => {
+                Ok(payload.to_vec())
+            }
+            Ok((Record::Entry { index: found, .. }, _)) => {
+                Err(corrupt(format!("read back entry {index}, but the record there is entry {found}")))
+            }
+            Ok(_) => Err(corrupt(format!("read back entry {index}, but the record there is not an entry"))),
+            Err(e) => Err(corrupt(format!("reading back entry {index}: {e}"))),
+        }
+    }
+}
+
+/// One live entry.
+struct Slot {
+    /// The append that put it here: a truncation and a new append can reuse its index
+    /// before the writer reports where the first append's record went.
+    append: u64,
+    body: Body,
+}
+
+enum Body {
+    /// The location is known once the record is durable.
+    Held { payload: Vec<u8>, location: Option<Location> },
+    /// Let go: read it back from here.
+    OnDisk(Location),
+}
+
+impl Body {
+    fn held_len(&self) -> u64 {
+        match self {
+            Body::Held { payload, .. } => payload.len() as u64,
+            Body::OnDisk(_) => 0,
+        }
+    }
+}
+
+/// The live entries (consecutive indexes), the purge point, and which payloads are held.
 #[derive(Default)]
 struct MemLog {
     /// Index of `entries[0]`; meaningless when `entries` is empty.
     start: u64,
-    entries: VecDeque<Vec<u8>>,
+    entries: VecDeque<Slot>,
     purged: Option<u64>,
+    /// Entries below this index have been let go, the rest are held.
+    held_from: u64,
+    /// The payload bytes held.
+    held_bytes: u64,
+    /// How many payload bytes to hold at most, once they are durable.
+    hold_limit: u64,
+    /// Numbers the appends.
+    appends: u64,
+}
+
+fn lock(log: &Mutex<MemLog>) -> MutexGuard<'_, MemLog> {
+    log.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemLog {
+    fn new(hold_limit: u64) -> Self {
+        MemLog { hold_limit, ..MemLog::default() }
+    }
+
     fn first(&self) -> Option<u64> {
         (!self.entries.is_empty()).then_some(self.start)
     }
@@ -122,38 +198,95 @@ impl MemLog {
         LogState { purged: self.purged, prev_last: self.last() }
     }
 
-    /// Adds the entry after the last one (or starts the log at `index`).
-    fn push(&mut self, index: u64, payload: Vec<u8>) {
+    /// Adds the entry after the last one (or starts the log at `index`), from append
+    /// `append`, at `location` if it is known.
+    fn push(&mut self, index: u64, payload: Vec<u8>, append: u64, location: Option<Location>) {
         if self.entries.is_empty() {
             self.start = index;
+            self.held_from = index;
         }
-        self.entries.push_back(payload);
+        self.held_bytes += payload.len() as u64;
+        self.entries.push_back(Slot { append, body: Body::Held { payload, location } });
+        self.let_go();
+    }
+
+    /// Numbers a new append.
+    fn next_append(&mut self) -> u64 {
+        self.appends += 1;
+        self.appends
+    }
+
+    /// Drops the payloads of removed entries from the count of bytes held.
+    fn forget<'a>(&mut self, removed: impl Iterator<Item = &'a Slot>) {
+        let bytes: u64 = removed.map(|s| s.body.held_len()).sum();
+        self.held_bytes -= bytes;
     }
 
     fn truncate(&mut self, from: u64) {
-        if from <= self.start {
-            self.entries.clear();
-        } else if let Ok(keep) = usize::try_from(from - self.start) {
-            self.entries.truncate(keep);
+        let keep =
+            if from <= self.start { 0 } else { usize::try_from(from - self.start).unwrap_or(usize::MAX) };
+        if keep < self.entries.len() {
+            let removed: Vec<Slot> = self.entries.drain(keep..).collect();
+            self.forget(removed.iter());
         }
+        self.held_from = self.held_from.min(from);
     }
 
     fn purge(&mut self, upto: u64) {
         self.purged = self.purged.max(Some(upto));
         let Some(last) = self.last() else { return };
-        if upto >= last {
-            self.entries.clear();
-        } else if upto >= self.start {
-            // upto - start + 1 <= len, which is a usize.
-            let drop = (upto - self.start + 1) as usize;
-            self.entries.drain(..drop);
+        if upto >= self.start {
+            // At most len entries, a usize.
+            let drop = (upto.min(last) - self.start + 1) as usize;
+            let removed: Vec<Slot> = self.entries.drain(..drop).collect();
+            self.forget(removed.iter());
             self.start = upto + 1;
+            self.held_from = self.held_from.max(self.start);
         }
+    }
+
+    /// Records where append `append`'s entries from `first` on are, then lets go of what
+    /// the limit says. Entries removed or appended again since are skipped.
+    fn located(&mut self, append: u64, first: u64, locations: impl Iterator<Item = Location>) {
+        for (index, location) in (first..).zip(locations) {
+            let Some(position) = index.checked_sub(self.start) else { continue };
+            let Some(slot) = usize::try_from(position).ok().and_then(|p| self.entries.get_mut(p)) else {
+                break;
+            };
+            if slot.append == append
+                && let Body::Held { location: known, .. } = &mut slot.body
+            {
+                *known = Some(location);
+            }
+        }
+        self.let_go();
+    }
+
+    /// Lets go of the oldest held payloads whose records are durable until the bytes held
+    /// are within the limit.
+    fn let_go(&mut self) {
+        while self.held_bytes > self.hold_limit {
+            let position = self.held_from.checked_sub(self.start).and_then(|p| usize::try_from(p).ok());
+            let Some(slot) = position.and_then(|p| self.entries.get_mut(p)) else { break };
+            let Body::Held { payload, location: Some(location) } = &slot.body else { break };
+            self.held_bytes -= payload.len() as u64;
+            slot.body = Body::OnDisk(location.clone());
+            self.held_from += 1;
+        }
+    }
+
+    /// The payloads of the entries at `positions` where they are held, else where to
+    /// read them.
+    fn get(&self, positions: std::ops::Range<usize>) -> Vec<Result<Vec<u8>, Location>> {
+        let get = |slot: &Slot| match &slot.body {
+            Body::Held { payload, .. } => Ok(payload.clone()),
+            Body::OnDisk(location) => Err(location.clone()),
+        };
+        self.entries.range(positions).map(get).collect()
     }
 }
 
 /// Rebuilds the log from the segments' records, checking they form one consistent history.
-#[derive(Default)]
 struct Replay {
     log: MemLog,
     /// Whether a segment header has been read.
@@ -190,7 +323,18 @@ impl Replay {
         }
     }
 
-    fn apply(&mut self, segment: &SegmentFile, offset: u64, record: Record<'_>) -> Result<(), WalError> {
+    fn new(hold_limit: u64) -> Self {
+        Replay { log: MemLog::new(hold_limit), started: false, phantom_last: None }
+    }
+
+    fn apply(
+        &mut self,
+        segment: &SegmentFile,
+        file: &Arc<OpenSegment>,
+        offset: u64,
+        len: usize,
+        record: Record<'_>,
+    ) -> Result<(), WalError> {
         let corrupt = |reason: String| WalError::Corrupt { file: segment.path.clone(), offset, reason };
         let gap = |expected: Option<u64>, found: u64| WalError::Gap {
             file: segment.path.clone(),
@@ -246,7 +390,9 @@ impl Replay {
                     }
                     return Err(corrupt(format!("entry {index} overwrites entries before {expected}")));
                 }
-                self.log.push(index, payload.to_vec());
+                // Frames are at most MAX_BODY plus a header, well within a u32.
+                let location = Location { file: file.clone(), offset, len: len as u32 };
+                self.log.push(index, payload.to_vec(), 0, Some(location));
             }
             Record::Truncate { from } => {
                 if from < first {
@@ -264,15 +410,18 @@ impl Replay {
 
 /// Reads every segment, truncating a torn tail, and returns the log, the segments kept and
 /// the length of the last one.
-fn recover(dir: &Path) -> Result<(MemLog, Vec<SegmentFile>, u64), WalError> {
+fn recover(dir: &Path, hold_limit: u64) -> Result<(MemLog, Vec<SegmentFile>, u64), WalError> {
     let segments = segment::list(dir)?;
-    let mut replay = Replay::default();
+    let mut replay = Replay::new(hold_limit);
     let mut kept = Vec::with_capacity(segments.len());
     let mut last_len = 0;
     let count = segments.len();
     for (position, segment) in segments.into_iter().enumerate() {
         let is_last = position + 1 == count;
-        let bytes = fs::read(&segment.path).map_err(io_at(&segment.path))?;
+        let mut file = File::open(&segment.path).map_err(io_at(&segment.path))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io_at(&segment.path))?;
+        let file = Arc::new(OpenSegment { path: segment.path.clone(), file });
         if bytes.is_empty() && !is_last {
             return Err(WalError::Corrupt {
                 file: segment.path,
@@ -280,8 +429,8 @@ fn recover(dir: &Path) -> Result<(MemLog, Vec<SegmentFile>, u64), WalError> {
                 reason: "the segment is empty, but it is not the last one".into(),
             });
         }
-        let torn = segment::scan(&segment.path, &bytes, is_last, |offset, record| {
-            replay.apply(&segment, offset, record)
+        let torn = segment::scan(&segment.path, &bytes, is_last, |offset, len, record| {
+            replay.apply(&segment, &file, offset, len, record)
         })?;
         let mut len = bytes.len() as u64;
         if let Some(offset) = torn {
@@ -316,7 +465,8 @@ fn recover(dir: &Path) -> Result<(MemLog, Vec<SegmentFile>, u64), WalError> {
 
 /// The write-ahead log. See the module documentation.
 pub struct Wal {
-    log: Mutex<MemLog>,
+    /// Shared with the writer, which says where durable entries are.
+    log: Arc<Mutex<MemLog>>,
     /// Sent to while `log` is locked, so queue order is the order of the in-memory changes.
     sender: Option<Sender<Request>>,
     writer: Option<JoinHandle<()>>,
@@ -361,18 +511,20 @@ impl Wal {
                 segment::sync_dir(parent).map_err(io_at(parent))?;
             }
         }
-        let (log, segments, active_len) = recover(dir)?;
-        let writer = Writer::new(dir.to_owned(), options, segments, active_len).map_err(io_at(dir))?;
+        let (log, segments, active_len) = recover(dir, options.held_bytes)?;
+        let log = Arc::new(Mutex::new(log));
+        let writer =
+            Writer::new(dir.to_owned(), options, log.clone(), segments, active_len).map_err(io_at(dir))?;
         let (sender, receiver) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || writer.run(receiver))
             .map_err(io_at(dir))?;
-        Ok(Wal { log: Mutex::new(log), sender: Some(sender), writer: Some(handle) })
+        Ok(Wal { log, sender: Some(sender), writer: Some(handle) })
     }
 
     fn lock(&self) -> MutexGuard<'_, MemLog> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.log)
     }
 
     /// Applies `change` to the in-memory log and queues the request it returns, atomically
@@ -406,10 +558,15 @@ impl Wal {
     pub fn append(&self, entries: Vec<(u64, Vec<u8>)>, on_durable: Durable) {
         let checked = check_batch(&entries);
         let mut frames = Vec::new();
+        let mut lengths = Vec::new();
         if checked.is_ok() {
             frames.reserve(entries.iter().map(|(_, p)| p.len() + record::FRAME_HEADER + 8).sum());
+            lengths.reserve(entries.len());
             for (index, payload) in &entries {
+                let start = frames.len();
                 record::encode(&Record::Entry { index: *index, payload }, &mut frames);
+                // check_batch bounded the payload, so the frame fits a u32.
+                lengths.push((frames.len() - start) as u32);
             }
         }
         self.enqueue(Some(on_durable), move |log| {
@@ -427,10 +584,11 @@ impl Wal {
             }
             // A segment started for these entries follows the log as it is before them.
             let state = log.state();
+            let append = log.next_append();
             for (index, payload) in entries {
-                log.push(index, payload);
+                log.push(index, payload, append, None);
             }
-            (Op::Append { first, frames }, state)
+            (Op::Append { first, append, frames, lengths }, state)
         });
     }
 
@@ -472,18 +630,34 @@ impl Wal {
     }
 
     /// The entries with index in `[start, end_exclusive)` that the log holds, in order.
+    /// Entries no longer held in memory are read back from their segments, outside the lock.
     pub fn read_range(&self, start: u64, end_exclusive: u64) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
-        let log = self.lock();
-        let (Some(first), Some(last)) = (log.first(), log.last()) else { return Ok(Vec::new()) };
-        let from = start.max(first);
-        let to = end_exclusive.min(last.saturating_add(1));
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        // Both offsets are at most the number of entries, a usize.
-        let skip = (from - log.start) as usize;
-        let take = (to - from) as usize;
-        Ok(log.entries.range(skip..skip + take).zip(from..).map(|(p, i)| (i, p.clone())).collect())
+        let found = {
+            let log = self.lock();
+            let (Some(first), Some(last)) = (log.first(), log.last()) else { return Ok(Vec::new()) };
+            let from = start.max(first);
+            let to = end_exclusive.min(last.saturating_add(1));
+            if from >= to {
+                return Ok(Vec::new());
+            }
+            // Both offsets are at most the number of entries, a usize.
+            let skip = (from - log.start) as usize;
+            let take = (to - from) as usize;
+            (from, log.get(skip..skip + take))
+        };
+        let (from, found) = found;
+        (from..)
+            .zip(found)
+            .map(|(index, payload)| match payload {
+                Ok(payload) => Ok((index, payload)),
+                Err(location) => location.read(index).map(|payload| (index, payload)),
+            })
+            .collect()
+    }
+
+    /// The payload bytes held in memory.
+    pub fn held_bytes(&self) -> u64 {
+        self.lock().held_bytes
     }
 
     /// The first entry held, `None` when the log is empty.

@@ -4,6 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::WalError;
 use super::record::{self, FrameError, Record};
@@ -56,20 +57,30 @@ pub fn list(dir: &Path) -> Result<Vec<SegmentFile>, WalError> {
     Ok(segments)
 }
 
+/// An open segment file, shared by the writer and by the entries read back from it. On
+/// Linux an open file stays readable after it is deleted, so a purge or truncation that
+/// removes a segment cannot fail a read already under way.
+#[derive(Debug)]
+pub struct OpenSegment {
+    pub path: PathBuf,
+    pub file: File,
+}
+
 /// Makes creations, renames and removals in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates an empty segment and makes its directory entry durable.
-pub fn create(dir: &Path, first: u64) -> io::Result<(SegmentFile, File)> {
+/// Creates an empty segment, open for appending and reading, and makes its directory
+/// entry durable.
+pub fn create(dir: &Path, first: u64) -> io::Result<(SegmentFile, Arc<OpenSegment>)> {
     let path = dir.join(file_name(first));
-    let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+    let file = OpenOptions::new().read(true).append(true).create_new(true).open(&path)?;
     sync_dir(dir)?;
-    Ok((SegmentFile { first, path }, file))
+    Ok((SegmentFile { first, path: path.clone() }, Arc::new(OpenSegment { path, file })))
 }
 
-/// Visits the records of one segment's bytes in order.
+/// Visits the records of one segment's bytes in order, with their offsets and lengths.
 ///
 /// Returns `Ok(None)` when every byte belongs to a valid record, `Ok(Some(offset))` when
 /// the segment is the last one and ends in a torn write starting at `offset` (the caller
@@ -81,13 +92,13 @@ pub fn scan(
     path: &Path,
     bytes: &[u8],
     is_last: bool,
-    mut visit: impl FnMut(u64, Record<'_>) -> Result<(), WalError>,
+    mut visit: impl FnMut(u64, usize, Record<'_>) -> Result<(), WalError>,
 ) -> Result<Option<u64>, WalError> {
     let mut offset = 0usize;
     while offset < bytes.len() {
         match record::decode(&bytes[offset..]) {
             Ok((record, len)) => {
-                visit(offset as u64, record)?;
+                visit(offset as u64, len, record)?;
                 offset += len;
             }
             Err(error) => {

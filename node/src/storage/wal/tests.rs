@@ -15,7 +15,7 @@ fn payload(i: u64) -> Vec<u8> {
 }
 
 fn small_segments() -> WalOptions {
-    WalOptions { segment_bytes: 256, metrics: None }
+    WalOptions { segment_bytes: 256, ..WalOptions::default() }
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
@@ -341,6 +341,15 @@ struct GatedMetrics {
 }
 
 impl GatedMetrics {
+    fn closed() -> Arc<Self> {
+        Arc::new(GatedMetrics {
+            fsyncs: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            open: Mutex::new(false),
+            opened: Condvar::new(),
+        })
+    }
+
     fn open(&self) {
         *self.open.lock().expect("lock") = true;
         self.opened.notify_all();
@@ -364,13 +373,8 @@ impl WalMetrics for GatedMetrics {
 #[test]
 fn concurrent_appends_share_fsyncs() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let metrics = Arc::new(GatedMetrics {
-        fsyncs: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        open: Mutex::new(false),
-        opened: Condvar::new(),
-    });
-    let options = WalOptions { segment_bytes: 64 << 20, metrics: Some(metrics.clone()) };
+    let metrics = GatedMetrics::closed();
+    let options = WalOptions { metrics: Some(metrics.clone()), ..WalOptions::default() };
     let wal = Arc::new(Wal::open(dir.path(), options).expect("open"));
     const THREADS: u64 = 8;
     const APPENDS: u64 = 50;
@@ -467,15 +471,16 @@ proptest! {
     fn random_operations_match_a_model_across_reopens(
         ops in proptest::collection::vec(step(), 1..40),
         segment_bytes in prop_oneof![Just(1u64), Just(100), Just(300), Just(4096)],
+        held_bytes in prop_oneof![Just(0u64), Just(200), Just(u64::MAX)],
     ) {
-        run_steps(ops, segment_bytes)?;
+        run_steps(ops, segment_bytes, held_bytes)?;
     }
 }
 
 /// Applies `ops` to a WAL and to the model, comparing them after each and after a reopen.
-fn run_steps(ops: Vec<Step>, segment_bytes: u64) -> Result<(), TestCaseError> {
+fn run_steps(ops: Vec<Step>, segment_bytes: u64, held_bytes: u64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let options = WalOptions { segment_bytes, metrics: None };
+    let options = WalOptions { segment_bytes, held_bytes, metrics: None };
     let mut wal = Wal::open(dir.path(), options.clone()).expect("open");
     let mut model = Model { start: 1, ..Model::default() };
     for (step, op) in ops.into_iter().enumerate() {
@@ -539,7 +544,7 @@ fn truncation_then_purge_of_the_segments_before_it_reopens() {
         Append { count: 1, size: 0 },
         PurgeAhead { ahead: 1 },
     ]);
-    run_steps(ops, 300).expect("matches the model");
+    run_steps(ops, 300, u64::MAX).expect("matches the model");
 }
 
 #[test]
@@ -574,5 +579,103 @@ fn every_cut_of_the_last_segment_recovers_the_complete_records() {
             .or(before.last().copied());
         assert_eq!(wal.last_index(), expected, "cut at {cut}");
         assert_eq!(wal.first_index(), Some(1), "cut at {cut}");
+    }
+}
+
+fn limited(held_bytes: u64) -> WalOptions {
+    WalOptions { segment_bytes: 4 << 20, held_bytes, metrics: None }
+}
+
+fn big_payload(i: u64) -> Vec<u8> {
+    let mut payload = vec![(i % 251) as u8; 128 << 10];
+    payload[..8].copy_from_slice(&i.to_le_bytes());
+    payload
+}
+
+/// A follower far behind, or 5,000 large entries kept behind a snapshot, must not hold the
+/// whole log in memory: past the limit, entries are read back from their segments.
+#[test]
+fn entries_past_the_memory_limit_are_read_back_from_their_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limit = 1 << 20;
+    let expected: Vec<_> = (1..=64).map(|i| (i, big_payload(i))).collect();
+    {
+        let wal = Wal::open(dir.path(), limited(limit)).expect("open");
+        for chunk in expected.chunks(4) {
+            wal.append_blocking(chunk.to_vec()).expect("append");
+        }
+        // 8 MiB appended, all durable.
+        assert!(wal.held_bytes() <= limit, "{} bytes held, the limit is {limit}", wal.held_bytes());
+        assert!(wal.held_bytes() > 0, "the newest entries are held");
+        assert_eq!(all(&wal), expected);
+        assert_eq!(wal.read_range(3, 5).expect("read"), expected[2..4].to_vec());
+        // Purging deletes segments that entries were read from; the rest still read.
+        wal.purge_to(40).expect("purge");
+        wal.sync().expect("sync");
+        assert!(segments(dir.path()).len() < 3, "purged segments deleted: {:?}", segments(dir.path()));
+        assert_eq!(all(&wal), expected[40..].to_vec());
+    }
+    let wal = Wal::open(dir.path(), limited(limit)).expect("reopen");
+    assert!(
+        wal.held_bytes() <= limit,
+        "{} bytes held after recovery, the limit is {limit}",
+        wal.held_bytes()
+    );
+    assert_eq!(all(&wal), expected[40..].to_vec());
+}
+
+/// The writer reports where an append's records went only after they are durable. By then
+/// the entries may have been truncated and appended again: the report must not be taken
+/// for the new entries, or they would be read back as the old ones.
+#[test]
+fn a_report_for_entries_truncated_and_appended_again_meanwhile_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let metrics = GatedMetrics::closed();
+    let options = WalOptions { held_bytes: 0, metrics: Some(metrics.clone()), ..WalOptions::default() };
+    let wal = Wal::open(dir.path(), options).expect("open");
+    let old: Vec<_> = (1..=5).map(|i| (i, format!("old {i}").into_bytes())).collect();
+    let (tx, rx) = mpsc::channel();
+    let durable = move |tx: mpsc::Sender<io::Result<()>>| -> Durable { Box::new(move |r| drop(tx.send(r))) };
+    wal.append(old.clone(), durable(tx.clone()));
+    // The writer has written the first append and waits in its fsync.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metrics.fsyncs.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the writer never reached its fsync");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wal.truncate_from(3, durable(tx.clone()));
+    let new: Vec<_> = (3..=5).map(|i| (i, format!("new {i}").into_bytes())).collect();
+    wal.append(new.clone(), durable(tx));
+    metrics.open();
+    for _ in 0..3 {
+        rx.recv().expect("callback").expect("durable");
+    }
+    assert_eq!(wal.held_bytes(), 0, "everything durable is let go with a limit of 0");
+    let expected: Vec<_> = old[..2].iter().chain(&new).cloned().collect();
+    assert_eq!(all(&wal), expected);
+}
+
+/// A record damaged on disk after its payload was let go is reported, never returned.
+#[test]
+fn a_damaged_record_read_back_is_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(dir.path(), limited(0)).expect("open");
+    append_range(&wal, 1..=5);
+    let segment = segments(dir.path()).pop().expect("a segment");
+    let record_at = offset_of(&segment, 3);
+    let at = record_at + record::FRAME_HEADER as u64 + 8;
+    let file = OpenOptions::new().write(true).open(&segment).expect("open segment");
+    std::os::unix::fs::FileExt::write_all_at(&file, b"X", at).expect("damage the payload");
+    assert_eq!(
+        wal.read_range(1, 3).expect("undamaged entries read"),
+        (1..=2).map(|i| (i, payload(i))).collect::<Vec<_>>()
+    );
+    match wal.read_range(1, 6) {
+        Err(WalError::Corrupt { file, offset, reason }) => {
+            assert_eq!(file, segment);
+            assert_eq!(offset, record_at);
+            assert!(reason.contains("entry 3"), "{reason}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
     }
 }

@@ -1,22 +1,24 @@
 //! The writer thread: owns the active segment, commits queued requests in groups.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::record::{self, Record};
-use super::segment::{self, SegmentFile};
-use super::{Durable, WalOptions};
+use super::segment::{self, OpenSegment, SegmentFile};
+use super::{Durable, Location, MemLog, WalOptions, lock};
 
 /// What the writer must do. The caller computed everything that depends on the log's
 /// logical state (under the lock that also orders the queue), so the writer only tracks
 /// files.
 pub(super) enum Op {
-    /// `frames` holds the entry records, the first for index `first`.
-    Append { first: u64, frames: Vec<u8> },
+    /// `frames` holds the entry records, the first for index `first`, of the lengths in
+    /// `lengths`; `append` names this append in the in-memory log.
+    Append { first: u64, append: u64, frames: Vec<u8>, lengths: Vec<u32> },
     /// Remove entries >= `from`. If this needs a new segment, it starts at `rotate_to`
     /// (`from`, or the next index if that is lower).
     Truncate { from: u64, rotate_to: u64 },
@@ -45,15 +47,26 @@ pub(super) struct Request {
 
 struct Active {
     segment: SegmentFile,
-    file: File,
+    file: Arc<OpenSegment>,
     len: u64,
     /// Written since the last `sync_data`.
     dirty: bool,
 }
 
+/// Where one append's records went, reported to the in-memory log once durable.
+struct Written {
+    append: u64,
+    first: u64,
+    file: Arc<OpenSegment>,
+    offset: u64,
+    lengths: Vec<u32>,
+}
+
 pub(super) struct Writer {
     dir: PathBuf,
     options: WalOptions,
+    /// Told where durable entries are, so it can let go of their payloads.
+    log: Arc<Mutex<MemLog>>,
     /// Older segments, oldest first; the active one is not among them.
     closed: Vec<SegmentFile>,
     active: Option<Active>,
@@ -62,6 +75,8 @@ pub(super) struct Writer {
     failed: Option<(io::ErrorKind, String)>,
     /// Bytes written in the current batch.
     written: u64,
+    /// The current batch's appends.
+    appended: Vec<Written>,
 }
 
 fn copy_error(kind: io::ErrorKind, message: &str) -> io::Error {
@@ -72,17 +87,28 @@ impl Writer {
     pub fn new(
         dir: PathBuf,
         options: WalOptions,
+        log: Arc<Mutex<MemLog>>,
         mut segments: Vec<SegmentFile>,
         active_len: u64,
     ) -> io::Result<Self> {
         let active = match segments.pop() {
             Some(segment) => {
-                let file = fs::OpenOptions::new().append(true).open(&segment.path)?;
+                let file = fs::OpenOptions::new().read(true).append(true).open(&segment.path)?;
+                let file = Arc::new(OpenSegment { path: segment.path.clone(), file });
                 Some(Active { segment, file, len: active_len, dirty: false })
             }
             None => None,
         };
-        Ok(Writer { dir, options, closed: segments, active, failed: None, written: 0 })
+        Ok(Writer {
+            dir,
+            options,
+            log,
+            closed: segments,
+            active,
+            failed: None,
+            written: 0,
+            appended: Vec::new(),
+        })
     }
 
     pub fn run(mut self, requests: Receiver<Request>) {
@@ -107,11 +133,24 @@ impl Writer {
             }
             outcome
         };
-        if outcome.is_ok()
-            && self.failed.is_none()
-            && let Some(upto) = purge_upto
-        {
-            self.delete_purged(upto);
+        let appended = std::mem::take(&mut self.appended);
+        if outcome.is_ok() && self.failed.is_none() {
+            // Only durable records are read back: after a failed fsync the file's contents
+            // are unknown.
+            let mut log = lock(&self.log);
+            for written in appended {
+                let mut offset = written.offset;
+                let locations = written.lengths.into_iter().map(|len| {
+                    let location = Location { file: written.file.clone(), offset, len };
+                    offset += u64::from(len);
+                    location
+                });
+                log.located(written.append, written.first, locations);
+            }
+            drop(log);
+            if let Some(upto) = purge_upto {
+                self.delete_purged(upto);
+            }
         }
         for request in batch {
             let result = match (request.op, &self.failed) {
@@ -135,14 +174,24 @@ impl Writer {
         for request in batch.iter_mut() {
             let state = request.state;
             match &mut request.op {
-                Op::Append { first, frames } => {
+                Op::Append { first, append, frames, lengths } => {
                     let first = *first;
                     if self.active.as_ref().is_none_or(|a| self.is_full(a) || first < a.segment.first) {
                         self.rotate(first, state)?;
                     }
+                    let offset = self.active.as_ref().map_or(0, |a| a.len);
                     self.write(frames)?;
                     // The memory is not needed any more; the payloads live in the log.
                     *frames = Vec::new();
+                    if let Some(active) = &self.active {
+                        self.appended.push(Written {
+                            append: *append,
+                            first,
+                            file: active.file.clone(),
+                            offset,
+                            lengths: std::mem::take(lengths),
+                        });
+                    }
                 }
                 Op::Truncate { from, rotate_to } => {
                     if self.active.as_ref().is_some_and(|a| !self.is_full(a) && *from >= a.segment.first) {
@@ -185,7 +234,7 @@ impl Writer {
         let Some(active) = self.active.as_mut() else {
             return Err(io::Error::other("write-ahead log has no active segment"));
         };
-        active.file.write_all(bytes)?;
+        (&active.file.file).write_all(bytes)?;
         active.len += bytes.len() as u64;
         active.dirty = true;
         self.written += bytes.len() as u64;
@@ -199,7 +248,7 @@ impl Writer {
         }
         let started = Instant::now();
         crate::failpoint::eval("wal-fsync")?;
-        active.file.sync_data()?;
+        active.file.file.sync_data()?;
         let took = started.elapsed();
         active.dirty = false;
         if let Some(metrics) = &self.options.metrics {
