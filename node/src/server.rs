@@ -294,15 +294,13 @@ pub async fn run(
         watch_hub.clone(),
     )?;
 
-    let election_ms = config.election_timeout.as_millis() as u64;
+    let (election_timeout_min, election_timeout_max) =
+        crate::raft::election_timeouts(config.election_timeout, config.heartbeat_interval);
     let raft_config = Config {
         cluster_name: format!("{:x}", identity.cluster_id),
         heartbeat_interval: config.heartbeat_interval.as_millis() as u64,
-        election_timeout_min: election_ms,
-        // openraft's leader lease equals election_timeout_max: followers refuse votes
-        // for that long after the last heartbeat. A 50% window keeps elections randomized
-        // without adding a full extra timeout to every failover.
-        election_timeout_max: election_ms * 3 / 2,
+        election_timeout_min,
+        election_timeout_max,
         enable_pre_vote: Some(true),
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_count),
         max_in_snapshot_log_to_keep: config.snapshot_catchup_entries,

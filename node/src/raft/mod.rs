@@ -4,3 +4,43 @@ pub mod log_store;
 pub mod network;
 pub mod state_machine;
 pub mod types;
+
+use std::time::Duration;
+
+/// openraft's `(election_timeout_min, election_timeout_max)` in milliseconds for etcd's
+/// `--election-timeout` and `--heartbeat-interval`.
+///
+/// After the last heartbeat a follower first waits out the leader lease, which openraft
+/// fixes at `election_timeout_max`, then an election timeout drawn from `[min, max)`. etcd
+/// stands for election after a timeout drawn from `[E, 2E)` and refuses (pre-)votes for `E`
+/// after hearing from its leader. With `max = E` both hold here too: the lease is etcd's `E`,
+/// and lease plus timeout falls in `[E + min, 2E)`. `min` is one and a half heartbeats, the
+/// least that outlasts a heartbeat's gap (openraft needs more than one).
+pub fn election_timeouts(election: Duration, heartbeat: Duration) -> (u64, u64) {
+    let max = election.as_millis() as u64;
+    let heartbeat = heartbeat.as_millis() as u64;
+    (heartbeat + heartbeat.div_ceil(2), max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_stands_for_election_within_etcds_window() {
+        for (election, heartbeat) in [(1000, 100), (500, 50), (5000, 1000), (10, 2), (1000, 1)] {
+            let (min, max) =
+                election_timeouts(Duration::from_millis(election), Duration::from_millis(heartbeat));
+            let config = openraft::Config {
+                heartbeat_interval: heartbeat,
+                election_timeout_min: min,
+                election_timeout_max: max,
+                ..openraft::Config::default()
+            };
+            config.validate().unwrap_or_else(|e| panic!("E={election} hb={heartbeat}: {e}"));
+            // The lease is max; the election follows after a draw from [min, max).
+            assert_eq!(max, election, "refuses votes for etcd's election timeout after the last heartbeat");
+            assert!(max + min >= election && max + max <= 2 * election, "E={election} hb={heartbeat}");
+        }
+    }
+}
