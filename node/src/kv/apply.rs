@@ -94,16 +94,19 @@ fn check_put(batch: &WriteBatch, request: &PutRequest) -> Outcome<()> {
 }
 
 fn write_put(batch: &mut WriteBatch, revision: i64, request: &PutRequest) -> Outcome<PutResponse> {
-    let existing = batch.get(&request.key)?;
+    // The store reads the previous version as it writes; only a put that keeps part of it
+    // needs it first.
+    let keeps_some = request.ignore_value || request.ignore_lease;
+    let existing = if keeps_some { batch.get(&request.key)? } else { None };
     let value = match (&existing, request.ignore_value) {
-        (Some(kv), true) => kv.value.clone(),
-        _ => request.value.clone(),
+        (Some(kv), true) => kv.value.as_slice(),
+        _ => request.value.as_slice(),
     };
     let lease = match (&existing, request.ignore_lease) {
         (Some(kv), true) => kv.lease,
         _ => request.lease,
     };
-    let previous = batch.put(revision, &request.key, &value, lease)?;
+    let previous = batch.put(revision, &request.key, value, lease)?;
     Ok(PutResponse { header: header(revision), prev_kv: previous.filter(|_| request.prev_kv) })
 }
 

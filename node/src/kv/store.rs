@@ -414,8 +414,10 @@ impl WriteBatch {
     ) -> Result<Option<KeyValue>, KvError> {
         let mut live = self.txn.open_table(LIVE).map_err(storage)?;
         let mut history = self.txn.open_table(HISTORY).map_err(storage)?;
-        let previous = match live.get(key).map_err(storage)? {
-            Some(live_revision) => Some(live_version(&history, key, live_revision.value())?),
+        // One descent of the live table: the insert hands back the revision it replaces.
+        let replaced = live.insert(key, revision).map_err(storage)?.map(|r| r.value());
+        let previous = match replaced {
+            Some(live_revision) => Some(live_version(&history, key, live_revision)?),
             None => None,
         };
         let kv = KeyValue {
@@ -426,7 +428,6 @@ impl WriteBatch {
             value: value.to_vec(),
             lease,
         };
-        live.insert(key, revision).map_err(storage)?;
         let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
         if let Some(old) = previous.as_ref().map(|p| p.lease).filter(|&l| l != 0 && l != lease) {
             lease_keys.remove((old, key)).map_err(storage)?;
