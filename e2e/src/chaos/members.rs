@@ -153,6 +153,11 @@ impl Cluster {
             .args(["--initial-cluster-token", token])
             .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", free_port()?)])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // Snapshots every few seconds of load and little of the log held in memory, so
+            // that snapshots, catching up through them, and entries read back from the WAL
+            // all happen under the faults.
+            .args(["--snapshot-count", "2000", "--snapshot-catchup-entries", "500"])
+            .args(["--wal-held-bytes", "262144"])
             .env("RUST_LOG", "info,openraft=warn")
             .env(consensus_node::failpoint::FAILPOINTS_ENV, failpoints.join(","))
             .stdout(Stdio::null())
