@@ -81,3 +81,26 @@ async fn the_fsync_histogram_counts_real_fsyncs() {
     assert!(sample(&text, "etcd_disk_wal_write_bytes_total").expect("bytes") > 0.0);
     assert!(sample(&text, "etcd_server_proposals_applied_total").expect("applied") >= 20.0);
 }
+
+/// Every applied batch is counted once in each stage of `consensus_apply_duration_seconds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_applied_batch_is_timed_by_stage() {
+    let cluster = TestCluster::start(1);
+    cluster.leader().await;
+    let member = &cluster.members[0];
+    let count = |text: &str, stage: &str| {
+        sample(text, &format!("consensus_apply_duration_seconds_count{{stage=\"{stage}\"}}")).unwrap_or(0.0)
+    };
+    let before = metrics_text(member).await.expect("metrics");
+    for i in 0..10 {
+        eventually("a write", || async { put(member, &format!("k{i}"), "v").await.ok() }).await;
+    }
+    let text = metrics_text(member).await.expect("metrics");
+    assert!(text.contains("# TYPE consensus_apply_duration_seconds histogram\n"), "{text}");
+    // One client at a time: each write was applied in a batch of its own, and every batch
+    // went through every stage.
+    for stage in ["wait", "apply", "commit"] {
+        let batches = count(&text, stage) - count(&before, stage);
+        assert!(batches >= 10.0, "{stage}: {batches} batches for 10 writes");
+    }
+}

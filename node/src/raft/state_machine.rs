@@ -20,7 +20,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{Stream, TryStreamExt};
 use openraft::EntryPayload;
@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use super::types::{Applied, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::kv::watch::WatchHub;
 use crate::kv::{KvError, MvccStore, ReadView, apply_command};
-use crate::metrics::Metrics;
+use crate::metrics::{ApplyStage, Metrics};
 use crate::storage::hard_state::sync_dir;
 
 const MAGIC: &[u8; 8] = b"CNSNAP03";
@@ -41,6 +41,8 @@ const MAGIC_V1: &[u8; 8] = b"CNSNAP01";
 const SNAPSHOT_ALIGN: u64 = 512;
 const META_APPLIED: &str = "raft_applied";
 const META_MEMBERSHIP: &str = "raft_membership";
+/// etcd's expected duration of an apply, past which it warns.
+const SLOW_APPLY: Duration = Duration::from_millis(100);
 
 pub type RaftSnapshot = SnapshotOf<TypeConfig, SnapshotFile>;
 
@@ -123,7 +125,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // One write transaction for the whole batch; answers go out only after it commits,
         // so a client that got an answer reads what it wrote.
         let answers = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
+            let started = Instant::now();
+            let count = entries.len();
             let mut batch = store.write(false).map_err(io_err)?;
+            let waited = started.elapsed();
+            metrics.apply_stage(ApplyStage::Wait, waited);
             let mut answers = Vec::with_capacity(entries.len());
             let mut last = None;
             let mut data_index = None;
@@ -146,9 +152,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 answers.push((responder, applied));
             }
             batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
-            let started = Instant::now();
+            let applying = started.elapsed() - waited;
+            metrics.apply_stage(ApplyStage::Apply, applying);
+            let committing = Instant::now();
             let events = batch.commit().map_err(io_err)?;
-            metrics.backend_commit(started.elapsed());
+            let committed = committing.elapsed();
+            metrics.backend_commit(committed);
+            metrics.apply_stage(ApplyStage::Commit, committed);
+            let took = started.elapsed();
+            if took > SLOW_APPLY {
+                // etcd's "apply request took too long", for a batch.
+                tracing::warn!(
+                    ?took,
+                    entries = count,
+                    ?waited,
+                    ?applying,
+                    ?committed,
+                    expected = ?SLOW_APPLY,
+                    "applying a batch of committed entries took too long"
+                );
+            }
             // Published in commit order: openraft applies one batch at a time.
             watch_hub.committed(events);
             if let Some(index) = data_index {
