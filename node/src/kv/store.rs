@@ -373,6 +373,9 @@ fn historical(
 }
 
 /// Writes applied atomically; one Raft entry that changes anything is one revision.
+/// How many changed keys make a batch commit durably (see [`WriteBatch::commit`]).
+pub const LARGE_BATCH_KEYS: usize = 4096;
+
 pub struct WriteBatch {
     txn: WriteTransaction,
     revision: i64,
@@ -571,10 +574,19 @@ impl WriteBatch {
     }
 
     /// Commits and hands back the batch's events for watchers.
+    ///
+    /// A batch that changed [`LARGE_BATCH_KEYS`] keys or more is committed durably. Its pages
+    /// would otherwise be written by the next periodic durable commit, which holds the store
+    /// while it writes them: the batches after it, other clients' writes, would wait for the
+    /// large one's pages (0.6-2.5 s after etcdctl check perf deleted its 60,000 keys). The
+    /// request that made them waits for them instead.
     pub fn commit(mut self) -> Result<Vec<Event>, KvError> {
         if self.changed {
             let revision = self.revision.to_be_bytes();
             self.set_meta(META_REVISION, &revision)?;
+        }
+        if self.events.len() >= LARGE_BATCH_KEYS {
+            self.txn.set_durability(Durability::Immediate).map_err(storage)?;
         }
         self.txn.commit().map_err(storage)?;
         Ok(self.events)
@@ -836,6 +848,7 @@ impl MvccStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn put(store: &MvccStore, key: &str, value: &str) {
         let mut batch = store.write(false).expect("write");
@@ -886,6 +899,42 @@ mod tests {
     fn everything(view: &ReadView, revision: i64) -> RangeResult {
         let spec = RangeRequestSpec { span: KeySpan { key: &[0], range_end: &[0] }, revision, limit: 0 };
         view.range(&spec).expect("range")
+    }
+
+    /// What a crash would leave: a copy of the file as it is now, opened on its own.
+    fn crash_copy(path: &Path, dir: &Path) -> MvccStore {
+        let copy = dir.join("crashed");
+        fs::copy(path, &copy).expect("copy the store");
+        MvccStore::open(&copy).expect("open the copy")
+    }
+
+    #[test]
+    fn a_batch_that_changes_many_keys_is_on_disk_when_its_commit_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = MvccStore::open(&path).expect("open");
+        let small = LARGE_BATCH_KEYS as i64 - 1;
+        let mut batch = store.write(false).expect("write");
+        for i in 0..small {
+            batch.put(i + 2, format!("small/{i:05}").as_bytes(), b"v", 0).expect("put");
+        }
+        batch.commit().expect("commit");
+        // Not durable yet: that is left to the periodic durable commit.
+        let crashed = crash_copy(&path, dir.path());
+        assert_eq!(everything(&crashed.read().expect("read"), 0).kvs.len(), 0);
+        drop(crashed);
+        let mut batch = store.write(false).expect("write");
+        let deleted =
+            batch.delete_range(small + 2, KeySpan { key: b"small/", range_end: b"small0" }).expect("delete");
+        assert_eq!(deleted.len(), small as usize);
+        batch.put(small + 2, b"last", b"v", 0).expect("put");
+        batch.commit().expect("commit");
+        let crashed = crash_copy(&path, dir.path());
+        let view = crashed.read().expect("read");
+        assert_eq!(
+            everything(&view, 0).kvs.iter().map(|kv| kv.key.as_slice()).collect::<Vec<_>>(),
+            [b"last"]
+        );
     }
 
     #[test]
