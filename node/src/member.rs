@@ -27,7 +27,8 @@ use crate::proto::raft::raft_peer_client::RaftPeerClient;
 use crate::raft::network::{decode, encode, peer_channel, tag_cluster};
 use crate::raft::types::{Applied, Command, Member, Raft};
 
-/// How long a forwarded request may take before the client gets `request timed out`.
+/// How long waiting on the leader for a read index's entries, or for a membership change in
+/// flight, may take; and a peer's answer to which members it knows.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a membership change is tried when another one is in flight.
 const MEMBERSHIP_ATTEMPTS: usize = 5;
@@ -170,10 +171,18 @@ pub struct LeaseStatus {
 /// Asks `peer` for the cluster id and the members it knows, with their roles.
 pub async fn ask_roster(peer: &Member) -> Result<(u64, Vec<MemberInfo>), ServerError> {
     let channel = peer_channel(peer).map_err(|e| ServerError::Internal(e.to_string()))?;
-    match call_forward(RaftPeerClient::new(channel), None, &ForwardRequest::Roster).await? {
+    match call_forward(RaftPeerClient::new(channel), None, &ForwardRequest::Roster, FORWARD_TIMEOUT).await? {
         ForwardResponse::Roster { cluster_id, members } => Ok((cluster_id, members)),
         other => Err(ServerError::Internal(format!("unexpected answer to a member list: {other:?}"))),
     }
+}
+
+/// etcd's request timeout for a member whose election timeout is `election` (openraft's
+/// `election_timeout_max`, see `raft::election_timeouts`): 5 s and two election timeouts,
+/// room for a leader change on the way. A large request, such as a DeleteRange of 60,000
+/// keys on a 2 GB store, may take the leader over 5 s to apply.
+fn request_timeout(election: Duration) -> Duration {
+    Duration::from_secs(5) + 2 * election
 }
 
 /// gRPC metadata key carrying the sender's cluster id on every peer request.
@@ -185,10 +194,11 @@ async fn call_forward(
     mut client: RaftPeerClient<Channel>,
     cluster_id: Option<u64>,
     request: &ForwardRequest,
+    timeout: Duration,
 ) -> Result<ForwardResponse, ServerError> {
     let payload = encode(request).map_err(|e| ServerError::Internal(e.to_string()))?;
     let mut call = tonic::Request::new(RaftMessage { payload });
-    call.set_timeout(FORWARD_TIMEOUT);
+    call.set_timeout(timeout);
     if let Some(id) = cluster_id {
         tag_cluster(&mut call, id);
     }
@@ -204,7 +214,7 @@ fn forward_failure(status: tonic::Status) -> ServerError {
     match status.code() {
         tonic::Code::DeadlineExceeded => ServerError::Timeout,
         // tonic ends a call past its grpc-timeout with Cancelled "Timeout expired"
-        // (`TimeoutExpired`): the leader did not answer within FORWARD_TIMEOUT, a timeout as
+        // (`TimeoutExpired`): the leader did not answer within the request timeout, a timeout as
         // etcd says it. Under `etcdctl check perf --load=l` this is what "leader changed" was.
         tonic::Code::Cancelled if status.message() == "Timeout expired" => ServerError::Timeout,
         code => {
@@ -234,6 +244,8 @@ pub struct Node {
     /// Committed events, for the watch streams this member serves.
     pub watch_hub: WatchHub,
     pub quota_bytes: u64,
+    /// How long a request forwarded to the leader may take.
+    request_timeout: Duration,
     leader_clients: Mutex<HashMap<u64, RaftPeerClient<Channel>>>,
     read_index_requests: tokio::sync::mpsc::UnboundedSender<ReadIndexReply>,
 }
@@ -345,6 +357,7 @@ impl Node {
             watch_hub,
             quota_bytes,
         } = parts;
+        let request_timeout = request_timeout(Duration::from_millis(raft.config().election_timeout_max));
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
         Self {
@@ -356,6 +369,7 @@ impl Node {
             leases,
             watch_hub,
             quota_bytes,
+            request_timeout,
             leader_clients: Mutex::new(HashMap::new()),
             read_index_requests,
         }
@@ -460,7 +474,13 @@ impl Node {
     }
 
     async fn forward(&self, leader: u64, request: &ForwardRequest) -> Result<ForwardResponse, ServerError> {
-        call_forward(self.leader_client(leader)?, Some(self.identity.cluster_id), request).await
+        call_forward(
+            self.leader_client(leader)?,
+            Some(self.identity.cluster_id),
+            request,
+            self.request_timeout,
+        )
+        .await
     }
 
     /// The cluster id and members, as this member knows them.
@@ -764,6 +784,13 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forwarded_request_may_take_etcds_request_timeout() {
+        // etcd: ReqTimeout() = 5 s + 2 * election timeout; 7 s at its default of 1 s.
+        assert_eq!(request_timeout(Duration::from_millis(1000)), Duration::from_secs(7));
+        assert_eq!(request_timeout(Duration::from_millis(500)), Duration::from_secs(6));
+    }
 
     #[test]
     fn a_forward_that_fails_on_the_way_says_what_failed_and_only_a_deadline_is_a_timeout() {
