@@ -373,9 +373,6 @@ fn historical(
 }
 
 /// Writes applied atomically; one Raft entry that changes anything is one revision.
-/// How many changed keys make a batch commit durably (see [`WriteBatch::commit`]).
-pub const LARGE_BATCH_KEYS: usize = 4096;
-
 pub struct WriteBatch {
     txn: WriteTransaction,
     revision: i64,
@@ -573,20 +570,21 @@ impl WriteBatch {
         Ok(())
     }
 
+    /// How many keys the batch has changed so far.
+    pub fn changed_keys(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Makes the commit durable: it returns once the batch is on disk.
+    pub fn commit_durably(&mut self) -> Result<(), KvError> {
+        self.txn.set_durability(Durability::Immediate).map_err(storage)
+    }
+
     /// Commits and hands back the batch's events for watchers.
-    ///
-    /// A batch that changed [`LARGE_BATCH_KEYS`] keys or more is committed durably. Its pages
-    /// would otherwise be written by the next periodic durable commit, which holds the store
-    /// while it writes them: the batches after it, other clients' writes, would wait for the
-    /// large one's pages (0.6-2.5 s after etcdctl check perf deleted its 60,000 keys). The
-    /// request that made them waits for them instead.
     pub fn commit(mut self) -> Result<Vec<Event>, KvError> {
         if self.changed {
             let revision = self.revision.to_be_bytes();
             self.set_meta(META_REVISION, &revision)?;
-        }
-        if self.events.len() >= LARGE_BATCH_KEYS {
-            self.txn.set_durability(Durability::Immediate).map_err(storage)?;
         }
         self.txn.commit().map_err(storage)?;
         Ok(self.events)
@@ -909,11 +907,11 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_that_changes_many_keys_is_on_disk_when_its_commit_returns() {
+    fn a_batch_committed_durably_is_on_disk_when_its_commit_returns() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db");
         let store = MvccStore::open(&path).expect("open");
-        let small = LARGE_BATCH_KEYS as i64 - 1;
+        let small = 100;
         let mut batch = store.write(false).expect("write");
         for i in 0..small {
             batch.put(i + 2, format!("small/{i:05}").as_bytes(), b"v", 0).expect("put");
@@ -928,6 +926,8 @@ mod tests {
             batch.delete_range(small + 2, KeySpan { key: b"small/", range_end: b"small0" }).expect("delete");
         assert_eq!(deleted.len(), small as usize);
         batch.put(small + 2, b"last", b"v", 0).expect("put");
+        assert_eq!(batch.changed_keys(), small as usize + 1);
+        batch.commit_durably().expect("durably");
         batch.commit().expect("commit");
         let crashed = crash_copy(&path, dir.path());
         let view = crashed.read().expect("read");

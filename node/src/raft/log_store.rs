@@ -127,7 +127,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
         let (start, end) = bounds(&range);
-        let records = self.inner.wal.read_range(start, end).map_err(io::Error::other)?;
+        let found = self.inner.wal.look_up(start, end);
+        // Entries let go of in memory are read back from the WAL's files: off the runtime,
+        // whose threads also carry heartbeats.
+        let records = if found.on_disk() {
+            tokio::task::spawn_blocking(move || found.read()).await.map_err(io::Error::other)?
+        } else {
+            found.read()
+        };
+        let records = records.map_err(io::Error::other)?;
         records.iter().map(|(_, bytes)| postcard::from_bytes(bytes).map_err(invalid_data)).collect()
     }
 

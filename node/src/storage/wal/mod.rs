@@ -128,6 +128,33 @@ impl Location {
     }
 }
 
+/// Entries looked up by [`Wal::look_up`], consecutive from `from`.
+#[derive(Default)]
+pub struct Found {
+    from: u64,
+    entries: Vec<Result<Vec<u8>, Location>>,
+}
+
+impl Found {
+    /// Whether reading them touches the disk (blocking).
+    pub fn on_disk(&self) -> bool {
+        self.entries.iter().any(|e| e.is_err())
+    }
+
+    /// The payloads, those let go read back from their segments.
+    pub fn read(self) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
+        // The finite side first: no index past the last entry is made.
+        self.entries
+            .into_iter()
+            .zip(self.from..)
+            .map(|(payload, index)| match payload {
+                Ok(payload) => Ok((index, payload)),
+                Err(location) => location.read(index).map(|payload| (index, payload)),
+            })
+            .collect()
+    }
+}
+
 /// One live entry.
 struct Slot {
     /// The append that put it here: a truncation and a new append can reuse its index
@@ -240,7 +267,8 @@ impl MemLog {
             let drop = (upto.min(last) - self.start + 1) as usize;
             let removed: Vec<Slot> = self.entries.drain(..drop).collect();
             self.forget(removed.iter());
-            self.start = upto + 1;
+            // An empty log when upto is u64::MAX: no index follows.
+            self.start = upto.saturating_add(1);
             self.held_from = self.held_from.max(self.start);
         }
     }
@@ -248,7 +276,8 @@ impl MemLog {
     /// Records where append `append`'s entries from `first` on are, then lets go of what
     /// the limit says. Entries removed or appended again since are skipped.
     fn located(&mut self, append: u64, first: u64, locations: impl Iterator<Item = Location>) {
-        for (index, location) in (first..).zip(locations) {
+        // The finite side first: no index past the last location is made.
+        for (location, index) in locations.zip(first..) {
             let Some(position) = index.checked_sub(self.start) else { continue };
             let Some(slot) = usize::try_from(position).ok().and_then(|p| self.entries.get_mut(p)) else {
                 break;
@@ -632,27 +661,23 @@ impl Wal {
     /// The entries with index in `[start, end_exclusive)` that the log holds, in order.
     /// Entries no longer held in memory are read back from their segments, outside the lock.
     pub fn read_range(&self, start: u64, end_exclusive: u64) -> Result<Vec<(u64, Vec<u8>)>, WalError> {
-        let found = {
-            let log = self.lock();
-            let (Some(first), Some(last)) = (log.first(), log.last()) else { return Ok(Vec::new()) };
-            let from = start.max(first);
-            let to = end_exclusive.min(last.saturating_add(1));
-            if from >= to {
-                return Ok(Vec::new());
-            }
-            // Both offsets are at most the number of entries, a usize.
-            let skip = (from - log.start) as usize;
-            let take = (to - from) as usize;
-            (from, log.get(skip..skip + take))
-        };
-        let (from, found) = found;
-        (from..)
-            .zip(found)
-            .map(|(index, payload)| match payload {
-                Ok(payload) => Ok((index, payload)),
-                Err(location) => location.read(index).map(|payload| (index, payload)),
-            })
-            .collect()
+        self.look_up(start, end_exclusive).read()
+    }
+
+    /// The entries with index in `[start, end_exclusive)`: their payloads where they are held,
+    /// else where to read them, so that a caller on an async runtime can read those off it.
+    pub fn look_up(&self, start: u64, end_exclusive: u64) -> Found {
+        let log = self.lock();
+        let (Some(first), Some(last)) = (log.first(), log.last()) else { return Found::default() };
+        let from = start.max(first);
+        let to = end_exclusive.min(last.saturating_add(1));
+        if from >= to {
+            return Found::default();
+        }
+        // Both offsets are at most the number of entries, a usize.
+        let skip = (from - log.start) as usize;
+        let take = (to - from) as usize;
+        Found { from, entries: log.get(skip..skip + take) }
     }
 
     /// The payload bytes held in memory.

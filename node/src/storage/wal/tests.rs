@@ -679,3 +679,24 @@ fn a_damaged_record_read_back_is_an_error() {
         other => panic!("expected Corrupt, got {other:?}"),
     }
 }
+
+/// Indexes at the top of the range: reading back the last one, and purging everything.
+#[test]
+fn the_highest_indexes_read_back_and_purge() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let last = u64::MAX - 1;
+    {
+        let wal = Wal::open(dir.path(), limited(0)).expect("open");
+        wal.append_blocking(vec![(last - 1, b"a".to_vec()), (last, b"b".to_vec())]).expect("append");
+        assert_eq!(wal.held_bytes(), 0, "both durable and let go");
+        assert_eq!(all(&wal), vec![(last - 1, b"a".to_vec()), (last, b"b".to_vec())]);
+    }
+    let wal = Wal::open(dir.path(), limited(0)).expect("reopen");
+    assert_eq!(all(&wal), vec![(last - 1, b"a".to_vec()), (last, b"b".to_vec())]);
+    wal.purge_to(u64::MAX).expect("purge");
+    wal.sync().expect("sync");
+    assert_eq!(wal.first_index(), None);
+    drop(wal);
+    let wal = Wal::open(dir.path(), limited(0)).expect("reopen after purging everything");
+    assert_eq!(wal.first_index(), None);
+}
