@@ -77,6 +77,15 @@ impl MvccStore {
         self.db.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What a crash would leave of the store file at `path`: a copy of it as it is now, in
+    /// `scratch`, opened on its own.
+    #[cfg(test)]
+    pub(crate) fn open_crash_copy(path: &Path, scratch: &Path) -> MvccStore {
+        let copy = scratch.join("crashed");
+        std::fs::copy(path, &copy).expect("copy the store");
+        MvccStore::open(&copy).expect("open the copy")
+    }
+
     /// A consistent read-only view at the moment of the call.
     pub fn read(&self) -> Result<ReadView, KvError> {
         Ok(ReadView { txn: self.db().begin_read().map_err(storage)? })
@@ -846,7 +855,6 @@ impl MvccStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
 
     fn put(store: &MvccStore, key: &str, value: &str) {
         let mut batch = store.write(false).expect("write");
@@ -899,13 +907,6 @@ mod tests {
         view.range(&spec).expect("range")
     }
 
-    /// What a crash would leave: a copy of the file as it is now, opened on its own.
-    fn crash_copy(path: &Path, dir: &Path) -> MvccStore {
-        let copy = dir.join("crashed");
-        fs::copy(path, &copy).expect("copy the store");
-        MvccStore::open(&copy).expect("open the copy")
-    }
-
     #[test]
     fn a_batch_committed_durably_is_on_disk_when_its_commit_returns() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -918,7 +919,7 @@ mod tests {
         }
         batch.commit().expect("commit");
         // Not durable yet: that is left to the periodic durable commit.
-        let crashed = crash_copy(&path, dir.path());
+        let crashed = MvccStore::open_crash_copy(&path, dir.path());
         assert_eq!(everything(&crashed.read().expect("read"), 0).kvs.len(), 0);
         drop(crashed);
         let mut batch = store.write(false).expect("write");
@@ -929,7 +930,7 @@ mod tests {
         assert_eq!(batch.changed_keys(), small as usize + 1);
         batch.commit_durably().expect("durably");
         batch.commit().expect("commit");
-        let crashed = crash_copy(&path, dir.path());
+        let crashed = MvccStore::open_crash_copy(&path, dir.path());
         let view = crashed.read().expect("read");
         assert_eq!(
             everything(&view, 0).kvs.iter().map(|kv| kv.key.as_slice()).collect::<Vec<_>>(),

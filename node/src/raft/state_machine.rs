@@ -470,17 +470,11 @@ mod tests {
 
     /// The keys of a copy of the store file taken now: what a crash would leave on disk.
     fn keys_on_disk(store: &Path, scratch: &Path) -> Vec<Vec<u8>> {
-        let copy = scratch.join("crashed");
-        fs::copy(store, &copy).expect("copy the store");
-        let crashed = MvccStore::open(&copy).expect("open the copy");
+        let crashed = MvccStore::open_crash_copy(store, scratch);
         let view = crashed.read().expect("read");
         let everything =
             RangeRequest { key: vec![0], range_end: vec![0], keys_only: true, ..RangeRequest::default() };
-        let keys =
-            crate::kv::range(&view, &everything).expect("range").kvs.into_iter().map(|kv| kv.key).collect();
-        drop((view, crashed));
-        fs::remove_file(&copy).expect("remove the copy");
-        keys
+        crate::kv::range(&view, &everything).expect("range").kvs.into_iter().map(|kv| kv.key).collect()
     }
 
     #[tokio::test]
