@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 use crate::api::errors::ServerError;
 use crate::kv::MvccStore;
 use crate::kv::watch::WatchHub;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WriteStage};
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::proto::raft::RaftMessage;
 use crate::proto::raft::raft_peer_client::RaftPeerClient;
@@ -433,12 +433,14 @@ impl Node {
     /// Proposes `command` and returns its outcome once applied, wherever the leader is.
     pub async fn write(&self, command: Command) -> Result<Applied, ServerError> {
         self.metrics.proposal_started();
+        let started = std::time::Instant::now();
         let result = match self.on_leader(ForwardRequest::Write(command)).await {
             Ok(ForwardResponse::Applied(applied)) => Ok(applied),
             Ok(other) => Err(ServerError::Internal(format!("unexpected answer to a write: {other:?}"))),
             Err(e) => Err(e),
         };
         self.metrics.proposal_finished(result.is_err());
+        self.metrics.write_stage(WriteStage::Request, started.elapsed());
         result
     }
 
@@ -513,11 +515,16 @@ impl Node {
     pub async fn execute_as_leader(&self, request: ForwardRequest) -> Result<ForwardResponse, ServerError> {
         let not_leader = |e: &ClientWriteError<_>| matches!(e, ClientWriteError::ForwardToLeader(_));
         match request {
-            ForwardRequest::Write(command) => match self.raft.client_write(command).await {
-                Ok(response) => Ok(ForwardResponse::Applied(response.data)),
-                Err(RaftError::APIError(e)) if not_leader(&e) => Err(ServerError::LeaderChanged),
-                Err(e) => Err(raft_write_error(e)),
-            },
+            ForwardRequest::Write(command) => {
+                let proposed = std::time::Instant::now();
+                let written = self.raft.client_write(command).await;
+                self.metrics.write_stage(WriteStage::Propose, proposed.elapsed());
+                match written {
+                    Ok(response) => Ok(ForwardResponse::Applied(response.data)),
+                    Err(RaftError::APIError(e)) if not_leader(&e) => Err(ServerError::LeaderChanged),
+                    Err(e) => Err(raft_write_error(e)),
+                }
+            }
             ForwardRequest::ReadIndex => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 self.read_index_requests.send(reply).map_err(|_| ServerError::Stopped)?;

@@ -1,8 +1,9 @@
 //! Prometheus metrics under etcd's names, types and buckets, so etcd's dashboards and
 //! alerts work against our members unchanged.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -31,8 +32,16 @@ struct Inner {
     backend_snapshot: Histogram,
     peer_round_trip: Family<Labels, Histogram>,
     apply_stage: Family<Labels, Histogram>,
+    write_stage: Family<Labels, Histogram>,
+    /// When each batch of entries still to be committed went to the log: (its first index,
+    /// when). Oldest first.
+    appended: Mutex<VecDeque<(u64, Instant)>>,
     db_total_size: Gauge,
 }
+
+/// Batches remembered for `WriteStage::Commit`: a member that appends but does not apply
+/// (a learner cut off from the leader's commit index) must not grow this without bound.
+const APPENDED_BATCHES_KEPT: usize = 4096;
 
 /// Where a batch of committed entries spends its time in the state machine.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +53,33 @@ pub enum ApplyStage {
     Apply,
     /// Committing them (not durably: the log is what is durable).
     Commit,
+}
+
+/// Where a write spends its time, from the log's point of view and the client's.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteStage {
+    /// From appending a batch of entries to the log until it is fdatasync'ed.
+    Persist,
+    /// From appending a batch of entries to the log until its first entry is handed to the
+    /// state machine, committed on a quorum.
+    Commit,
+    /// On the leader, from proposing a write until its answer: waiting in openraft's core
+    /// for the log, `persist`, `commit` and applying.
+    Propose,
+    /// On the member a client sent a write to, until it answers: `propose`, and the forward
+    /// to the leader when this member is not the leader.
+    Request,
+}
+
+impl WriteStage {
+    fn label(self) -> &'static str {
+        match self {
+            WriteStage::Persist => "persist",
+            WriteStage::Commit => "commit",
+            WriteStage::Propose => "propose",
+            WriteStage::Request => "request",
+        }
+    }
 }
 
 impl ApplyStage {
@@ -67,8 +103,8 @@ fn peer_round_trip_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
-/// 100 µs to 26 s: a large DeleteRange takes seconds to apply.
-fn apply_stage_histogram() -> Histogram {
+/// 100 µs to 26 s: a large DeleteRange takes seconds to apply, and a write may wait for one.
+fn stage_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
 }
 
@@ -91,8 +127,8 @@ impl Metrics {
         let backend_snapshot = Histogram::new(exponential_buckets(0.01, 2.0, 17));
         let peer_round_trip =
             Family::<Labels, Histogram>::new_with_constructor(peer_round_trip_histogram as fn() -> _);
-        let apply_stage =
-            Family::<Labels, Histogram>::new_with_constructor(apply_stage_histogram as fn() -> _);
+        let apply_stage = Family::<Labels, Histogram>::new_with_constructor(stage_histogram as fn() -> _);
+        let write_stage = Family::<Labels, Histogram>::new_with_constructor(stage_histogram as fn() -> _);
         let db_total_size = Gauge::default();
         let server_id = Family::<Labels, Gauge>::default();
         server_id.get_or_create(&vec![("server_id".into(), format!("{member_id:x}"))]).set(1);
@@ -174,6 +210,13 @@ impl Metrics {
             apply_stage.clone(),
         );
         r.register(
+            "consensus_write_duration_seconds",
+            "Time a write takes, by stage: persist and commit (from appending a batch to the log until it is \
+             fdatasync'ed, and until it is committed and handed to the state machine), propose (on the leader, \
+             from proposing until the answer), request (on the member the client called, until the answer).",
+            write_stage.clone(),
+        );
+        r.register(
             "etcd_mvcc_db_total_size_in_bytes",
             "Total size of the underlying database physically allocated in bytes.",
             db_total_size.clone(),
@@ -206,6 +249,8 @@ impl Metrics {
                 backend_snapshot,
                 peer_round_trip,
                 apply_stage,
+                write_stage,
+                appended: Mutex::new(VecDeque::new()),
                 db_total_size,
             }),
         }
@@ -260,6 +305,49 @@ impl Metrics {
         self.inner.apply_stage.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
+    pub fn write_stage(&self, stage: WriteStage, took: Duration) {
+        let labels = vec![("stage".into(), stage.label().into())];
+        self.inner.write_stage.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    fn appended(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant)>> {
+        self.inner.appended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A batch of entries from `first_index` on went to the log now: its `commit` stage
+    /// starts. Returns when, for its `persist` stage.
+    pub fn log_appended(&self, first_index: u64) -> Instant {
+        let now = Instant::now();
+        let mut appended = self.appended();
+        if appended.len() == APPENDED_BATCHES_KEPT {
+            appended.pop_front();
+        }
+        appended.push_back((first_index, now));
+        now
+    }
+
+    /// Entries from `from` on were cut from the log: they will never be committed.
+    pub fn log_truncated(&self, from: u64) {
+        self.appended().retain(|(first, _)| *first < from);
+    }
+
+    /// The state machine was handed committed entries up to `last_index`: each batch whose
+    /// first entry is among them ends its `commit` stage.
+    pub fn log_committed(&self, last_index: u64) {
+        let now = Instant::now();
+        let mut appended = self.appended();
+        while let Some((_, when)) = appended.front().filter(|(first, _)| *first <= last_index) {
+            self.write_stage(WriteStage::Commit, now.saturating_duration_since(*when));
+            appended.pop_front();
+        }
+    }
+
+    /// A snapshot replaced everything up to `last_index`: those entries were not committed
+    /// through this member's log.
+    pub fn log_replaced(&self, last_index: u64) {
+        self.appended().retain(|(first, _)| *first > last_index);
+    }
+
     pub fn backend_snapshot(&self, took: Duration) {
         self.inner.backend_snapshot.observe(took.as_secs_f64());
     }
@@ -296,5 +384,44 @@ impl WalMetrics for Metrics {
 
     fn wrote(&self, bytes: u64) {
         self.inner.wal_write_bytes.inc_by(bytes as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commits(metrics: &Metrics) -> u64 {
+        let text = metrics.render();
+        let line =
+            text.lines().find(|l| l.starts_with("consensus_write_duration_seconds_count{stage=\"commit\"}"));
+        line.map_or(0, |l| l.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a count"))
+    }
+
+    /// A batch ends its commit stage once, when its first entry is committed; batches cut
+    /// from the log or replaced by a snapshot never do.
+    #[test]
+    fn a_batch_is_committed_once_unless_cut_or_replaced() {
+        let metrics = Metrics::new(1, "test");
+        for first in [1, 4, 8] {
+            metrics.log_appended(first);
+        }
+        metrics.log_committed(5);
+        assert_eq!(commits(&metrics), 2, "the batches from 1 and 4");
+        metrics.log_committed(6);
+        assert_eq!(commits(&metrics), 2, "none starts at 5 or 6");
+
+        metrics.log_truncated(8);
+        metrics.log_appended(8);
+        metrics.log_appended(10);
+        metrics.log_replaced(9);
+        metrics.log_committed(20);
+        assert_eq!(commits(&metrics), 3, "only the batch from 10: 8 was cut, its successor replaced");
+
+        for first in 100..100 + APPENDED_BATCHES_KEPT as u64 + 10 {
+            metrics.log_appended(first);
+        }
+        metrics.log_committed(u64::MAX);
+        assert_eq!(commits(&metrics), 3 + APPENDED_BATCHES_KEPT as u64, "the oldest are let go");
     }
 }

@@ -274,11 +274,8 @@ pub async fn run(
     let metrics = Metrics::new(identity.member_id, VERSION);
     let log_store = LogStore::open(
         &layout.raft_log(),
-        WalOptions {
-            held_bytes: config.wal_held_bytes,
-            metrics: Some(Arc::new(metrics.clone())),
-            ..WalOptions::default()
-        },
+        WalOptions { held_bytes: config.wal_held_bytes, ..WalOptions::default() },
+        metrics.clone(),
     )
     .with_context(|| format!("opening the Raft log in {}", dir.display()))?;
     let db_path = layout.store();

@@ -104,3 +104,61 @@ async fn each_applied_batch_is_timed_by_stage() {
         assert!(batches >= 10.0, "{stage}: {batches} batches for 10 writes");
     }
 }
+
+/// `consensus_write_duration_seconds`: each write is timed by stage on the members that saw
+/// it, and the stages nest as their names say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_write_is_timed_by_stage_where_it_passes() {
+    let cluster = TestCluster::start(3);
+    let leader = &cluster.members[cluster.leader().await];
+    let follower = cluster.members.iter().find(|m| m.name != leader.name).expect("a follower");
+    let stage = |text: &str, stage: &str, part: &str| {
+        sample(text, &format!("consensus_write_duration_seconds_{part}{{stage=\"{stage}\"}}")).unwrap_or(0.0)
+    };
+    let text = |member| async move { metrics_text(member).await.expect("metrics") };
+
+    let (leader_before, follower_before) = (text(leader).await, text(follower).await);
+    for i in 0..10 {
+        eventually("a write to the leader", || async { put(leader, &format!("l{i}"), "v").await.ok() }).await;
+    }
+    let (leader_after, follower_after) = (text(leader).await, text(follower).await);
+    assert!(leader_after.contains("# TYPE consensus_write_duration_seconds histogram\n"), "{leader_after}");
+    let delta = |before: &str, after: &str, name: &str, part: &str| {
+        stage(after, name, part) - stage(before, name, part)
+    };
+    // One client at a time: each write was a batch of its own in every log.
+    for name in ["persist", "commit", "propose", "request"] {
+        let writes = delta(&leader_before, &leader_after, name, "count");
+        assert!(writes >= 10.0, "leader, {name}: {writes} of 10 writes");
+    }
+    for name in ["persist", "commit"] {
+        let writes = delta(&follower_before, &follower_after, name, "count");
+        assert!(writes >= 10.0, "follower, {name}: {writes} of 10 writes");
+    }
+    // A proposal's time holds its entry's append to commit, and a request's its proposal.
+    let took = |name| delta(&leader_before, &leader_after, name, "sum");
+    assert!(took("propose") >= took("commit"), "propose {} < commit {}", took("propose"), took("commit"));
+    assert!(took("request") >= took("propose"), "request {} < propose {}", took("request"), took("propose"));
+
+    // A write sent to a follower is a request there and a proposal on the leader.
+    let (leader_before, follower_before) = (leader_after, follower_after);
+    for i in 0..10 {
+        eventually("a write to a follower", || async { put(follower, &format!("f{i}"), "v").await.ok() })
+            .await;
+    }
+    let (leader_after, follower_after) = (text(leader).await, text(follower).await);
+    let requests = delta(&follower_before, &follower_after, "request", "count");
+    assert!(requests >= 10.0, "follower: {requests} requests for 10 writes");
+    assert_eq!(
+        delta(&follower_before, &follower_after, "propose", "count"),
+        0.0,
+        "a follower proposes nothing"
+    );
+    let proposals = delta(&leader_before, &leader_after, "propose", "count");
+    assert!(proposals >= 10.0, "leader: {proposals} proposals for 10 forwarded writes");
+    let (forwarded, proposed) = (
+        delta(&follower_before, &follower_after, "request", "sum"),
+        delta(&leader_before, &leader_after, "propose", "sum"),
+    );
+    assert!(forwarded >= proposed, "forwarded writes took {forwarded} s, their proposals {proposed} s");
+}

@@ -12,6 +12,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use serde::{Deserialize, Serialize};
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
+use crate::metrics::{Metrics, WriteStage};
 use crate::storage::hard_state::HardStateFile;
 use crate::storage::wal::{Wal, WalOptions};
 
@@ -26,6 +27,7 @@ struct Inner {
     wal: Wal,
     hard_state: Mutex<HardState>,
     hard_state_file: HardStateFile,
+    metrics: Metrics,
 }
 
 /// Cheap to clone: the log reader openraft asks for is another handle on the same log.
@@ -63,16 +65,20 @@ impl LogStore {
         file.save(&encode(&HardState { vote: None, last_purged: Some(last_purged) })?)
     }
 
-    /// Opens (or creates) the log in `dir`, recovering the WAL (see `Wal::open`).
-    pub fn open(dir: &Path, options: WalOptions) -> io::Result<Self> {
+    /// Opens (or creates) the log in `dir`, recovering the WAL (see `Wal::open`). The WAL
+    /// reports its fsyncs and bytes, and the log its write stages, to `metrics`.
+    pub fn open(dir: &Path, options: WalOptions, metrics: Metrics) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let options = WalOptions { metrics: Some(Arc::new(metrics.clone())), ..options };
         let wal = Wal::open(&dir.join("wal"), options).map_err(io::Error::other)?;
         let hard_state_file = hard_state_file(dir);
         let hard_state = match hard_state_file.load()? {
             Some(bytes) => postcard::from_bytes(&bytes).map_err(invalid_data)?,
             None => HardState::default(),
         };
-        Ok(Self { inner: Arc::new(Inner { wal, hard_state: Mutex::new(hard_state), hard_state_file }) })
+        Ok(Self {
+            inner: Arc::new(Inner { wal, hard_state: Mutex::new(hard_state), hard_state_file, metrics }),
+        })
     }
 
     fn hard_state(&self) -> HardState {
@@ -176,14 +182,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|entry| Ok((entry.log_id().index, encode(&entry)?)))
             .collect::<io::Result<Vec<_>>>()?;
+        let Some(&(first_index, _)) = records.first() else {
+            callback.io_completed(Ok(()));
+            return Ok(());
+        };
+        let metrics = self.inner.metrics.clone();
+        let appended = metrics.log_appended(first_index);
         // The WAL's writer thread calls back once the batch (and whatever else was queued
         // with it) has been fdatasync'ed: only then does openraft count the entries stored.
-        self.inner.wal.append(records, Box::new(move |result| callback.io_completed(result)));
+        self.inner.wal.append(
+            records,
+            Box::new(move |result| {
+                metrics.write_stage(WriteStage::Persist, appended.elapsed());
+                callback.io_completed(result)
+            }),
+        );
         Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |id| id.index + 1);
+        self.inner.metrics.log_truncated(from);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.inner.wal.truncate_from(
             from,

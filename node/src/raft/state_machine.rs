@@ -124,6 +124,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + Send,
     {
         let entries: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
+        if let Some((entry, _)) = entries.last() {
+            self.metrics.log_committed(entry.log_id.index);
+        }
         let store = self.store.clone();
         let metrics = self.metrics.clone();
         let last_data_index = self.last_data_index.clone();
@@ -218,6 +221,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
+        self.metrics.log_replaced(meta.last_log_id.map_or(0, |id| id.index));
         let last_data_index = self.last_data_index.clone();
         let watch_hub = self.watch_hub.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
