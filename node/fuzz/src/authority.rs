@@ -6,7 +6,9 @@
 //! - it is rewritten alike whether it arrives whole or in two reads split anywhere;
 //! - what is left waiting for more is less than one frame the server would accept;
 //! - every header block it writes decodes with a fresh HPACK decoder, as the server's
-//!   decoder, which has seen only what the rewriter wrote, must decode it.
+//!   decoder, which has seen only what the rewriter wrote, must decode it;
+//! - once it passes the connection through (its first header block needed no rewriting),
+//!   what follows is written as it came.
 
 use std::borrow::Cow;
 
@@ -17,15 +19,23 @@ use loona_hpack::Decoder;
 
 use crate::Fields;
 
-/// The output and what is left of the input, or the error.
-fn rewrite(reads: &[&[u8]]) -> Result<(Vec<u8>, Vec<u8>), String> {
+/// What the rewriter made of the stream read in `reads`.
+#[derive(Debug, PartialEq)]
+struct Rewritten {
+    output: Vec<u8>,
+    /// What is left of the input, waiting for more.
+    left: Vec<u8>,
+    passing_through_after: Option<(usize, usize)>,
+}
+
+fn rewrite(reads: &[&[u8]]) -> Result<Rewritten, String> {
     let mut rewriter = FrameRewriter::default();
     let (mut input, mut output) = (Vec::new(), Vec::new());
     for read in reads {
         input.extend_from_slice(read);
         rewriter.process(&mut input, &mut output).map_err(|e| e.to_string())?;
     }
-    Ok((output, input))
+    Ok(Rewritten { output, left: input, passing_through_after: rewriter.passing_through_after() })
 }
 
 /// Decodes every header block of the rewriter's output (which never pads).
@@ -64,8 +74,14 @@ pub fn check(data: &[u8]) {
     let whole = rewrite(&[stream]);
     let (first, second) = stream.split_at(split.min(stream.len()));
     assert_eq!(rewrite(&[first, second]), whole, "split at {split}, the stream was rewritten otherwise");
-    if let Ok((output, left)) = whole {
+    if let Ok(Rewritten { output, left, passing_through_after }) = whole {
         assert!(left.len() < FRAME_HEADER + MAX_FRAME, "{} bytes held back for a frame", left.len());
-        decode_header_blocks(&output);
+        match passing_through_after {
+            Some((read, written)) => {
+                decode_header_blocks(&output[..written]);
+                assert_eq!(&output[written..], &stream[read..], "passed through, yet changed");
+            }
+            None => decode_header_blocks(&output),
+        }
     }
 }

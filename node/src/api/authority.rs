@@ -6,10 +6,13 @@
 //! Rust one (h2) rejects the stream as malformed. This wraps the client-port connection and
 //! rewrites such an authority to `host:port` before h2 reads it.
 //!
-//! Rewriting one header block changes HPACK's shared compression state, so every header
-//! block from the client is decoded and re-encoded (with our own encoder, whose state the
-//! server's decoder then mirrors); all other frames, and everything the server writes, pass
-//! through untouched.
+//! Rewriting one header block changes HPACK's shared compression state, so once one is
+//! rewritten every later header block from the client is decoded and re-encoded too (with our
+//! own encoder, whose state the server's decoder then mirrors). grpc-go sends one authority,
+//! its channel's, on every stream of a connection: the first header block decides. A
+//! connection whose first block needs no rewriting passes through untouched from there on, and
+//! costs nothing more; decoding every block cost a quarter of a leader's instructions per put.
+//! Frames other than header blocks, and everything the server writes, always pass through.
 
 use std::io;
 use std::pin::Pin;
@@ -50,17 +53,41 @@ struct PendingBlock {
     block: Vec<u8>,
 }
 
+/// What the rewriter does with the client's header blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Before the first header block has ended.
+    Undecided,
+    /// Decodes and re-encodes every header block: the first one had its authority rewritten.
+    Rewriting,
+    /// Passes everything through, as it came: the first header block needed no rewriting.
+    /// Holds how many bytes had been read and written before.
+    PassingThrough { read: usize, written: usize },
+}
+
 /// The client-to-server byte stream, frame by frame.
 pub struct FrameRewriter {
     preface_left: usize,
     pending: Option<PendingBlock>,
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
+    mode: Mode,
+    /// Bytes taken from the input and written to the output so far.
+    read: usize,
+    written: usize,
 }
 
 impl Default for FrameRewriter {
     fn default() -> Self {
-        Self { preface_left: PREFACE_LEN, pending: None, decoder: Decoder::new(), encoder: Encoder::new() }
+        Self {
+            preface_left: PREFACE_LEN,
+            pending: None,
+            decoder: Decoder::new(),
+            encoder: Encoder::new(),
+            mode: Mode::Undecided,
+            read: 0,
+            written: 0,
+        }
     }
 }
 
@@ -72,9 +99,23 @@ pub fn normalize_authority(value: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl FrameRewriter {
+    /// Once the first header block needed no rewriting: how many bytes had been read from
+    /// the input and written to the output by then. Every byte after those passes unchanged.
+    pub fn passing_through_after(&self) -> Option<(usize, usize)> {
+        match self.mode {
+            Mode::PassingThrough { read, written } => Some((read, written)),
+            Mode::Undecided | Mode::Rewriting => None,
+        }
+    }
+
     /// Moves every complete unit (preface bytes, whole frames) from `input` to `output`,
     /// rewritten; leaves an incomplete frame in `input` for the next call.
     pub fn process(&mut self, input: &mut Vec<u8>, output: &mut Vec<u8>) -> io::Result<()> {
+        if self.passing_through_after().is_some() {
+            output.append(input);
+            return Ok(());
+        }
+        let written = output.len();
         let mut at = 0;
         if self.preface_left > 0 {
             let n = self.preface_left.min(input.len());
@@ -94,7 +135,7 @@ impl FrameRewriter {
             let (kind, flags) = (header[3], header[4]);
             let stream_id = [header[5], header[6], header[7], header[8]];
             let payload = &input[at + FRAME_HEADER..at + FRAME_HEADER + len];
-            match kind {
+            let ended_block = match kind {
                 HEADERS => self.headers(flags, stream_id, payload, output)?,
                 CONTINUATION => {
                     let pending =
@@ -103,14 +144,26 @@ impl FrameRewriter {
                         return Err(malformed("a header block over the header list limit"));
                     }
                     pending.block.extend_from_slice(payload);
-                    if flags & END_HEADERS != 0 {
-                        self.finish_block(output)?;
-                    }
+                    flags & END_HEADERS != 0 && self.finish_block(output)?
                 }
-                _ => output.extend_from_slice(&input[at..at + FRAME_HEADER + len]),
-            }
+                _ => {
+                    output.extend_from_slice(&input[at..at + FRAME_HEADER + len]);
+                    false
+                }
+            };
             at += FRAME_HEADER + len;
+            if ended_block && self.mode == Mode::Undecided {
+                // The first header block was written as it came: so is everything after it.
+                self.mode = Mode::PassingThrough {
+                    read: self.read + at,
+                    written: self.written + output.len() - written,
+                };
+                output.extend_from_slice(&input[at..]);
+                at = input.len();
+            }
         }
+        self.read += at;
+        self.written += output.len() - written;
         input.drain(..at);
         Ok(())
     }
@@ -121,7 +174,7 @@ impl FrameRewriter {
         stream_id: [u8; 4],
         payload: &[u8],
         output: &mut Vec<u8>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let mut body = payload;
         let mut pad = 0;
         if flags & PADDED != 0 {
@@ -143,14 +196,12 @@ impl FrameRewriter {
             priority,
             block: block.to_vec(),
         });
-        if flags & END_HEADERS != 0 {
-            self.finish_block(output)?;
-        }
-        Ok(())
+        Ok(flags & END_HEADERS != 0 && self.finish_block(output)?)
     }
 
-    fn finish_block(&mut self, output: &mut Vec<u8>) -> io::Result<()> {
-        let Some(pending) = self.pending.take() else { return Ok(()) };
+    /// Writes the header block collected; true once it is written.
+    fn finish_block(&mut self, output: &mut Vec<u8>) -> io::Result<bool> {
+        let Some(pending) = self.pending.take() else { return Ok(false) };
         let mut headers = Vec::new();
         let mut list_size = 0;
         self.decoder
@@ -168,14 +219,23 @@ impl FrameRewriter {
                 "a header list of {list_size} bytes, over the {MAX_HEADER_LIST} allowed"
             )));
         }
+        let mut rewritten = false;
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority"
                 && let Some(normalized) = normalize_authority(value)
             {
                 *value = normalized;
+                rewritten = true;
             }
         }
-        let mut block = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        if self.mode == Mode::Undecided && rewritten {
+            self.mode = Mode::Rewriting;
+        }
+        let mut block = match self.mode {
+            Mode::Rewriting => self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice()))),
+            // The client's own encoding: the server's decoder follows the client's encoder.
+            Mode::Undecided | Mode::PassingThrough { .. } => pending.block,
+        };
         let mut first = Vec::new();
         if let Some(priority) = pending.priority {
             first.extend_from_slice(&priority);
@@ -196,7 +256,7 @@ impl FrameRewriter {
             let last = if i + 1 == chunks.len() { END_HEADERS } else { 0 };
             write_frame(output, CONTINUATION, last, pending.stream_id, chunk);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -211,6 +271,8 @@ fn write_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream_id: [u8; 4], paylo
 pub struct AuthorityFix<S> {
     inner: S,
     rewriter: FrameRewriter,
+    /// What each read from `inner` goes into: allocated once, not zeroed per read.
+    chunk: Box<[u8]>,
     raw: Vec<u8>,
     ready: Vec<u8>,
     ready_at: usize,
@@ -218,7 +280,14 @@ pub struct AuthorityFix<S> {
 
 impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
-        Self { inner, rewriter: FrameRewriter::default(), raw: Vec::new(), ready: Vec::new(), ready_at: 0 }
+        Self {
+            inner,
+            rewriter: FrameRewriter::default(),
+            chunk: vec![0; 16 * 1024].into_boxed_slice(),
+            raw: Vec::new(),
+            ready: Vec::new(),
+            ready_at: 0,
+        }
     }
 
     pub fn get_ref(&self) -> &S {
@@ -244,8 +313,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut read = ReadBuf::new(&mut chunk);
+            if this.rewriter.passing_through_after().is_some() && this.raw.is_empty() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let mut read = ReadBuf::new(&mut this.chunk);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -365,6 +436,7 @@ mod tests {
         assert!(output.starts_with(b"PRI * HTTP/2.0"));
         let windows = output.windows(data.len()).any(|w| w == data.as_slice());
         assert!(windows, "the DATA frame passes through unchanged");
+        assert_eq!(rewriter.passing_through_after(), None);
         let blocks = decoded_blocks(&output);
         assert_eq!(blocks.len(), 2);
         for block in &blocks {
@@ -372,6 +444,37 @@ mod tests {
             assert_eq!(authority.as_deref(), Some(b"127.0.0.1:2379".as_slice()));
         }
         assert_eq!(blocks[0][2], (b":path".to_vec(), b"/etcdserverpb.KV/Range".to_vec()));
+    }
+
+    /// The first header block decides: with no authority to rewrite, the connection's bytes
+    /// pass through as they came, the server's decoder following the client's encoder.
+    #[test]
+    fn a_connection_whose_first_block_needs_no_rewriting_passes_through_unchanged() {
+        let mut client = Encoder::new();
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let first = headers_frame(&mut client, 1, &[(b":authority", b"127.0.0.1:2379")], 0);
+        stream.extend(&first);
+        let before_second = stream.len();
+        write_frame(&mut stream, 0x0, END_STREAM, [0, 0, 0, 1], b"grpc-body");
+        stream.extend(headers_frame(&mut client, 3, &[(b":authority", b"127.0.0.1:2379")], END_STREAM));
+        // Past the decision nothing is parsed: not even a frame the server will refuse.
+        stream.extend_from_slice(&[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 5]);
+
+        let mut rewriter = FrameRewriter::default();
+        let (mut input, mut output) = (Vec::new(), Vec::new());
+        for byte in &stream {
+            input.push(*byte);
+            rewriter.process(&mut input, &mut output).expect("passed through");
+        }
+        assert_eq!(output, stream);
+        assert_eq!(rewriter.passing_through_after(), Some((before_second, before_second)));
+
+        // Whole, the same.
+        let mut rewriter = FrameRewriter::default();
+        let (mut input, mut output) = (stream.clone(), Vec::new());
+        rewriter.process(&mut input, &mut output).expect("passed through");
+        assert_eq!(output, stream);
+        assert!(input.is_empty());
     }
 
     fn process_all(frames: &[u8]) -> io::Result<Vec<u8>> {
