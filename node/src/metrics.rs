@@ -103,6 +103,11 @@ fn peer_round_trip_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// One observation in the `stage` series of a histogram family labelled by stage.
+fn observe_stage(family: &Family<Labels, Histogram>, stage: &str, took: Duration) {
+    family.get_or_create(&vec![("stage".into(), stage.into())]).observe(took.as_secs_f64());
+}
+
 /// 100 µs to 26 s: a large DeleteRange takes seconds to apply, and a write may wait for one.
 fn stage_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 19))
@@ -301,13 +306,11 @@ impl Metrics {
     }
 
     pub fn apply_stage(&self, stage: ApplyStage, took: Duration) {
-        let labels = vec![("stage".into(), stage.label().into())];
-        self.inner.apply_stage.get_or_create(&labels).observe(took.as_secs_f64());
+        observe_stage(&self.inner.apply_stage, stage.label(), took);
     }
 
     pub fn write_stage(&self, stage: WriteStage, took: Duration) {
-        let labels = vec![("stage".into(), stage.label().into())];
-        self.inner.write_stage.get_or_create(&labels).observe(took.as_secs_f64());
+        observe_stage(&self.inner.write_stage, stage.label(), took);
     }
 
     fn appended(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant)>> {
