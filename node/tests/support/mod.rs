@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use consensus_node::proto::etcdserverpb::cluster_client::ClusterClient;
 use consensus_node::proto::etcdserverpb::kv_client::KvClient;
 use consensus_node::proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use consensus_node::proto::etcdserverpb::{PutRequest, RangeRequest, StatusRequest, StatusResponse};
+use consensus_node::proto::etcdserverpb::{
+    MemberListRequest, PutRequest, RangeRequest, StatusRequest, StatusResponse,
+};
 use tonic::transport::Channel;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -352,6 +355,23 @@ impl TestCluster {
                 }
             }
             None
+        })
+        .await
+    }
+
+    /// Waits until `member` knows every running member's client URLs. Each member publishes
+    /// its own through the log once a leader is known, so after this the log holds only what
+    /// the test writes.
+    pub async fn published(&self, member: &TestMember) {
+        let running = self.members.iter().filter(|m| m.is_running()).count();
+        eventually("every member's client URLs published", || async {
+            let list = ClusterClient::new(channel(&member.client_url()))
+                .member_list(MemberListRequest { linearizable: false })
+                .await
+                .ok()?
+                .into_inner();
+            let published = list.members.iter().filter(|m| !m.client_ur_ls.is_empty()).count();
+            (published >= running).then_some(())
         })
         .await
     }
