@@ -18,8 +18,8 @@
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, TryStreamExt};
@@ -68,7 +68,7 @@ fn invalid(what: impl std::fmt::Display) -> io::Error {
 
 pub struct StateMachine {
     store: Arc<MvccStore>,
-    snapshot_dir: PathBuf,
+    snapshot_dir: SnapshotDir,
     metrics: Metrics,
     last_data_index: Arc<AtomicU64>,
     watch_hub: WatchHub,
@@ -84,7 +84,7 @@ impl StateMachine {
         last_data_index: Arc<AtomicU64>,
         watch_hub: WatchHub,
     ) -> io::Result<Self> {
-        fs::create_dir_all(&snapshot_dir)?;
+        let snapshot_dir = SnapshotDir::create(snapshot_dir)?;
         let state_machine = Self { store, snapshot_dir, metrics, last_data_index, watch_hub };
         // Until it applies more, everything applied so far may have changed data.
         let applied = state_machine.read_applied()?.0.map_or(0, |id| id.index);
@@ -231,7 +231,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             store.restore(&mut records).map_err(io_err)?;
             watch_hub.replaced();
-            keep_as_current(&dir, &snapshot.path, &meta)?;
+            dir.keep(&snapshot.path, &meta)?;
             tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
             last_data_index.store(meta.last_log_id.map_or(0, |id| id.index), Ordering::SeqCst);
             Ok(())
@@ -241,7 +241,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<RaftSnapshot>, io::Error> {
-        let Some(path) = newest_snapshot(&self.snapshot_dir)? else { return Ok(None) };
+        let Some(path) = self.snapshot_dir.newest()? else { return Ok(None) };
         let (meta, _) = open_snapshot(&path)?;
         Ok(Some(RaftSnapshot { meta, snapshot: SnapshotFile { path } }))
     }
@@ -249,7 +249,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 pub struct SnapshotBuilder {
     store: Arc<MvccStore>,
-    snapshot_dir: PathBuf,
+    snapshot_dir: SnapshotDir,
     metrics: Metrics,
 }
 
@@ -267,18 +267,25 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
-fn build(store: &MvccStore, dir: &Path) -> io::Result<RaftSnapshot> {
+fn build(store: &MvccStore, dir: &SnapshotDir) -> io::Result<RaftSnapshot> {
     let view = store.read().map_err(io_err)?;
     let meta = raft_meta(&view)?;
-    let tmp = dir.join(format!("{}.tmp", snapshot_file_name(&meta)));
+    let tmp = dir.path.join(format!("{}.tmp", snapshot_file_name(&meta)));
     let file = write_snapshot(&view, &meta, BufWriter::new(File::create(&tmp)?))?;
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     drop(view);
     // Everything the snapshot holds must be durable in the store before the log behind it
     // may be purged.
     store.sync().map_err(io_err)?;
-    let path = keep_as_current(dir, &tmp, &meta)?;
-    Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path } })
+    match dir.keep(&tmp, &meta)? {
+        Kept::Current(path) => Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path } }),
+        // A newer snapshot came from the leader while this one was built: it stays current,
+        // and is what openraft is told the build made.
+        Kept::Superseded(newer) => {
+            let (meta, _) = open_snapshot(&newer)?;
+            Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path: newer } })
+        }
+    }
 }
 
 /// Writes `view` in the snapshot file format (see the module comment) to `out`; `meta`
@@ -345,24 +352,69 @@ pub fn seed_new_cluster(
     batch.set_meta(META_APPLIED, &postcard::to_stdvec(&Some(log_id)).map_err(invalid)?).map_err(io_err)?;
     batch.set_meta(META_MEMBERSHIP, &postcard::to_stdvec(&membership).map_err(invalid)?).map_err(io_err)?;
     batch.commit().map_err(io_err)?;
-    fs::create_dir_all(snapshot_dir)?;
-    build(store, snapshot_dir)
+    build(store, &SnapshotDir::create(snapshot_dir.to_owned())?)
 }
 
-/// Moves `file` into place as the newest snapshot and removes older ones.
-fn keep_as_current(dir: &Path, file: &Path, meta: &SnapshotMeta) -> io::Result<PathBuf> {
-    let path = dir.join(snapshot_file_name(meta));
-    if file != path {
-        fs::rename(file, &path)?;
+/// The directory that holds a member's Raft snapshot: one file, the newest kept.
+///
+/// openraft builds a snapshot in a task of its own while the state machine goes on applying
+/// and installing. A build of an older state can therefore finish after a newer snapshot from
+/// the leader was installed and the log behind that one purged. Keeping the build's file then
+/// would leave the snapshot on disk older than the purge point, and openraft refuses to start
+/// from that (chaos-ci, seed 13 of the fsync class). So keeping never goes backwards, and
+/// the check and the swap happen under one lock.
+#[derive(Clone)]
+struct SnapshotDir {
+    path: PathBuf,
+    keeping: Arc<Mutex<()>>,
+}
+
+/// What `SnapshotDir::keep` did with a file.
+enum Kept {
+    /// It is the snapshot now, at this path.
+    Current(PathBuf),
+    /// It was dropped for the newer snapshot at this path.
+    Superseded(PathBuf),
+}
+
+impl SnapshotDir {
+    fn create(path: PathBuf) -> io::Result<Self> {
+        fs::create_dir_all(&path)?;
+        Ok(Self { path, keeping: Arc::new(Mutex::new(())) })
     }
-    sync_dir(dir)?;
-    for entry in fs::read_dir(dir)? {
-        let other = entry?.path();
-        if other != path && other.extension().is_some_and(|e| e == "snap") {
-            fs::remove_file(other)?;
+
+    /// Moves `file` into place as the snapshot and removes older ones, unless a newer one is
+    /// already there; then `file` is removed.
+    fn keep(&self, file: &Path, meta: &SnapshotMeta) -> io::Result<Kept> {
+        let _keeping = self.keeping.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.path.join(snapshot_file_name(meta));
+        if let Some(newer) = self.newest()?.filter(|newest| newest > &path) {
+            fs::remove_file(file)?;
+            return Ok(Kept::Superseded(newer));
         }
+        if file != path {
+            fs::rename(file, &path)?;
+        }
+        sync_dir(&self.path)?;
+        for entry in fs::read_dir(&self.path)? {
+            let other = entry?.path();
+            if other != path && other.extension().is_some_and(|e| e == "snap") {
+                fs::remove_file(other)?;
+            }
+        }
+        Ok(Kept::Current(path))
     }
-    Ok(path)
+
+    fn newest(&self) -> io::Result<Option<PathBuf>> {
+        let mut newest = None;
+        for entry in fs::read_dir(&self.path)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "snap") && newest.as_ref().is_none_or(|n| &path > n) {
+                newest = Some(path);
+            }
+        }
+        Ok(newest)
+    }
 }
 
 /// Snapshot files sort by the log index they cover.
@@ -371,17 +423,6 @@ pub fn snapshot_file_name(meta: &SnapshotMeta) -> String {
         Some(id) => format!("{:020}-{}.snap", id.index, id.leader_id.term),
         None => "00000000000000000000-0.snap".to_owned(),
     }
-}
-
-fn newest_snapshot(dir: &Path) -> io::Result<Option<PathBuf>> {
-    let mut newest = None;
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "snap") && newest.as_ref().is_none_or(|n| &path > n) {
-            newest = Some(path);
-        }
-    }
-    Ok(newest)
 }
 
 /// Verifies a snapshot file's checksum and returns its metadata and a reader positioned at
@@ -471,6 +512,45 @@ mod tests {
     use super::*;
     use crate::proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest};
     use crate::raft::types::Command;
+
+    /// The race chaos-ci found: a build of index 2000 ends after the leader's snapshot of
+    /// index 2238 was installed (and the log up to 2238 purged). The late build must not
+    /// take its place, or the member could not start again.
+    #[test]
+    fn a_snapshot_kept_late_never_replaces_a_newer_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let snapshots = SnapshotDir::create(dir.path().join("snap")).expect("snapshot dir");
+        let leader =
+            <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(3, 1).to_committed();
+        let meta =
+            |index| SnapshotMeta { last_log_id: Some(LogId::new(leader, index)), ..SnapshotMeta::default() };
+        let file = |name: &str| {
+            let path = dir.path().join("snap").join(name);
+            fs::write(&path, name).expect("write");
+            path
+        };
+
+        let installed = match snapshots.keep(&file("received"), &meta(2238)).expect("keep") {
+            Kept::Current(path) => path,
+            Kept::Superseded(newer) => panic!("nothing was newer than 2238, yet {newer:?}"),
+        };
+        let built = file("built.tmp");
+        match snapshots.keep(&built, &meta(2000)).expect("keep") {
+            Kept::Superseded(newer) => assert_eq!(newer, installed),
+            Kept::Current(path) => panic!("the build of 2000 replaced the snapshot of 2238 with {path:?}"),
+        }
+        assert_eq!(snapshots.newest().expect("newest"), Some(installed.clone()));
+        assert_eq!(fs::read_to_string(&installed).expect("read"), "received");
+        assert!(!built.exists(), "the superseded build's file is removed");
+        assert_eq!(fs::read_dir(dir.path().join("snap")).expect("list").count(), 1);
+
+        // A build newer than the snapshot replaces it, as always.
+        let Kept::Current(newest) = snapshots.keep(&file("built.tmp"), &meta(4000)).expect("keep") else {
+            panic!("a newer build was refused");
+        };
+        assert_eq!(snapshots.newest().expect("newest"), Some(newest));
+        assert!(!installed.exists(), "the older snapshot is removed");
+    }
 
     /// The keys of a copy of the store file taken now: what a crash would leave on disk.
     fn keys_on_disk(store: &Path, scratch: &Path) -> Vec<Vec<u8>> {
