@@ -31,7 +31,7 @@ use crate::proto::raft::raft_peer_server::RaftPeerServer;
 use crate::raft::log_store::LogStore;
 use crate::raft::network::PeerNetwork;
 use crate::raft::state_machine::StateMachine;
-use crate::raft::types::{Member, Raft};
+use crate::raft::types::Member;
 use crate::storage::wal::WalOptions;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -314,7 +314,7 @@ pub async fn run(
     }
     .validate()
     .context("Raft configuration")?;
-    let raft = Raft::new(
+    let raft = crate::raft::start(
         identity.member_id,
         Arc::new(raft_config),
         PeerNetwork::new(metrics.clone(), identity.cluster_id),
