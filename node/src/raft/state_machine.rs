@@ -382,8 +382,8 @@ pub fn seed_new_cluster(
 /// and installing. A build of an older state can therefore finish after a newer snapshot from
 /// the leader was installed and the log behind that one purged. Keeping the build's file then
 /// would leave the snapshot on disk older than the purge point, and openraft refuses to start
-/// from that (chaos-ci, seed 13 of the fsync class). So keeping never goes backwards, and
-/// the check and the swap happen under one lock.
+/// from that. So keeping never goes backwards, and the check and the swap happen under one
+/// lock.
 #[derive(Clone)]
 struct SnapshotDir {
     path: PathBuf,
