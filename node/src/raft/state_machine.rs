@@ -417,24 +417,26 @@ impl SnapshotDir {
             fs::rename(file, &path)?;
         }
         sync_dir(&self.path)?;
-        for entry in fs::read_dir(&self.path)? {
-            let other = entry?.path();
-            if other != path && other.extension().is_some_and(|e| e == "snap") {
-                fs::remove_file(other)?;
-            }
+        for other in self.files()?.into_iter().filter(|other| other != &path) {
+            fs::remove_file(other)?;
         }
         Ok(Kept::Current(path))
     }
 
     fn newest(&self) -> io::Result<Option<PathBuf>> {
-        let mut newest = None;
+        Ok(self.files()?.into_iter().max())
+    }
+
+    /// The snapshot files in the directory (not the partial `.tmp` files of builds).
+    fn files(&self) -> io::Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
         for entry in fs::read_dir(&self.path)? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "snap") && newest.as_ref().is_none_or(|n| &path > n) {
-                newest = Some(path);
+            if path.extension().is_some_and(|e| e == "snap") {
+                files.push(path);
             }
         }
-        Ok(newest)
+        Ok(files)
     }
 }
 
