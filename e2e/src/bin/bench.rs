@@ -86,6 +86,22 @@ struct Args {
     /// the first also serves the backup comparison.
     #[arg(long = "etcd", required = true)]
     etcds: Vec<PathBuf>,
+    /// Run only these parts of the benchmark (all of them when none is given), for example
+    /// `--only failover` while working on elections.
+    #[arg(long = "only", value_enum)]
+    only: Vec<Part>,
+}
+
+/// The parts of `make bench`, in the order they run.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Part {
+    /// Puts and gets from 1, 16 and 256 clients, and the peak RSS they left.
+    Workloads,
+    Failover,
+    Watch,
+    Lease,
+    Instructions,
+    Backup,
 }
 
 struct Member {
@@ -446,28 +462,86 @@ async fn failover(cluster: &mut Cluster) -> anyhow::Result<Duration> {
         .collect();
     let killed = Instant::now();
     cluster.members[leader].kill9();
-    let mut attempt = 0usize;
+    // A put sent while there is no leader waits for one, or fails; a new one goes out every
+    // `PUT_EVERY` to the survivors in turn, so the first acknowledgement comes within that of
+    // the new leader taking writes, whichever survivor leads and however each system answers
+    // meanwhile.
+    const PUT_EVERY: Duration = Duration::from_millis(20);
+    let mut puts = tokio::task::JoinSet::new();
+    let mut next_put = tokio::time::interval(PUT_EVERY);
+    let deadline = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(deadline);
+    let mut sent = 0usize;
     let took = loop {
-        let url = &survivors[attempt % survivors.len()];
-        let mut kv = KvClient::new(
-            Endpoint::from_shared(url.clone())?.timeout(Duration::from_millis(300)).connect_lazy(),
-        );
-        let request = PutRequest {
-            key: b"bench/failover".to_vec(),
-            value: vec![b'f'; VALUE_BYTES],
-            ..PutRequest::default()
-        };
-        if kv.put(request).await.is_ok() {
-            break killed.elapsed();
+        tokio::select! {
+            _ = next_put.tick() => {
+                let mut kv = KvClient::new(
+                    Endpoint::from_shared(survivors[sent % survivors.len()].clone())?
+                        .timeout(Duration::from_secs(2))
+                        .connect_lazy(),
+                );
+                sent += 1;
+                puts.spawn(async move {
+                    let request = PutRequest {
+                        key: b"bench/failover".to_vec(),
+                        value: vec![b'f'; VALUE_BYTES],
+                        ..PutRequest::default()
+                    };
+                    kv.put(request).await.is_ok()
+                });
+            }
+            Some(Ok(true)) = puts.join_next(), if !puts.is_empty() => break killed.elapsed(),
+            _ = &mut deadline => {
+                bail!("{}: no write accepted within 60 s of killing the leader", cluster.system.name())
+            }
         }
-        if killed.elapsed() > Duration::from_secs(60) {
-            bail!("{}: no write accepted within 60 s of killing the leader", cluster.system.name());
-        }
-        attempt += 1;
     };
+    puts.abort_all();
     cluster.members[leader].start()?;
     cluster.leader(Duration::from_secs(30)).await?;
     Ok(took)
+}
+
+/// A single failover is one draw of the followers' election timeouts (etcd's from `[E, 2E)`),
+/// so one sample says little; each system is failed over this many times, in turns.
+const FAILOVER_ROUNDS: usize = 11;
+
+/// The median, mean and range of `FAILOVER_ROUNDS` failovers of each system, in milliseconds, the
+/// systems taking turns so that a slow spell of the machine falls on all of them.
+async fn failovers(
+    ours: &mut Cluster,
+    etcds: &mut [Cluster],
+) -> anyhow::Result<(Spread, Vec<(String, Spread)>)> {
+    let mut mine = Vec::new();
+    let mut theirs: Vec<(String, Vec<f64>)> = etcds.iter().map(|e| (e.system.name(), Vec::new())).collect();
+    for _ in 0..FAILOVER_ROUNDS {
+        let (a, bs) = on_each(ours, etcds, async |c| Ok(failover(c).await?.as_secs_f64() * 1000.0)).await?;
+        mine.push(a);
+        for ((_, samples), (_, b)) in theirs.iter_mut().zip(bs) {
+            samples.push(b);
+        }
+    }
+    Ok((Spread::of(mine), theirs.into_iter().map(|(name, samples)| (name, Spread::of(samples))).collect()))
+}
+
+/// The median, the mean and the range of a few samples.
+struct Spread {
+    median: f64,
+    mean: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut samples: Vec<f64>) -> Self {
+        samples.sort_by(f64::total_cmp);
+        Spread {
+            median: samples[samples.len() / 2],
+            mean: samples.iter().sum::<f64>() / samples.len() as f64,
+            min: samples[0],
+            max: samples[samples.len() - 1],
+        }
+    }
 }
 
 /// A request stream with `first` already queued: etcd sends a stream's response headers
@@ -771,6 +845,20 @@ fn print_figure(name: &str, ours: f64, etcds: &[(String, f64)]) {
     }
 }
 
+/// Mean, median and range per system, and the ratio of means.
+fn print_spread(name: &str, ours: &Spread, etcds: &[(String, Spread)]) {
+    let line = |label: &str, system: &str, s: &Spread, ratio: String| {
+        println!(
+            "{label:<26} {system:<16} {:>10.1} median {:.1}, {:.1}-{:.1} | {ratio:>9}",
+            s.mean, s.median, s.min, s.max
+        );
+    };
+    line(name, "consensus-node", ours, String::new());
+    for (system, etcd) in etcds {
+        line("", system, etcd, ratio(ours.mean, etcd.mean));
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -783,13 +871,19 @@ async fn main() -> anyhow::Result<()> {
     }
     // Returning drops every cluster, which kills their members: on Ctrl-C too.
     tokio::select! {
-        result = measure(&mut ours, &mut etcds) => result?,
+        result = measure(&mut ours, &mut etcds, &args.only) => result?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted; members stopped"),
     }
     drop(etcds);
     drop(ours);
-    instructions::measure(&systems, &dir.path().join("instructions")).await?;
-    backup::measure(&systems[0]).await
+    let runs = |part: Part| args.only.is_empty() || args.only.contains(&part);
+    if runs(Part::Instructions) {
+        instructions::measure(&systems, &dir.path().join("instructions")).await?;
+    }
+    if runs(Part::Backup) {
+        backup::measure(&systems[0]).await?;
+    }
+    Ok(())
 }
 
 /// Runs `what` on ours, then on each etcd; returns ours and the etcds' results by name.
@@ -809,7 +903,7 @@ where
     Ok((mine, theirs))
 }
 
-async fn measure(ours: &mut Cluster, etcds: &mut [Cluster]) -> anyhow::Result<()> {
+async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> anyhow::Result<()> {
     ours.leader(Duration::from_secs(30)).await?;
     for etcd in etcds.iter() {
         etcd.leader(Duration::from_secs(30)).await?;
@@ -825,6 +919,7 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster]) -> anyhow::Result<()
         "{:<26} {:<16} {:>10} {:>8} {:>8} {:>10} | {:>9} {:>9} {:>9}",
         "workload", "system", "ops/s", "p50 ms", "p99 ms", "cpu ms/op", "ours/etcd", "p99 o/e", "cpu o/e"
     );
+    let runs = |part: Part| only.is_empty() || only.contains(&part);
     let workloads = [
         ("put, 1 client", Workload::Put, 1),
         ("put, 16 clients", Workload::Put, 16),
@@ -832,27 +927,39 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster]) -> anyhow::Result<()
         ("linearizable get, 16", Workload::LinearizableGet, 16),
         ("serializable get, 16", Workload::SerializableGet, 16),
     ];
-    for (name, workload, clients) in workloads {
-        let (a, bs) = on_each(ours, etcds, async |c| drive(c, workload, clients).await).await?;
-        print_rows(name, &a, &bs);
+    if runs(Part::Workloads) {
+        for (name, workload, clients) in workloads {
+            let (a, bs) = on_each(ours, etcds, async |c| drive(c, workload, clients).await).await?;
+            print_rows(name, &a, &bs);
+        }
+        let peak_rss_mib = |c: &Cluster| {
+            c.members.iter().filter_map(Member::peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0
+        };
+        let etcd_rss: Vec<(String, f64)> = etcds.iter().map(|e| (e.system.name(), peak_rss_mib(e))).collect();
+        print_figure("peak RSS of a member (MiB)", peak_rss_mib(ours), &etcd_rss);
     }
-    let peak_rss_mib =
-        |c: &Cluster| c.members.iter().filter_map(Member::peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0;
-    let etcd_rss: Vec<(String, f64)> = etcds.iter().map(|e| (e.system.name(), peak_rss_mib(e))).collect();
-    let ours_rss = peak_rss_mib(ours);
-    let (a, bs) = on_each(ours, etcds, async |c| Ok(failover(c).await?.as_secs_f64() * 1000.0)).await?;
-    print_figure("leader failover (ms)", a, &bs);
-    print_figure("peak RSS of a member (MiB)", ours_rss, &etcd_rss);
+    if runs(Part::Failover) {
+        let (a, bs) = failovers(ours, etcds).await?;
+        print_spread(&format!("leader failover (ms), {FAILOVER_ROUNDS}"), &a, &bs);
+    }
     // After the rows above, so that their load leaves those unchanged.
     let mut reports = Vec::new();
-    let watched = on_each(ours, etcds, async |c| watch_fan_out(c).await).await?;
-    print_reported(&format!("watch, {WATCHERS} watchers"), watched, &mut reports);
-    let kept_alive = on_each(ours, etcds, async |c| lease_keep_alive(c).await).await?;
-    print_reported(&format!("lease keep-alive, {LEASES}"), kept_alive, &mut reports);
+    if runs(Part::Watch) {
+        let watched = on_each(ours, etcds, async |c| watch_fan_out(c).await).await?;
+        print_reported(&format!("watch, {WATCHERS} watchers"), watched, &mut reports);
+    }
+    if runs(Part::Lease) {
+        let kept_alive = on_each(ours, etcds, async |c| lease_keep_alive(c).await).await?;
+        print_reported(&format!("lease keep-alive, {LEASES}"), kept_alive, &mut reports);
+    }
     println!();
     println!(
         "ratios above 1 mean more throughput for ops/s, and a slower p99, more CPU per operation, slower \
          failover or more memory elsewhere"
+    );
+    println!(
+        "failover: kill -9 of the leader to the first acknowledged put, {FAILOVER_ROUNDS} times per system; \
+         the mean, median and range, and the ratio of means"
     );
     println!(
         "watch: 1 writer putting back to back for {}s; ops/s are events received by all watchers, \
