@@ -177,10 +177,9 @@ pub async fn ask_roster(peer: &Member) -> Result<(u64, Vec<MemberInfo>), ServerE
     }
 }
 
-/// etcd's request timeout for a member whose election timeout is `election` (openraft's
-/// `election_timeout_max`, see `raft::election_timeouts`): 5 s and two election timeouts,
-/// room for a leader change on the way. A large request, such as a DeleteRange of 60,000
-/// keys on a 2 GB store, may take the leader over 5 s to apply.
+/// etcd's request timeout for a member whose election timeout is `election`: 5 s and two
+/// election timeouts, room for a leader change on the way. A large request, such as a
+/// DeleteRange of 60,000 keys on a 2 GB store, may take the leader over 5 s to apply.
 fn request_timeout(election: Duration) -> Duration {
     Duration::from_secs(5) + 2 * election
 }
@@ -341,6 +340,8 @@ pub struct NodeParts {
     pub watch_hub: WatchHub,
     /// `--quota-backend-bytes`: see `api::quota`.
     pub quota_bytes: u64,
+    /// `--election-timeout`, which sets how long a forwarded request may take.
+    pub election_timeout: Duration,
 }
 
 impl Node {
@@ -356,8 +357,9 @@ impl Node {
             leases,
             watch_hub,
             quota_bytes,
+            election_timeout,
         } = parts;
-        let request_timeout = request_timeout(Duration::from_millis(raft.config().election_timeout_max));
+        let request_timeout = request_timeout(election_timeout);
         let (read_index_requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(serve_read_indexes(raft.clone(), last_data_index, receiver));
         Self {

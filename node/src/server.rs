@@ -343,6 +343,7 @@ pub async fn run(
         leases: crate::lease::LeaseClock::new(config.election_timeout),
         watch_hub,
         quota_bytes: config.quota_backend_bytes,
+        election_timeout: config.election_timeout,
     }));
 
     let (stop_tx, stop_rx) = watch::channel(false);
