@@ -55,7 +55,8 @@ pub async fn start(
 pub fn election_timeouts(election: Duration, heartbeat: Duration) -> (u64, u64) {
     let election = election.as_millis() as u64;
     let heartbeat = heartbeat.as_millis() as u64;
-    (election / 2, (election - heartbeat) * 3 / 4)
+    // Saturating: a heartbeat as long as E gives min >= max, which openraft's validate refuses.
+    (election / 2, election.saturating_sub(heartbeat) * 3 / 4)
 }
 
 #[cfg(test)]
