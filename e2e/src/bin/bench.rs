@@ -104,6 +104,13 @@ enum Part {
     Backup,
 }
 
+impl Part {
+    /// Whether `--only` (`only`, empty for every part) asks for this part.
+    fn chosen(self, only: &[Part]) -> bool {
+        only.is_empty() || only.contains(&self)
+    }
+}
+
 struct Member {
     client_url: String,
     peer_url: String,
@@ -876,11 +883,10 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(etcds);
     drop(ours);
-    let runs = |part: Part| args.only.is_empty() || args.only.contains(&part);
-    if runs(Part::Instructions) {
+    if Part::Instructions.chosen(&args.only) {
         instructions::measure(&systems, &dir.path().join("instructions")).await?;
     }
-    if runs(Part::Backup) {
+    if Part::Backup.chosen(&args.only) {
         backup::measure(&systems[0]).await?;
     }
     Ok(())
@@ -919,7 +925,6 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> an
         "{:<26} {:<16} {:>10} {:>8} {:>8} {:>10} | {:>9} {:>9} {:>9}",
         "workload", "system", "ops/s", "p50 ms", "p99 ms", "cpu ms/op", "ours/etcd", "p99 o/e", "cpu o/e"
     );
-    let runs = |part: Part| only.is_empty() || only.contains(&part);
     let workloads = [
         ("put, 1 client", Workload::Put, 1),
         ("put, 16 clients", Workload::Put, 16),
@@ -927,7 +932,7 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> an
         ("linearizable get, 16", Workload::LinearizableGet, 16),
         ("serializable get, 16", Workload::SerializableGet, 16),
     ];
-    if runs(Part::Workloads) {
+    if Part::Workloads.chosen(only) {
         for (name, workload, clients) in workloads {
             let (a, bs) = on_each(ours, etcds, async |c| drive(c, workload, clients).await).await?;
             print_rows(name, &a, &bs);
@@ -938,17 +943,17 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> an
         let etcd_rss: Vec<(String, f64)> = etcds.iter().map(|e| (e.system.name(), peak_rss_mib(e))).collect();
         print_figure("peak RSS of a member (MiB)", peak_rss_mib(ours), &etcd_rss);
     }
-    if runs(Part::Failover) {
+    if Part::Failover.chosen(only) {
         let (a, bs) = failovers(ours, etcds).await?;
         print_spread(&format!("leader failover (ms), {FAILOVER_ROUNDS}"), &a, &bs);
     }
     // After the rows above, so that their load leaves those unchanged.
     let mut reports = Vec::new();
-    if runs(Part::Watch) {
+    if Part::Watch.chosen(only) {
         let watched = on_each(ours, etcds, async |c| watch_fan_out(c).await).await?;
         print_reported(&format!("watch, {WATCHERS} watchers"), watched, &mut reports);
     }
-    if runs(Part::Lease) {
+    if Part::Lease.chosen(only) {
         let kept_alive = on_each(ours, etcds, async |c| lease_keep_alive(c).await).await?;
         print_reported(&format!("lease keep-alive, {LEASES}"), kept_alive, &mut reports);
     }
