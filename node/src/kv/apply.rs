@@ -130,13 +130,12 @@ fn write_delete(
     revision: i64,
     request: &DeleteRangeRequest,
 ) -> Outcome<DeleteRangeResponse> {
-    let deleted =
+    let events =
         batch.delete_range(revision, KeySpan { key: &request.key, range_end: &request.range_end })?;
-    Ok(DeleteRangeResponse {
-        header: header(batch.revision()),
-        deleted: deleted.len() as i64,
-        prev_kvs: if request.prev_kv { deleted } else { Vec::new() },
-    })
+    let deleted = events.len() as i64;
+    let prev_kvs =
+        if request.prev_kv { events.iter().filter_map(|e| e.prev_kv.clone()).collect() } else { Vec::new() };
+    Ok(DeleteRangeResponse { header: header(batch.revision()), deleted, prev_kvs })
 }
 
 /// A Txn with its branches chosen: etcd decides every nested Txn's branch on the store as

@@ -5,10 +5,11 @@
 //! the latest state or, until compacted, any earlier revision.
 //!
 //! Tables:
-//! - `live_revisions`: every live key -> the revision of its current version;
-//! - `history`: (key, revision) -> the `KeyValue` written at that revision, or a tombstone
-//!   (`version == 0`) where the key was deleted: each version is kept once, here; reads at
-//!   the head revision find it through `live_revisions`;
+//! - `versions`: (key, revision) -> what the version written at that revision says besides
+//!   its value (create revision, version, lease, where its value is), or a deletion
+//!   (`version == 0`); the newest row of a key says whether it lives;
+//! - `values`: (revision, n-th put of that revision) -> the value, in revision order, so that
+//!   values are appended and a request that touches many keys rewrites only small rows;
 //! - `leases`: lease id -> granted TTL; `lease_keys`: (lease id, key) for attached keys;
 //! - `meta`: the current and compacted revisions, and the Raft state the apply layer keeps
 //!   beside the data in the same transaction (applied log id, membership).

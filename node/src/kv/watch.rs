@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use super::store::{HISTORY, KeySpan, KvError, ReadView, decode, storage};
+use super::store::{KeySpan, KvError, ReadView};
 use crate::proto::mvccpb::event::EventType;
 use crate::proto::mvccpb::{Event, KeyValue};
 
@@ -214,24 +214,8 @@ impl ReadView {
         if from > to {
             return Ok(Vec::new());
         }
-        let history = self.txn.open_table(HISTORY).map_err(storage)?;
-        let start: (&[u8], i64) = (span.key, i64::MIN);
-        let mut rows = Vec::new();
-        // The rows before `from` are read too: each key's previous state comes from them.
-        for entry in history.range(start..).map_err(storage)? {
-            let (k, v) = entry.map_err(storage)?;
-            let (key, revision) = k.value();
-            if !span.contains(key) {
-                if span.is_single() || span.upper().is_some_and(|end| key >= end) {
-                    break;
-                }
-                continue;
-            }
-            if revision > to {
-                continue;
-            }
-            rows.push(decode(key, v.value())?);
-        }
+        // The versions before `from` are read too: each key's previous state comes from them.
+        let rows = self.versions(span, to)?;
         Ok(events_from_history(rows, from, to))
     }
 }
