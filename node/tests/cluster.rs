@@ -457,3 +457,15 @@ fn a_member_logging_to_a_pipe_writes_no_colour_codes() {
     // The fields as text, which is what colour codes would have split.
     assert!(starting.contains("INFO") && starting.contains("name=piped"), "{starting:?}");
 }
+
+/// mimalloc would ask for transparent huge pages, and every fault would clear 2 MiB: the
+/// member turns them off for itself (`main.rs`, `disable_transparent_huge_pages`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_runs_without_transparent_huge_pages() {
+    let cluster = TestCluster::start(1);
+    cluster.leader().await;
+    let pid = cluster.members[0].pid().expect("running");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the member's status");
+    let thp = status.lines().find_map(|line| line.strip_prefix("THP_enabled:")).map(str::trim);
+    assert_eq!(thp, Some("0"), "{status}");
+}
