@@ -116,6 +116,8 @@ struct Member {
     peer_url: String,
     name: String,
     data_dir: PathBuf,
+    /// Its standard error, kept for when it fails to serve.
+    log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
     program: PathBuf,
@@ -126,7 +128,13 @@ impl Member {
         let child = Command::new(&self.program)
             .args(&self.args)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .with_context(|| format!("opening {}", self.log.display()))?,
+            )
             .spawn()
             .with_context(|| format!("starting {}", self.program.display()))?;
         self.child = Some(child);
@@ -168,8 +176,18 @@ impl Drop for Member {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Ports free on loopback and distinct from each other: each stays bound until all are
+/// chosen, so that two members of a cluster are never given the same one.
+#[derive(Default)]
+struct FreePorts(Vec<TcpListener>);
+
+impl FreePorts {
+    fn take(&mut self) -> anyhow::Result<u16> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        self.0.push(listener);
+        Ok(port)
+    }
 }
 
 struct Cluster {
@@ -211,14 +229,17 @@ impl Cluster {
     fn start_under(system: System, dir: &Path, extra: &[&str], wrapper: &[String]) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         let mut peers = Vec::new();
+        let mut ports = FreePorts::default();
+        std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
         for i in 0..3 {
-            let (client, peer) = (free_port()?, free_port()?);
+            let (client, peer) = (ports.take()?, ports.take()?);
             let name = format!("{}{i}", if system == System::Ours { "c" } else { "e" });
             peers.push(format!("{name}=http://127.0.0.1:{peer}"));
             members.push(Member {
                 client_url: format!("http://127.0.0.1:{client}"),
                 peer_url: format!("http://127.0.0.1:{peer}"),
                 data_dir: dir.join(&name),
+                log: dir.join(format!("{name}.log")),
                 name,
                 child: None,
                 args: Vec::new(),
@@ -231,7 +252,7 @@ impl Cluster {
             match &system {
                 System::Ours => {
                     args.push("run".to_owned());
-                    let metrics = free_port()?;
+                    let metrics = ports.take()?;
                     args.extend(["--listen-metrics-urls".to_owned(), format!("http://127.0.0.1:{metrics}")]);
                     m.program = our_binary()?;
                 }
@@ -262,6 +283,9 @@ impl Cluster {
                     wrapper_args.iter().cloned().chain([program.display().to_string()]).chain(args).collect();
             }
             m.args = args;
+        }
+        drop(ports);
+        for m in &mut members {
             m.start()?;
         }
         Ok(Self { system, members })
@@ -331,11 +355,26 @@ impl Cluster {
                 return Ok(running[i]);
             }
             if Instant::now() > until {
-                bail!("{}: no leader within {deadline:?}", self.system.name());
+                let silent =
+                    self.members.iter().filter(|m| m.child.is_some()).zip(&ids).filter(|(_, id)| id.0 == 0);
+                let tails: Vec<String> =
+                    silent.map(|(m, _)| format!("{}: {}", m.name, log_tail(&m.log))).collect();
+                bail!(
+                    "{}: no leader within {deadline:?}; members without one:\n{}",
+                    self.system.name(),
+                    tails.join("\n")
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// The last lines of a member's log, to say why it did not serve.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| format!("(no log: {e})"));
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
 struct Measured {
