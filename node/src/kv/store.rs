@@ -246,6 +246,9 @@ impl ReadView {
     }
 }
 
+/// Every key there is: from the empty key to the end of the key space.
+const EVERY_KEY: KeySpan<'static> = KeySpan { key: &[], range_end: &[0] };
+
 /// VERSIONS or VALUES, in a read or a write transaction.
 trait VersionsTable: ReadableTable<(&'static [u8], i64), &'static [u8]> {}
 impl<T: ReadableTable<(&'static [u8], i64), &'static [u8]>> VersionsTable for T {}
@@ -799,32 +802,31 @@ impl ReadView {
         lease_keys_of(&self.txn.open_table(LEASE_KEYS).map_err(storage)?, id)
     }
 
-    /// Every version of every key, deletions included, as a whole key-value with its key and
-    /// revision, in (key, revision) order.
+    /// Every version of the keys in `span` at revisions up to `up_to`, deletions included, as
+    /// a whole key-value with its key and revision, in (key, revision) order. Values are read
+    /// only for the versions visited.
     fn for_each_key_value(
         &self,
+        span: KeySpan<'_>,
+        up_to: i64,
         mut visit: impl FnMut(&[u8], i64, KeyValue) -> Result<(), KvError>,
     ) -> Result<(), KvError> {
         let versions = self.txn.open_table(VERSIONS).map_err(storage)?;
         let values = self.txn.open_table(VALUES).map_err(storage)?;
-        for row in versions.iter().map_err(storage)? {
-            let (k, v) = row.map_err(storage)?;
-            let (key, revision) = k.value();
-            visit(key, revision, Version::decode(key, v.value())?.key_value(&values, key, revision)?)?;
-        }
-        Ok(())
+        for_each_version(&versions, span, |key, revision, version| {
+            if revision > up_to {
+                return Ok(());
+            }
+            visit(key, revision, version.key_value(&values, key, revision)?)
+        })
     }
 
     /// Every version of the keys in `span` at revisions up to `to`, deletions included, as
     /// whole key-values in (key, revision) order.
     pub(super) fn versions(&self, span: KeySpan<'_>, to: i64) -> Result<Vec<KeyValue>, KvError> {
-        let versions = self.txn.open_table(VERSIONS).map_err(storage)?;
-        let values = self.txn.open_table(VALUES).map_err(storage)?;
         let mut rows = Vec::new();
-        for_each_version(&versions, span, |key, revision, version| {
-            if revision <= to {
-                rows.push(version.key_value(&values, key, revision)?);
-            }
+        self.for_each_key_value(span, to, |_, _, kv| {
+            rows.push(kv);
             Ok(())
         })?;
         Ok(rows)
@@ -835,7 +837,7 @@ impl ReadView {
     pub fn dump(&self, out: &mut impl std::io::Write) -> Result<(), KvError> {
         let io = |e: std::io::Error| KvError::Storage(redb::Error::Io(e));
         let txn = &self.txn;
-        self.for_each_key_value(|key, revision, kv| {
+        self.for_each_key_value(EVERY_KEY, i64::MAX, |key, revision, kv| {
             let mut composite = key.to_vec();
             composite.extend_from_slice(&revision.to_be_bytes());
             write_record(out, TABLE_HISTORY, &composite, &kv.encode_to_vec()).map_err(io)
@@ -895,15 +897,13 @@ impl ReadView {
         let mut hasher = crc32fast::Hasher::new();
         // Rows come in (key, revision) order, the same on every member. Lengths frame each
         // part so that different rows can never hash as the same byte sequence.
-        self.for_each_key_value(|key, rev, kv| {
-            if rev <= revision {
-                let encoded = kv.encode_to_vec();
-                hasher.update(&(key.len() as u32).to_le_bytes());
-                hasher.update(key);
-                hasher.update(&rev.to_le_bytes());
-                hasher.update(&(encoded.len() as u32).to_le_bytes());
-                hasher.update(&encoded);
-            }
+        self.for_each_key_value(EVERY_KEY, revision, |key, rev, kv| {
+            let encoded = kv.encode_to_vec();
+            hasher.update(&(key.len() as u32).to_le_bytes());
+            hasher.update(key);
+            hasher.update(&rev.to_le_bytes());
+            hasher.update(&(encoded.len() as u32).to_le_bytes());
+            hasher.update(&encoded);
             Ok(())
         })?;
         Ok(KvHash { hash: hasher.finalize(), revision, compact_revision })
@@ -1134,7 +1134,7 @@ mod tests {
             view.hash_all().expect("hash"),
         );
         let mut rows = Vec::new();
-        view.for_each_key_value(|key, revision, kv| {
+        view.for_each_key_value(EVERY_KEY, i64::MAX, |key, revision, kv| {
             rows.push((key.to_vec(), revision, kv));
             Ok(())
         })

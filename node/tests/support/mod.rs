@@ -157,7 +157,7 @@ impl TestMember {
 
     /// Sends `signal` (`STOP`, `CONT`) to the running member, with kill(1).
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("member is running").id();
+        let pid = self.pid().expect("member is running");
         let status =
             Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().expect("kill");
         assert!(status.success(), "kill -{signal} {pid}");
