@@ -21,7 +21,10 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::kv::KvError;
-use crate::kv::watch::{Cursor, EventFilter, Notice, Start, split_by_revision, start_at};
+use crate::kv::watch::{
+    Cursor, Delivery, EventFilter, Notice, PreviousValueWatcher, Start, deliver_live, split_by_revision,
+    start_at,
+};
 use crate::member::Node;
 use crate::proto::etcdserverpb::watch_create_request::FilterType;
 use crate::proto::etcdserverpb::watch_request::RequestUnion;
@@ -78,6 +81,8 @@ struct Watcher {
     filter: EventFilter,
     cursor: Cursor,
     progress_notify: bool,
+    /// Held while a watcher that asked for `prev_kv` lives, so that batches carry them.
+    _previous_values: Option<PreviousValueWatcher>,
 }
 
 /// Why a stream ends early.
@@ -202,10 +207,17 @@ impl Session {
             self.next_auto_id += 1;
             self.next_auto_id - 1
         };
+        // Before the catch-up: a batch written from now on carries previous values, and one
+        // that does not is re-read from history (`deliver`).
+        let previous_values = filter.prev_kv.then(|| self.node.watch_hub.watching_previous_values());
         let catch_up = self.read_history(filter.clone(), request.start_revision).await?;
         self.send(WatchResponse { created: true, ..self.response(catch_up.revision, id) }).await?;
-        let watcher =
-            Watcher { filter, cursor: Cursor { next: 0 }, progress_notify: request.progress_notify };
+        let watcher = Watcher {
+            filter,
+            cursor: Cursor { next: 0 },
+            progress_notify: request.progress_notify,
+            _previous_values: previous_values,
+        };
         self.watchers.insert(id, watcher);
         self.finish_catch_up(id, catch_up).await
     }
@@ -278,7 +290,9 @@ impl Session {
     async fn on_feed(&mut self, notice: Result<Arc<Notice>, RecvError>) -> Flow {
         match notice {
             Ok(notice) => match notice.as_ref() {
-                Notice::Committed { revision, events } => self.deliver(*revision, events).await,
+                Notice::Committed { revision, events, previous_values } => {
+                    self.deliver(*revision, events, *previous_values).await
+                }
                 Notice::Replaced => self.resynchronise().await,
             },
             Err(RecvError::Lagged(missed)) => {
@@ -290,18 +304,21 @@ impl Session {
         }
     }
 
-    async fn deliver(&mut self, revision: i64, events: &[Event]) -> Flow {
+    async fn deliver(&mut self, revision: i64, events: &[Event], previous_values: bool) -> Flow {
         let mut outgoing = Vec::new();
+        let mut rereads = Vec::new();
         for (id, watcher) in &mut self.watchers {
-            let filter = &watcher.filter;
-            let selected: Vec<Event> =
-                watcher.cursor.take_live(revision, events).filter_map(|e| filter.select(e)).collect();
-            if !selected.is_empty() {
-                outgoing.push((*id, selected));
+            match deliver_live(&mut watcher.cursor, &watcher.filter, revision, events, previous_values) {
+                Delivery::Nothing => {}
+                Delivery::Send(selected) => outgoing.push((*id, selected)),
+                Delivery::Reread => rereads.push(*id),
             }
         }
         for (id, events) in outgoing {
             self.send_events(id, revision, events).await?;
+        }
+        for id in rereads {
+            self.reread(id).await?;
         }
         Ok(())
     }
@@ -310,11 +327,16 @@ impl Session {
     async fn resynchronise(&mut self) -> Flow {
         let ids: Vec<i64> = self.watchers.keys().copied().collect();
         for id in ids {
-            let Some(watcher) = self.watchers.get(&id) else { continue };
-            let catch_up = self.read_history(watcher.filter.clone(), watcher.cursor.next).await?;
-            self.finish_catch_up(id, catch_up).await?;
+            self.reread(id).await?;
         }
         Ok(())
+    }
+
+    /// One watcher's events from its cursor on, read from history.
+    async fn reread(&mut self, id: i64) -> Flow {
+        let Some(watcher) = self.watchers.get(&id) else { return Ok(()) };
+        let catch_up = self.read_history(watcher.filter.clone(), watcher.cursor.next).await?;
+        self.finish_catch_up(id, catch_up).await
     }
 
     /// The revision up to which `watcher` has had every event, as a progress notification

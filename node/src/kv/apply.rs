@@ -106,7 +106,7 @@ fn write_put(batch: &mut WriteBatch, revision: i64, request: &PutRequest) -> Out
         (Some(kv), true) => kv.lease,
         _ => request.lease,
     };
-    let previous = batch.put(revision, &request.key, value, lease)?;
+    let previous = batch.put(revision, &request.key, value, lease, request.prev_kv)?;
     Ok(PutResponse { header: header(revision), prev_kv: previous.filter(|_| request.prev_kv) })
 }
 
@@ -130,8 +130,11 @@ fn write_delete(
     revision: i64,
     request: &DeleteRangeRequest,
 ) -> Outcome<DeleteRangeResponse> {
-    let events =
-        batch.delete_range(revision, KeySpan { key: &request.key, range_end: &request.range_end })?;
+    let events = batch.delete_range(
+        revision,
+        KeySpan { key: &request.key, range_end: &request.range_end },
+        request.prev_kv,
+    )?;
     let deleted = events.len() as i64;
     let prev_kvs =
         if request.prev_kv { events.iter().filter_map(|e| e.prev_kv.clone()).collect() } else { Vec::new() };
@@ -168,13 +171,14 @@ fn decide<'a>(batch: &impl RangeSource, request: &'a TxnRequest) -> Outcome<Deci
 /// Whether `compare` holds for every key it covers; a missing key compares as a key with
 /// zero versions and revisions, and never equals a value (etcd's rule).
 fn holds(batch: &impl RangeSource, compare: &Compare) -> Outcome<bool> {
+    let target = CompareTarget::try_from(compare.target).unwrap_or_default();
     let spec = RangeRequestSpec {
         span: KeySpan { key: &compare.key, range_end: &compare.range_end },
         revision: 0,
         limit: 0,
+        values: target == CompareTarget::Value,
     };
     let kvs = batch.scan(&spec)?.kvs;
-    let target = CompareTarget::try_from(compare.target).unwrap_or_default();
     if kvs.is_empty() {
         return Ok(target != CompareTarget::Value && compare_kv(compare, target, &KeyValue::default()));
     }
@@ -369,7 +373,7 @@ fn lease_revoke(batch: &mut WriteBatch, request: &LeaseRevokeRequest) -> Outcome
     let keys = batch.remove_lease(request.id)?;
     let revision = batch.next_revision();
     for key in keys {
-        batch.delete_range(revision, KeySpan { key: &key, range_end: &[] })?;
+        batch.delete_range(revision, KeySpan { key: &key, range_end: &[] }, false)?;
     }
     Ok(LeaseRevokeResponse { header: header(batch.revision()) })
 }
@@ -500,6 +504,7 @@ mod tests {
                 span: KeySpan { key: key.as_bytes(), range_end: &[] },
                 revision: 0,
                 limit: 0,
+                values: true,
             })
             .expect("range")
             .kvs
@@ -654,7 +659,12 @@ mod tests {
         assert!(matches!(apply(&f.store, compact_to(r3)), Applied::Response(_)));
         let view = f.store.read().expect("read");
         let at = |revision| {
-            view.range(&RangeRequestSpec { span: KeySpan { key: b"k", range_end: &[] }, revision, limit: 0 })
+            view.range(&RangeRequestSpec {
+                span: KeySpan { key: b"k", range_end: &[] },
+                revision,
+                limit: 0,
+                values: true,
+            })
         };
         assert!(matches!(at(r1), Err(KvError::Compacted { .. })));
         assert!(matches!(at(r2), Err(KvError::Compacted { .. })));

@@ -68,6 +68,8 @@ pub fn range(source: &impl RangeSource, request: &RangeRequest) -> Result<RangeR
         span: KeySpan { key: &request.key, range_end: &request.range_end },
         revision: request.revision,
         limit,
+        // Sorting by value compares them even when only keys are returned.
+        values: !(request.keys_only || request.count_only) || target == SortTarget::Value,
     };
     let mut result = source.scan(&spec)?;
     if filtered {

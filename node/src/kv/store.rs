@@ -108,7 +108,14 @@ impl MvccStore {
             txn.set_durability(Durability::None).map_err(storage)?;
         }
         let revision = read_i64(&txn.open_table(META).map_err(storage)?, META_REVISION)?;
-        Ok(WriteBatch { txn, revision, changed: false, events: Vec::new(), slots: (revision, 0) })
+        Ok(WriteBatch {
+            txn,
+            revision,
+            changed: false,
+            events: Vec::new(),
+            previous_values: true,
+            slots: (revision, 0),
+        })
     }
 }
 
@@ -213,6 +220,8 @@ pub struct RangeRequestSpec<'a> {
     pub revision: i64,
     /// At most this many keys (0: no limit); `count` still counts them all.
     pub limit: usize,
+    /// Whether the key-values returned carry their values (otherwise they are left empty).
+    pub values: bool,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -267,10 +276,12 @@ fn range_in(
     check_revision(spec.revision, current, compacted)?;
     let mut result = RangeResult { revision: current, ..RangeResult::default() };
     let at = if spec.revision <= 0 { i64::MAX } else { spec.revision };
-    for_each_live(versions, values, spec.span, at, |kv| {
+    // Only the values returned are read: counting keys past the limit, or answering with
+    // keys alone, reads none.
+    for_each_live(versions, spec.span, at, |key, revision, version| {
         result.count += 1;
         if spec.limit == 0 || result.kvs.len() < spec.limit {
-            result.kvs.push(kv);
+            result.kvs.push(version.read(values, key, revision, spec.values)?);
         } else {
             result.more = true;
         }
@@ -351,25 +362,40 @@ impl Version {
 
     /// The whole key-value of this version of `key`, its value read from `values`.
     fn key_value(&self, values: &impl ValuesTable, key: &[u8], revision: i64) -> Result<KeyValue, KvError> {
-        let value = if self.is_live() {
+        let mut kv = self.without_value(key, revision);
+        if self.is_live() {
             let value = values.get((revision, self.value_slot)).map_err(storage)?.ok_or_else(|| {
                 KvError::Corrupt {
                     key: key.to_vec(),
                     reason: format!("no value for its version at revision {revision}"),
                 }
             })?;
-            value.value().to_vec()
-        } else {
-            Vec::new()
-        };
-        Ok(KeyValue {
+            kv.value = value.value().to_vec();
+        }
+        Ok(kv)
+    }
+
+    /// This version of `key` without reading its value: the value is left empty.
+    fn without_value(&self, key: &[u8], revision: i64) -> KeyValue {
+        KeyValue {
             key: key.to_vec(),
             create_revision: self.create_revision,
             mod_revision: revision,
             version: self.version,
-            value,
+            value: Vec::new(),
             lease: self.lease,
-        })
+        }
+    }
+
+    /// This version of `key`, with its value only when `with_value`.
+    fn read(
+        &self,
+        values: &impl ValuesTable,
+        key: &[u8],
+        revision: i64,
+        with_value: bool,
+    ) -> Result<KeyValue, KvError> {
+        if with_value { self.key_value(values, key, revision) } else { Ok(self.without_value(key, revision)) }
     }
 }
 
@@ -412,19 +438,18 @@ fn for_each_version(
 }
 
 /// The version of every key in `span` that was live at `revision`, in key order: the newest at
-/// or before it, unless that is a deletion.
+/// or before it, unless that is a deletion. Values are not read: `visit` reads those it needs.
 fn for_each_live(
     versions: &impl VersionsTable,
-    values: &impl ValuesTable,
     span: KeySpan<'_>,
     revision: i64,
-    mut visit: impl FnMut(KeyValue) -> Result<(), KvError>,
+    mut visit: impl FnMut(&[u8], i64, Version) -> Result<(), KvError>,
 ) -> Result<(), KvError> {
     if span.is_single() {
         if let Some((at, version)) = newest(versions, span.key, revision)?
             && version.is_live()
         {
-            visit(version.key_value(values, span.key, at)?)?;
+            visit(span.key, at, version)?;
         }
         return Ok(());
     }
@@ -434,7 +459,7 @@ fn for_each_live(
     // The newest version by `revision` of the key being scanned; a key's rows come oldest first.
     let mut current: Option<(Vec<u8>, i64, Version)> = None;
     let mut finish = |done: Option<(Vec<u8>, i64, Version)>| match done {
-        Some((key, at, version)) if version.is_live() => visit(version.key_value(values, &key, at)?),
+        Some((key, at, version)) if version.is_live() => visit(&key, at, version),
         _ => Ok(()),
     };
     for_each_version(versions, span, |key, at, version| {
@@ -500,6 +525,10 @@ pub struct WriteBatch {
     changed: bool,
     /// What watchers are told once the batch commits, in the order the writes were made.
     events: Vec<Event>,
+    /// Whether every event carries the value it replaced (`prev_kv`): only watchers that ask
+    /// for `prev_kv` need them, and a large DeleteRange would read every value it deletes.
+    /// Otherwise a replaced version's value is read only when its request asks for it.
+    previous_values: bool,
     /// The revision of the last put and how many puts it has had: its puts' value slots.
     slots: (i64, u32),
 }
@@ -515,15 +544,23 @@ impl WriteBatch {
         self.revision + 1
     }
 
-    /// Puts `key` at `revision` (from `next_revision`) and returns the previous value.
+    /// Whether the events of this batch carry the values their writes replaced (by default
+    /// they do): see `previous_values`.
+    pub fn set_previous_values(&mut self, carried: bool) {
+        self.previous_values = carried;
+    }
+
+    /// Puts `key` at `revision` (from `next_revision`) and returns the version it replaced,
+    /// with its value if `previous_value` or the batch carries previous values.
     pub fn put(
         &mut self,
         revision: i64,
         key: &[u8],
         value: &[u8],
         lease: i64,
+        previous_value: bool,
     ) -> Result<Option<KeyValue>, KvError> {
-        let previous = self.write_put(revision, key, value, lease)?;
+        let previous = self.write_put(revision, key, value, lease, previous_value || self.previous_values)?;
         self.bump(revision);
         Ok(previous)
     }
@@ -534,12 +571,15 @@ impl WriteBatch {
         key: &[u8],
         value: &[u8],
         lease: i64,
+        previous_value: bool,
     ) -> Result<Option<KeyValue>, KvError> {
         let value_slot = self.next_value_slot(revision);
         let mut versions = self.txn.open_table(VERSIONS).map_err(storage)?;
         let mut values = self.txn.open_table(VALUES).map_err(storage)?;
         let previous = match newest(&versions, key, i64::MAX)? {
-            Some((at, version)) if version.is_live() => Some(version.key_value(&values, key, at)?),
+            Some((at, version)) if version.is_live() => {
+                Some(version.read(&values, key, at, previous_value)?)
+            }
             _ => None,
         };
         let version = Version {
@@ -581,22 +621,33 @@ impl WriteBatch {
 
     /// Deletes every key in `span` at `revision`; returns the events of the deletions, each
     /// with the version it deleted as `prev_kv` (lent, not copied: a DeleteRange may delete
-    /// hundreds of thousands of keys).
-    pub fn delete_range(&mut self, revision: i64, span: KeySpan<'_>) -> Result<&[Event], KvError> {
+    /// hundreds of thousands of keys), with its value if `previous_values` or the batch
+    /// carries previous values.
+    pub fn delete_range(
+        &mut self,
+        revision: i64,
+        span: KeySpan<'_>,
+        previous_values: bool,
+    ) -> Result<&[Event], KvError> {
         let first = self.events.len();
-        self.write_delete(revision, span)?;
+        self.write_delete(revision, span, previous_values || self.previous_values)?;
         if self.events.len() > first {
             self.bump(revision);
         }
         Ok(&self.events[first..])
     }
 
-    fn write_delete(&mut self, revision: i64, span: KeySpan<'_>) -> Result<(), KvError> {
+    fn write_delete(
+        &mut self,
+        revision: i64,
+        span: KeySpan<'_>,
+        previous_values: bool,
+    ) -> Result<(), KvError> {
         let mut versions = self.txn.open_table(VERSIONS).map_err(storage)?;
         let values = self.txn.open_table(VALUES).map_err(storage)?;
         let mut deleted = Vec::new();
-        for_each_live(&versions, &values, span, i64::MAX, |kv| {
-            deleted.push(kv);
+        for_each_live(&versions, span, i64::MAX, |key, at, version| {
+            deleted.push(version.read(&values, key, at, previous_values)?);
             Ok(())
         })?;
         let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
@@ -1023,8 +1074,73 @@ mod tests {
     fn put(store: &MvccStore, key: &str, value: &str) {
         let mut batch = store.write(false).expect("write");
         let revision = batch.next_revision();
-        batch.put(revision, key.as_bytes(), value.as_bytes(), 0).expect("put");
+        batch.put(revision, key.as_bytes(), value.as_bytes(), 0, false).expect("put");
         batch.commit().expect("commit");
+    }
+
+    /// Takes the value of the first put at `revision` out of the store, as a lost page would:
+    /// reading it is then an error, so a read that succeeds did not read it.
+    fn lose_value(store: &MvccStore, revision: i64) {
+        let txn = store.db().begin_write().expect("write");
+        txn.open_table(VALUES).expect("values").remove((revision, 0)).expect("remove").expect("a value");
+        txn.commit().expect("commit");
+    }
+
+    #[test]
+    fn reads_and_writes_read_only_the_values_they_need() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MvccStore::open(&dir.path().join("kv.redb")).expect("open");
+        for (key, value) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            put(&store, key, value);
+        }
+        lose_value(&store, 3);
+        let all = KeySpan { key: b"a", range_end: b"d" };
+        let range = |limit, values| {
+            store.read().expect("view").range(&RangeRequestSpec { span: all, revision: 0, limit, values })
+        };
+        assert!(matches!(range(0, true), Err(KvError::Corrupt { .. })), "b's value is gone");
+        let first = range(1, true).expect("the keys past the limit are counted, not read");
+        assert_eq!((first.kvs.len(), first.count, first.more), (1, 3, true));
+        let keys = range(0, false).expect("keys alone read no value");
+        assert_eq!(
+            keys.kvs.iter().map(|kv| (kv.key.as_slice(), kv.value.len())).collect::<Vec<_>>(),
+            [(b"a".as_slice(), 0), (b"b", 0), (b"c", 0)]
+        );
+
+        let b = KeySpan { key: b"b", range_end: &[] };
+        // A batch carries previous values unless told otherwise; a request may ask for them.
+        let mut batch = store.write(false).expect("write");
+        assert!(matches!(batch.delete_range(4, b, false), Err(KvError::Corrupt { .. })));
+        drop(batch);
+        let mut batch = store.write(false).expect("write");
+        batch.set_previous_values(false);
+        assert!(matches!(batch.delete_range(4, b, true), Err(KvError::Corrupt { .. })));
+        drop(batch);
+        let mut batch = store.write(false).expect("write");
+        batch.set_previous_values(false);
+        let deleted = batch.delete_range(4, b, false).expect("a delete that reads no value");
+        let previous = deleted[0].prev_kv.as_ref().expect("the deleted version");
+        assert_eq!((previous.mod_revision, previous.version, previous.value.len()), (3, 1, 0));
+        let replaced = batch.put(5, b"c", b"4", 0, false).expect("put").expect("the replaced version");
+        assert_eq!((replaced.mod_revision, replaced.version, replaced.value.len()), (4, 1, 0));
+        let replaced = batch.put(6, b"a", b"5", 0, true).expect("put").expect("the replaced version");
+        assert_eq!(replaced.value, b"1");
+        batch.commit().expect("commit");
+        let after = store.read().expect("view").range(&RangeRequestSpec {
+            span: all,
+            revision: 0,
+            limit: 0,
+            values: true,
+        });
+        assert_eq!(
+            after
+                .expect("range")
+                .kvs
+                .iter()
+                .map(|kv| (kv.key.as_slice(), kv.value.as_slice()))
+                .collect::<Vec<_>>(),
+            [(b"a".as_slice(), b"5".as_slice()), (b"c", b"4")]
+        );
     }
 
     #[test]
@@ -1058,7 +1174,7 @@ mod tests {
         }
         let mut batch = store.write(false).expect("write");
         let revision = batch.next_revision();
-        batch.delete_range(revision, KeySpan { key: b"c", range_end: &[] }).expect("delete");
+        batch.delete_range(revision, KeySpan { key: b"c", range_end: &[] }, false).expect("delete");
         batch.commit().expect("commit");
         let mut batch = store.write(false).expect("write");
         batch.compact(4).expect("compact");
@@ -1067,7 +1183,12 @@ mod tests {
     }
 
     fn everything(view: &ReadView, revision: i64) -> RangeResult {
-        let spec = RangeRequestSpec { span: KeySpan { key: &[0], range_end: &[0] }, revision, limit: 0 };
+        let spec = RangeRequestSpec {
+            span: KeySpan { key: &[0], range_end: &[0] },
+            revision,
+            limit: 0,
+            values: true,
+        };
         view.range(&spec).expect("range")
     }
 
@@ -1079,7 +1200,7 @@ mod tests {
         let small = 100;
         let mut batch = store.write(false).expect("write");
         for i in 0..small {
-            batch.put(i + 2, format!("small/{i:05}").as_bytes(), b"v", 0).expect("put");
+            batch.put(i + 2, format!("small/{i:05}").as_bytes(), b"v", 0, false).expect("put");
         }
         batch.commit().expect("commit");
         // Not durable yet: that is left to the periodic durable commit.
@@ -1087,11 +1208,12 @@ mod tests {
         assert_eq!(everything(&crashed.read().expect("read"), 0).kvs.len(), 0);
         drop(crashed);
         let mut batch = store.write(false).expect("write");
-        let deleted =
-            batch.delete_range(small + 2, KeySpan { key: b"small/", range_end: b"small0" }).expect("delete");
+        let deleted = batch
+            .delete_range(small + 2, KeySpan { key: b"small/", range_end: b"small0" }, false)
+            .expect("delete");
         assert_eq!(deleted.len(), small as usize);
         assert!(deleted.iter().all(|event| event.prev_kv.as_ref().is_some_and(|kv| kv.value == b"v")));
-        batch.put(small + 2, b"last", b"v", 0).expect("put");
+        batch.put(small + 2, b"last", b"v", 0, false).expect("put");
         assert_eq!(batch.changed_keys(), small as usize + 1);
         batch.commit_durably().expect("durably");
         batch.commit().expect("commit");
@@ -1175,7 +1297,7 @@ mod tests {
         drop(view);
         let mut batch = store.write(false).expect("write");
         let revision = batch.next_revision();
-        let previous = batch.put(revision, b"a", b"3", 0).expect("put");
+        let previous = batch.put(revision, b"a", b"3", 0, false).expect("put");
         assert_eq!(previous.map(|kv| (kv.value, kv.version)), Some((b"2".to_vec(), 2)));
         batch.commit().expect("commit");
     }
@@ -1221,7 +1343,8 @@ mod tests {
             view.range(&RangeRequestSpec {
                 span: KeySpan { key: b"k1", range_end: &[] },
                 revision: 0,
-                limit: 0
+                limit: 0,
+                values: true,
             })
             .expect("range")
             .count,
@@ -1256,7 +1379,7 @@ mod tests {
                 key.extend_from_slice(&random.to_le_bytes());
                 key.resize(key.len() + 248, 0);
                 let revision = batch.next_revision();
-                batch.put(revision, &key, &value, 0).expect("put");
+                batch.put(revision, &key, &value, 0, false).expect("put");
             }
             batch.commit().expect("commit");
         }

@@ -8,6 +8,7 @@
 //! view, and the cursor drops what both hold.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 
@@ -24,8 +25,9 @@ const HUB_CAPACITY: usize = 256;
 #[derive(Debug)]
 pub enum Notice {
     /// The events of one commit, by revision and then key; `revision` is the store's
-    /// revision after it.
-    Committed { revision: i64, events: Vec<Event> },
+    /// revision after it. Unless `previous_values`, an event's `prev_kv` may lack its value:
+    /// the batch was written while no watcher asked for `prev_kv`.
+    Committed { revision: i64, events: Vec<Event>, previous_values: bool },
     /// A snapshot replaced the store: what a watcher has seen may not follow from the
     /// notices before this one, so it re-reads from the store.
     Replaced,
@@ -35,6 +37,18 @@ pub enum Notice {
 #[derive(Clone)]
 pub struct WatchHub {
     sender: broadcast::Sender<Arc<Notice>>,
+    /// Live watchers that asked for `prev_kv`, on every stream of this member.
+    previous_value_watchers: Arc<AtomicUsize>,
+}
+
+/// Held by a watcher that asked for `prev_kv` for as long as it lives: while any is held,
+/// batches read the values their writes replace.
+pub struct PreviousValueWatcher(Arc<AtomicUsize>);
+
+impl Drop for PreviousValueWatcher {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Default for WatchHub {
@@ -45,7 +59,18 @@ impl Default for WatchHub {
 
 impl WatchHub {
     pub fn new() -> Self {
-        Self { sender: broadcast::channel(HUB_CAPACITY).0 }
+        Self { sender: broadcast::channel(HUB_CAPACITY).0, previous_value_watchers: Arc::default() }
+    }
+
+    /// Whether a batch written now must carry the values its writes replace.
+    pub fn wants_previous_values(&self) -> bool {
+        self.previous_value_watchers.load(Ordering::SeqCst) > 0
+    }
+
+    /// Registers a watcher that asks for `prev_kv`, until the returned guard is dropped.
+    pub fn watching_previous_values(&self) -> PreviousValueWatcher {
+        self.previous_value_watchers.fetch_add(1, Ordering::SeqCst);
+        PreviousValueWatcher(self.previous_value_watchers.clone())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Notice>> {
@@ -55,7 +80,9 @@ impl WatchHub {
     /// Publishes a committed batch's events (from `WriteBatch::commit`), in revision order
     /// and by key within a revision: history keeps no order inside a revision, and a watcher
     /// that replays history must see the same order as one that saw the events live.
-    pub fn committed(&self, mut events: Vec<Event>) {
+    /// `previous_values` says whether the batch read the values its writes replaced
+    /// (`WriteBatch::set_previous_values`).
+    pub fn committed(&self, mut events: Vec<Event>, previous_values: bool) {
         // Without subscribers nothing would read the batch; skip building it.
         if events.is_empty() || self.sender.receiver_count() == 0 {
             return;
@@ -66,7 +93,7 @@ impl WatchHub {
         events.sort_by(|a, b| revision_of(a).cmp(&revision_of(b)).then_with(|| key(a).cmp(key(b))));
         let revision = events.iter().map(revision_of).max().unwrap_or(0);
         // An error only means every subscriber left meanwhile.
-        let _ = self.sender.send(Arc::new(Notice::Committed { revision, events }));
+        let _ = self.sender.send(Arc::new(Notice::Committed { revision, events, previous_values }));
     }
 
     pub fn replaced(&self) {
@@ -181,6 +208,37 @@ impl EventFilter {
     }
 }
 
+/// What one watcher does with a committed batch.
+#[derive(Debug, PartialEq)]
+pub enum Delivery {
+    /// Nothing in it for this watcher (its cursor moved past it).
+    Nothing,
+    Send(Vec<Event>),
+    /// It has events for a watcher that wants previous values, but was written without them:
+    /// the watcher re-reads from its cursor, which stays put, from history.
+    Reread,
+}
+
+/// The part of a committed batch (`Notice::Committed`) that a watcher gets.
+pub fn deliver_live(
+    cursor: &mut Cursor,
+    filter: &EventFilter,
+    revision: i64,
+    events: &[Event],
+    previous_values: bool,
+) -> Delivery {
+    let before = *cursor;
+    let selected: Vec<Event> = cursor.take_live(revision, events).filter_map(|e| filter.select(e)).collect();
+    if selected.is_empty() {
+        Delivery::Nothing
+    } else if filter.prev_kv && !previous_values {
+        *cursor = before;
+        Delivery::Reread
+    } else {
+        Delivery::Send(selected)
+    }
+}
+
 /// The next revision a watcher has not been sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
@@ -262,9 +320,9 @@ mod tests {
             prev_kv: None,
         };
         let written = vec![put("z", 4), put("b", 5), put("a", 5)];
-        hub.committed(written.clone());
+        hub.committed(written.clone(), true);
         let Ok(notice) = feed.try_recv() else { panic!("a notice") };
-        let Notice::Committed { revision, events } = notice.as_ref() else { panic!("committed") };
+        let Notice::Committed { revision, events, .. } = notice.as_ref() else { panic!("committed") };
         assert_eq!(*revision, 5);
         let replayed =
             events_from_history([kv("a", 5, 1, "v"), kv("b", 5, 1, "v"), kv("z", 4, 1, "v")], 0, 5);
@@ -334,6 +392,42 @@ mod tests {
     }
 
     #[test]
+    fn a_watcher_wanting_previous_values_rereads_a_batch_written_without_them() {
+        let filter = |prev_kv| EventFilter {
+            key: b"k".to_vec(),
+            range_end: b"l".to_vec(),
+            no_put: false,
+            no_delete: false,
+            prev_kv,
+        };
+        // A put that replaced a version, from a batch that did not read its value.
+        let events = [Event {
+            r#type: EventType::Put.into(),
+            kv: Some(kv("k1", 6, 2, "new")),
+            prev_kv: Some(kv("k1", 5, 1, "")),
+        }];
+        let mut cursor = Cursor { next: 6 };
+        assert_eq!(deliver_live(&mut cursor, &filter(true), 6, &events, false), Delivery::Reread);
+        assert_eq!(cursor.next, 6, "the cursor stays for the re-read");
+        // With the values read, or for a watcher without prev_kv, the batch goes out as is.
+        let Delivery::Send(sent) = deliver_live(&mut cursor, &filter(true), 6, &events, true) else {
+            panic!("sent")
+        };
+        assert!(sent[0].prev_kv.is_some());
+        assert_eq!(cursor.next, 7);
+        let mut cursor = Cursor { next: 6 };
+        let Delivery::Send(sent) = deliver_live(&mut cursor, &filter(false), 6, &events, false) else {
+            panic!("sent")
+        };
+        assert_eq!(sent[0].prev_kv, None);
+        // Nothing in the batch for the watcher: no re-read, and the cursor moves on.
+        let mut cursor = Cursor { next: 6 };
+        let elsewhere = EventFilter { key: b"x".to_vec(), range_end: Vec::new(), ..filter(true) };
+        assert_eq!(deliver_live(&mut cursor, &elsewhere, 6, &events, false), Delivery::Nothing);
+        assert_eq!(cursor.next, 7);
+    }
+
+    #[test]
     fn responses_never_split_a_revision() {
         let event = |key: &str, revision| Event {
             r#type: EventType::Put.into(),
@@ -383,15 +477,15 @@ mod tests {
         let store = MvccStore::open(&dir.path().join("kv.redb")).expect("open");
         let mut batch = store.write(false).expect("batch");
         let r2 = batch.next_revision();
-        batch.put(r2, b"k1", b"a", 0).expect("put");
+        batch.put(r2, b"k1", b"a", 0, false).expect("put");
         let r3 = batch.next_revision();
-        batch.put(r3, b"k1", b"b", 0).expect("put");
+        batch.put(r3, b"k1", b"b", 0, false).expect("put");
         let r4 = batch.next_revision();
-        batch.put(r4, b"k2", b"c", 0).expect("put");
+        batch.put(r4, b"k2", b"c", 0, false).expect("put");
         let live = batch.commit().expect("commit");
         let mut batch = store.write(false).expect("batch");
         let r5 = batch.next_revision();
-        batch.delete_range(r5, KeySpan { key: b"k", range_end: b"l" }).expect("delete");
+        batch.delete_range(r5, KeySpan { key: b"k", range_end: b"l" }, false).expect("delete");
         let mut deleted = batch.commit().expect("commit");
         let mut all = live;
         all.append(&mut deleted);
@@ -425,7 +519,7 @@ mod tests {
         let mut batch = store.write(false).expect("batch");
         for i in 0..5 {
             let revision = batch.next_revision();
-            batch.put(revision, b"k", format!("{i}").as_bytes(), 0).expect("put");
+            batch.put(revision, b"k", format!("{i}").as_bytes(), 0, false).expect("put");
         }
         batch.set_meta("compact_revision", &4i64.to_be_bytes()).expect("meta");
         batch.commit().expect("commit");

@@ -158,6 +158,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let started = Instant::now();
             let count = entries.len();
             let mut batch = store.write(false).map_err(io_err)?;
+            let previous_values = watch_hub.wants_previous_values();
+            batch.set_previous_values(previous_values);
             let waited = started.elapsed();
             metrics.apply_stage(ApplyStage::Wait, waited);
             let mut answers = Vec::with_capacity(entries.len());
@@ -210,7 +212,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 );
             }
             // Published in commit order: openraft applies one batch at a time.
-            watch_hub.committed(events);
+            watch_hub.committed(events, previous_values);
             if let Some(index) = data_index {
                 last_data_index.store(index, Ordering::SeqCst);
             }
