@@ -377,6 +377,16 @@ impl Node {
         }
     }
 
+    /// The disk space the store's file takes (etcd's `dbSize`, "physically allocated"): its
+    /// allocated blocks, not its length. redb doubles the file's length each time it grows
+    /// (up to 4 GiB) and writes the new half only as it uses it, so the length overstated the
+    /// store up to twice, and the quota, checked against it, refused writes at half the data
+    /// etcd takes: etcd reports and checks the pages its file holds, not its length.
+    pub fn db_size(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.db_path).map_or(0, |m| m.len().min(m.blocks() * 512))
+    }
+
     /// The header etcd puts on every response, at the store's current revision.
     pub fn current_header(&self) -> Result<ResponseHeader, crate::kv::KvError> {
         Ok(self.header(self.store.read()?.revision()?))

@@ -96,3 +96,37 @@ async fn space_freed_by_compaction_is_reused_without_defragmenting() {
         "{full} bytes in use before the compaction, {freed} after, {refilled} refilled"
     );
 }
+
+/// etcd's `dbSize` is the space its file takes. redb doubles the file's length when it grows
+/// and writes the new half only as it uses it, so the length may be twice the store; the
+/// status (and the quota) count the blocks the file holds instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_size_is_the_space_the_file_takes_not_its_length() {
+    let cluster = TestCluster::start(1);
+    cluster.leader().await;
+    let endpoints = cluster.endpoints();
+    let member = &cluster.members[0];
+    let file = member.data_dir.join("member/kv.redb");
+    let length = || std::fs::metadata(&file).expect("the store's file").len();
+    let value = "v".repeat(60 * 1024);
+    let before = length();
+    let mut puts = 0u64;
+    // Until the file grows: the part it grew by is then mostly unwritten.
+    while length() == before {
+        ok(cluster.etcdctl(&endpoints, &["put", &format!("k{puts}"), &value]));
+        puts += 1;
+        assert!(puts < 2000, "the file never grew from {before} bytes");
+    }
+    // The values reach the file with the store's next durable commit (every 100 ms), as
+    // etcd's size follows its backend's commits.
+    let written = (puts * 60 * 1024) as i64;
+    let size = eventually("the values written to be counted", || async {
+        member.status().await.map(|s| s.db_size).filter(|&size| size >= written)
+    })
+    .await;
+    let grown = length();
+    assert!(
+        size < grown as i64,
+        "{size} bytes reported for a file of {grown}, after {puts} values of 60 KiB"
+    );
+}

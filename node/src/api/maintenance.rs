@@ -118,7 +118,7 @@ impl Maintenance for MaintenanceService {
 
     async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let metrics = self.node.raft.metrics().borrow_watched().clone();
-        let db_size = std::fs::metadata(&self.node.db_path).map(|m| m.len() as i64).unwrap_or(0);
+        let db_size = self.node.db_size() as i64;
         let store = self.node.store.clone();
         let db_size_in_use = blocking(move || Ok(store.size_in_use()?)).await? as i64;
         let is_learner =
