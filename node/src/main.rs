@@ -507,8 +507,10 @@ compile_error!("consensus-node needs `--cfg tokio_unstable` (see .cargo/config.t
 /// task, which woke the connection, which wrote that one frame before the next stream ran,
 /// so 100 watchers of a put cost 100 `sendto` calls. Without it the woken tasks queue up
 /// behind the others and the connection writes their frames together. Measured against
-/// etcd 3.4 in the same runs (README, "Performance"): watch fan-out 0.58 to 0.78 of etcd's,
-/// puts at 256 clients 0.83-0.85 to 0.97-1.03, their CPU per put 1.26x to 0.99-1.06x.
+/// etcd 3.4, four runs each way (README, "Performance"): watch fan-out 0.58-0.64 to
+/// 0.72-0.82 of etcd's, puts at 256 clients 0.83-0.87 to 0.95-1.03 and at 16 clients
+/// 0.89-1.07 to 1.04-1.22; it costs a single client, 0.83-1.00 to 0.73-0.83, whose request
+/// now hops between workers more often.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().disable_lifo_slot().build()
 }
