@@ -7,7 +7,7 @@
 use prost::Message;
 
 use super::range::{RangeSource, range};
-use super::store::{KeySpan, KvError, RangeRequestSpec, ReadView, WriteBatch, check_revision};
+use super::store::{KeySpan, KvError, RangeRequestSpec, ReadView, Returned, WriteBatch, check_revision};
 use crate::api::errors::ApplyError;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -176,7 +176,7 @@ fn holds(batch: &impl RangeSource, compare: &Compare) -> Outcome<bool> {
         span: KeySpan { key: &compare.key, range_end: &compare.range_end },
         revision: 0,
         limit: 0,
-        values: target == CompareTarget::Value,
+        returned: if target == CompareTarget::Value { Returned::KeyValues } else { Returned::Keys },
     };
     let kvs = batch.scan(&spec)?.kvs;
     if kvs.is_empty() {
@@ -504,7 +504,7 @@ mod tests {
                 span: KeySpan { key: key.as_bytes(), range_end: &[] },
                 revision: 0,
                 limit: 0,
-                values: true,
+                returned: Returned::KeyValues,
             })
             .expect("range")
             .kvs
@@ -663,7 +663,7 @@ mod tests {
                 span: KeySpan { key: b"k", range_end: &[] },
                 revision,
                 limit: 0,
-                values: true,
+                returned: Returned::KeyValues,
             })
         };
         assert!(matches!(at(r1), Err(KvError::Compacted { .. })));

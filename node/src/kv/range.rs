@@ -1,7 +1,7 @@
 //! etcd's Range semantics on top of the store's key scan: revision filters, sorting,
 //! limit, keys-only and count-only. Shared by plain reads and by reads inside a Txn.
 
-use super::store::{KeySpan, KvError, RangeRequestSpec, RangeResult, ReadView, WriteBatch};
+use super::store::{KeySpan, KvError, RangeRequestSpec, RangeResult, ReadView, Returned, WriteBatch};
 use crate::proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use crate::proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
 use crate::proto::mvccpb::KeyValue;
@@ -68,8 +68,15 @@ pub fn range(source: &impl RangeSource, request: &RangeRequest) -> Result<RangeR
         span: KeySpan { key: &request.key, range_end: &request.range_end },
         revision: request.revision,
         limit,
-        // Sorting by value compares them even when only keys are returned.
-        values: !(request.keys_only || request.count_only) || target == SortTarget::Value,
+        returned: if request.count_only && !filtered {
+            Returned::Count
+        } else if (request.keys_only && target != SortTarget::Value) || request.count_only {
+            // Sorting by value compares them even when only keys are returned; counting
+            // under a revision filter needs the revisions, not the values.
+            Returned::Keys
+        } else {
+            Returned::KeyValues
+        },
     };
     let mut result = source.scan(&spec)?;
     if filtered {

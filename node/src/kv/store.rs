@@ -220,8 +220,19 @@ pub struct RangeRequestSpec<'a> {
     pub revision: i64,
     /// At most this many keys (0: no limit); `count` still counts them all.
     pub limit: usize,
-    /// Whether the key-values returned carry their values (otherwise they are left empty).
-    pub values: bool,
+    pub returned: Returned,
+}
+
+/// What a range returns of the keys it counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Returned {
+    /// Their key-values.
+    KeyValues,
+    /// Their key-values with the values left empty: no value is read.
+    Keys,
+    /// Nothing: the keys are counted, and neither copied nor read. `more` stays false, as
+    /// etcd's does for a count-only range.
+    Count,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -280,8 +291,11 @@ fn range_in(
     // keys alone, reads none.
     for_each_live(versions, spec.span, at, |key, revision, version| {
         result.count += 1;
+        if spec.returned == Returned::Count {
+            return Ok(());
+        }
         if spec.limit == 0 || result.kvs.len() < spec.limit {
-            result.kvs.push(version.read(values, key, revision, spec.values)?);
+            result.kvs.push(version.read(values, key, revision, spec.returned == Returned::KeyValues)?);
         } else {
             result.more = true;
         }
@@ -1095,13 +1109,15 @@ mod tests {
         }
         lose_value(&store, 3);
         let all = KeySpan { key: b"a", range_end: b"d" };
-        let range = |limit, values| {
-            store.read().expect("view").range(&RangeRequestSpec { span: all, revision: 0, limit, values })
+        let range = |limit, returned| {
+            store.read().expect("view").range(&RangeRequestSpec { span: all, revision: 0, limit, returned })
         };
-        assert!(matches!(range(0, true), Err(KvError::Corrupt { .. })), "b's value is gone");
-        let first = range(1, true).expect("the keys past the limit are counted, not read");
+        assert!(matches!(range(0, Returned::KeyValues), Err(KvError::Corrupt { .. })), "b's value is gone");
+        let first = range(1, Returned::KeyValues).expect("the keys past the limit are counted, not read");
         assert_eq!((first.kvs.len(), first.count, first.more), (1, 3, true));
-        let keys = range(0, false).expect("keys alone read no value");
+        let counted = range(1, Returned::Count).expect("counting reads no value");
+        assert_eq!((counted.kvs.len(), counted.count, counted.more), (0, 3, false));
+        let keys = range(0, Returned::Keys).expect("keys alone read no value");
         assert_eq!(
             keys.kvs.iter().map(|kv| (kv.key.as_slice(), kv.value.len())).collect::<Vec<_>>(),
             [(b"a".as_slice(), 0), (b"b", 0), (b"c", 0)]
@@ -1130,7 +1146,7 @@ mod tests {
             span: all,
             revision: 0,
             limit: 0,
-            values: true,
+            returned: Returned::KeyValues,
         });
         assert_eq!(
             after
@@ -1187,7 +1203,7 @@ mod tests {
             span: KeySpan { key: &[0], range_end: &[0] },
             revision,
             limit: 0,
-            values: true,
+            returned: Returned::KeyValues,
         };
         view.range(&spec).expect("range")
     }
@@ -1344,7 +1360,7 @@ mod tests {
                 span: KeySpan { key: b"k1", range_end: &[] },
                 revision: 0,
                 limit: 0,
-                values: true,
+                returned: Returned::KeyValues,
             })
             .expect("range")
             .count,
