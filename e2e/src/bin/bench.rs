@@ -120,6 +120,7 @@ struct Member {
     log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(&'static str, String)>,
     program: PathBuf,
 }
 
@@ -127,6 +128,7 @@ impl Member {
     fn start(&mut self) -> anyhow::Result<()> {
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -205,6 +207,14 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Each member's part of this machine's CPUs, as `consensus-operator local` gives its
+/// members: our `--worker-threads`, etcd's `GOMAXPROCS`. With a thread per CPU in each of
+/// three members on two CPUs, ours made about a tenth fewer puts at 16 and 256 clients, and
+/// etcd 3.4 the same puts and about a sixth fewer serializable gets (README, "Performance").
+fn threads_per_member() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 3).max(1)
+}
+
 fn our_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("binary directory")?.join("consensus-node");
@@ -243,6 +253,7 @@ impl Cluster {
                 name,
                 child: None,
                 args: Vec::new(),
+                env: Vec::new(),
                 program: PathBuf::new(),
             });
         }
@@ -251,12 +262,16 @@ impl Cluster {
             let mut args = Vec::new();
             match &system {
                 System::Ours => {
+                    args.extend(["--worker-threads".to_owned(), threads_per_member().to_string()]);
                     args.push("run".to_owned());
                     let metrics = ports.take()?;
                     args.extend(["--listen-metrics-urls".to_owned(), format!("http://127.0.0.1:{metrics}")]);
                     m.program = our_binary()?;
                 }
-                System::Etcd { program, .. } => m.program = program.clone(),
+                System::Etcd { program, .. } => {
+                    m.env.push(("GOMAXPROCS", threads_per_member().to_string()));
+                    m.program = program.clone();
+                }
             }
             args.extend([
                 "--name".to_owned(),
@@ -954,9 +969,10 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> an
         etcd.leader(Duration::from_secs(30)).await?;
     }
     println!(
-        "3-member clusters on this machine ({} cores); 256-byte values; {}s per workload, each run on every \
-         system in turn",
+        "3-member clusters on this machine ({} cores, {} thread(s) per member: --worker-threads, GOMAXPROCS); \
+         256-byte values; {}s per workload, each run on every system in turn",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        threads_per_member(),
         RUN_FOR.as_secs()
     );
     println!();
