@@ -64,6 +64,8 @@ pub struct MemberConfig {
     pub snapshot_bytes: u64,
     /// Payload bytes of the newest log entries held in memory (`WalOptions::held_bytes`).
     pub wal_held_bytes: u64,
+    /// Bytes of the store's pages held in memory (`MvccStore::open_with_cache`).
+    pub store_cache_bytes: usize,
     /// How often watchers that asked for progress notifications get one.
     pub watch_progress_notify_interval: Duration,
     /// The store's size limit (etcd's `--quota-backend-bytes`).
@@ -279,8 +281,10 @@ pub async fn run(
     )
     .with_context(|| format!("opening the Raft log in {}", dir.display()))?;
     let db_path = layout.store();
-    let store =
-        Arc::new(MvccStore::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?);
+    let store = Arc::new(
+        MvccStore::open_with_cache(&db_path, config.store_cache_bytes)
+            .with_context(|| format!("opening {}", db_path.display()))?,
+    );
     let last_data_index = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watch_hub = WatchHub::new();
     let state_machine = StateMachine::new(

@@ -63,6 +63,9 @@ pub struct MvccStore {
     db: RwLock<Database>,
 }
 
+/// redb's own default: stores opened for a restore, a conversion or a test keep it.
+const REDB_DEFAULT_CACHE_BYTES: usize = 1 << 30;
+
 /// How long `defragment` keeps retrying while transactions are open.
 const DEFRAGMENT_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -72,10 +75,15 @@ impl MvccStore {
     /// killed while making it (on its very first start) left a half-written file that redb
     /// never opened again ("Not a redb database"), so the member could not start at all.
     pub fn open(path: &Path) -> Result<Self, KvError> {
+        Self::open_with_cache(path, REDB_DEFAULT_CACHE_BYTES)
+    }
+
+    /// `open`, keeping at most `cache_bytes` of the file's pages in memory.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, KvError> {
         if !path.exists() {
             create(path)?;
         }
-        let db = Database::open(path).map_err(storage)?;
+        let db = redb::Builder::new().set_cache_size(cache_bytes).open(path).map_err(storage)?;
         initialize(&db)?;
         Ok(Self { db: RwLock::new(db) })
     }
@@ -1098,6 +1106,52 @@ mod tests {
         let txn = store.db().begin_write().expect("write");
         txn.open_table(VALUES).expect("values").remove((revision, 0)).expect("remove").expect("a value");
         txn.commit().expect("commit");
+    }
+
+    #[test]
+    fn a_store_whose_cache_holds_a_few_pages_reads_back_what_it_wrote() {
+        // 16 KiB: four pages, so nearly every read and write of 2,000 keys evicts a page or
+        // spills one from redb's write buffer before its commit.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("kv.redb");
+        let value = |i: usize| format!("{i:0>300}");
+        {
+            let store = MvccStore::open_with_cache(&path, 16 << 10).expect("open");
+            for chunk in (0..2000).collect::<Vec<_>>().chunks(100) {
+                let mut batch = store.write(chunk[0] % 500 == 0).expect("write");
+                for &i in chunk {
+                    let revision = batch.next_revision();
+                    batch
+                        .put(revision, format!("key/{i:04}").as_bytes(), value(i).as_bytes(), 0, false)
+                        .expect("put");
+                }
+                batch.commit().expect("commit");
+            }
+            let mut batch = store.write(true).expect("write");
+            let revision = batch.next_revision();
+            batch
+                .delete_range(revision, KeySpan { key: b"key/1", range_end: b"key/2" }, false)
+                .expect("delete");
+            batch.commit().expect("commit");
+        }
+        let store = MvccStore::open_with_cache(&path, 16 << 10).expect("reopen");
+        let all = store
+            .read()
+            .expect("view")
+            .range(&RangeRequestSpec {
+                span: KeySpan { key: b"key/", range_end: b"key0" },
+                revision: 0,
+                limit: 0,
+                returned: Returned::KeyValues,
+            })
+            .expect("range");
+        assert_eq!(all.count, 1000, "the keys 1000-1999 were deleted");
+        for (i, kv) in all.kvs.iter().enumerate() {
+            assert_eq!(
+                (kv.key.as_slice(), kv.value.as_slice()),
+                (format!("key/{i:04}").as_bytes(), value(i).as_bytes())
+            );
+        }
     }
 
     #[test]
