@@ -46,12 +46,13 @@ const APPENDED_BATCHES_KEPT: usize = 4096;
 /// Where a batch of committed entries spends its time in the state machine.
 #[derive(Clone, Copy, Debug)]
 pub enum ApplyStage {
-    /// Waiting to open the store's write transaction, which a durable commit, a snapshot
-    /// restore or a defragmentation may hold.
+    /// Waiting for the store's write transaction, which a reader committing the earlier
+    /// batches, a durable commit, a snapshot restore or a defragmentation may hold.
     Wait,
     /// Applying the entries.
     Apply,
-    /// Committing them (not durably: the log is what is durable).
+    /// Committing them durably, which only a batch holding a request that changes many keys
+    /// does; the others are left to the next read or durable commit (`MvccStore::applying`).
     Commit,
 }
 

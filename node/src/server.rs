@@ -285,6 +285,10 @@ pub async fn run(
         MvccStore::open_with_cache(&db_path, config.store_cache_bytes)
             .with_context(|| format!("opening {}", db_path.display()))?,
     );
+    store.observe_commits({
+        let metrics = metrics.clone();
+        Box::new(move |took| metrics.backend_commit(took))
+    });
     let last_data_index = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let watch_hub = WatchHub::new();
     let state_machine = StateMachine::new(
@@ -536,11 +540,12 @@ async fn snapshot_by_size(
 /// `--backend-batch-interval`).
 const DURABLE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Makes the store durable every `DURABLE_COMMIT_INTERVAL` while entries are applied. Applies
-/// commit without fsync (the log has them), but redb reuses a page freed since its last
-/// durable commit only after the next one: with durable commits only at snapshots, every
-/// page rewritten between two snapshots stayed allocated, up to twice the store. It also
-/// bounds how much of the log a restart applies again.
+/// Makes the store durable every `DURABLE_COMMIT_INTERVAL` while entries are applied: it
+/// commits the applied writes no read has committed yet, and fsyncs those reads committed
+/// without (the log has them). redb reuses a page freed since its last durable commit only
+/// after the next one: with durable commits only at snapshots, every page rewritten between
+/// two snapshots stayed allocated, up to twice the store. It also bounds how much of the log
+/// a restart applies again, and how long applied writes stay uncommitted in memory.
 async fn commit_store_durably(
     node: Arc<Node>,
     stop: impl std::future::Future<Output = ()>,
@@ -560,12 +565,10 @@ async fn commit_store_durably(
             continue;
         }
         let store = node.store.clone();
-        let started = std::time::Instant::now();
         tokio::task::spawn_blocking(move || store.sync())
             .await
             .context("durable commit task")?
             .context("making the key-value store durable")?;
-        node.metrics.backend_commit(started.elapsed());
         durable = now;
     }
 }

@@ -22,7 +22,8 @@ pub mod watch;
 pub use apply::{alarms_of, apply_command, read_only_txn, txn_is_read_only, txn_is_serializable, txn_puts};
 pub use range::{RangeSource, range, valid_sort};
 pub use store::{
-    KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, Returned, WriteBatch,
+    Applying, KeySpan, KvError, KvHash, MvccStore, RangeRequestSpec, RangeResult, ReadView, Returned,
+    WriteBatch,
 };
 
 /// The end of the range of keys that start with `prefix` (etcd's `range_end`).

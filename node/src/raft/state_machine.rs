@@ -28,7 +28,7 @@ use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::type_config::alias::SnapshotOf;
 use sha2::{Digest, Sha256};
 
-use super::types::{Applied, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig};
+use super::types::{Applied, Command, Entry, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::kv::watch::WatchHub;
 use crate::kv::{KvError, MvccStore, ReadView, apply_command};
 use crate::metrics::{ApplyStage, Metrics};
@@ -119,6 +119,15 @@ impl StateMachine {
     }
 }
 
+/// Whether applying `entry` takes about as long as a put at most: see `MvccStore::applying`.
+/// A DeleteRange, a Txn, a compaction or a lease's revocation may touch any number of keys.
+fn applies_briefly(entry: &Entry) -> bool {
+    match &entry.payload {
+        EntryPayload::Blank | EntryPayload::Membership(_) => true,
+        EntryPayload::Normal(command) => matches!(command, Command::Put(_) | Command::LeaseGrant(_)),
+    }
+}
+
 /// The Raft state the store holds as of `view`: the last applied log id and the membership.
 fn raft_meta(view: &ReadView) -> io::Result<SnapshotMeta> {
     let last_log_id = match view.meta(META_APPLIED).map_err(io_err)? {
@@ -152,12 +161,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let metrics = self.metrics.clone();
         let last_data_index = self.last_data_index.clone();
         let watch_hub = self.watch_hub.clone();
-        // One write transaction for the whole batch; answers go out only after it commits,
-        // so a client that got an answer reads what it wrote.
+        // Answers go out once the batch is applied, its writes committed or not: the store
+        // commits them before any later read (`MvccStore::applying`), so a client that got an
+        // answer reads what it wrote.
         let answers = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
             let started = Instant::now();
             let count = entries.len();
-            let mut batch = store.write(false).map_err(io_err)?;
+            let brief = entries.iter().all(|(entry, _)| applies_briefly(entry));
+            let mut applying = store.applying(brief).map_err(io_err)?;
+            let batch = applying.batch();
             let previous_values = watch_hub.wants_previous_values();
             batch.set_previous_values(previous_values);
             let waited = started.elapsed();
@@ -173,7 +185,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     EntryPayload::Blank => Applied::Nothing,
                     EntryPayload::Normal(command) => {
                         let before = batch.changed_keys();
-                        let applied = apply_command(&mut batch, command).map_err(io_err)?;
+                        let applied = apply_command(batch, command).map_err(io_err)?;
                         if batch.changed_keys() - before >= LARGE_REQUEST_KEYS {
                             batch.commit_durably().map_err(io_err)?;
                         }
@@ -191,13 +203,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 answers.push((responder, applied));
             }
             batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
-            let applying = started.elapsed() - waited;
-            metrics.apply_stage(ApplyStage::Apply, applying);
-            let committing = Instant::now();
-            let events = batch.commit().map_err(io_err)?;
-            let committed = committing.elapsed();
-            metrics.backend_commit(committed);
-            metrics.apply_stage(ApplyStage::Commit, committed);
+            let applied_in = started.elapsed() - waited;
+            metrics.apply_stage(ApplyStage::Apply, applied_in);
+            let (events, committed) = applying.finish().map_err(io_err)?;
+            if let Some(committed) = committed {
+                metrics.apply_stage(ApplyStage::Commit, committed);
+            }
             let took = started.elapsed();
             if took > SLOW_APPLY {
                 // etcd's "apply request took too long", for a batch.
@@ -205,13 +216,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ?took,
                     entries = count,
                     ?waited,
-                    ?applying,
+                    applying = ?applied_in,
                     ?committed,
                     expected = ?SLOW_APPLY,
                     "applying a batch of committed entries took too long"
                 );
             }
-            // Published in commit order: openraft applies one batch at a time.
+            // Published in the order applied: openraft applies one batch at a time.
             watch_hub.committed(events, previous_values);
             if let Some(index) = data_index {
                 last_data_index.store(index, Ordering::SeqCst);
