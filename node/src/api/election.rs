@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
 use super::errors::ApplyError;
-use super::ownership::{self, LeaveOnDrop};
+use super::ownership;
 use crate::member::Node;
 use crate::proto::v3electionpb::election_server::Election;
 use crate::proto::v3electionpb::{
@@ -90,7 +90,8 @@ impl Election for ElectionService {
             return Err(ApplyError::EmptyKey.into());
         }
         let key = ownership::contender_key(&request.name, request.lease);
-        let claim = ownership::claim(&self.node, &key, request.lease, request.value.clone()).await?;
+        let (claim, leave) =
+            ownership::claim_guarded(&self.node, &key, request.lease, request.value.clone()).await?;
         let mut header = claim.header;
         // A campaign resumed with the same lease runs on the value it brings now.
         if !claim.created && claim.kv.value != request.value {
@@ -108,7 +109,6 @@ impl Election for ElectionService {
             }
             header = replaced_at;
         }
-        let leave = LeaveOnDrop::new(self.node.clone(), &claim.kv);
         ownership::wait_first(&self.node, &ownership::prefix(&request.name), &claim.kv, KEY_LOST).await?;
         leave.disarm();
         let leader =

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::errors::ApplyError;
-use super::ownership::{self, LeaveOnDrop};
+use super::ownership;
 use crate::member::Node;
 use crate::proto::etcdserverpb::DeleteRangeRequest;
 use crate::proto::v3lockpb::lock_server::Lock;
@@ -35,8 +35,7 @@ impl Lock for LockService {
             return Err(ApplyError::EmptyKey.into());
         }
         let key = ownership::contender_key(&request.name, request.lease);
-        let claim = ownership::claim(&self.node, &key, request.lease, Vec::new()).await?;
-        let leave = LeaveOnDrop::new(self.node.clone(), &claim.kv);
+        let (claim, leave) = ownership::claim_guarded(&self.node, &key, request.lease, Vec::new()).await?;
         ownership::wait_first(&self.node, &ownership::prefix(&request.name), &claim.kv, KEY_LOST).await?;
         leave.disarm();
         Ok(Response::new(LockResponse { header: Some(claim.header), key }))

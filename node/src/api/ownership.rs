@@ -90,7 +90,7 @@ async fn txn(node: &Node, request: TxnRequest) -> Result<TxnResponse, Status> {
 
 /// Joins the queue: puts `key` under `lease` unless it exists (one Txn, so two calls with
 /// the same lease cannot both create it), and answers the key as it is now.
-pub async fn claim(node: &Node, key: &[u8], lease: i64, value: Vec<u8>) -> Result<Claim, Status> {
+async fn claim(node: &Node, key: &[u8], lease: i64, value: Vec<u8>) -> Result<Claim, Status> {
     // Lease 0 would make every lease-less contender share the key `name/0`, and nothing
     // would release it when its owner goes away.
     if lease == 0 {
@@ -112,6 +112,29 @@ pub async fn claim(node: &Node, key: &[u8], lease: i64, value: Vec<u8>) -> Resul
         })
         .ok_or_else(|| Status::internal("etcdserver: contender key missing after it was written"))?;
     Ok(Claim { kv, header: response.header.unwrap_or_default(), created: response.succeeded })
+}
+
+/// `claim`, and the guard that leaves the queue again unless disarmed. The claim runs on a
+/// task of its own: a caller that went away while it was under way (its future dropped)
+/// left a key it never learned of in the queue, holding up everyone behind it until its
+/// lease ran out (a flake of `lock_election.rs` `a_cancelled_lock_waiter_leaves_the_queue`).
+pub async fn claim_guarded(
+    node: &Arc<Node>,
+    key: &[u8],
+    lease: i64,
+    value: Vec<u8>,
+) -> Result<(Claim, LeaveOnDrop), Status> {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let (node, key) = (node.clone(), key.to_vec());
+    tokio::spawn(async move {
+        let claimed = claim(&node, &key, lease, value).await.map(|claim| {
+            let leave = LeaveOnDrop::new(node.clone(), &claim.kv);
+            (claim, leave)
+        });
+        // Refused once the caller has gone: the guard then drops here, leaving the queue.
+        let _ = answer.send(claimed);
+    });
+    answered.await.map_err(|_| Status::internal("etcdserver: the claim of a contender key stopped"))?
 }
 
 /// Replaces the value of the key created at `create_revision`, only while it is that key
