@@ -1,5 +1,5 @@
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -165,7 +165,24 @@ impl MvccStore {
             let batch = self.write(false)?;
             return Ok(Applying { store: self, uncommitted: None, batch: Some(Box::new(batch)) });
         }
-        let mut uncommitted = self.lock_uncommitted();
+        self.applying_briefly(self.lock_uncommitted())
+    }
+
+    /// `applying(true)` at once, or `None` if a reader or a durable commit is committing the
+    /// applied writes now: a caller on the async runtime's thread then applies on another.
+    pub fn try_applying_briefly(&self) -> Result<Option<Applying<'_>>, KvError> {
+        let uncommitted = match self.uncommitted.try_lock() {
+            Ok(uncommitted) => uncommitted,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return Ok(None),
+        };
+        self.applying_briefly(uncommitted).map(Some)
+    }
+
+    fn applying_briefly<'a>(
+        &'a self,
+        mut uncommitted: MutexGuard<'a, Uncommitted>,
+    ) -> Result<Applying<'a>, KvError> {
         // Until `finish`, the slot says what a failure would leave: the earlier batches' writes
         // lost with this one, or nothing lost if there were none.
         let batch = match std::mem::replace(&mut *uncommitted, Uncommitted::Lost) {
@@ -1362,6 +1379,20 @@ mod tests {
         applier.join().expect("applier");
         assert!(reads > 0);
         assert_eq!(store.read().expect("read").revision().expect("revision"), 2001);
+    }
+
+    #[test]
+    fn brief_entries_are_applied_at_once_only_while_no_one_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MvccStore::open(&dir.path().join("kv.redb")).expect("open");
+        let committing = store.lock_uncommitted();
+        assert!(store.try_applying_briefly().expect("try").is_none());
+        drop(committing);
+        let mut applying = store.try_applying_briefly().expect("try").expect("free");
+        let revision = applying.batch().next_revision();
+        applying.batch().put(revision, b"k", b"v", 0, false).expect("put");
+        applying.finish().expect("finish");
+        assert_eq!(keys(&store.read().expect("read")), vec![b"k".to_vec()]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 
 use super::types::{Applied, Command, Entry, LogId, Membership, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::kv::watch::WatchHub;
-use crate::kv::{KvError, MvccStore, ReadView, apply_command};
+use crate::kv::{Applying, KvError, MvccStore, ReadView, apply_command};
 use crate::metrics::{ApplyStage, Metrics};
 use crate::storage::hard_state::sync_dir;
 
@@ -119,6 +119,105 @@ impl StateMachine {
     }
 }
 
+/// Entries to apply, each with where its answer goes if a client waits for it.
+type Entries = Vec<EntryResponder<TypeConfig>>;
+
+/// Each applied entry's answer, for its client if it has one.
+type Answers = Vec<(Option<openraft::storage::ApplyResponder<TypeConfig>>, Applied)>;
+
+/// What applying a batch reports to: metrics, reads and watchers.
+struct Applier {
+    metrics: Metrics,
+    last_data_index: Arc<AtomicU64>,
+    watch_hub: WatchHub,
+}
+
+impl Applier {
+    /// Applies brief entries on this thread if the store is free at once; hands back what
+    /// it was given otherwise.
+    fn apply_here(
+        self,
+        store: &MvccStore,
+        brief: bool,
+        entries: Entries,
+        started: Instant,
+    ) -> io::Result<Result<Answers, (Self, Entries)>> {
+        let applying = if brief { store.try_applying_briefly().map_err(io_err)? } else { None };
+        match applying {
+            Some(applying) => self.apply(applying, entries, started).map(Ok),
+            None => Ok(Err((self, entries))),
+        }
+    }
+
+    /// Applies `entries` to `applying`, whose wait began at `started`, and returns the
+    /// answers. They go out once the batch is applied, its writes committed or not: the store
+    /// commits them before any later read (`MvccStore::applying`), so a client that got an
+    /// answer reads what it wrote.
+    fn apply(&self, mut applying: Applying<'_>, entries: Entries, started: Instant) -> io::Result<Answers> {
+        let Self { metrics, last_data_index, watch_hub } = self;
+        let count = entries.len();
+        let batch = applying.batch();
+        let previous_values = watch_hub.wants_previous_values();
+        batch.set_previous_values(previous_values);
+        let waited = started.elapsed();
+        metrics.apply_stage(ApplyStage::Wait, waited);
+        let mut answers = Vec::with_capacity(entries.len());
+        let mut last = None;
+        let mut data_index = None;
+        for (entry, responder) in entries {
+            if !matches!(entry.payload, EntryPayload::Blank) {
+                data_index = Some(entry.log_id.index);
+            }
+            let applied = match &entry.payload {
+                EntryPayload::Blank => Applied::Nothing,
+                EntryPayload::Normal(command) => {
+                    let before = batch.changed_keys();
+                    let applied = apply_command(batch, command).map_err(io_err)?;
+                    if batch.changed_keys() - before >= LARGE_REQUEST_KEYS {
+                        batch.commit_durably().map_err(io_err)?;
+                    }
+                    applied
+                }
+                EntryPayload::Membership(membership) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
+                    batch
+                        .set_meta(META_MEMBERSHIP, &postcard::to_stdvec(&stored).map_err(invalid)?)
+                        .map_err(io_err)?;
+                    Applied::Nothing
+                }
+            };
+            last = Some(entry.log_id);
+            answers.push((responder, applied));
+        }
+        batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
+        let applied_in = started.elapsed() - waited;
+        metrics.apply_stage(ApplyStage::Apply, applied_in);
+        let (events, committed) = applying.finish().map_err(io_err)?;
+        if let Some(committed) = committed {
+            metrics.apply_stage(ApplyStage::Commit, committed);
+        }
+        let took = started.elapsed();
+        if took > SLOW_APPLY {
+            // etcd's "apply request took too long", for a batch.
+            tracing::warn!(
+                ?took,
+                entries = count,
+                ?waited,
+                applying = ?applied_in,
+                ?committed,
+                expected = ?SLOW_APPLY,
+                "applying a batch of committed entries took too long"
+            );
+        }
+        // Published in the order applied: openraft applies one batch at a time.
+        watch_hub.committed(events, previous_values);
+        if let Some(index) = data_index {
+            last_data_index.store(index, Ordering::SeqCst);
+        }
+        Ok(answers)
+    }
+}
+
 /// Whether applying `entry` takes about as long as a put at most: see `MvccStore::applying`.
 /// A DeleteRange, a Txn, a compaction or a lease's revocation may touch any number of keys.
 fn applies_briefly(entry: &Entry) -> bool {
@@ -157,80 +256,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if let Some((entry, _)) = entries.last() {
             self.metrics.log_committed(entry.log_id.index);
         }
-        let store = self.store.clone();
-        let metrics = self.metrics.clone();
-        let last_data_index = self.last_data_index.clone();
-        let watch_hub = self.watch_hub.clone();
-        // Answers go out once the batch is applied, its writes committed or not: the store
-        // commits them before any later read (`MvccStore::applying`), so a client that got an
-        // answer reads what it wrote.
-        let answers = tokio::task::spawn_blocking(move || -> io::Result<Vec<_>> {
-            let started = Instant::now();
-            let count = entries.len();
-            let brief = entries.iter().all(|(entry, _)| applies_briefly(entry));
-            let mut applying = store.applying(brief).map_err(io_err)?;
-            let batch = applying.batch();
-            let previous_values = watch_hub.wants_previous_values();
-            batch.set_previous_values(previous_values);
-            let waited = started.elapsed();
-            metrics.apply_stage(ApplyStage::Wait, waited);
-            let mut answers = Vec::with_capacity(entries.len());
-            let mut last = None;
-            let mut data_index = None;
-            for (entry, responder) in entries {
-                if !matches!(entry.payload, EntryPayload::Blank) {
-                    data_index = Some(entry.log_id.index);
-                }
-                let applied = match &entry.payload {
-                    EntryPayload::Blank => Applied::Nothing,
-                    EntryPayload::Normal(command) => {
-                        let before = batch.changed_keys();
-                        let applied = apply_command(batch, command).map_err(io_err)?;
-                        if batch.changed_keys() - before >= LARGE_REQUEST_KEYS {
-                            batch.commit_durably().map_err(io_err)?;
-                        }
-                        applied
-                    }
-                    EntryPayload::Membership(membership) => {
-                        let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
-                        batch
-                            .set_meta(META_MEMBERSHIP, &postcard::to_stdvec(&stored).map_err(invalid)?)
-                            .map_err(io_err)?;
-                        Applied::Nothing
-                    }
-                };
-                last = Some(entry.log_id);
-                answers.push((responder, applied));
+        let started = Instant::now();
+        let applier = Applier {
+            metrics: self.metrics.clone(),
+            last_data_index: self.last_data_index.clone(),
+            watch_hub: self.watch_hub.clone(),
+        };
+        // Brief entries apply on this thread when the store is free, which saves two thread
+        // hops per batch; they write nothing to disk, as they leave their commit to later.
+        // The rest, or any when a reader or a durable commit holds the store, apply on a
+        // blocking thread, so that the runtime's threads, which also carry heartbeats, never
+        // wait for a commit.
+        let brief = entries.iter().all(|(entry, _)| applies_briefly(entry));
+        let answers = match applier.apply_here(&self.store, brief, entries, started)? {
+            Ok(answers) => answers,
+            Err((applier, entries)) => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    applier.apply(store.applying(brief).map_err(io_err)?, entries, started)
+                })
+                .await
+                .map_err(io::Error::other)??
             }
-            batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
-            let applied_in = started.elapsed() - waited;
-            metrics.apply_stage(ApplyStage::Apply, applied_in);
-            let (events, committed) = applying.finish().map_err(io_err)?;
-            if let Some(committed) = committed {
-                metrics.apply_stage(ApplyStage::Commit, committed);
-            }
-            let took = started.elapsed();
-            if took > SLOW_APPLY {
-                // etcd's "apply request took too long", for a batch.
-                tracing::warn!(
-                    ?took,
-                    entries = count,
-                    ?waited,
-                    applying = ?applied_in,
-                    ?committed,
-                    expected = ?SLOW_APPLY,
-                    "applying a batch of committed entries took too long"
-                );
-            }
-            // Published in the order applied: openraft applies one batch at a time.
-            watch_hub.committed(events, previous_values);
-            if let Some(index) = data_index {
-                last_data_index.store(index, Ordering::SeqCst);
-            }
-            Ok(answers)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        };
         for (responder, applied) in answers {
             if let Some(responder) = responder {
                 responder.send(applied);
