@@ -1,5 +1,5 @@
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -72,6 +72,8 @@ pub struct MvccStore {
     db: RwLock<Database>,
     /// The applied writes not committed yet. Always locked before `db`.
     uncommitted: Mutex<Uncommitted>,
+    /// Told when a batch that may take long is done (`Uncommitted::LongBatch`).
+    long_batch_done: Condvar,
     /// Told how long each commit of applied writes took.
     commit_observer: OnceLock<CommitObserver>,
 }
@@ -82,6 +84,11 @@ pub type CommitObserver = Box<dyn Fn(Duration) + Send + Sync>;
 enum Uncommitted {
     None,
     Batch(Box<WriteBatch>),
+    /// A batch that may take long is being applied, in a write transaction of its own and
+    /// after the earlier writes were committed. Readers need nothing of it; what needs the
+    /// write transaction waits for it without holding the lock (`settled`), so that readers
+    /// do not wait behind them.
+    LongBatch,
     /// A batch failed while being applied, after earlier batches' writes were answered but
     /// not committed: they are lost with it, so the store serves nothing more (the member
     /// stops on the error and re-applies them from the log when it starts again).
@@ -113,6 +120,7 @@ impl MvccStore {
         Ok(Self {
             db: RwLock::new(db),
             uncommitted: Mutex::new(Uncommitted::None),
+            long_batch_done: Condvar::new(),
             commit_observer: OnceLock::new(),
         })
     }
@@ -148,8 +156,7 @@ impl MvccStore {
     /// only means re-applying the tail of the log.
     pub fn write(&self, durable: bool) -> Result<WriteBatch, KvError> {
         // Held until the batch has begun, so that no new applied writes slip in first.
-        let mut uncommitted = self.lock_uncommitted();
-        self.commit_applied(&mut uncommitted, false)?;
+        let _settled = self.settled(false)?;
         self.begin_write(durable)
     }
 
@@ -162,10 +169,12 @@ impl MvccStore {
     /// and `finish` commits it.
     pub fn applying(&self, brief: bool) -> Result<Applying<'_>, KvError> {
         if !brief {
-            let batch = self.write(false)?;
+            let (mut uncommitted, _) = self.settled(false)?;
+            let batch = self.begin_write(false)?;
+            *uncommitted = Uncommitted::LongBatch;
             return Ok(Applying { store: self, uncommitted: None, batch: Some(Box::new(batch)) });
         }
-        self.applying_briefly(self.lock_uncommitted())
+        self.applying_briefly(self.lock_without_long_batch())
     }
 
     /// `applying(true)` at once, or `None` if a reader or a durable commit is committing the
@@ -176,6 +185,9 @@ impl MvccStore {
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return Ok(None),
         };
+        if matches!(*uncommitted, Uncommitted::LongBatch) {
+            return Ok(None);
+        }
         self.applying_briefly(uncommitted).map(Some)
     }
 
@@ -191,6 +203,7 @@ impl MvccStore {
                 *uncommitted = Uncommitted::None;
                 Box::new(self.begin_write(false)?)
             }
+            Uncommitted::LongBatch => unreachable!("taken without a batch that may take long"),
             Uncommitted::Lost => return Err(KvError::Lost),
         };
         Ok(Applying { store: self, uncommitted: Some(uncommitted), batch: Some(batch) })
@@ -201,10 +214,41 @@ impl MvccStore {
         self.uncommitted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The lock, once no batch that may take long is being applied: no write transaction is
+    /// open but the applied writes'.
+    fn lock_without_long_batch(&self) -> MutexGuard<'_, Uncommitted> {
+        let mut uncommitted = self.lock_uncommitted();
+        while matches!(*uncommitted, Uncommitted::LongBatch) {
+            uncommitted = self.long_batch_done.wait(uncommitted).unwrap_or_else(|p| p.into_inner());
+        }
+        uncommitted
+    }
+
+    /// The lock, once the applied writes are committed (durably if `durable`) and no batch
+    /// that may take long is being applied: a write transaction begun under it starts at
+    /// once. Also whether there were applied writes to commit.
+    fn settled(&self, durable: bool) -> Result<(MutexGuard<'_, Uncommitted>, bool), KvError> {
+        let mut uncommitted = self.lock_without_long_batch();
+        let committed = self.commit_applied(&mut uncommitted, durable)?;
+        Ok((uncommitted, committed))
+    }
+
+    fn long_batch_done(&self) {
+        let mut uncommitted = self.lock_uncommitted();
+        if matches!(*uncommitted, Uncommitted::LongBatch) {
+            *uncommitted = Uncommitted::None;
+        }
+        self.long_batch_done.notify_all();
+    }
+
     /// Commits the applied writes not committed yet, if any; durably if `durable`.
     fn commit_applied(&self, uncommitted: &mut Uncommitted, durable: bool) -> Result<bool, KvError> {
         match std::mem::replace(uncommitted, Uncommitted::None) {
             Uncommitted::None => Ok(false),
+            Uncommitted::LongBatch => {
+                *uncommitted = Uncommitted::LongBatch;
+                Ok(false)
+            }
             Uncommitted::Batch(mut batch) => {
                 let committed = if durable { batch.commit_durably() } else { Ok(()) };
                 match committed.and_then(|()| self.observed(|| batch.commit())) {
@@ -686,9 +730,21 @@ pub struct WriteBatch {
 /// uncommitted writes, the store serves nothing more: see `Uncommitted::Lost`.
 pub struct Applying<'a> {
     store: &'a MvccStore,
-    /// Held while brief entries apply, holding off readers and writers.
+    /// Held while brief entries apply, holding off readers and writers; none while a batch
+    /// that may take long applies (`Uncommitted::LongBatch`).
     uncommitted: Option<MutexGuard<'a, Uncommitted>>,
     batch: Option<Box<WriteBatch>>,
+}
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        if self.uncommitted.is_none() {
+            // Its write transaction ends first (aborted if not committed): what waited for it
+            // begins one next.
+            self.batch = None;
+            self.store.long_batch_done();
+        }
+    }
 }
 
 impl Applying<'_> {
@@ -1161,8 +1217,8 @@ impl ReadView {
 impl MvccStore {
     /// Makes every earlier non-durable commit durable.
     pub fn sync(&self) -> Result<(), KvError> {
-        let mut uncommitted = self.lock_uncommitted();
-        if self.commit_applied(&mut uncommitted, true)? {
+        let (_settled, committed) = self.settled(true)?;
+        if committed {
             return Ok(());
         }
         // Applied writes a reader committed since, not durably.
@@ -1173,8 +1229,7 @@ impl MvccStore {
     /// `defragment` can give back. Waits for a running write transaction, as redb reports
     /// page statistics only from inside one.
     pub fn size_in_use(&self) -> Result<u64, KvError> {
-        let mut uncommitted = self.lock_uncommitted();
-        self.commit_applied(&mut uncommitted, false)?;
+        let _settled = self.settled(false)?;
         let txn = self.db().begin_write().map_err(storage)?;
         let stats = txn.stats().map_err(storage)?;
         txn.abort().map_err(storage)?;
@@ -1188,8 +1243,7 @@ impl MvccStore {
         let deadline = Instant::now() + DEFRAGMENT_PATIENCE;
         loop {
             {
-                let mut uncommitted = self.lock_uncommitted();
-                self.commit_applied(&mut uncommitted, false)?;
+                let _settled = self.settled(false)?;
                 let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
                 match db.compact() {
                     Ok(_) => return Ok(()),
@@ -1210,8 +1264,7 @@ impl MvccStore {
     pub fn restore(&self, input: &mut impl std::io::Read) -> Result<(), KvError> {
         let malformed =
             |what: &str| KvError::Corrupt { key: Vec::new(), reason: format!("snapshot: {what}") };
-        let mut uncommitted = self.lock_uncommitted();
-        self.commit_applied(&mut uncommitted, false)?;
+        let _settled = self.settled(false)?;
         let txn = self.db().begin_write().map_err(storage)?;
         txn.delete_table(VERSIONS).map_err(storage)?;
         txn.delete_table(VALUES).map_err(storage)?;
@@ -1404,16 +1457,28 @@ mod tests {
         let revision = long.batch().next_revision();
         long.batch().put(revision, b"applying", b"value", 0, false).expect("put");
 
-        let (seen, read) = std::sync::mpsc::channel();
+        // A durable commit comes meanwhile: it waits for the batch, and readers wait for neither.
+        let (synced, sync_done) = std::sync::mpsc::channel();
         std::thread::spawn({
             let store = store.clone();
-            move || seen.send(keys(&store.read().expect("read")))
+            move || synced.send(store.sync().is_ok())
         });
-        let seen = read.recv_timeout(Duration::from_secs(10)).expect("a read while the batch applies");
-        assert_eq!(seen, vec![b"answered".to_vec()]);
+        let (seen, read) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            std::thread::spawn({
+                let (store, seen) = (store.clone(), seen.clone());
+                move || seen.send(keys(&store.read().expect("read")))
+            });
+            let seen = read.recv_timeout(Duration::from_secs(10)).expect("a read while the batch applies");
+            assert_eq!(seen, vec![b"answered".to_vec()]);
+        }
+        assert!(sync_done.try_recv().is_err(), "the durable commit waits for the batch");
 
         let (_, committed) = long.finish().expect("finish");
         assert!(committed.is_some());
+        assert!(
+            sync_done.recv_timeout(Duration::from_secs(10)).expect("the durable commit, after the batch")
+        );
         assert_eq!(keys(&store.read().expect("read")), vec![b"answered".to_vec(), b"applying".to_vec()]);
     }
 
