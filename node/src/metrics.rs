@@ -51,8 +51,9 @@ pub enum ApplyStage {
     Wait,
     /// Applying the entries.
     Apply,
-    /// Committing them durably, which only a batch holding a request that changes many keys
-    /// does; the others are left to the next read or durable commit (`MvccStore::applying`).
+    /// Committing them, which a batch that may take long does itself (durably if it holds a
+    /// request that changes many keys); a batch of puts leaves it to the next read or durable
+    /// commit (`MvccStore::applying`).
     Commit,
 }
 
