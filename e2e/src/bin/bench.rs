@@ -311,14 +311,27 @@ impl Cluster {
         self.members.iter().filter_map(Member::cpu_ticks).sum()
     }
 
-    fn channels(&self) -> Vec<Channel> {
-        self.channels_over(CHANNELS, Some(Duration::from_secs(5)))
+    /// `CHANNELS` connections spread over the members, the first to `first`.
+    async fn channels(&self, first: Role) -> anyhow::Result<Vec<Channel>> {
+        self.channels_over(first, CHANNELS, Some(Duration::from_secs(5))).await
     }
 
-    /// `count` connections spread over the members. Long-lived streams get no request
-    /// timeout: it would end them mid-run.
-    fn channels_over(&self, count: usize, request_timeout: Option<Duration>) -> Vec<Channel> {
-        (0..count)
+    /// `count` connections spread over the members in turn, the first to `first`, so that
+    /// one client talks to a member of the same role on every system (a write sent to a
+    /// follower takes one more hop). Long-lived streams get no request timeout: it would end
+    /// them mid-run.
+    async fn channels_over(
+        &self,
+        first: Role,
+        count: usize,
+        request_timeout: Option<Duration>,
+    ) -> anyhow::Result<Vec<Channel>> {
+        let leader = self.leader(Duration::from_secs(30)).await?;
+        let start = match first {
+            Role::Leader => leader,
+            Role::Follower => leader + 1,
+        };
+        Ok((start..start + count)
             .map(|i| {
                 let url = self.members[i % self.members.len()].client_url.clone();
                 let endpoint = Endpoint::from_shared(url)
@@ -330,7 +343,7 @@ impl Cluster {
                 }
                 .connect_lazy()
             })
-            .collect()
+            .collect())
     }
 
     /// Index of the leader, once the running members agree on one.
@@ -419,6 +432,13 @@ impl Measured {
     }
 }
 
+/// Which member a workload's first connection goes to.
+#[derive(Clone, Copy)]
+enum Role {
+    Leader,
+    Follower,
+}
+
 #[derive(Clone, Copy)]
 enum Workload {
     Put,
@@ -426,8 +446,13 @@ enum Workload {
     SerializableGet,
 }
 
-async fn drive(cluster: &Cluster, workload: Workload, clients: usize) -> anyhow::Result<Measured> {
-    drive_while(cluster, workload, clients, tokio::time::sleep(RUN_FOR)).await
+async fn drive(
+    cluster: &Cluster,
+    workload: Workload,
+    clients: usize,
+    first: Role,
+) -> anyhow::Result<Measured> {
+    drive_while(cluster, workload, clients, first, tokio::time::sleep(RUN_FOR)).await
 }
 
 /// `drive`, for as long as `run` takes.
@@ -435,9 +460,10 @@ async fn drive_while(
     cluster: &Cluster,
     workload: Workload,
     clients: usize,
+    first: Role,
     run: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Measured> {
-    let channels = cluster.channels();
+    let channels = cluster.channels(first).await?;
     let value = vec![b'v'; VALUE_BYTES];
     if matches!(workload, Workload::LinearizableGet | Workload::SerializableGet) {
         let mut kv = KvClient::new(channels[0].clone());
@@ -697,7 +723,7 @@ async fn receive(
 /// put was sent to its receipt.
 async fn watch_fan_out(cluster: &Cluster) -> anyhow::Result<(Measured, String)> {
     let name = cluster.system.name();
-    let stream_channels = cluster.channels_over(STREAM_CHANNELS, None);
+    let stream_channels = cluster.channels_over(Role::Leader, STREAM_CHANNELS, None).await?;
     let mut streams = Vec::new();
     for w in 0..WATCHERS {
         let create = WatchCreateRequest {
@@ -731,7 +757,8 @@ async fn watch_fan_out(cluster: &Cluster) -> anyhow::Result<(Measured, String)> 
             })
         })
         .collect();
-    let mut kv = KvClient::new(cluster.channels_over(1, Some(Duration::from_secs(5))).remove(0));
+    let mut kv =
+        KvClient::new(cluster.channels_over(Role::Leader, 1, Some(Duration::from_secs(5))).await?.remove(0));
     let (mut puts, mut failed) = (0u64, 0u64);
     while origin.elapsed() < RUN_FOR {
         let request = PutRequest {
@@ -770,7 +797,7 @@ async fn watch_fan_out(cluster: &Cluster) -> anyhow::Result<(Measured, String)> 
 /// keep-alive as soon as the previous one is answered, cycling through its leases.
 async fn lease_keep_alive(cluster: &Cluster) -> anyhow::Result<(Measured, String)> {
     let name = cluster.system.name();
-    let channels = cluster.channels();
+    let channels = cluster.channels(Role::Leader).await?;
     // Concurrently: granted one by one, the first leases would near their TTL before the last.
     let grants: Vec<_> = (0..CHANNELS)
         .map(|c| {
@@ -793,7 +820,7 @@ async fn lease_keep_alive(cluster: &Cluster) -> anyhow::Result<(Measured, String
             ttl = ttl.min(granted.ttl);
         }
     }
-    let stream_channels = cluster.channels_over(STREAM_CHANNELS, None);
+    let stream_channels = cluster.channels_over(Role::Leader, STREAM_CHANNELS, None).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let streams: Vec<_> = ids
@@ -981,15 +1008,16 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> an
         "workload", "system", "ops/s", "p50 ms", "p99 ms", "cpu ms/op", "ours/etcd", "p99 o/e", "cpu o/e"
     );
     let workloads = [
-        ("put, 1 client", Workload::Put, 1),
-        ("put, 16 clients", Workload::Put, 16),
-        ("put, 256 clients", Workload::Put, 256),
-        ("linearizable get, 16", Workload::LinearizableGet, 16),
-        ("serializable get, 16", Workload::SerializableGet, 16),
+        ("put, 1 client", Workload::Put, 1, Role::Leader),
+        ("put, 1 client (follower)", Workload::Put, 1, Role::Follower),
+        ("put, 16 clients", Workload::Put, 16, Role::Leader),
+        ("put, 256 clients", Workload::Put, 256, Role::Leader),
+        ("linearizable get, 16", Workload::LinearizableGet, 16, Role::Leader),
+        ("serializable get, 16", Workload::SerializableGet, 16, Role::Leader),
     ];
     if Part::Workloads.chosen(only) {
-        for (name, workload, clients) in workloads {
-            let (a, bs) = on_each(ours, etcds, async |c| drive(c, workload, clients).await).await?;
+        for (name, workload, clients, first) in workloads {
+            let (a, bs) = on_each(ours, etcds, async |c| drive(c, workload, clients, first).await).await?;
             print_rows(name, &a, &bs);
         }
         let peak_rss_mib = |c: &Cluster| {
@@ -1016,6 +1044,10 @@ async fn measure(ours: &mut Cluster, etcds: &mut [Cluster], only: &[Part]) -> an
     println!(
         "ratios above 1 mean more throughput for ops/s, and a slower p99, more CPU per operation, slower \
          failover or more memory elsewhere"
+    );
+    println!(
+        "put, 1 client: to the leader; (follower): to a follower, which forwards it; more clients: spread over \
+         the members in turn, the first to the leader"
     );
     println!(
         "failover: kill -9 of the leader to the first acknowledged put, {FAILOVER_ROUNDS} times per system; \

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tokio::io::AsyncWriteExt;
 
-use super::{Cluster, System, Workload, drive_while, our_binary};
+use super::{Cluster, Role, System, Workload, drive_while, our_binary};
 
 const KEYS: usize = 4096;
 const VALUE_BYTES: usize = 64 << 10;
@@ -21,7 +21,7 @@ const MIB: f64 = (1 << 20) as f64;
 
 /// `KEYS` values of `VALUE_BYTES`, written by `FILL_CLIENTS` at once.
 async fn fill(cluster: &Cluster) -> anyhow::Result<()> {
-    let channels = cluster.channels();
+    let channels = cluster.channels(Role::Leader).await?;
     let mut tasks = Vec::new();
     for c in 0..FILL_CLIENTS {
         let mut kv = super::KvClient::new(channels[c % channels.len()].clone());
@@ -146,13 +146,13 @@ pub async fn measure(etcd: &System) -> anyhow::Result<()> {
         let _ = done.send(());
         taken
     };
-    let load = drive_while(ours, Workload::Put, 16, async {
+    let load = drive_while(ours, Workload::Put, 16, Role::Leader, async {
         let _ = ended.await;
     });
     let (during, taken) = tokio::join!(load, taking);
     let (backup_time, _) = taken?;
     let during = during?;
-    let quiet = drive_while(ours, Workload::Put, 16, tokio::time::sleep(backup_time)).await?;
+    let quiet = drive_while(ours, Workload::Put, 16, Role::Leader, tokio::time::sleep(backup_time)).await?;
     println!(
         "puts of 16 clients to ours for {:.1} s: {:.0}/s, p99 {:.2} ms during a backup; {:.0}/s, p99 {:.2} ms \
          without ({:.2}x the p99)",
