@@ -607,7 +607,7 @@ async fn watch_leadership(
             m.local_committed.map_or(0, |c| c.index),
             m.last_applied.map_or(0, |a| a.index),
         );
-        node.metrics.db_size(node.db_size());
+        node.metrics.db_size(node.recent_db_size());
         if m.current_leader != previous {
             // As etcd's raft logs "elected leader at term": the one line that dates a failover.
             tracing::info!(leader = ?m.current_leader.map(|id| format!("{id:x}")), term = m.current_term, "leader changed");

@@ -40,7 +40,7 @@ pub const LEASE_COST: u64 = KEY_OVERHEAD;
 /// Refuses a write of `cost` bytes that would take the store past the quota, raising the
 /// NOSPACE alarm for this member so the whole cluster stops taking such writes.
 pub async fn check(node: &Node, cost: u64) -> Result<(), Status> {
-    let size = node.db_size();
+    let size = node.recent_db_size();
     if size.saturating_add(cost) <= node.quota_bytes {
         return Ok(());
     }
