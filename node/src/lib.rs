@@ -1,6 +1,7 @@
 //! `consensus-node`: a Raft member (openraft) with a durable write-ahead log, an MVCC
 //! key-value store with etcd's semantics, and etcd's v3 gRPC API.
 
+pub mod allocator;
 pub mod api;
 pub mod backup;
 pub mod failpoint;

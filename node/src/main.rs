@@ -11,10 +11,9 @@ use clap::{Parser, Subcommand};
 use consensus_node::restore::RestoreConfig;
 use consensus_node::server::{ClusterState, LOST_DATA_EXIT_CODE, LostVoterData, MemberConfig, run};
 
-/// Every request allocates its messages, headers and buffers; glibc's malloc spent about a
-/// tenth of a loaded leader's samples (see the README's profile).
+/// mimalloc, but glibc's malloc for the store's page buffers: see `allocator`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: consensus_node::allocator::MemberAllocator = consensus_node::allocator::MemberAllocator;
 
 /// mimalloc asks the kernel for transparent huge pages for its memory, so a page fault clears
 /// 2 MiB at a time. A request that allocates much at once then spent most of its time in the
