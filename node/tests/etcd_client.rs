@@ -237,6 +237,14 @@ async fn watch_prefix_history_prev_kv_cancel_and_progress() {
     // A watch from a compacted revision is cancelled with the compaction revision.
     let compacted_at = writer.put("w/c", "4", None).await.expect("put").header().expect("header").revision();
     writer.compact(compacted_at, None).await.expect("compact");
+    // A watch is served from its member's own store, which applies the compaction a moment
+    // after the leader answered it; until then a watch from `start` is as valid there as in
+    // etcd. A linearizable read waits for the member to apply what was committed before it.
+    let error = watcher
+        .get("w/", Some(GetOptions::new().with_prefix().with_revision(start)))
+        .await
+        .expect_err("compacted on the watcher's member");
+    expect_status(error, Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted");
     let mut stream = watcher
         .watch("w/", Some(WatchOptions::new().with_prefix().with_start_revision(start)))
         .await
