@@ -7,7 +7,6 @@
 //!
 //! A benchmark, not a test: nothing here asserts a time.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use consensus_e2e::free_port;
 use consensus_node::kv::prefix_end;
 use consensus_node::proto::etcdserverpb::kv_client::KvClient;
 use consensus_node::proto::etcdserverpb::lease_client::LeaseClient;
@@ -178,20 +178,6 @@ impl Drop for Member {
     }
 }
 
-/// Ports free on loopback and distinct from each other: each stays bound until all are
-/// chosen, so that two members of a cluster are never given the same one.
-#[derive(Default)]
-struct FreePorts(Vec<TcpListener>);
-
-impl FreePorts {
-    fn take(&mut self) -> anyhow::Result<u16> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        self.0.push(listener);
-        Ok(port)
-    }
-}
-
 struct Cluster {
     system: System,
     members: Vec<Member>,
@@ -239,10 +225,9 @@ impl Cluster {
     fn start_under(system: System, dir: &Path, extra: &[&str], wrapper: &[String]) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         let mut peers = Vec::new();
-        let mut ports = FreePorts::default();
         std::fs::create_dir_all(dir).with_context(|| format!("making {}", dir.display()))?;
         for i in 0..3 {
-            let (client, peer) = (ports.take()?, ports.take()?);
+            let (client, peer) = (free_port()?, free_port()?);
             let name = format!("{}{i}", if system == System::Ours { "c" } else { "e" });
             peers.push(format!("{name}=http://127.0.0.1:{peer}"));
             members.push(Member {
@@ -264,7 +249,7 @@ impl Cluster {
                 System::Ours => {
                     args.extend(["--worker-threads".to_owned(), threads_per_member().to_string()]);
                     args.push("run".to_owned());
-                    let metrics = ports.take()?;
+                    let metrics = free_port()?;
                     args.extend(["--listen-metrics-urls".to_owned(), format!("http://127.0.0.1:{metrics}")]);
                     m.program = our_binary()?;
                 }
@@ -299,7 +284,6 @@ impl Cluster {
             }
             m.args = args;
         }
-        drop(ports);
         for m in &mut members {
             m.start()?;
         }

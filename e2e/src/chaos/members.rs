@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::proxy::Network;
+use crate::free_port;
 
 pub struct Member {
     pub name: String,
@@ -56,25 +57,6 @@ pub struct Cluster {
     /// Members whose process ended without the harness ending it, and not on a failing disk
     /// (a panic, an exit on an error, a refusal to start): each is reported as a violation.
     pub crashes: Vec<String>,
-}
-
-/// A port free now, below the kernel's ephemeral range: the load opens thousands of client
-/// connections, and a port the kernel handed out as free (port 0) is soon some connection's
-/// source port, so a member started on it a moment later could not listen (seed 1008).
-pub fn free_port() -> anyhow::Result<u16> {
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    const LOW: u16 = 20_000;
-    const HIGH: u16 = 32_000;
-    let seed = (std::process::id() % u32::from(HIGH - LOW)) as u16;
-    for _ in LOW..HIGH {
-        let offset =
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_add(seed) % (HIGH - LOW);
-        let port = LOW + offset;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    anyhow::bail!("no free port in {LOW}..{HIGH}")
 }
 
 fn signal(pid: u32, signal: i32) {
