@@ -7,7 +7,8 @@
 //! Points: `identity-saved` (a founder's identity is on disk, Raft not yet initialized),
 //! `wal-fsync` (before each `fdatasync` of the write-ahead log), `read-index` (before a
 //! linearizable read confirms leadership; `error` there skips the confirmation, a bug planted
-//! for the chaos checker's own test: reads served from local state).
+//! for the chaos checker's own test: reads served from local state), `delete-step-committed`
+//! (after each durable step of a large DeleteRange but its last).
 
 use std::sync::OnceLock;
 use std::time::Duration;

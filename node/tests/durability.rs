@@ -165,3 +165,64 @@ async fn a_member_whose_fsync_fails_exits_and_acknowledges_nothing_it_did_not_pe
     eventually("a write on a good disk", || async { put(&cluster.members[0], "after", "2").await.ok() })
         .await;
 }
+
+/// A large DeleteRange commits its tombstones in durable steps of 4,096, the store's
+/// revision unchanged until its last. A member killed between two steps applies the request
+/// again, whole, when it starts: afterwards its store is the same as the other members',
+/// the lease's keys included (the Maintenance Hash covers every table), and no key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_between_the_steps_of_a_large_delete_applies_it_again_whole() {
+    use consensus_node::failpoint::{FAILPOINT_EXIT, FAILPOINTS_ENV};
+    use etcd_client::{Client, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
+    let mut cluster = TestCluster::start(3);
+    let leader = cluster.leader().await;
+    let victim = (leader + 1) % 3;
+    cluster.members[victim].terminate();
+    cluster.members[victim].env = vec![(FAILPOINTS_ENV.to_owned(), "delete-step-committed=exit".to_owned())];
+    cluster.members[victim].restart();
+    cluster.leader().await;
+
+    let endpoint = cluster.members[leader].endpoint();
+    let mut client = Client::connect([endpoint], None).await.expect("etcd-client connects");
+    let lease = client.lease_grant(3600, None).await.expect("grant").id();
+    // Two steps and a part: Txns of 128 puts, etcd's limit per Txn.
+    let (txns, per_txn) = (65, 128);
+    for t in 0..txns {
+        let puts = (0..per_txn)
+            .map(|i| {
+                TxnOp::put(format!("/big/{t:03}/{i:03}"), "v", Some(PutOptions::new().with_lease(lease)))
+            })
+            .collect::<Vec<_>>();
+        client.txn(Txn::new().and_then(puts)).await.expect("txn of puts");
+    }
+    let deleted = client.delete("/big/", Some(DeleteOptions::new().with_prefix())).await.expect("delete");
+    assert_eq!(deleted.deleted(), txns * per_txn);
+    let revision = deleted.header().expect("header").revision();
+    assert_eq!(
+        cluster.members[victim].wait_exit().code(),
+        Some(FAILPOINT_EXIT),
+        "the member stopped after a step of the delete"
+    );
+
+    cluster.members[victim].env.clear();
+    cluster.members[victim].restart();
+    let restarted =
+        Client::connect([cluster.members[victim].endpoint()], None).await.expect("etcd-client connects");
+    let expected = client.hash_kv(revision).await.expect("HashKV").hash();
+    eventually("the restarted member's HashKV at the delete's revision", || async {
+        let at = restarted.clone().hash_kv(revision).await.ok()?;
+        (at.hash() == expected).then_some(())
+    })
+    .await;
+    let left = restarted.clone().get("/big/", Some(GetOptions::new().with_prefix().with_count_only())).await;
+    assert_eq!(left.expect("count").count(), 0, "no key left on the restarted member");
+    eventually("the same store on every member", || async {
+        let mut hashes = Vec::new();
+        for m in &cluster.members {
+            let mut c = Client::connect([m.endpoint()], None).await.ok()?;
+            hashes.push(c.hash().await.ok()?.hash());
+        }
+        hashes.windows(2).all(|w| w[0] == w[1]).then_some(())
+    })
+    .await;
+}

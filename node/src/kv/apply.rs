@@ -7,7 +7,9 @@
 use prost::Message;
 
 use super::range::{RangeSource, range};
-use super::store::{KeySpan, KvError, RangeRequestSpec, ReadView, Returned, WriteBatch, check_revision};
+use super::store::{
+    Applying, KeySpan, KvError, RangeRequestSpec, ReadView, Returned, WriteBatch, check_revision,
+};
 use crate::api::errors::ApplyError;
 use crate::proto::etcdserverpb::alarm_request::AlarmAction;
 use crate::proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -18,7 +20,7 @@ use crate::proto::etcdserverpb::{
     DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
     LeaseRevokeResponse, PutRequest, PutResponse, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
-use crate::proto::mvccpb::KeyValue;
+use crate::proto::mvccpb::{Event, KeyValue};
 use crate::raft::types::{Applied, Command};
 
 /// Why a request was not applied: refused (the client gets the error, nothing changed) or
@@ -52,21 +54,29 @@ fn decoded<T: Message + Default>(bytes: &[u8]) -> Outcome<T> {
 
 /// Applies one command. `Err` only for storage failures (the member must stop); a request
 /// that is wrong gets `Applied::Error`, as etcd answers it.
-pub fn apply_command(batch: &mut WriteBatch, command: &Command) -> Result<Applied, KvError> {
+pub fn apply_command(applying: &mut Applying<'_>, command: &Command) -> Result<Applied, KvError> {
     let outcome = match command {
-        Command::Put(bytes) => decoded(bytes).and_then(|r| put(batch, &r)).map(|r| r.encode_to_vec()),
-        Command::DeleteRange(bytes) => {
-            decoded(bytes).and_then(|r| delete_range(batch, &r)).map(|r| r.encode_to_vec())
+        Command::Put(bytes) => {
+            decoded(bytes).and_then(|r| put(applying.batch(), &r)).map(|r| r.encode_to_vec())
         }
-        Command::Txn(bytes) => decoded(bytes).and_then(|r| txn(batch, &r)).map(|r| r.encode_to_vec()),
-        Command::Compact(bytes) => decoded(bytes).and_then(|r| compact(batch, &r)).map(|r| r.encode_to_vec()),
+        Command::DeleteRange(bytes) => {
+            decoded(bytes).and_then(|r| delete_range(applying, &r)).map(|r| r.encode_to_vec())
+        }
+        Command::Txn(bytes) => {
+            decoded(bytes).and_then(|r| txn(applying.batch(), &r)).map(|r| r.encode_to_vec())
+        }
+        Command::Compact(bytes) => {
+            decoded(bytes).and_then(|r| compact(applying.batch(), &r)).map(|r| r.encode_to_vec())
+        }
         Command::LeaseGrant(bytes) => {
-            decoded(bytes).and_then(|r| lease_grant(batch, &r)).map(|r| r.encode_to_vec())
+            decoded(bytes).and_then(|r| lease_grant(applying.batch(), &r)).map(|r| r.encode_to_vec())
         }
         Command::LeaseRevoke(bytes) => {
-            decoded(bytes).and_then(|r| lease_revoke(batch, &r)).map(|r| r.encode_to_vec())
+            decoded(bytes).and_then(|r| lease_revoke(applying.batch(), &r)).map(|r| r.encode_to_vec())
         }
-        Command::Alarm(bytes) => decoded(bytes).and_then(|r| alarm(batch, &r)).map(|r| r.encode_to_vec()),
+        Command::Alarm(bytes) => {
+            decoded(bytes).and_then(|r| alarm(applying.batch(), &r)).map(|r| r.encode_to_vec())
+        }
     };
     match outcome {
         Ok(response) => Ok(Applied::Response(response)),
@@ -117,28 +127,32 @@ fn put(batch: &mut WriteBatch, request: &PutRequest) -> Outcome<PutResponse> {
     write_put(batch, revision, request)
 }
 
-fn delete_range(batch: &mut WriteBatch, request: &DeleteRangeRequest) -> Outcome<DeleteRangeResponse> {
+fn delete_range(applying: &mut Applying<'_>, request: &DeleteRangeRequest) -> Outcome<DeleteRangeResponse> {
     if request.key.is_empty() {
         return Err(ApplyError::EmptyKey.into());
     }
-    let revision = batch.next_revision();
-    write_delete(batch, revision, request)
+    let revision = applying.batch().next_revision();
+    let span = KeySpan { key: &request.key, range_end: &request.range_end };
+    let response = deleted(applying.delete_range(revision, span, request.prev_kv)?, request);
+    Ok(DeleteRangeResponse { header: header(applying.batch().revision()), ..response })
 }
 
+/// A DeleteRange in a Txn.
 fn write_delete(
     batch: &mut WriteBatch,
     revision: i64,
     request: &DeleteRangeRequest,
 ) -> Outcome<DeleteRangeResponse> {
-    let events = batch.delete_range(
-        revision,
-        KeySpan { key: &request.key, range_end: &request.range_end },
-        request.prev_kv,
-    )?;
-    let deleted = events.len() as i64;
+    let span = KeySpan { key: &request.key, range_end: &request.range_end };
+    let response = deleted(batch.delete_range(revision, span, request.prev_kv)?, request);
+    Ok(DeleteRangeResponse { header: header(batch.revision()), ..response })
+}
+
+/// The answer to `request`, whose deletions are `events`, but for its header.
+fn deleted(events: &[Event], request: &DeleteRangeRequest) -> DeleteRangeResponse {
     let prev_kvs =
         if request.prev_kv { events.iter().filter_map(|e| e.prev_kv.clone()).collect() } else { Vec::new() };
-    Ok(DeleteRangeResponse { header: header(batch.revision()), deleted, prev_kvs })
+    DeleteRangeResponse { header: None, deleted: events.len() as i64, prev_kvs }
 }
 
 /// A Txn with its branches chosen: etcd decides every nested Txn's branch on the store as
@@ -457,9 +471,9 @@ mod tests {
     }
 
     fn apply(store: &MvccStore, command: Command) -> Applied {
-        let mut batch = store.write(false).expect("write");
-        let applied = apply_command(&mut batch, &command).expect("storage");
-        batch.commit().expect("commit");
+        let mut applying = store.applying(false).expect("applying");
+        let applied = apply_command(&mut applying, &command).expect("storage");
+        applying.finish().expect("commit");
         applied
     }
 

@@ -462,7 +462,10 @@ fn range_in(
 ) -> Result<RangeResult, KvError> {
     check_revision(spec.revision, current, compacted)?;
     let mut result = RangeResult { revision: current, ..RangeResult::default() };
-    let at = if spec.revision <= 0 { i64::MAX } else { spec.revision };
+    // The latest is the store's revision, not whatever rows there are: a large DeleteRange
+    // commits its tombstones in steps (`Applying::delete_range`) and moves the revision with
+    // its last one, so readers see all of it or none.
+    let at = if spec.revision <= 0 { current } else { spec.revision };
     // Only the values returned are read: counting keys past the limit, or answering with
     // keys alone, reads none.
     for_each_live(versions, spec.span, at, |key, revision, version| {
@@ -776,6 +779,70 @@ impl Applying<'_> {
     }
 }
 
+/// Tombstones a DeleteRange writes per durable commit when it deletes more keys than this.
+/// Its tombstone rows go beside every key it deletes, so the pages of the versions tree they
+/// touch are all copied; redb reuses a page only after a durable commit that no longer
+/// needs it, so deleting 150,000 keys in one commit grew the file by the whole tree (about
+/// 100 MB after `check perf --load=l`), and in steps it grows by a step's share.
+const DELETE_STEP_KEYS: usize = 4096;
+
+impl Applying<'_> {
+    /// Applies a DeleteRange request of its own at `revision` (a Txn's deletes go through
+    /// `WriteBatch::delete_range`), returning its events as `WriteBatch::delete_range` does.
+    ///
+    /// In a batch that may take long, more than `DELETE_STEP_KEYS` tombstones are written
+    /// in steps, each committed durably with the store's revision still the one before:
+    /// readers and snapshots, which go by that revision, see none of the delete until its
+    /// last step commits with the rest of the batch. The caller has recorded the entries
+    /// before this one as applied (and not this one), so after a crash between steps this
+    /// entry is applied again; it then deletes the keys live before `revision`, the same
+    /// ones, and writes every tombstone again. Leases lose their keys in the last step only,
+    /// so that no step leaves a live key out of its lease's keys.
+    pub fn delete_range(
+        &mut self,
+        revision: i64,
+        span: KeySpan<'_>,
+        previous_values: bool,
+    ) -> Result<&[Event], KvError> {
+        let in_steps = self.uncommitted.is_none();
+        let batch = self.batch();
+        let (first, before) = (batch.events.len(), revision - 1);
+        let deleted = batch.live_in(span, before, previous_values)?;
+        let mut rest = deleted.as_slice();
+        while in_steps && rest.len() > DELETE_STEP_KEYS {
+            let (step, later) = rest.split_at(DELETE_STEP_KEYS);
+            self.batch().write_tombstones(revision, step)?;
+            self.commit_step(before)?;
+            rest = later;
+        }
+        self.batch().write_tombstones(revision, rest)?;
+        let batch = self.batch();
+        batch.record_deletions(revision, deleted)?;
+        Ok(&batch.events[first..])
+    }
+
+    /// Commits durably what the batch holds, with the store's revision at `revision`, and
+    /// goes on in a new write transaction. Only a batch that may take long has one to itself.
+    fn commit_step(&mut self, revision: i64) -> Result<(), KvError> {
+        let WriteBatch { mut txn, revision: at, changed, events, previous_values, slots, durable } =
+            *self.batch.take().expect("a batch until finished");
+        txn.open_table(META)
+            .map_err(storage)?
+            .insert(META_REVISION, revision.to_be_bytes().as_slice())
+            .map_err(storage)?;
+        txn.set_durability(Durability::Immediate).map_err(storage)?;
+        self.store.observed(|| txn.commit().map_err(storage))?;
+        crate::failpoint::eval("delete-step-committed").map_err(|e| KvError::Storage(redb::Error::Io(e)))?;
+        let mut txn = self.store.db().begin_write().map_err(storage)?;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(storage)?;
+        }
+        let batch = WriteBatch { txn, revision: at, changed, events, previous_values, slots, durable };
+        self.batch = Some(Box::new(batch));
+        Ok(())
+    }
+}
+
 impl WriteBatch {
     /// The revision the store is at, counting writes of this batch that are already done.
     pub fn revision(&self) -> i64 {
@@ -865,7 +932,8 @@ impl WriteBatch {
     /// Deletes every key in `span` at `revision`; returns the events of the deletions, each
     /// with the version it deleted as `prev_kv` (lent, not copied: a DeleteRange may delete
     /// hundreds of thousands of keys), with its value if `previous_values` or the batch
-    /// carries previous values.
+    /// carries previous values. This is a Txn's delete, which sees the Txn's earlier writes;
+    /// a DeleteRange request of its own goes through `Applying::delete_range`.
     pub fn delete_range(
         &mut self,
         revision: i64,
@@ -873,34 +941,54 @@ impl WriteBatch {
         previous_values: bool,
     ) -> Result<&[Event], KvError> {
         let first = self.events.len();
-        self.write_delete(revision, span, previous_values || self.previous_values)?;
-        if self.events.len() > first {
-            self.bump(revision);
-        }
+        let deleted = self.live_in(span, i64::MAX, previous_values)?;
+        self.write_tombstones(revision, &deleted)?;
+        self.record_deletions(revision, deleted)?;
         Ok(&self.events[first..])
     }
 
-    fn write_delete(
-        &mut self,
-        revision: i64,
+    /// The live version of every key in `span` as of `revision`, each with its value if
+    /// `previous_values` or the batch carries previous values.
+    fn live_in(
+        &self,
         span: KeySpan<'_>,
+        revision: i64,
         previous_values: bool,
-    ) -> Result<(), KvError> {
-        let mut versions = self.txn.open_table(VERSIONS).map_err(storage)?;
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let versions = self.txn.open_table(VERSIONS).map_err(storage)?;
         let values = self.txn.open_table(VALUES).map_err(storage)?;
-        let mut deleted = Vec::new();
-        for_each_live(&versions, span, i64::MAX, |key, at, version| {
-            deleted.push(version.read(&values, key, at, previous_values)?);
+        let with_values = previous_values || self.previous_values;
+        let mut live = Vec::new();
+        for_each_live(&versions, span, revision, |key, at, version| {
+            live.push(version.read(&values, key, at, with_values)?);
             Ok(())
         })?;
-        let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
+        Ok(live)
+    }
+
+    /// A deletion of each of `deleted` at `revision`, in VERSIONS: writing it again is
+    /// harmless, which is what lets a DeleteRange in steps start over after a crash.
+    fn write_tombstones(&mut self, revision: i64, deleted: &[KeyValue]) -> Result<(), KvError> {
+        let mut versions = self.txn.open_table(VERSIONS).map_err(storage)?;
         let deletion = Version::DELETION.encode();
+        for kv in deleted {
+            versions.insert((kv.key.as_slice(), revision), deletion.as_slice()).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// The rest of deleting `deleted` at `revision`, once their tombstones are written: the
+    /// keys leave their leases, and watchers get an event for each.
+    fn record_deletions(&mut self, revision: i64, deleted: Vec<KeyValue>) -> Result<(), KvError> {
+        if deleted.is_empty() {
+            return Ok(());
+        }
+        let mut lease_keys = self.txn.open_table(LEASE_KEYS).map_err(storage)?;
         self.events.reserve(deleted.len());
         for kv in deleted {
             if kv.lease != 0 {
                 lease_keys.remove((kv.lease, kv.key.as_slice())).map_err(storage)?;
             }
-            versions.insert((kv.key.as_slice(), revision), deletion.as_slice()).map_err(storage)?;
             let tombstone = KeyValue { key: kv.key.clone(), mod_revision: revision, ..KeyValue::default() };
             self.events.push(Event {
                 r#type: EventType::Delete.into(),
@@ -908,6 +996,8 @@ impl WriteBatch {
                 prev_kv: Some(kv),
             });
         }
+        drop(lease_keys);
+        self.bump(revision);
         Ok(())
     }
 
@@ -1133,7 +1223,10 @@ impl ReadView {
     pub fn dump(&self, out: &mut impl std::io::Write) -> Result<(), KvError> {
         let io = |e: std::io::Error| KvError::Storage(redb::Error::Io(e));
         let txn = &self.txn;
-        self.for_each_key_value(EVERY_KEY, i64::MAX, |key, revision, kv| {
+        // Up to the view's revision: tombstones a DeleteRange committed in steps before its
+        // last (`Applying::delete_range`) are not the store's yet, and the snapshot's last
+        // applied entry is the one before that delete, which is applied again after it.
+        self.for_each_key_value(EVERY_KEY, self.revision()?, |key, revision, kv| {
             let mut composite = key.to_vec();
             composite.extend_from_slice(&revision.to_be_bytes());
             write_record(out, TABLE_HISTORY, &composite, &kv.encode_to_vec()).map_err(io)
@@ -1844,23 +1937,113 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = MvccStore::open(&dir.path().join("db")).expect("open");
         let before = store.size_in_use().expect("in use");
-        let (puts, value) = (4096u64, [0u8; 1024]);
+        let puts = 4096;
+        put_check_perf_keys(&store, puts, 8, &[0u8; 1024]);
+        let per_put = (store.size_in_use().expect("in use") - before) / puts as u64;
+        assert!(per_put < 2048, "{per_put} bytes per put");
+    }
+    /// Puts `keys` keys shaped as `etcdctl check perf`'s (its prefix, then 256 bytes in random
+    /// order), `per_batch` to a batch, each with `value`.
+    fn put_check_perf_keys(store: &MvccStore, keys: usize, per_batch: usize, value: &[u8]) {
         let mut random = 0x9E37_79B9_7F4A_7C15u64;
-        for _ in 0..puts / 8 {
+        for _ in 0..keys / per_batch {
             let mut batch = store.write(false).expect("write");
-            for _ in 0..8 {
+            for _ in 0..per_batch {
                 random ^= random << 13;
                 random ^= random >> 7;
                 random ^= random << 17;
-                let mut key = b"/etcdctl-check-perf/".to_vec();
+                let mut key = CHECK_PERF_PREFIX.to_vec();
                 key.extend_from_slice(&random.to_le_bytes());
                 key.resize(key.len() + 248, 0);
                 let revision = batch.next_revision();
-                batch.put(revision, &key, &value, 0, false).expect("put");
+                batch.put(revision, &key, value, 0, false).expect("put");
             }
             batch.commit().expect("commit");
         }
-        let per_put = (store.size_in_use().expect("in use") - before) / puts;
-        assert!(per_put < 2048, "{per_put} bytes per put");
+    }
+
+    const CHECK_PERF_PREFIX: &[u8] = b"/etcdctl-check-perf/";
+    const CHECK_PERF_KEYS: KeySpan<'static> =
+        KeySpan { key: CHECK_PERF_PREFIX, range_end: b"/etcdctl-check-perf0" };
+
+    /// The space a file takes on disk, as the member reports its database size.
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("metadata").blocks() * 512
+    }
+
+    /// `check perf`'s last request deletes every key it wrote, as one DeleteRange. Its
+    /// tombstones copy every page of the versions tree. Here, deleting 24,576 keys from a
+    /// 12.6 MB store adds 11.0 MB of tombstone rows; in one commit the file grew by 22.6 MB
+    /// (the old pages were freed too late to take the copies), in durable steps by 12.6 MB.
+    #[test]
+    fn a_large_delete_range_grows_the_file_by_a_step_of_its_pages_not_by_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = MvccStore::open(&path).expect("open");
+        let keys = 6 * DELETE_STEP_KEYS;
+        put_check_perf_keys(&store, keys, 64, b"v");
+        store.sync().expect("sync");
+        let (file, in_use) = (allocated(&path), store.size_in_use().expect("in use"));
+
+        let mut applying = store.applying(false).expect("applying");
+        let revision = applying.batch().next_revision();
+        assert_eq!(applying.delete_range(revision, CHECK_PERF_KEYS, false).expect("delete").len(), keys);
+        applying.finish().expect("finish");
+        store.sync().expect("sync");
+
+        let grown = allocated(&path) - file;
+        let rows = store.size_in_use().expect("in use") - in_use;
+        eprintln!(
+            "{keys} keys deleted: the file grew by {grown} bytes for {rows} bytes of new rows; the store held {in_use}"
+        );
+        assert!(grown < rows + in_use / 3, "the file grew by {grown} bytes for {rows} bytes of tombstones");
+        assert_eq!(store.read().expect("read").revision().expect("revision"), revision);
+        let live = everything(&store.read().expect("read"), revision);
+        assert_eq!(live.count, 0, "every key deleted");
+    }
+
+    /// The steps of a large DeleteRange are committed, but readers and snapshots go by the
+    /// store's revision, which moves with the last step: each sees every key or none.
+    #[test]
+    fn readers_and_snapshots_see_a_large_delete_range_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = std::sync::Arc::new(MvccStore::open(&dir.path().join("db")).expect("open"));
+        let keys = 4 * DELETE_STEP_KEYS;
+        put_check_perf_keys(&store, keys, 64, b"v");
+        let count = |view: &ReadView| {
+            let spec =
+                RangeRequestSpec { span: CHECK_PERF_KEYS, revision: 0, limit: 0, returned: Returned::Count };
+            view.range(&spec).expect("range").count
+        };
+        let before = store.read().expect("read").hash_all().expect("hash");
+
+        let deleting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reader = std::thread::spawn({
+            let (store, deleting) = (store.clone(), deleting.clone());
+            move || {
+                let mut seen = Vec::new();
+                while deleting.load(std::sync::atomic::Ordering::SeqCst) {
+                    let view = store.read().expect("read");
+                    seen.push((count(&view), view.hash_all().expect("hash")));
+                }
+                seen
+            }
+        });
+        let mut applying = store.applying(false).expect("applying");
+        let revision = applying.batch().next_revision();
+        applying.delete_range(revision, CHECK_PERF_KEYS, false).expect("delete");
+        applying.finish().expect("finish");
+        deleting.store(false, std::sync::atomic::Ordering::SeqCst);
+        let seen = reader.join().expect("reader");
+
+        let after = store.read().expect("read").hash_all().expect("hash");
+        assert!(seen.len() > 1, "the reader read while the delete was applied ({} reads)", seen.len());
+        for (counted, hash) in seen {
+            assert!(
+                (counted, hash) == (keys as i64, before) || (counted, hash) == (0, after),
+                "a reader saw {counted} of {keys} keys"
+            );
+        }
     }
 }

@@ -156,9 +156,8 @@ impl Applier {
     fn apply(&self, mut applying: Applying<'_>, entries: Entries, started: Instant) -> io::Result<Answers> {
         let Self { metrics, last_data_index, watch_hub } = self;
         let count = entries.len();
-        let batch = applying.batch();
         let previous_values = watch_hub.wants_previous_values();
-        batch.set_previous_values(previous_values);
+        applying.batch().set_previous_values(previous_values);
         let waited = started.elapsed();
         metrics.apply_stage(ApplyStage::Wait, waited);
         let mut answers = Vec::with_capacity(entries.len());
@@ -171,16 +170,26 @@ impl Applier {
             let applied = match &entry.payload {
                 EntryPayload::Blank => Applied::Nothing,
                 EntryPayload::Normal(command) => {
-                    let before = batch.changed_keys();
-                    let applied = apply_command(batch, command).map_err(io_err)?;
-                    if batch.changed_keys() - before >= LARGE_REQUEST_KEYS {
-                        batch.commit_durably().map_err(io_err)?;
+                    if let (Command::DeleteRange(_), Some(_)) = (command, last) {
+                        // A large DeleteRange commits in steps (`Applying::delete_range`);
+                        // each says the entries before it are applied and it is not, so
+                        // that after a crash it is applied again, whole.
+                        applying
+                            .batch()
+                            .set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?)
+                            .map_err(io_err)?;
+                    }
+                    let before = applying.batch().changed_keys();
+                    let applied = apply_command(&mut applying, command).map_err(io_err)?;
+                    if applying.batch().changed_keys() - before >= LARGE_REQUEST_KEYS {
+                        applying.batch().commit_durably().map_err(io_err)?;
                     }
                     applied
                 }
                 EntryPayload::Membership(membership) => {
                     let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
-                    batch
+                    applying
+                        .batch()
                         .set_meta(META_MEMBERSHIP, &postcard::to_stdvec(&stored).map_err(invalid)?)
                         .map_err(io_err)?;
                     Applied::Nothing
@@ -189,7 +198,10 @@ impl Applier {
             last = Some(entry.log_id);
             answers.push((responder, applied));
         }
-        batch.set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?).map_err(io_err)?;
+        applying
+            .batch()
+            .set_meta(META_APPLIED, &postcard::to_stdvec(&last).map_err(invalid)?)
+            .map_err(io_err)?;
         let applied_in = started.elapsed() - waited;
         metrics.apply_stage(ApplyStage::Apply, applied_in);
         let (events, committed) = applying.finish().map_err(io_err)?;
