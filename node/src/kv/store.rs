@@ -85,9 +85,11 @@ enum Uncommitted {
     None,
     Batch(Box<WriteBatch>),
     /// A batch that may take long is being applied, in a write transaction of its own and
-    /// after the earlier writes were committed. Readers need nothing of it; what needs the
-    /// write transaction waits for it without holding the lock (`settled`), so that readers
-    /// do not wait behind them.
+    /// after the earlier writes were committed. Readers need nothing of it (a large
+    /// DeleteRange in it commits its entries before the delete, and readers may see those
+    /// before the batch ends: `Applying::delete_range`); what needs the write transaction
+    /// waits for it without holding the lock (`settled`), so that readers do not wait
+    /// behind them.
     LongBatch,
     /// A batch failed while being applied, after earlier batches' writes were answered but
     /// not committed: they are lost with it, so the store serves nothing more (the member
@@ -166,7 +168,8 @@ impl MvccStore {
     /// not committed yet, or a new one, and readers and writers wait until `Applying::finish`,
     /// which leaves its writes uncommitted too. Otherwise (a DeleteRange may take seconds)
     /// the applied writes are committed first, so that readers need not wait for this batch,
-    /// and `finish` commits it.
+    /// and `finish` commits it (a large DeleteRange commits steps of it before:
+    /// `Applying::delete_range`).
     pub fn applying(&self, brief: bool) -> Result<Applying<'_>, KvError> {
         if !brief {
             let (mut uncommitted, _) = self.settled(false)?;
@@ -798,6 +801,12 @@ impl Applying<'_> {
     /// entry is applied again; it then deletes the keys live before `revision`, the same
     /// ones, and writes every tombstone again. Leases lose their keys in the last step only,
     /// so that no step leaves a live key out of its lease's keys.
+    ///
+    /// The entries of the batch before this one are committed with the first step, before
+    /// their answers and watch events go out at the end of the batch: readers may see them
+    /// first (as they may see any applied write before its client hears back), and a watch
+    /// progress request waits for the batch, since the watchers' feed has not reached them.
+    /// Pages a reader still holds (a snapshot being built) are not reused by later steps.
     pub fn delete_range(
         &mut self,
         revision: i64,
