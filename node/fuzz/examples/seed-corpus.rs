@@ -113,9 +113,9 @@ fn apply_and_snapshot_seeds() -> anyhow::Result<()> {
     let dir = scratch_dir();
     let store = MvccStore::open(&dir.path().join("store.db"))?;
     for (kind, request) in requests {
-        let mut batch = store.write(true)?;
-        apply_command(&mut batch, &apply::command(kind, request))?;
-        batch.commit()?;
+        let mut applying = store.applying(false)?;
+        apply_command(&mut applying, &apply::command(kind, request))?;
+        applying.finish()?;
     }
     let (_, _, mut file) = snapshot_for_client(&store, dir.path())?;
     let mut snapshot = Vec::new();

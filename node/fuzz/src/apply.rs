@@ -12,7 +12,7 @@
 //! - a Txn that only reads, served from a read view as the member serves it (not through
 //!   the log), answers as it does through the log.
 
-use consensus_node::kv::{MvccStore, WriteBatch, apply_command, read_only_txn, txn_is_read_only};
+use consensus_node::kv::{Applying, MvccStore, apply_command, read_only_txn, txn_is_read_only};
 use consensus_node::proto::etcdserverpb::TxnRequest;
 use consensus_node::raft::types::{Applied, Command};
 use prost::Message;
@@ -46,8 +46,8 @@ fn hash(store: &MvccStore) -> u32 {
     store.read().and_then(|view| view.hash_all()).expect("hashing the store")
 }
 
-fn apply(batch: &mut WriteBatch, command: &Command) -> Applied {
-    apply_command(batch, command).unwrap_or_else(|e| panic!("{command} was a storage failure: {e}"))
+fn apply(applying: &mut Applying<'_>, command: &Command) -> Applied {
+    apply_command(applying, command).unwrap_or_else(|e| panic!("{command} was a storage failure: {e}"))
 }
 
 pub fn check(data: &[u8]) {
@@ -60,9 +60,9 @@ pub fn check(data: &[u8]) {
     for command in &commands {
         let served_as_read = served_as_a_read(&one_by_one, command);
         let before = hash(&one_by_one);
-        let mut batch = one_by_one.write(false).expect("a write batch");
-        let applied = apply(&mut batch, command);
-        batch.commit().expect("committing");
+        let mut applying = one_by_one.applying(false).expect("a write batch");
+        let applied = apply(&mut applying, command);
+        applying.finish().expect("committing");
         if let Applied::Error(error) = &applied {
             assert_eq!(hash(&one_by_one), before, "{command}, refused with {error:?}, changed the store");
         }
@@ -73,11 +73,11 @@ pub fn check(data: &[u8]) {
         answers.push(applied);
     }
 
-    let mut batch = batched.write(false).expect("a write batch");
+    let mut applying = batched.applying(false).expect("a write batch");
     for (command, answer) in commands.iter().zip(&answers) {
-        assert_eq!(&apply(&mut batch, command), answer, "{command} answered otherwise in a batch of many");
+        assert_eq!(&apply(&mut applying, command), answer, "{command} answered otherwise in a batch of many");
     }
-    batch.commit().expect("committing");
+    applying.finish().expect("committing");
     assert_eq!(hash(&batched), hash(&one_by_one), "the same commands left different data");
 }
 

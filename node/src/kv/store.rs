@@ -1378,6 +1378,8 @@ impl MvccStore {
             let mut meta = txn.open_table(META).map_err(storage)?;
             let mut leases = txn.open_table(LEASES).map_err(storage)?;
             let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(storage)?;
+            // The newest version among the records: a snapshot holds none past its revision.
+            let mut newest = i64::MIN;
             let lease_id = |bytes: &[u8]| -> Result<i64, KvError> {
                 Ok(i64::from_be_bytes(
                     bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| malformed("lease id"))?,
@@ -1403,6 +1405,7 @@ impl MvccStore {
                         let revision =
                             i64::from_be_bytes(revision.try_into().map_err(|_| malformed("revision"))?);
                         restoring.insert(user_key, revision, &decode(user_key, &value)?)?;
+                        newest = newest.max(revision);
                     }
                     TABLE_META => {
                         let name = std::str::from_utf8(&key).map_err(|_| malformed("meta name"))?;
@@ -1416,6 +1419,16 @@ impl MvccStore {
                     }
                     _ => return Err(malformed("unknown table")),
                 }
+            }
+            // Reads and snapshots go by the store's revision (`range_in`, `ReadView::dump`):
+            // without one the store could serve nothing, and versions past it would be
+            // neither read nor passed on.
+            let revision = read_i64(&meta, META_REVISION).map_err(|_| malformed("no store revision"))?;
+            read_i64(&meta, META_COMPACT_REVISION).map_err(|_| malformed("no compacted revision"))?;
+            if newest > revision {
+                return Err(malformed(&format!(
+                    "a version at {newest}, past the store's revision {revision}"
+                )));
             }
         }
         txn.commit().map_err(storage)
@@ -2054,5 +2067,53 @@ mod tests {
                 "a reader saw {counted} of {keys} keys"
             );
         }
+    }
+
+    /// A snapshot is read by the store's revision: one without it, or with versions past it,
+    /// is refused and the store keeps what it had.
+    #[test]
+    fn a_snapshot_without_the_stores_revision_or_with_versions_past_it_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = MvccStore::open(&dir.path().join("db")).expect("open");
+        put(&store, "kept", "v");
+        let before = store.read().expect("read").hash_all().expect("hash");
+        let record = |out: &mut Vec<u8>, table: u8, key: &[u8], value: &[u8]| {
+            write_record(out, table, key, value).expect("record");
+        };
+        let version = |revision: i64| {
+            let mut key = b"k".to_vec();
+            key.extend_from_slice(&revision.to_be_bytes());
+            let kv = KeyValue {
+                key: b"k".to_vec(),
+                create_revision: revision,
+                mod_revision: revision,
+                version: 1,
+                ..KeyValue::default()
+            };
+            (key, kv.encode_to_vec())
+        };
+        let (key, kv) = version(5);
+        let mut without_revision = Vec::new();
+        record(&mut without_revision, TABLE_HISTORY, &key, &kv);
+        record(&mut without_revision, TABLE_META, META_COMPACT_REVISION.as_bytes(), &0i64.to_be_bytes());
+        let mut past_revision = without_revision.clone();
+        record(&mut past_revision, TABLE_META, META_REVISION.as_bytes(), &4i64.to_be_bytes());
+        let mut whole = without_revision.clone();
+        record(&mut whole, TABLE_META, META_REVISION.as_bytes(), &5i64.to_be_bytes());
+
+        for (records, refusal) in [
+            (without_revision, "no store revision"),
+            (past_revision, "a version at 5, past the store's revision 4"),
+        ] {
+            let error = store.restore(&mut records.as_slice()).expect_err("refused");
+            assert!(error.to_string().contains(refusal), "{error}");
+            assert_eq!(
+                store.read().expect("read").hash_all().expect("hash"),
+                before,
+                "the store kept what it had"
+            );
+        }
+        store.restore(&mut whole.as_slice()).expect("a whole snapshot");
+        assert_eq!(store.read().expect("read").revision().expect("revision"), 5);
     }
 }
