@@ -1964,6 +1964,7 @@ mod tests {
         let per_put = (store.size_in_use().expect("in use") - before) / puts as u64;
         assert!(per_put < 2048, "{per_put} bytes per put");
     }
+
     /// Puts `keys` keys shaped as `etcdctl check perf`'s (its prefix, then 256 bytes in random
     /// order), `per_batch` to a batch, each with `value`.
     fn put_check_perf_keys(store: &MvccStore, keys: usize, per_batch: usize, value: &[u8]) {
