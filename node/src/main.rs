@@ -265,8 +265,9 @@ struct RunArgs {
     /// Milliseconds without a leader before an election.
     #[arg(long, env = "ETCD_ELECTION_TIMEOUT", default_value_t = 1000)]
     election_timeout: u64,
-    /// Applied entries between automatic snapshots (etcd's default). A snapshot writes every
-    /// key and version into a file; `--snapshot-bytes` also bounds the log between them.
+    /// Applied entries between automatic snapshots (etcd's default). A snapshot makes the
+    /// store durable so the log before it can go (a follower that needs one is sent a copy
+    /// of the store); `--snapshot-bytes` also bounds the log between them.
     #[arg(long, env = "ETCD_SNAPSHOT_COUNT", default_value_t = 100_000)]
     snapshot_count: u64,
     /// Entries kept behind a snapshot so slow followers catch up from the log.

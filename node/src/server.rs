@@ -29,7 +29,7 @@ use crate::proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use crate::proto::etcdserverpb::watch_server::WatchServer;
 use crate::proto::raft::raft_peer_server::RaftPeerServer;
 use crate::raft::log_store::LogStore;
-use crate::raft::network::PeerNetwork;
+use crate::raft::network::{PeerNetwork, StoreCopies};
 use crate::raft::state_machine::StateMachine;
 use crate::raft::types::Member;
 use crate::storage::wal::WalOptions;
@@ -325,7 +325,11 @@ pub async fn run(
     let raft = crate::raft::start(
         identity.member_id,
         Arc::new(raft_config),
-        PeerNetwork::new(metrics.clone(), identity.cluster_id),
+        PeerNetwork::new(
+            metrics.clone(),
+            identity.cluster_id,
+            StoreCopies { store: store.clone(), dir: layout.snapshots() },
+        ),
         log_store,
         state_machine,
     )

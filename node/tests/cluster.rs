@@ -149,6 +149,20 @@ async fn a_member_that_missed_compacted_entries_catches_up_through_a_snapshot() 
         member.log_text().contains("installed a snapshot from the leader"),
         "caught up without a snapshot"
     );
+    assert!(
+        cluster.members[leader].log_text().contains("sending a copy of the store"),
+        "the leader sent no copy of its store"
+    );
+    // A snapshot is the store itself: what each member keeps of it is a marker of the log id
+    // the store is durable up to, never a copy of its 300 keys (sent copies are unlinked).
+    for member in &cluster.members {
+        let snap_dir = member.data_dir.join("member/snap");
+        for entry in std::fs::read_dir(&snap_dir).expect("snapshot directory") {
+            let entry = entry.expect("entry");
+            let len = entry.metadata().expect("metadata").len();
+            assert!(len < 1024, "{}: {len} bytes, a copy of the store", entry.path().display());
+        }
+    }
 }
 
 /// With no entry payload held in memory, the leader sends a member that was down the

@@ -12,7 +12,7 @@ use consensus_node::proto::etcdserverpb::{
     AlarmRequest, CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest,
     PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use consensus_node::raft::state_machine::snapshot_for_client;
+use consensus_node::raft::state_machine::snapshot_of_store;
 use consensus_node::storage::wal::{Wal, WalOptions};
 use consensus_node_fuzz::{apply, push_chunk, scratch_dir};
 use prost::Message;
@@ -117,7 +117,7 @@ fn apply_and_snapshot_seeds() -> anyhow::Result<()> {
         apply_command(&mut applying, &apply::command(kind, request))?;
         applying.finish()?;
     }
-    let (_, _, mut file) = snapshot_for_client(&store, dir.path())?;
+    let mut file = snapshot_of_store(&store, dir.path())?.file;
     let mut snapshot = Vec::new();
     std::io::Read::read_to_end(&mut file, &mut snapshot)?;
     // The target appends the checksum itself.

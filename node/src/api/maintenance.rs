@@ -20,7 +20,7 @@ use crate::proto::etcdserverpb::{
     HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, ResponseHeader, SnapshotRequest,
     SnapshotResponse, StatusRequest, StatusResponse,
 };
-use crate::raft::state_machine::{SNAPSHOT_CHECKSUM_LEN, snapshot_for_client};
+use crate::raft::state_machine::{SNAPSHOT_CHECKSUM_LEN, StoreSnapshot, snapshot_of_store};
 use crate::raft::types::Command;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -190,8 +190,8 @@ impl Maintenance for MaintenanceService {
         // The file is written from one read transaction, which ends before streaming starts:
         // a slow client holds only an unlinked file, not the store (defragmentation waits
         // for open transactions).
-        let (revision, len, file) =
-            blocking(move || snapshot_for_client(&store, &dir).map_err(snapshot_error)).await?;
+        let StoreSnapshot { revision, len, file, .. } =
+            blocking(move || snapshot_of_store(&store, &dir).map_err(snapshot_error)).await?;
         tracing::info!(revision, bytes = len, "sending a snapshot to a client");
         let header = self.node.header(revision);
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -13,7 +13,7 @@ use crate::member::{ForwardRequest, Node};
 use crate::proto::raft::raft_peer_server::RaftPeer;
 use crate::proto::raft::{RaftMessage, SnapshotChunk};
 use crate::raft::network::{decode, encode};
-use crate::raft::state_machine::{RaftSnapshot, SnapshotFile, snapshot_file_name};
+use crate::raft::state_machine::{RaftSnapshot, SnapshotData, snapshot_file_name};
 use crate::raft::types::{SnapshotMeta, TypeConfig, Vote};
 
 pub struct PeerService {
@@ -186,10 +186,10 @@ impl RaftPeer for PeerService {
             let _ = tokio::fs::remove_file(&path).await;
             return Err(e);
         }
-        let snapshot = RaftSnapshot { meta, snapshot: SnapshotFile { path: path.clone() } };
+        let snapshot = RaftSnapshot { meta, snapshot: SnapshotData::File(path.clone()) };
         let installed = self.node.raft.install_full_snapshot(vote, snapshot).await;
-        // Installing moves the file into place; one Raft did not install (a newer snapshot
-        // or log is there already) is left here and goes.
+        // Installed or not (a newer snapshot or log is there already), the file has served:
+        // an installed one is in the store, which a marker now says is durable.
         let _ = tokio::fs::remove_file(&path).await;
         reply(installed)
     }

@@ -74,6 +74,7 @@ mod tests {
     use crate::kv::watch::WatchHub;
     use crate::metrics::Metrics;
     use crate::proto::etcdserverpb::PutRequest;
+    use crate::raft::network::StoreCopies;
     use crate::raft::types::{Command, Entry, LogId};
     use crate::storage::wal::WalOptions;
 
@@ -122,11 +123,13 @@ mod tests {
         }
 
         let metrics = Metrics::new(1, "test");
-        let (mut log, _, state_machine) = open(&metrics);
+        let (mut log, store, state_machine) = open(&metrics);
         assert_eq!(log.get_log_state().await.expect("log state").last_log_id, Some(LogId::new(leader, 10)));
         let config = Arc::new(openraft::Config::default().validate().expect("config"));
-        let raft =
-            start(1, config, PeerNetwork::new(metrics, 7), log.clone(), state_machine).await.expect("start");
+        let copies = StoreCopies { store, dir: dir.path().to_owned() };
+        let raft = start(1, config, PeerNetwork::new(metrics, 7, copies), log.clone(), state_machine)
+            .await
+            .expect("start");
         raft.wait(Some(Duration::from_secs(10)))
             .snapshot(LogId::new(leader, 30), "a snapshot covers what the store applied")
             .await

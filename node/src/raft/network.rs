@@ -4,6 +4,8 @@
 //! members it finds unreachable. Every call carries openraft's deadline for it.
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -18,8 +20,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
-use super::state_machine::{RaftSnapshot, SnapshotFile};
+use super::state_machine::{RaftSnapshot, SnapshotData, snapshot_of_store};
 use super::types::{Member, TypeConfig, Vote};
+use crate::kv::MvccStore;
 use crate::metrics::Metrics;
 use crate::proto::raft::raft_peer_client::RaftPeerClient;
 use crate::proto::raft::{RaftMessage, SnapshotChunk};
@@ -51,11 +54,20 @@ pub fn peer_channel(member: &Member) -> Result<Channel, tonic::transport::Error>
 pub struct PeerNetwork {
     metrics: Metrics,
     cluster_id: u64,
+    store: StoreCopies,
+}
+
+/// Where copies of the store sent to followers come from: the store, and the directory
+/// their (unlinked) files are written in.
+#[derive(Clone)]
+pub struct StoreCopies {
+    pub store: Arc<MvccStore>,
+    pub dir: PathBuf,
 }
 
 impl PeerNetwork {
-    pub fn new(metrics: Metrics, cluster_id: u64) -> Self {
-        Self { metrics, cluster_id }
+    pub fn new(metrics: Metrics, cluster_id: u64, store: StoreCopies) -> Self {
+        Self { metrics, cluster_id, store }
     }
 }
 
@@ -87,6 +99,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             client: peer_channel(node).map(RaftPeerClient::new).map_err(|e| e.to_string()),
             metrics: self.metrics.clone(),
             cluster_id: self.cluster_id,
+            store: self.store.clone(),
         }
     }
 }
@@ -98,6 +111,7 @@ pub struct PeerClient {
     client: Result<RaftPeerClient<Channel>, String>,
     metrics: Metrics,
     cluster_id: u64,
+    store: StoreCopies,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,7 +170,7 @@ impl PeerClient {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
     async fn append_entries(
         &mut self,
@@ -241,9 +255,30 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             RPCError::Network(n) => StreamingError::Network(n),
             other => StreamingError::Network(NetworkError::new(&TransportError(other.to_string()))),
         };
-        let header = encode(&(vote, snapshot.meta.clone())).map_err(|e| as_streaming(network(e)))?;
-        let chunks =
-            snapshot_chunks(&snapshot.snapshot.path, header).map_err(|e| as_streaming(network(e)))?;
+        let (meta, file) = match snapshot.snapshot {
+            // A copy of the store as it is now, which has applied at least what the snapshot
+            // says, sent with its own log id (see `state_machine`'s module comment).
+            SnapshotData::Store => {
+                let StoreCopies { store, dir } = self.store.clone();
+                let copy = tokio::task::spawn_blocking(move || snapshot_of_store(&store, &dir))
+                    .await
+                    .map_err(|e| as_streaming(network(e)))?
+                    .map_err(|e| as_streaming(network(e)))?;
+                tracing::info!(
+                    snapshot = ?snapshot.meta.last_log_id,
+                    sent = ?copy.meta.last_log_id,
+                    bytes = copy.len,
+                    "sending a copy of the store to {}",
+                    self.target_name
+                );
+                (copy.meta, copy.file)
+            }
+            SnapshotData::File(path) => {
+                (snapshot.meta, std::fs::File::open(path).map_err(|e| as_streaming(network(e)))?)
+            }
+        };
+        let header = encode(&(vote, meta)).map_err(|e| as_streaming(network(e)))?;
+        let chunks = snapshot_chunks(file, header);
         let mut client = self.client().map_err(as_streaming)?;
         let mut request = tonic::Request::new(chunks);
         self.tag(&mut request);
@@ -259,17 +294,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 }
 
 /// The snapshot file as chunks, the first carrying `header`, read as they are sent: a
-/// snapshot is as large as the store. The file is opened first and read through that one
-/// descriptor, so a newer snapshot replacing it (snapshot files are renamed into place and
-/// the older ones unlinked, never written again) does not change what is sent. A read that
-/// fails ends the stream early; the follower then finds the file short of its checksum and
-/// refuses it, and the leader sends again.
-fn snapshot_chunks(
-    path: &std::path::Path,
-    header: Vec<u8>,
-) -> std::io::Result<impl Stream<Item = SnapshotChunk> + use<>> {
-    let file = tokio::fs::File::from_std(std::fs::File::open(path)?);
-    let chunks = futures::stream::unfold(Some((file, Some(header))), |state| async move {
+/// snapshot is as large as the store. It is read through the descriptor it was opened with,
+/// so its path being unlinked or replaced meanwhile does not change what is sent. A read
+/// that fails ends the stream early; the follower then finds the file short of its checksum
+/// and refuses it, and the leader sends again.
+fn snapshot_chunks(file: std::fs::File, header: Vec<u8>) -> impl Stream<Item = SnapshotChunk> + use<> {
+    let file = tokio::fs::File::from_std(file);
+    futures::stream::unfold(Some((file, Some(header))), |state| async move {
         use tokio::io::AsyncReadExt;
         let (mut file, header) = state?;
         let mut data = Vec::with_capacity(SNAPSHOT_CHUNK_BYTES);
@@ -283,8 +314,7 @@ fn snapshot_chunks(
         let last = data.len() < SNAPSHOT_CHUNK_BYTES;
         let chunk = SnapshotChunk { header: header.unwrap_or_default(), data };
         Some((chunk, (!last).then_some((file, None))))
-    });
-    Ok(chunks)
+    })
 }
 
 #[cfg(test)]
@@ -304,7 +334,9 @@ mod tests {
         for len in [0, 10, SNAPSHOT_CHUNK_BYTES, 2 * SNAPSHOT_CHUNK_BYTES + 7] {
             let (path, bytes) = file_of(dir.path(), len);
             let chunks: Vec<SnapshotChunk> =
-                snapshot_chunks(&path, b"header".to_vec()).expect("open").collect().await;
+                snapshot_chunks(std::fs::File::open(&path).expect("open"), b"header".to_vec())
+                    .collect()
+                    .await;
             assert_eq!(chunks[0].header, b"header", "{len} bytes");
             assert!(chunks[1..].iter().all(|c| c.header.is_empty() && !c.data.is_empty()), "{len} bytes");
             assert!(chunks.iter().all(|c| c.data.len() <= SNAPSHOT_CHUNK_BYTES), "{len} bytes");
@@ -314,10 +346,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_snapshot_is_read_as_it_is_sent_through_the_descriptor_opened_first() {
+    async fn a_snapshot_is_read_as_it_is_sent_through_the_descriptor_it_was_opened_with() {
         let dir = tempfile::tempdir().expect("dir");
         let (path, bytes) = file_of(dir.path(), 3 * SNAPSHOT_CHUNK_BYTES);
-        let mut chunks = Box::pin(snapshot_chunks(&path, Vec::new()).expect("open"));
+        let mut chunks = Box::pin(snapshot_chunks(std::fs::File::open(&path).expect("open"), Vec::new()));
         let first = chunks.next().await.expect("a first chunk");
         // Written over after the first chunk went (which snapshot files never are): the rest
         // carries the new bytes, so nothing past the first chunk was read before it was sent.
@@ -327,7 +359,7 @@ mod tests {
             file.seek(std::io::SeekFrom::Start(SNAPSHOT_CHUNK_BYTES as u64)).expect("seek");
             file.write_all(&vec![b'x'; SNAPSHOT_CHUNK_BYTES]).expect("write");
         }
-        // Unlinked, as an older snapshot is when a newer one takes its place: still sent whole.
+        // Unlinked, as a copy of the store is at once: still sent whole.
         std::fs::remove_file(&path).expect("remove");
         let rest: Vec<SnapshotChunk> = chunks.collect().await;
         assert_eq!(first.data, bytes[..SNAPSHOT_CHUNK_BYTES]);

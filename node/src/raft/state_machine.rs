@@ -1,19 +1,29 @@
-//! openraft's state machine over the MVCC store, and snapshots as files.
+//! openraft's state machine over the MVCC store, and its snapshots.
 //!
 //! Applies commit without fsync: the Raft log already holds every applied entry durably,
 //! so after a crash the member re-applies the log tail from the applied index the store
-//! last made durable. Building a snapshot makes the store durable first, because the log
-//! before a snapshot may be purged.
+//! last made durable.
 //!
-//! A snapshot file is `MAGIC`, the postcard-encoded `SnapshotMeta` (length-prefixed), the
-//! store's records, zeros up to a multiple of 512 bytes, and a SHA-256 of everything before
-//! it. The padding is for etcd's clients: etcdctl (3.4.23 and later) refuses a saved
-//! snapshot unless its length is 32 more than a multiple of 512, which etcd's page-sized
-//! database plus checksum always is. Files of the first version (`MAGIC_V1`) have no
-//! padding; files of the first two (`MAGIC_V2`) also carry every live key-value a second
-//! time, which restore skips. Both are still read. The current magic is new because its
-//! files leave out what members of those versions expect, so they refuse it instead of
-//! restoring a store with no live keys.
+//! A Raft snapshot is the store itself, as etcd's is its database: building one makes the
+//! store durable and records the log id it is durable at least up to in a marker file
+//! (`MARKER`, the postcard-encoded `SnapshotMeta`, length-prefixed, and a SHA-256 of both),
+//! so the log up to there may be purged. Only a follower that needs a snapshot gets a copy
+//! of the store, written when it is sent, as of then and with that state's log id
+//! (`snapshot_of_store`); the leader's replication counts the follower as holding the
+//! marker's, earlier, log id, which is safe (openraft takes a follower's committed entries
+//! as present when the leader sends them again). Before markers every snapshot copied the
+//! whole store into a file, 1-3.5 s each under `etcdctl check perf --load=l`.
+//!
+//! A snapshot file (a copy of the store) is `MAGIC`, the meta as in a marker, the store's
+//! records, zeros up to a multiple of 512 bytes, and a SHA-256 of everything before it. The
+//! padding is for etcd's clients: etcdctl (3.4.23 and later) refuses a saved snapshot unless
+//! its length is 32 more than a multiple of 512, which etcd's page-sized database plus
+//! checksum always is. Files of the first version (`MAGIC_V1`) have no padding; files of the
+//! first two (`MAGIC_V2`) also carry every live key-value a second time, which restore
+//! skips. Both are still read. The current magic is new because its files leave out what
+//! members of those versions expect, so they refuse it instead of restoring a store with no
+//! live keys. A snapshot file in the snapshot directory, as members kept before markers,
+//! counts as a marker of its log id.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -35,6 +45,9 @@ use crate::metrics::{ApplyStage, Metrics};
 use crate::storage::hard_state::sync_dir;
 
 const MAGIC: &[u8; 8] = b"CNSNAP03";
+/// A marker: the store is durable at least up to the log id it holds. Never a snapshot
+/// file: restoring one would empty the store.
+const MARKER: &[u8; 8] = b"CNMARK01";
 const MAGIC_V2: &[u8; 8] = b"CNSNAP02";
 const MAGIC_V1: &[u8; 8] = b"CNSNAP01";
 /// The part of a snapshot file before its checksum is a multiple of this many bytes.
@@ -50,12 +63,16 @@ const SLOW_APPLY: Duration = Duration::from_millis(100);
 /// batch that holds the large request waits for them instead.
 const LARGE_REQUEST_KEYS: usize = 4096;
 
-pub type RaftSnapshot = SnapshotOf<TypeConfig, SnapshotFile>;
+pub type RaftSnapshot = SnapshotOf<TypeConfig, SnapshotData>;
 
-/// A snapshot on disk: what openraft hands between the state machine and the network.
+/// A snapshot's data, as openraft hands it between the state machine and the network.
 #[derive(Debug, Clone)]
-pub struct SnapshotFile {
-    pub path: PathBuf,
+pub enum SnapshotData {
+    /// The member's own store, durable at least up to the snapshot's log id: sent as a copy
+    /// of the store when it is sent, with that copy's own log id (see the module comment).
+    Store,
+    /// A snapshot file received from the leader, to install.
+    File(PathBuf),
 }
 
 fn io_err(e: KvError) -> io::Error {
@@ -253,7 +270,7 @@ fn raft_meta(view: &ReadView) -> io::Result<SnapshotMeta> {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -310,8 +327,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: SnapshotFile,
+        snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
+        // openraft installs only what the network received; the member's own store is never
+        // newer than what it applied (`get_current_snapshot`).
+        let SnapshotData::File(path) = snapshot else {
+            return Err(invalid("only a snapshot file received from the leader can be installed"));
+        };
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
         let meta = meta.clone();
@@ -319,13 +341,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let last_data_index = self.last_data_index.clone();
         let watch_hub = self.watch_hub.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let (file_meta, mut records) = open_snapshot(&snapshot.path)?;
+            let (file_meta, mut records) = open_snapshot(&path)?;
             if file_meta.last_log_id != meta.last_log_id {
                 return Err(invalid("snapshot file does not match the snapshot being installed"));
             }
+            // Durable when it returns: the marker may say so.
             store.restore(&mut records).map_err(io_err)?;
             watch_hub.replaced();
-            dir.keep(&snapshot.path, &meta)?;
+            dir.mark(&meta)?;
             tracing::info!(last_log_id = ?meta.last_log_id, "installed a snapshot from the leader");
             last_data_index.store(meta.last_log_id.map_or(0, |id| id.index), Ordering::SeqCst);
             Ok(())
@@ -336,8 +359,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<RaftSnapshot>, io::Error> {
         let Some(path) = self.snapshot_dir.newest()? else { return Ok(None) };
-        let (meta, _) = open_snapshot(&path)?;
-        Ok(Some(RaftSnapshot { meta, snapshot: SnapshotFile { path } }))
+        Ok(Some(RaftSnapshot { meta: marked(&path)?, snapshot: SnapshotData::Store }))
     }
 }
 
@@ -348,7 +370,7 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = SnapshotFile;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<RaftSnapshot, io::Error> {
         let store = self.store.clone();
@@ -361,36 +383,40 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+/// Makes the store durable and marks it so at the log id it had applied before.
 fn build(store: &MvccStore, dir: &SnapshotDir) -> io::Result<RaftSnapshot> {
-    let view = store.read().map_err(io_err)?;
-    let meta = raft_meta(&view)?;
-    let tmp = dir.path.join(format!("{}.tmp", snapshot_file_name(&meta)));
-    let file = write_snapshot(&view, &meta, BufWriter::new(File::create(&tmp)?))?;
-    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    drop(view);
-    // Everything the snapshot holds must be durable in the store before the log behind it
-    // may be purged.
+    let meta = raft_meta(&store.read().map_err(io_err)?)?;
+    // Everything up to the marked log id must be durable in the store before the log behind
+    // it may be purged; what the store applied since only adds to that.
     store.sync().map_err(io_err)?;
-    match dir.keep(&tmp, &meta)? {
-        Kept::Current(path) => Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path } }),
+    match dir.mark(&meta)? {
+        Kept::Current => Ok(RaftSnapshot { meta, snapshot: SnapshotData::Store }),
         // A newer snapshot came from the leader while this one was built: it stays current,
         // and is what openraft is told the build made.
-        Kept::Superseded(newer) => {
-            let (meta, _) = open_snapshot(&newer)?;
-            Ok(RaftSnapshot { meta, snapshot: SnapshotFile { path: newer } })
-        }
+        Kept::Superseded(newer) => Ok(RaftSnapshot { meta: marked(&newer)?, snapshot: SnapshotData::Store }),
     }
 }
 
-/// Writes `view` in the snapshot file format (see the module comment) to `out`; `meta`
-/// must be `raft_meta(view)`. The one writer of the format, for Raft's snapshots and for
-/// the Maintenance API's.
-fn write_snapshot<W: Write>(view: &ReadView, meta: &SnapshotMeta, out: W) -> io::Result<W> {
-    let mut out = HashingWriter::new(out);
-    out.write_all(MAGIC)?;
+/// The log id a file of the snapshot directory marks the store durable up to: a marker's,
+/// or that of a snapshot file kept there before markers.
+fn marked(path: &Path) -> io::Result<SnapshotMeta> {
+    open_verified(path, &[MARKER, MAGIC, MAGIC_V2, MAGIC_V1]).map(|(meta, _)| meta)
+}
+
+/// Writes `MAGIC` or `MARKER` and the length-prefixed meta.
+fn write_header(out: &mut impl Write, magic: &[u8; 8], meta: &SnapshotMeta) -> io::Result<()> {
+    out.write_all(magic)?;
     let header = postcard::to_stdvec(meta).map_err(invalid)?;
     out.write_all(&(header.len() as u32).to_le_bytes())?;
-    out.write_all(&header)?;
+    out.write_all(&header)
+}
+
+/// Writes `view` in the snapshot file format (see the module comment) to `out`; `meta`
+/// must be `raft_meta(view)`. The one writer of the format, for copies of the store sent to
+/// followers and for the Maintenance API's.
+fn write_snapshot<W: Write>(view: &ReadView, meta: &SnapshotMeta, out: W) -> io::Result<W> {
+    let mut out = HashingWriter::new(out);
+    write_header(&mut out, MAGIC, meta)?;
     view.dump(&mut out).map_err(io_err)?;
     let padding = (SNAPSHOT_ALIGN - out.written % SNAPSHOT_ALIGN) % SNAPSHOT_ALIGN;
     io::copy(&mut io::repeat(0).take(padding), &mut out)?;
@@ -407,31 +433,42 @@ const MAX_SNAPSHOT_HEADER: u64 = 1 << 20;
 /// Length of the SHA-256 trailer that ends every snapshot file.
 pub const SNAPSHOT_CHECKSUM_LEN: u64 = 32;
 
-/// A point-in-time snapshot for a client (etcd's Maintenance.Snapshot): the store as of one
-/// read transaction, in the snapshot file format, in a file of `dir` that is unlinked as
-/// soon as it is created, so it takes no room once the returned handle is dropped and no
-/// crash leaves it behind. Returns the snapshot's store revision, its length and the file,
-/// positioned at its start.
-pub fn snapshot_for_client(store: &MvccStore, dir: &Path) -> io::Result<(i64, u64, File)> {
+/// A copy of the store as of one read transaction, in the snapshot file format.
+pub struct StoreSnapshot {
+    /// The Raft state the copy holds: the log id it has applied up to, the membership.
+    pub meta: SnapshotMeta,
+    /// The copy's store revision.
+    pub revision: i64,
+    /// The file's length in bytes.
+    pub len: u64,
+    /// Positioned at its start; already unlinked.
+    pub file: File,
+}
+
+/// A point-in-time copy of the store, for a client (etcd's Maintenance.Snapshot) or for a
+/// follower that needs a snapshot, in a file of `dir` that is unlinked as soon as it is
+/// created, so it takes no room once the returned handle is dropped and no crash leaves it
+/// behind.
+pub fn snapshot_of_store(store: &MvccStore, dir: &Path) -> io::Result<StoreSnapshot> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let view = store.read().map_err(io_err)?;
     let revision = view.revision().map_err(io_err)?;
     let meta = raft_meta(&view)?;
-    let path = dir.join(format!("client-{}.snap-tmp", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let path = dir.join(format!("copy-{}.snap-tmp", NEXT.fetch_add(1, Ordering::Relaxed)));
     let file = fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
     fs::remove_file(&path)?;
     let mut file =
         write_snapshot(&view, &meta, BufWriter::new(file))?.into_inner().map_err(|e| e.into_error())?;
     let len = io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
     io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
-    Ok((revision, len, file))
+    Ok(StoreSnapshot { meta, revision, len, file })
 }
 
 /// Fills a fresh, empty store from a snapshot file (its checksum verified) as the first
 /// state of a new cluster: the snapshot's keys and revisions, applied up to `log_id`, with
-/// `members` as the voters as of that log id; and writes the matching Raft snapshot into
-/// `snapshot_dir`, so that a member joining later can be sent it (the log before `log_id`
-/// never exists).
+/// `members` as the voters as of that log id; and marks the store as the Raft snapshot of
+/// `log_id` in `snapshot_dir`, so that a member joining later is sent a copy of it (the log
+/// before `log_id` never exists).
 pub fn seed_new_cluster(
     store: &MvccStore,
     snapshot: &Path,
@@ -449,7 +486,7 @@ pub fn seed_new_cluster(
     build(store, &SnapshotDir::create(snapshot_dir.to_owned())?)
 }
 
-/// The directory that holds a member's Raft snapshot: one file, the newest kept.
+/// The directory that holds a member's Raft snapshot: one marker, the newest kept.
 ///
 /// openraft builds a snapshot in a task of its own while the state machine goes on applying
 /// and installing. A build of an older state can therefore finish after a newer snapshot from
@@ -465,8 +502,8 @@ struct SnapshotDir {
 
 /// What `SnapshotDir::keep` did with a file.
 enum Kept {
-    /// It is the snapshot now, at this path.
-    Current(PathBuf),
+    /// It is the snapshot now.
+    Current,
     /// It was dropped for the newer snapshot at this path.
     Superseded(PathBuf),
 }
@@ -475,6 +512,17 @@ impl SnapshotDir {
     fn create(path: PathBuf) -> io::Result<Self> {
         fs::create_dir_all(&path)?;
         Ok(Self { path, keeping: Arc::new(Mutex::new(())) })
+    }
+
+    /// Writes a marker of `meta` (see the module comment) and keeps it.
+    fn mark(&self, meta: &SnapshotMeta) -> io::Result<Kept> {
+        let tmp = self.path.join(format!("{}.tmp", snapshot_file_name(meta)));
+        let mut out = HashingWriter::new(File::create(&tmp)?);
+        write_header(&mut out, MARKER, meta)?;
+        let (mut file, digest) = out.finish();
+        file.write_all(&digest)?;
+        file.sync_all()?;
+        self.keep(&tmp, meta)
     }
 
     /// Moves `file` into place as the snapshot and removes older ones, unless a newer one is
@@ -493,7 +541,7 @@ impl SnapshotDir {
         for other in self.files()?.into_iter().filter(|other| other != &path) {
             fs::remove_file(other)?;
         }
-        Ok(Kept::Current(path))
+        Ok(Kept::Current)
     }
 
     fn newest(&self) -> io::Result<Option<PathBuf>> {
@@ -524,6 +572,12 @@ pub fn snapshot_file_name(meta: &SnapshotMeta) -> String {
 /// Verifies a snapshot file's checksum and returns its metadata and a reader positioned at
 /// its records (excluding the checksum).
 pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>)> {
+    open_verified(path, &[MAGIC, MAGIC_V2, MAGIC_V1])
+}
+
+/// Verifies the checksum of a file that starts with one of `magics` and its header and
+/// returns the header's metadata and a reader positioned after it (excluding the checksum).
+fn open_verified(path: &Path, magics: &[&[u8; 8]]) -> io::Result<(SnapshotMeta, impl Read + use<>)> {
     let bytes_len = fs::metadata(path)?.len();
     let body_len = bytes_len
         .checked_sub(SNAPSHOT_CHECKSUM_LEN)
@@ -540,7 +594,7 @@ pub fn open_snapshot(path: &Path) -> io::Result<(SnapshotMeta, impl Read + use<>
     let mut reader = BufReader::new(File::open(path)?).take(body_len);
     let mut magic = [0u8; 8];
     reader.read_exact(&mut magic)?;
-    if ![MAGIC, MAGIC_V2, MAGIC_V1].contains(&&magic) {
+    if !magics.contains(&&magic) {
         return Err(invalid(format!("{}: not a consensus-node snapshot", path.display())));
     }
     let mut len = [0u8; 4];
@@ -620,32 +674,59 @@ mod tests {
             <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(3, 1).to_committed();
         let meta =
             |index| SnapshotMeta { last_log_id: Some(LogId::new(leader, index)), ..SnapshotMeta::default() };
-        let file = |name: &str| {
-            let path = dir.path().join("snap").join(name);
-            fs::write(&path, name).expect("write");
-            path
-        };
+        let marked_now = || marked(&snapshots.newest().expect("newest").expect("a marker")).expect("marker");
 
-        let installed = match snapshots.keep(&file("received"), &meta(2238)).expect("keep") {
-            Kept::Current(path) => path,
+        let installed = match snapshots.mark(&meta(2238)).expect("mark") {
+            Kept::Current => snapshots.newest().expect("newest").expect("a marker"),
             Kept::Superseded(newer) => panic!("nothing was newer than 2238, yet {newer:?}"),
         };
-        let built = file("built.tmp");
-        match snapshots.keep(&built, &meta(2000)).expect("keep") {
+        match snapshots.mark(&meta(2000)).expect("mark") {
             Kept::Superseded(newer) => assert_eq!(newer, installed),
-            Kept::Current(path) => panic!("the build of 2000 replaced the snapshot of 2238 with {path:?}"),
+            Kept::Current => panic!("the build of 2000 replaced the snapshot of 2238"),
         }
-        assert_eq!(snapshots.newest().expect("newest"), Some(installed.clone()));
-        assert_eq!(fs::read_to_string(&installed).expect("read"), "received");
-        assert!(!built.exists(), "the superseded build's file is removed");
-        assert_eq!(fs::read_dir(dir.path().join("snap")).expect("list").count(), 1);
+        assert_eq!(marked_now(), meta(2238));
+        assert_eq!(fs::read_dir(dir.path().join("snap")).expect("list").count(), 1, "no .tmp file left");
 
         // A build newer than the snapshot replaces it, as always.
-        let Kept::Current(newest) = snapshots.keep(&file("built.tmp"), &meta(4000)).expect("keep") else {
-            panic!("a newer build was refused");
-        };
-        assert_eq!(snapshots.newest().expect("newest"), Some(newest));
+        assert!(
+            matches!(snapshots.mark(&meta(4000)).expect("mark"), Kept::Current),
+            "a newer build was refused"
+        );
+        assert_eq!(marked_now(), meta(4000));
         assert!(!installed.exists(), "the older snapshot is removed");
+    }
+
+    /// A member kept a copy of the store as its snapshot before markers; that file still says
+    /// what the store is durable up to. A marker is never taken for a snapshot file: restoring
+    /// it would empty the store.
+    #[tokio::test]
+    async fn a_snapshot_file_kept_before_markers_counts_as_one_and_a_marker_is_no_snapshot_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(MvccStore::open(&dir.path().join("db")).expect("open"));
+        let snapshots = SnapshotDir::create(dir.path().join("snap")).expect("snapshot dir");
+        let leader =
+            <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(2, 1).to_committed();
+        let meta = SnapshotMeta { last_log_id: Some(LogId::new(leader, 77)), ..SnapshotMeta::default() };
+        let old = snapshots.path.join(snapshot_file_name(&meta));
+        write_snapshot(&store.read().expect("read"), &meta, File::create(&old).expect("create"))
+            .expect("write");
+        let mut state_machine = StateMachine::new(
+            store,
+            snapshots.path.clone(),
+            Metrics::new(1, "test"),
+            Arc::default(),
+            WatchHub::new(),
+        )
+        .expect("state machine");
+        let current = state_machine.get_current_snapshot().await.expect("read").expect("a snapshot");
+        assert_eq!(current.meta, meta);
+        assert!(matches!(current.snapshot, SnapshotData::Store));
+
+        let Kept::Current = snapshots.mark(&meta).expect("mark") else { panic!("not kept") };
+        let marker = snapshots.newest().expect("newest").expect("the marker");
+        assert_eq!(marked(&marker).expect("marker"), meta);
+        let refused = open_snapshot(&marker).err().expect("a marker is not a snapshot file");
+        assert!(refused.to_string().contains("not a consensus-node snapshot"), "{refused}");
     }
 
     /// The keys of a copy of the store file taken now: what a crash would leave on disk.
