@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
 use super::state_machine::{RaftSnapshot, SnapshotData, snapshot_of_store};
-use super::types::{Member, TypeConfig, Vote};
+use super::types::{Member, SnapshotMeta, TypeConfig, Vote};
 use crate::kv::MvccStore;
 use crate::metrics::Metrics;
 use crate::proto::raft::raft_peer_client::RaftPeerClient;
@@ -169,6 +169,35 @@ impl PeerClient {
     }
 }
 
+impl PeerClient {
+    /// The snapshot's metadata and file as they go to the follower: for the member's own
+    /// store, a copy of it as it is now, which has applied at least what the snapshot says,
+    /// with the copy's own log id (see `state_machine`'s module comment).
+    async fn snapshot_to_send(
+        &self,
+        snapshot: RaftSnapshot,
+    ) -> Result<(SnapshotMeta, std::fs::File), RpcError> {
+        match snapshot.snapshot {
+            SnapshotData::Store => {
+                let StoreCopies { store, dir } = self.store.clone();
+                let copy = tokio::task::spawn_blocking(move || snapshot_of_store(&store, &dir))
+                    .await
+                    .map_err(network)?
+                    .map_err(network)?;
+                tracing::info!(
+                    snapshot = ?snapshot.meta.last_log_id,
+                    sent = ?copy.meta.last_log_id,
+                    bytes = copy.len,
+                    "sending a copy of the store to {}",
+                    self.target_name
+                );
+                Ok((copy.meta, copy.file))
+            }
+            SnapshotData::File(path) => Ok((snapshot.meta, std::fs::File::open(path).map_err(network)?)),
+        }
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotData;
 
@@ -255,37 +284,19 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             RPCError::Network(n) => StreamingError::Network(n),
             other => StreamingError::Network(NetworkError::new(&TransportError(other.to_string()))),
         };
-        let (meta, file) = match snapshot.snapshot {
-            // A copy of the store as it is now, which has applied at least what the snapshot
-            // says, sent with its own log id (see `state_machine`'s module comment).
-            SnapshotData::Store => {
-                let StoreCopies { store, dir } = self.store.clone();
-                let copy = tokio::task::spawn_blocking(move || snapshot_of_store(&store, &dir))
-                    .await
-                    .map_err(|e| as_streaming(network(e)))?
-                    .map_err(|e| as_streaming(network(e)))?;
-                tracing::info!(
-                    snapshot = ?snapshot.meta.last_log_id,
-                    sent = ?copy.meta.last_log_id,
-                    bytes = copy.len,
-                    "sending a copy of the store to {}",
-                    self.target_name
-                );
-                (copy.meta, copy.file)
-            }
-            SnapshotData::File(path) => {
-                (snapshot.meta, std::fs::File::open(path).map_err(|e| as_streaming(network(e)))?)
-            }
+        // Making a copy of the store takes as long as the store is large: cancelled with the
+        // sending.
+        let send = async {
+            let (meta, file) = self.snapshot_to_send(snapshot).await?;
+            let header = encode(&(vote, meta)).map_err(network)?;
+            let mut client = self.client()?;
+            let mut request = tonic::Request::new(snapshot_chunks(file, header));
+            self.tag(&mut request);
+            client.install_snapshot(request).await.map_err(status_error)
         };
-        let header = encode(&(vote, meta)).map_err(|e| as_streaming(network(e)))?;
-        let chunks = snapshot_chunks(file, header);
-        let mut client = self.client().map_err(as_streaming)?;
-        let mut request = tonic::Request::new(chunks);
-        self.tag(&mut request);
-        let send = async move { client.install_snapshot(request).await };
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
-            reply = send => reply.map_err(|s| as_streaming(status_error(s)))?,
+            reply = send => reply.map_err(as_streaming)?,
         };
         let result: Result<SnapshotResponse<TypeConfig>, String> =
             decode(&reply.into_inner().payload).map_err(|e| as_streaming(network(e)))?;
