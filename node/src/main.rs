@@ -668,6 +668,36 @@ mod tests {
         }
     }
 
+    /// The member's memory, resident now.
+    fn resident_bytes() -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+        let pages: u64 =
+            statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("resident pages");
+        pages * 4096
+    }
+
+    /// What a thread freed goes back to the system when the thread releases it, not only when
+    /// the thread exits (mimalloc keeps it until then): see `allocator::release_freed`.
+    #[test]
+    fn memory_a_thread_freed_goes_back_to_the_system_when_it_releases_it() {
+        let (held, released) = std::thread::spawn(|| {
+            // 128 MiB in blocks of a request's size (mimalloc's, not the store's pages), freed.
+            let blocks: Vec<Vec<u8>> = (0..32 * 1024).map(|_| vec![1u8; 4000]).collect();
+            drop(blocks);
+            let held = resident_bytes();
+            consensus_node::allocator::release_freed();
+            (held, resident_bytes())
+        })
+        .join()
+        .expect("thread");
+        assert!(
+            held.saturating_sub(released) >= 64 << 20,
+            "resident {} MiB after freeing, {} MiB after releasing",
+            held >> 20,
+            released >> 20
+        );
+    }
+
     #[test]
     fn an_empty_initial_cluster_entry_is_this_member_alone_and_a_bad_one_is_refused() {
         let own = ["http://10.0.0.1:2380".to_owned()];

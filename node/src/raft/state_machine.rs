@@ -179,6 +179,7 @@ impl Applier {
         metrics.apply_stage(ApplyStage::Wait, waited);
         let mut answers = Vec::with_capacity(entries.len());
         let mut last = None;
+        let mut large_request = false;
         let mut data_index = None;
         for (entry, responder) in entries {
             if !matches!(entry.payload, EntryPayload::Blank) {
@@ -200,6 +201,7 @@ impl Applier {
                     let applied = apply_command(&mut applying, command).map_err(io_err)?;
                     if applying.batch().changed_keys() - before >= LARGE_REQUEST_KEYS {
                         applying.batch().commit_durably().map_err(io_err)?;
+                        large_request = true;
                     }
                     applied
                 }
@@ -242,6 +244,10 @@ impl Applier {
         watch_hub.committed(events, previous_values);
         if let Some(index) = data_index {
             last_data_index.store(index, Ordering::SeqCst);
+        }
+        if large_request {
+            // What it took is freed by now, but held by this thread until it works again.
+            crate::allocator::release_freed();
         }
         Ok(answers)
     }
