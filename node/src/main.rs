@@ -668,12 +668,15 @@ mod tests {
         }
     }
 
-    /// The member's memory, resident now.
+    /// The process's memory, resident now.
     fn resident_bytes() -> u64 {
-        let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
-        let pages: u64 =
-            statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("resident pages");
-        pages * 4096
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib << 10
     }
 
     /// What a thread freed goes back to the system when the thread releases it, not only when

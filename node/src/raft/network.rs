@@ -16,6 +16,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
+use openraft::vote::RaftLeaderId;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
@@ -175,6 +176,7 @@ impl PeerClient {
     /// with the copy's own log id (see `state_machine`'s module comment).
     async fn snapshot_to_send(
         &self,
+        vote: &Vote,
         snapshot: RaftSnapshot,
     ) -> Result<(SnapshotMeta, std::fs::File), RpcError> {
         match snapshot.snapshot {
@@ -184,6 +186,16 @@ impl PeerClient {
                     .await
                     .map_err(network)?
                     .map_err(network)?;
+                // A member that stopped leading while the copy was made may have applied a
+                // newer leader's entries; a follower refuses (openraft panics on) a snapshot
+                // past the vote it comes with.
+                let sender = vote.leader_id().to_committed();
+                if copy.meta.last_log_id.is_some_and(|id| id.leader_id > sender) {
+                    return Err(network(format!(
+                        "the copy of the store holds entries of a leader after this one ({:?})",
+                        copy.meta.last_log_id
+                    )));
+                }
                 tracing::info!(
                     snapshot = ?snapshot.meta.last_log_id,
                     sent = ?copy.meta.last_log_id,
@@ -284,10 +296,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             RPCError::Network(n) => StreamingError::Network(n),
             other => StreamingError::Network(NetworkError::new(&TransportError(other.to_string()))),
         };
-        // Making a copy of the store takes as long as the store is large: cancelled with the
-        // sending.
+        // Making a copy of the store takes as long as the store is large: waiting for it ends
+        // when the sending is cancelled (the copy itself runs to its end and is dropped).
         let send = async {
-            let (meta, file) = self.snapshot_to_send(snapshot).await?;
+            let (meta, file) = self.snapshot_to_send(&vote, snapshot).await?;
             let header = encode(&(vote, meta)).map_err(network)?;
             let mut client = self.client()?;
             let mut request = tonic::Request::new(snapshot_chunks(file, header));

@@ -139,9 +139,6 @@ impl StateMachine {
 /// Entries to apply, each with where its answer goes if a client waits for it.
 type Entries = Vec<EntryResponder<TypeConfig>>;
 
-/// Each applied entry's answer, for its client if it has one.
-type Answers = Vec<(Option<openraft::storage::ApplyResponder<TypeConfig>>, Applied)>;
-
 /// What applying a batch reports to: metrics, reads and watchers.
 struct Applier {
     metrics: Metrics,
@@ -158,7 +155,7 @@ impl Applier {
         brief: bool,
         entries: Entries,
         started: Instant,
-    ) -> io::Result<Result<Answers, (Self, Entries)>> {
+    ) -> io::Result<Result<(), (Self, Entries)>> {
         let applying = if brief { store.try_applying_briefly().map_err(io_err)? } else { None };
         match applying {
             Some(applying) => self.apply(applying, entries, started).map(Ok),
@@ -166,11 +163,11 @@ impl Applier {
         }
     }
 
-    /// Applies `entries` to `applying`, whose wait began at `started`, and returns the
-    /// answers. They go out once the batch is applied, its writes committed or not: the store
-    /// commits them before any later read (`MvccStore::applying`), so a client that got an
-    /// answer reads what it wrote.
-    fn apply(&self, mut applying: Applying<'_>, entries: Entries, started: Instant) -> io::Result<Answers> {
+    /// Applies `entries` to `applying`, whose wait began at `started`, and sends the answers.
+    /// They go out once the batch is applied, its writes committed or not: the store commits
+    /// them before any later read (`MvccStore::applying`), so a client that got an answer
+    /// reads what it wrote.
+    fn apply(&self, mut applying: Applying<'_>, entries: Entries, started: Instant) -> io::Result<()> {
         let Self { metrics, last_data_index, watch_hub } = self;
         let count = entries.len();
         let previous_values = watch_hub.wants_previous_values();
@@ -245,11 +242,17 @@ impl Applier {
         if let Some(index) = data_index {
             last_data_index.store(index, Ordering::SeqCst);
         }
+        for (responder, applied) in answers {
+            if let Some(responder) = responder {
+                responder.send(applied);
+            }
+        }
         if large_request {
-            // What it took is freed by now, but held by this thread until it works again.
+            // The batch's keys, pages and tombstones are freed by now, but held by this
+            // thread until it works again. (Watch events and answers are freed by others.)
             crate::allocator::release_freed();
         }
-        Ok(answers)
+        Ok(())
     }
 }
 
@@ -303,23 +306,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // blocking thread, so that the runtime's threads, which also carry heartbeats, never
         // wait for a commit.
         let brief = entries.iter().all(|(entry, _)| applies_briefly(entry));
-        let answers = match applier.apply_here(&self.store, brief, entries, started)? {
-            Ok(answers) => answers,
+        match applier.apply_here(&self.store, brief, entries, started)? {
+            Ok(()) => Ok(()),
             Err((applier, entries)) => {
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || {
                     applier.apply(store.applying(brief).map_err(io_err)?, entries, started)
                 })
                 .await
-                .map_err(io::Error::other)??
-            }
-        };
-        for (responder, applied) in answers {
-            if let Some(responder) = responder {
-                responder.send(applied);
+                .map_err(io::Error::other)?
             }
         }
-        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -335,10 +332,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        // openraft installs only what the network received; the member's own store is never
-        // newer than what it applied (`get_current_snapshot`).
+        // openraft installs what the network received, and, as the member starts, its own
+        // snapshot if that is ahead of the store: with markers only when the store file was
+        // lost or replaced behind the member's back, which a copy of it cannot mend.
         let SnapshotData::File(path) = snapshot else {
-            return Err(invalid("only a snapshot file received from the leader can be installed"));
+            return Err(invalid(format!(
+                "the store has not applied up to {:?}, where the snapshot directory marks it durable: \
+                 its file was lost or replaced; replace this member (remove it and add it again \
+                 with an empty data directory)",
+                meta.last_log_id
+            )));
         };
         let store = self.store.clone();
         let dir = self.snapshot_dir.clone();
@@ -522,7 +525,14 @@ impl SnapshotDir {
 
     /// Writes a marker of `meta` (see the module comment) and keeps it.
     fn mark(&self, meta: &SnapshotMeta) -> io::Result<Kept> {
-        let tmp = self.path.join(format!("{}.tmp", snapshot_file_name(meta)));
+        // A build and an install may mark the same log id at once (a build waits for an
+        // install's restore and then reads its log id): each writes a file of its own.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.path.join(format!(
+            "{}.{}.tmp",
+            snapshot_file_name(meta),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut out = HashingWriter::new(File::create(&tmp)?);
         write_header(&mut out, MARKER, meta)?;
         let (mut file, digest) = out.finish();
@@ -700,6 +710,28 @@ mod tests {
         );
         assert_eq!(marked_now(), meta(4000));
         assert!(!installed.exists(), "the older snapshot is removed");
+    }
+
+    /// A build waits for an install's restore and may then mark the same log id at the same
+    /// moment as the install: neither may fail for the other (a failed build stops Raft).
+    #[test]
+    fn two_marks_of_one_log_id_at_once_both_succeed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let snapshots = SnapshotDir::create(dir.path().join("snap")).expect("snapshot dir");
+        let leader =
+            <openraft::type_config::alias::LeaderIdOf<TypeConfig> as RaftLeaderId>::new(1, 1).to_committed();
+        let meta = SnapshotMeta { last_log_id: Some(LogId::new(leader, 5)), ..SnapshotMeta::default() };
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..200 {
+                        snapshots.mark(&meta).expect("mark");
+                    }
+                });
+            }
+        });
+        assert_eq!(marked(&snapshots.newest().expect("newest").expect("a marker")).expect("marker"), meta);
+        assert_eq!(fs::read_dir(&snapshots.path).expect("list").count(), 1, "no .tmp file left");
     }
 
     /// A member kept a copy of the store as its snapshot before markers; that file still says
