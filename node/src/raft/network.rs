@@ -168,9 +168,7 @@ impl PeerClient {
         let result: Result<Resp, E> = decode(&reply.into_inner().payload).map_err(network)?;
         result.map_err(network)
     }
-}
 
-impl PeerClient {
     /// The snapshot's metadata and file as they go to the follower: for the member's own
     /// store, a copy of it as it is now, which has applied at least what the snapshot says,
     /// with the copy's own log id (see `state_machine`'s module comment).
