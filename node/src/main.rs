@@ -546,8 +546,9 @@ fn runtime(worker_threads: Option<NonZeroUsize>) -> std::io::Result<tokio::runti
 /// for more work before it exits; tokio's default is 10 s. mimalloc keeps what a thread
 /// freed until that thread allocates again or exits, so after `etcdctl check perf --load=l`
 /// a member's RSS stayed 850-870 MB for 10 s and fell to 680-730 MB when these threads
-/// exited. Under load the durable commit alone comes every 100 ms, so a busy member keeps
-/// its threads.
+/// exited. A busy member keeps some: batches that find the store held by a reader or a
+/// durable commit apply on them. The durable commit's own thread, a second apart, may exit
+/// between two and be started again, which costs a thread's start a second.
 const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(1);
 
 async fn run_command(command: Command) -> anyhow::Result<()> {

@@ -418,9 +418,9 @@ impl Node {
 
     /// `db_size` as read at most `DB_SIZE_REFRESH` ago, for what asks on every write (the
     /// quota check) or every applied batch (the size metric): a `statx` each took 1 % of
-    /// a loaded member's CPU. The file's blocks change when redb writes pages, at its 100 ms
-    /// durable commits, and etcd checks its quota against the size of its last commit, so
-    /// this is no staler than etcd's.
+    /// a loaded member's CPU. The file's blocks change only when redb writes pages, at its
+    /// durable commits a second apart (etcd's size too changes only with its backend's
+    /// commits), so a size read a moment ago is as true as one read now.
     pub fn recent_db_size(&self) -> u64 {
         self.recent_db_size.get(std::time::Instant::now(), || self.db_size())
     }

@@ -118,7 +118,7 @@ async fn each_applied_batch_is_timed_by_stage() {
     assert_eq!(member.kv().await.delete_range(delete).await.expect("delete").into_inner().deleted, 10);
     let text = metrics_text(member).await.expect("metrics");
     assert_eq!(count(&text, "commit") - count(&before, "commit"), 1.0, "the DeleteRange's batch");
-    // The puts' commit may have come from the 100 ms durable commit before the read.
+    // The puts' commit may have come from the periodic durable commit before the read.
     assert!(commits(&text) > committed, "backend commits {committed} -> {}", commits(&text));
 }
 

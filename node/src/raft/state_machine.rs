@@ -113,7 +113,7 @@ impl StateMachine {
     /// entry of the log on disk, and no snapshot covers them yet.
     ///
     /// A leader applies an entry once a quorum of followers holds it, possibly before its own
-    /// log's write of it reached the disk, and the store is made durable every 100 ms. So a
+    /// log's write of it reached the disk, and the store is made durable every second. So a
     /// crash can leave the store ahead of the log. openraft then purges the log up to the
     /// store's last applied entry as it starts, and refuses to run unless a snapshot covers
     /// that purge point (chaos-ci, seed 13 of the fsync class: purge point 2180, snapshot 2006).
