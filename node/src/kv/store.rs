@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -76,6 +77,8 @@ pub struct MvccStore {
     long_batch_done: Condvar,
     /// Told how long each commit of applied writes took.
     commit_observer: OnceLock<CommitObserver>,
+    /// Bytes of keys and values applied since the last durable commit (`bytes_not_durable`).
+    bytes_not_durable: AtomicU64,
 }
 
 /// Called with the time each commit of applied writes took: etcd's backend commit duration.
@@ -124,6 +127,7 @@ impl MvccStore {
             uncommitted: Mutex::new(Uncommitted::None),
             long_batch_done: Condvar::new(),
             commit_observer: OnceLock::new(),
+            bytes_not_durable: AtomicU64::new(0),
         })
     }
 
@@ -294,6 +298,7 @@ impl MvccStore {
             previous_values: true,
             slots: (revision, 0),
             durable,
+            written: 0,
         })
     }
 }
@@ -729,6 +734,8 @@ pub struct WriteBatch {
     slots: (i64, u32),
     /// Whether the commit returns only once the batch is on disk.
     durable: bool,
+    /// Bytes of keys and values put since `Applying::finish` last counted them.
+    written: u64,
 }
 
 /// The batch entries are being applied to (`MvccStore::applying`). Dropped without `finish`
@@ -764,6 +771,7 @@ impl Applying<'_> {
     /// in now and see it.
     pub fn finish(mut self) -> Result<(Vec<Event>, Option<Duration>), KvError> {
         let mut batch = self.batch.take().expect("finished once");
+        self.store.bytes_not_durable.fetch_add(std::mem::take(&mut batch.written), Ordering::Relaxed);
         match self.uncommitted.as_mut() {
             Some(uncommitted) if !batch.durable => {
                 let events = std::mem::take(&mut batch.events);
@@ -833,7 +841,7 @@ impl Applying<'_> {
     /// Commits durably what the batch holds, with the store's revision at `revision`, and
     /// goes on in a new write transaction. Only a batch that may take long has one to itself.
     fn commit_step(&mut self, revision: i64) -> Result<(), KvError> {
-        let WriteBatch { mut txn, revision: at, changed, events, previous_values, slots, durable } =
+        let WriteBatch { mut txn, revision: at, changed, events, previous_values, slots, durable, written } =
             *self.batch.take().expect("a batch until finished");
         txn.open_table(META)
             .map_err(storage)?
@@ -846,7 +854,8 @@ impl Applying<'_> {
         if !durable {
             txn.set_durability(Durability::None).map_err(storage)?;
         }
-        let batch = WriteBatch { txn, revision: at, changed, events, previous_values, slots, durable };
+        let batch =
+            WriteBatch { txn, revision: at, changed, events, previous_values, slots, durable, written };
         self.batch = Some(Box::new(batch));
         Ok(())
     }
@@ -893,6 +902,7 @@ impl WriteBatch {
         previous_value: bool,
     ) -> Result<Option<KeyValue>, KvError> {
         let value_slot = self.next_value_slot(revision);
+        self.written += (key.len() + value.len()) as u64;
         let mut versions = self.txn.open_table(VERSIONS).map_err(storage)?;
         let mut values = self.txn.open_table(VALUES).map_err(storage)?;
         let previous = match newest(&versions, key, i64::MAX)? {
@@ -1320,11 +1330,19 @@ impl MvccStore {
     /// Makes every earlier non-durable commit durable.
     pub fn sync(&self) -> Result<(), KvError> {
         let (_settled, committed) = self.settled(true)?;
-        if committed {
-            return Ok(());
+        if !committed {
+            // Applied writes a reader committed since, not durably.
+            self.observed(|| self.db().begin_write().map_err(storage)?.commit().map_err(storage))?;
         }
-        // Applied writes a reader committed since, not durably.
-        self.observed(|| self.db().begin_write().map_err(storage)?.commit().map_err(storage))
+        // Nothing applies while `_settled` is held.
+        self.bytes_not_durable.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes of keys and values applied since the last durable commit (`sync`): the pages
+    /// that commit will write grow with them.
+    pub fn bytes_not_durable(&self) -> u64 {
+        self.bytes_not_durable.load(Ordering::Relaxed)
     }
 
     /// Bytes of the database file that hold data (allocated pages); the rest is free space
@@ -1513,7 +1531,10 @@ mod tests {
         apply_put(&store, "d");
         store.size_in_use().expect("size in use");
         apply_put(&store, "e");
+        // Five keys of a byte applied with their values, none durably: reads commit without.
+        assert_eq!(store.bytes_not_durable(), 5 * (1 + "value".len() as u64));
         store.sync().expect("sync");
+        assert_eq!(store.bytes_not_durable(), 0);
         let crashed = MvccStore::open_crash_copy(&path, &scratch(&dir, "two"));
         assert_eq!(keys(&crashed.read().expect("read")).len(), 5);
 
