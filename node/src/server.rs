@@ -547,7 +547,7 @@ async fn snapshot_by_size(
 /// `etcdctl check perf --load=l` a member wrote about 500 pages per commit, 3.8 % of the
 /// machine's CPU in `pwrite` and 2.7 % in the store's `fdatasync`. Once a second, the pages
 /// a second's puts share (the tree's branches, the values' leaves) are written once instead
-/// of ten times: a third fewer `pwrite`s and 5-8 % more writes per second.
+/// of ten times: 30 % fewer `pwrite`s and 4-8 % more writes per second.
 const DURABLE_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Entries applied since the last durable commit that make the next one due before
@@ -708,7 +708,7 @@ mod tests {
         // A heavier one sooner, so a restart never applies more than a batch's worth again.
         assert!(!durable_commit_due(tick, DURABLE_COMMIT_ENTRIES - 1, 0));
         assert!(durable_commit_due(tick, DURABLE_COMMIT_ENTRIES, 0));
-        // Large values sooner, so that no commit writes more than their share of 100 ms.
+        // Large values sooner, so that no commit writes much more than 8 MiB of them.
         assert!(!durable_commit_due(tick, 127, 127 * 64 * kib));
         assert!(durable_commit_due(tick, 128, 128 * 64 * kib));
         // A lone write after a quiet spell waits for the next look only.
